@@ -1,0 +1,179 @@
+"""
+The dispatcher: binds each request to a host, late.
+
+A request asks the dispatcher for a host (L{Dispatcher.acquire}).  When the
+strategy finds one with a free slot, the request has it at once.  Otherwise
+(every eligible host is busy, or none is up) the request waits in one central
+queue, interactive work ahead of batch work, and is bound to a host only when
+the fleet changes: a slot frees up or a host comes back.  A wait is bounded
+by a timeout and the queue by a length; past them the request is refused with
+L{NoBackendAvailable}, whose message says why.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Collection, Optional
+
+from attrs import define, field
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import Logger
+
+from .classify import RequestInfo
+from .fleet import Backend, Fleet
+from .interfaces import IStrategy
+
+
+class NoBackendAvailable(Exception):
+    """
+    No host could take a request.  C{str()} of it is the reason, for the
+    client.
+    """
+
+
+@define(eq=False)
+class _Waiter:
+    info: RequestInfo
+    avoid: Collection[Backend]
+    deferred: Deferred
+    order: tuple
+    timer: object = None
+
+
+@define(eq=False)
+class Dispatcher:
+    """
+    @ivar queue_timeout: seconds a request may wait for a host.
+    @ivar max_queue: most requests that may wait at once.
+    """
+
+    fleet: Fleet
+    strategy: IStrategy
+    clock: object
+    queue_timeout: float = 60.0
+    max_queue: int = 1000
+    log: Logger = field(factory=Logger)
+    _waiting: list = field(factory=list)
+    _sequence: itertools.count = field(factory=itertools.count)
+    _pumping: bool = False
+    _again: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        self.fleet.observe(self.pump)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    def candidates(self, info: RequestInfo, avoid: Collection[Backend] = ()) -> list[Backend]:
+        """
+        The hosts that may serve C{info}: usable, and not among C{avoid}
+        unless every usable host is.
+        """
+        usable = [b for b in self.fleet.backends if b.usable_for(info.task)]
+        if avoid:
+            fresh = [b for b in usable if b not in avoid]
+            if fresh:
+                return fresh
+        return usable
+
+    def _choose(self, info: RequestInfo, candidates: list[Backend]) -> Optional[Backend]:
+        try:
+            chosen = self.strategy.choose(info, candidates)
+        except Exception:
+            self.log.failure("strategy {strategy} failed; taking the first free host", strategy=self.strategy.name)
+            chosen = next((c for c in candidates if c.has_free_slot()), None)
+        if chosen is not None and (chosen not in candidates or not chosen.has_free_slot()):
+            self.log.error(
+                "strategy {strategy} chose {backend}, which cannot take the request; ignoring it",
+                strategy=self.strategy.name,
+                backend=str(chosen),
+            )
+            return None
+        return chosen
+
+    def acquire(self, info: RequestInfo, avoid: Collection[Backend] = ()) -> Deferred:
+        """
+        A host for C{info}, counted as having one more request in flight
+        until L{release}d.
+
+        @param avoid: hosts that already failed this request.
+        @return: a Deferred firing with the L{Backend}, or failing with
+            L{NoBackendAvailable}.  Cancelling it leaves the queue.
+        """
+        if not self._waiting or info.interactive:
+            candidates = self.candidates(info, avoid)
+            if candidates:
+                chosen = self._choose(info, candidates)
+                if chosen is not None:
+                    self.fleet.started(chosen)
+                    d = Deferred()
+                    d.callback(chosen)
+                    return d
+        if len(self._waiting) >= self.max_queue:
+            d = Deferred()
+            d.errback(NoBackendAvailable(f"the balancer's queue is full ({self.max_queue} requests waiting)"))
+            return d
+        waiter = _Waiter(info, avoid, None, (0 if info.interactive else 1, next(self._sequence)))
+        waiter.deferred = Deferred(lambda d: self._leave(waiter))
+        waiter.timer = self.clock.callLater(self.queue_timeout, self._expire, waiter)
+        self._insert(waiter)
+        return waiter.deferred
+
+    def _insert(self, waiter: _Waiter) -> None:
+        # The queue is short and mostly empty: a sorted insert is cheapest.
+        index = len(self._waiting)
+        while index and self._waiting[index - 1].order > waiter.order:
+            index -= 1
+        self._waiting.insert(index, waiter)
+
+    def _leave(self, waiter: _Waiter) -> None:
+        if waiter in self._waiting:
+            self._waiting.remove(waiter)
+        if waiter.timer is not None and waiter.timer.active():
+            waiter.timer.cancel()
+
+    def _expire(self, waiter: _Waiter) -> None:
+        waiter.timer = None
+        self._leave(waiter)
+        if self.candidates(waiter.info, waiter.avoid):
+            reason = f"every ML host stayed busy for {self.queue_timeout:g} s"
+        elif any(b.up for b in self.fleet.backends):
+            reason = f"no ML host that serves {waiter.info.task or 'this request'} came up within {self.queue_timeout:g} s"
+        else:
+            reason = f"no ML host came up within {self.queue_timeout:g} s"
+        waiter.deferred.errback(NoBackendAvailable(reason))
+
+    def release(self, backend: Backend, task: Optional[str], seconds: Optional[float], error: Optional[str] = None) -> None:
+        """
+        A request on C{backend} is over; the slot goes to a waiting request.
+        """
+        self.fleet.finished(backend, task, seconds, error)
+
+    def pump(self) -> None:
+        """
+        Bind waiting requests to hosts that can now take them, in queue
+        order, until no more can be bound.
+        """
+        if self._pumping:
+            self._again = True
+            return
+        self._pumping = True
+        try:
+            self._again = True
+            while self._again and self._waiting:
+                self._again = False
+                for waiter in list(self._waiting):
+                    if waiter not in self._waiting:
+                        continue
+                    candidates = self.candidates(waiter.info, waiter.avoid)
+                    if not candidates:
+                        continue
+                    chosen = self._choose(waiter.info, candidates)
+                    if chosen is None:
+                        continue
+                    self._leave(waiter)
+                    self.fleet.started(chosen)
+                    waiter.deferred.callback(chosen)
+        finally:
+            self._pumping = False

@@ -1,0 +1,175 @@
+"""
+Health: a host's up/down verdict (L{Health}, pure state with rise and fall
+thresholds) and the active checker (L{HealthChecker}) that GETs ``/ping`` on
+every host on an interval.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional
+
+from attrs import define, field, frozen
+from twisted.application.internet import TimerService
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
+from twisted.logger import Logger
+
+UP = "up"
+DOWN = "down"
+#: Not yet checked: not given requests.
+UNKNOWN = "unknown"
+
+
+@frozen
+class Transition:
+    """
+    A change of a host's verdict, and why.
+    """
+
+    old: str
+    new: str
+    reason: str
+
+
+@define
+class Health:
+    """
+    A host's verdict from the checks and requests it has seen.
+
+    A host starts unknown (not given requests): its first check brings it up
+    or down at once.  After that it takes C{rise} passing checks in a row to come back up
+    and C{fall} failing checks in a row to go down; a connection failure on a
+    real request takes it down at once.
+    """
+
+    rise: int = 2
+    fall: int = 3
+    state: str = UNKNOWN
+    since: float = 0.0
+    tested: bool = False
+    last_check: Optional[float] = None
+    last_result: Optional[str] = None
+    _passes: int = 0
+    _fails: int = 0
+
+    @property
+    def up(self) -> bool:
+        return self.state == UP
+
+    def _move(self, new: str, now: float, reason: str) -> Optional[Transition]:
+        if new == self.state:
+            return None
+        old, self.state, self.since = self.state, new, now
+        self._passes = self._fails = 0
+        return Transition(old, new, reason)
+
+    def check_passed(self, now: float) -> Optional[Transition]:
+        self.last_check, self.last_result = now, "pong"
+        self._fails = 0
+        self._passes += 1
+        if not self.tested or self._passes >= self.rise:
+            self.tested = True
+            return self._move(UP, now, "health check passed")
+        return None
+
+    def check_failed(self, now: float, reason: str) -> Optional[Transition]:
+        self.last_check, self.last_result = now, reason
+        self._passes = 0
+        self._fails += 1
+        if not self.tested or self._fails >= self.fall:
+            self.tested = True
+            return self._move(DOWN, now, f"health check failed: {reason}")
+        return None
+
+    def request_failed(self, now: float, reason: str) -> Optional[Transition]:
+        """
+        A real request could not reach the host: down at once.
+        """
+        self.tested = True
+        return self._move(DOWN, now, reason)
+
+
+Ping = Callable[[object], Deferred]
+
+
+@define(eq=False)
+class HealthChecker:
+    """
+    Checks every host of a fleet on an interval with C{ping}, a function of
+    a backend returning a Deferred that fires with None when the host
+    answered C{pong} and fails otherwise.  A failure of the check machinery
+    itself is logged and never stops the timer.
+    """
+
+    fleet: object
+    ping: Ping
+    clock: object
+    interval: float = 5.0
+    log: Logger = field(factory=Logger)
+    _running: set = field(factory=set)
+
+    def service(self) -> TimerService:
+        """
+        A service that checks now and then every C{interval} seconds.
+        """
+        service = TimerService(self.interval, self.check_all)
+        service.clock = self.clock
+        return service
+
+    def check_all(self) -> Deferred:
+        return DeferredList([self.check(backend) for backend in self.fleet.backends])
+
+    def check(self, backend) -> Deferred:
+        """
+        Check one host now, unless a check of it is already under way.
+        """
+        if backend in self._running:
+            return succeed(None)
+        self._running.add(backend)
+        return ensureDeferred(self._check(backend))
+
+    async def _check(self, backend) -> None:
+        try:
+            try:
+                await self.ping(backend)
+            except Exception as e:
+                self.fleet.check_failed(backend, describe_failure(e))
+            else:
+                self.fleet.check_passed(backend)
+        except Exception:
+            self.log.failure("health check of {backend} failed unexpectedly", backend=str(backend.address))
+        finally:
+            self._running.discard(backend)
+
+
+def describe_failure(error: BaseException) -> str:
+    """
+    A short, stable phrase for why a host could not be reached or answered
+    badly, for logs and error bodies.
+    """
+    from twisted.internet import error as ierror
+    from twisted.web import _newclient
+
+    if isinstance(error, ierror.ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(error, ierror.DNSLookupError):
+        return "name does not resolve"
+    if isinstance(error, (ierror.TimeoutError, ierror.ConnectingCancelledError)):
+        return "timed out"
+    if isinstance(error, ierror.ConnectError):
+        return "cannot connect"
+    if isinstance(error, (_newclient.ResponseNeverReceived, _newclient.RequestTransmissionFailed)):
+        return "connection lost before an answer"
+    if isinstance(error, _newclient.ResponseFailed):
+        return "connection lost mid-answer"
+    if isinstance(error, BadAnswer):
+        return error.args[0]
+    return type(error).__name__
+
+
+class BadAnswer(Exception):
+    """
+    A host answered, but not as a healthy Immich ML host does.
+    """
+
+
+__all__ = ["Health", "HealthChecker", "Transition", "UP", "DOWN", "UNKNOWN", "BadAnswer", "describe_failure"]

@@ -1,0 +1,100 @@
+"""
+The contracts of imml's pluggable parts.
+
+A strategy (L{IStrategy}) decides which ML host serves a request.  It is a
+pure decision over the fleet's observed state: it sees each eligible host
+through L{IBackendView} and the request through L{IRequestInfo}, does no I/O
+and reads no clock.  The balancer feeds the views with what it observes
+(requests in flight, health, service times) and asks the strategy again
+whenever a slot frees up, so a strategy may also answer "wait".
+
+To plug in a strategy of your own, either name its class by dotted path
+(C{--strategy mypackage.module.MyStrategy}) or drop a Twisted plugin
+providing L{IStrategyFactory} into a C{twisted/plugins/} directory on the
+path and select it by its C{name}.
+"""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+
+class IRequestInfo(Interface):
+    """
+    What the balancer knows about a request before choosing a host.
+    """
+
+    method = Attribute("The HTTP method, as bytes (b'POST').")
+    path = Attribute("The request path without query, as bytes (b'/predict').")
+    task = Attribute(
+        "The ML task read from the request's C{entries} field: one of "
+        "'clip-visual', 'clip-textual', 'faces', 'ocr', 'other' for an "
+        "unrecognised /predict, or None for a request that is not a /predict."
+    )
+    interactive = Attribute(
+        "True when a person waits for the answer (a CLIP text search); such "
+        "requests go ahead of batch work."
+    )
+
+
+class IBackendView(Interface):
+    """
+    A strategy's read-only view of one ML host.
+    """
+
+    address = Attribute("The host's L{imml.backends.BackendAddress}.")
+    index = Attribute("The host's position in the configured list, 0 first.")
+    weight = Attribute("The configured relative share of work, a positive float (1.0 by default).")
+    tier = Attribute("The configured priority tier, 0 first; lower tiers are preferred by failover.")
+    in_flight = Attribute("How many requests this balancer has sent to the host and not yet seen answered.")
+    limit = Attribute(
+        "The most requests to keep in flight on the host: its configured "
+        "slots, a learned limit, or None when unlimited."
+    )
+
+    def has_free_slot() -> bool:
+        """
+        Whether the host may take one more request now (C{in_flight < limit}).
+        """
+
+    def service_time(task) -> float | None:
+        """
+        A recent moving average of the host's service time, in seconds, for
+        requests of C{task}; None when nothing is known yet.
+        """
+
+
+class IStrategy(Interface):
+    """
+    Chooses the host for a request.
+    """
+
+    name = Attribute("The name the strategy is selected by, e.g. 'round-robin'.")
+
+    def choose(request, candidates):
+        """
+        Choose a host for C{request}.
+
+        @param request: an L{IRequestInfo}.
+        @param candidates: a non-empty sequence of L{IBackendView}, in
+            configured order: the hosts that are up, not draining, serve the
+            request's task and (when any such host remains) have not already
+            failed this request.  Some may have no free slot.
+        @return: one of C{candidates} whose C{has_free_slot()} is true, or
+            None to leave the request waiting until the fleet changes (a
+            slot frees up, a host comes back).
+        """
+
+
+class IStrategyFactory(Interface):
+    """
+    A Twisted plugin that makes a strategy, for selection by name.
+    """
+
+    name = Attribute("The name to select the strategy by.")
+    description = Attribute("One line for --help.")
+
+    def __call__() -> IStrategy:
+        """
+        Make a fresh strategy.
+        """

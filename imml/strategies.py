@@ -1,0 +1,165 @@
+"""
+Balancing strategies: pure decisions over the fleet's observed state.
+
+Each strategy provides L{imml.interfaces.IStrategy}.  Use one on its own::
+
+    from imml.strategies import LeastConnections
+    chosen = LeastConnections().choose(request, candidates)
+
+or select one for the balancer by name with L{strategy_named}, which also
+finds third-party strategies (Twisted plugins providing
+L{imml.interfaces.IStrategyFactory}, or a dotted path to a class).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+from attrs import define, field
+from twisted.python.reflect import namedAny
+from zope.interface import implementer
+
+from .interfaces import IBackendView, IRequestInfo, IStrategy, IStrategyFactory
+
+
+def _free(candidates: Sequence[IBackendView]) -> list[IBackendView]:
+    return [c for c in candidates if c.has_free_slot()]
+
+
+@implementer(IStrategy)
+@define(eq=False)
+class RoundRobin:
+    """
+    Takes hosts in turn, in proportion to their weights (nginx's smooth
+    weighted round-robin: with equal weights, plain rotation).
+    """
+
+    name = "round-robin"
+    _current: dict = field(factory=dict)
+
+    def choose(self, request: IRequestInfo, candidates: Sequence[IBackendView]) -> Optional[IBackendView]:
+        free = _free(candidates)
+        if not free:
+            return None
+        total = 0.0
+        best = None
+        for c in free:
+            weight = c.weight
+            total += weight
+            current = self._current.get(c.address, 0.0) + weight
+            self._current[c.address] = current
+            if best is None or current > self._current[best.address]:
+                best = c
+        self._current[best.address] -= total
+        return best
+
+
+@implementer(IStrategy)
+@define(eq=False)
+class LeastConnections:
+    """
+    Takes the host with the fewest requests in flight relative to its
+    weight; ties are taken in turn.
+    """
+
+    name = "least-connections"
+    _turn: int = 0
+
+    def choose(self, request: IRequestInfo, candidates: Sequence[IBackendView]) -> Optional[IBackendView]:
+        free = _free(candidates)
+        if not free:
+            return None
+        lowest = min(c.in_flight / c.weight for c in free)
+        tied = [c for c in free if c.in_flight / c.weight == lowest]
+        self._turn += 1
+        return tied[self._turn % len(tied)]
+
+
+@implementer(IStrategy)
+@define(eq=False)
+class Failover:
+    """
+    Takes the first host, by tier then configured order, that has a free
+    slot: all work goes to the first host while it is up, like Immich's own
+    list of URLs.
+    """
+
+    name = "failover"
+
+    def choose(self, request: IRequestInfo, candidates: Sequence[IBackendView]) -> Optional[IBackendView]:
+        free = _free(candidates)
+        if not free:
+            return None
+        return min(free, key=lambda c: (c.tier, c.index))
+
+
+@implementer(IStrategyFactory)
+@define(frozen=True)
+class StrategyFactory:
+    """
+    Names a strategy class; what a Twisted plugin for a strategy provides.
+    """
+
+    name: str
+    make: Callable[[], IStrategy]
+    description: str = ""
+
+    def __call__(self) -> IStrategy:
+        return self.make()
+
+
+BUILTIN: dict[str, StrategyFactory] = {
+    f.name: f
+    for f in [
+        StrategyFactory("round-robin", RoundRobin, "hosts in turn, by weight"),
+        StrategyFactory("least-connections", LeastConnections, "the host with the fewest requests in flight"),
+        StrategyFactory("failover", Failover, "the first host that is up, in configured order"),
+    ]
+}
+
+
+class UnknownStrategy(ValueError):
+    """
+    No strategy goes by the name asked for.
+    """
+
+
+def available() -> dict[str, IStrategyFactory]:
+    """
+    Every strategy selectable by name: the built-in ones and those of
+    installed Twisted plugins.
+    """
+    from twisted.plugin import getPlugins
+
+    found: dict[str, IStrategyFactory] = dict(BUILTIN)
+    for plugin in getPlugins(IStrategyFactory):
+        found.setdefault(plugin.name, plugin)
+    return found
+
+
+def strategy_named(name: str) -> IStrategy:
+    """
+    Make the strategy called C{name}: a built-in name, the name of an
+    installed plugin, or the dotted path of a class (or factory) whose
+    instances provide L{IStrategy}.
+
+    @raise UnknownStrategy: naming the choices, when nothing matches.
+    """
+    if name in BUILTIN:
+        return BUILTIN[name]()
+    factories = available()
+    if name in factories:
+        strategy = factories[name]()
+    elif "." in name:
+        try:
+            strategy = namedAny(name)()
+        except Exception as e:
+            raise UnknownStrategy(f"strategy {name!r} cannot be loaded: {e}") from e
+    else:
+        raise UnknownStrategy(
+            f"unknown strategy {name!r}; choose one of {', '.join(sorted(factories))} "
+            "or give the dotted path of a class"
+        )
+    if not IStrategy.providedBy(strategy):
+        raise UnknownStrategy(f"strategy {name!r} does not provide imml.interfaces.IStrategy")
+    return strategy

@@ -1,0 +1,235 @@
+"""
+``twistd imml-balancer``: options and the service tree.
+
+The service tree, in start order (stopped in reverse, so the listener closes
+first and requests in flight can finish): the connection pool's closer, the
+demo hosts (with C{--demo}), the health checker, the listener.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.endpoints import serverFromString
+from twisted.python import usage
+from twisted.web.client import Agent, HTTPConnectionPool, readBody
+
+from . import __version__
+from .backends import BackendListError, parse_backends
+from .dispatch import Dispatcher
+from .fleet import Fleet
+from .health import BadAnswer, HealthChecker
+from .proxy import BalancerResource, BalancerSite, Forwarder, ProxySettings, make_pool
+from .strategies import UnknownStrategy, available, strategy_named
+
+DEFAULT_STRATEGY = "least-connections"
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]i?b?|b)?\s*$", re.I)
+_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def parse_size(text: str) -> int:
+    """
+    A size such as C{100M}, C{100MiB}, C{512k} or C{1048576}, in bytes
+    (binary units).
+    """
+    m = _SIZE.match(text)
+    if not m:
+        raise usage.UsageError(f"{text!r} is not a size (examples: 100M, 512k, 1048576)")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "")[:1].lower()])
+
+
+def _positive(kind):
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise usage.UsageError(f"{text!r} is not a number") from None
+        if value <= 0:
+            raise usage.UsageError(f"{text!r} must be greater than zero")
+        return value
+
+    return convert
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "A reverse proxy for Immich's machine-learning service: point Immich's "
+        "ML URL at it, and it spreads the requests over every ML host in "
+        "--backends, checks their health, and retries failed requests on "
+        "another host."
+    )
+    optParameters = [
+        ["listen", "l", "tcp:3003", "Where to listen: a Twisted server endpoint string."],
+        [
+            "backends",
+            "b",
+            None,
+            "The ML hosts: host, host:port, [v6addr]:port or http://host:port, "
+            "comma separated, port 3003 when omitted. Default: $IMML_BACKENDS.",
+        ],
+        ["strategy", "s", DEFAULT_STRATEGY, "How to choose a host: a strategy name or the dotted path of a class."],
+        ["health-interval", None, 5.0, "Seconds between health checks (GET /ping) of each host.", _positive(float)],
+        ["health-timeout", None, 2.0, "Seconds a health check may take.", _positive(float)],
+        ["rise", None, 2, "Passing checks in a row that bring a down host back up.", _positive(int)],
+        ["fall", None, 3, "Failing checks in a row that take a host down.", _positive(int)],
+        ["connect-timeout", None, 5.0, "Seconds to wait for a connection to a host.", _positive(float)],
+        [
+            "response-timeout",
+            None,
+            300.0,
+            "Seconds a host has to answer a request completely (a cold model load takes tens of seconds).",
+            _positive(float),
+        ],
+        ["max-body", None, "100M", "Largest request body accepted (e.g. 100M, 512k)."],
+        ["max-tries", None, 3, "Most hosts one request is sent to.", _positive(int)],
+        [
+            "queue-timeout",
+            None,
+            60.0,
+            "Seconds a request may wait for a host with a free slot, or for a host to come up.",
+            _positive(float),
+        ],
+        ["max-queue", None, 1000, "Most requests that may wait at once.", _positive(int)],
+        ["demo", None, 0, "Start this many local stand-in ML hosts and balance over them.", int],
+    ]
+
+    def postOptions(self) -> None:
+        if self["demo"] < 0:
+            raise usage.UsageError("--demo takes a number of stand-in hosts, 0 or more")
+        self["max-body"] = parse_size(str(self["max-body"]))
+        if self["demo"]:
+            self["addresses"] = []
+        else:
+            text = self["backends"]
+            if text is None:
+                text = os.environ.get("IMML_BACKENDS", "")
+            try:
+                self["addresses"] = parse_backends(text)
+            except BackendListError as e:
+                raise usage.UsageError(str(e)) from None
+        try:
+            strategy_named(self["strategy"])
+        except UnknownStrategy as e:
+            raise usage.UsageError(str(e)) from None
+
+    def opt_version(self) -> None:
+        print(f"imml {__version__}")
+        raise SystemExit(0)
+
+    def opt_strategies(self) -> None:
+        """List the strategies that --strategy accepts, then exit."""
+        for name, factory in sorted(available().items()):
+            print(f"{name:20} {getattr(factory, 'description', '')}")
+        raise SystemExit(0)
+
+
+def _pinger(reactor, timeout: float):
+    """
+    A health check: GET /ping on a new connection; any 2xx is healthy, as
+    for Immich's own availability check.
+    """
+    agent = Agent(reactor, connectTimeout=timeout, pool=make_pool(reactor, persistent=False))
+
+    async def ping(backend) -> None:
+        d = agent.request(b"GET", backend.address.url(b"/ping"))
+        d.addTimeout(timeout, reactor)
+        response = await d
+        body = readBody(response)
+        body.addTimeout(timeout, reactor)
+        await body
+        if not 200 <= response.code < 300:
+            raise BadAnswer(f"status {response.code}")
+
+    return lambda backend: ensureDeferred(ping(backend))
+
+
+class _PoolCloser(service.Service):
+    def __init__(self, pool: HTTPConnectionPool) -> None:
+        self.pool = pool
+
+    def stopService(self):
+        super().stopService()
+        return self.pool.closeCachedConnections()
+
+
+class _DemoHosts(service.Service):
+    """
+    Local stand-in ML hosts for --demo, started before the balancer's
+    fleet is checked.
+    """
+
+    def __init__(self, reactor, fleet: Fleet, checker: HealthChecker, count: int) -> None:
+        self.reactor, self.fleet, self.checker, self.count = reactor, fleet, checker, count
+        self.hosts = []
+
+    def startService(self) -> None:
+        super().startService()
+        from . import testing
+        from .backends import parse_backend
+        from .fleet import Backend, Health
+
+        d = ensureDeferred(testing.start_demo_hosts(self.reactor, self.count))
+
+        def started(hosts):
+            self.hosts = hosts
+            for host in hosts:
+                backend = Backend(parse_backend(host.address), len(self.fleet.backends))
+                self.fleet.backends.append(backend)
+            self.checker.check_all()
+
+        d.addCallback(started)
+
+    def stopService(self):
+        super().stopService()
+        from twisted.internet.defer import gatherResults
+
+        return gatherResults([h.stop() for h in self.hosts])
+
+
+def build(options, reactor) -> service.MultiService:
+    """
+    The balancer's service tree for parsed C{options}.
+    """
+    top = service.MultiService()
+    fleet = Fleet.from_addresses(options["addresses"], reactor, rise=options["rise"], fall=options["fall"])
+    settings = ProxySettings(
+        max_tries=options["max-tries"],
+        response_timeout=options["response-timeout"],
+        connect_timeout=options["connect-timeout"],
+        max_body=options["max-body"],
+    )
+    dispatcher = Dispatcher(
+        fleet,
+        strategy_named(options["strategy"]),
+        reactor,
+        queue_timeout=options["queue-timeout"],
+        max_queue=options["max-queue"],
+    )
+    pool = make_pool(reactor)
+    agent = Agent(reactor, connectTimeout=settings.connect_timeout, pool=pool)
+    fresh = Agent(
+        reactor, connectTimeout=settings.connect_timeout, pool=make_pool(reactor, persistent=False)
+    )
+    forwarder = Forwarder(fleet, dispatcher, agent, reactor, settings, fresh_agent=fresh)
+    _PoolCloser(pool).setServiceParent(top)
+    checker = HealthChecker(fleet, _pinger(reactor, options["health-timeout"]), reactor, options["health-interval"])
+    if options["demo"]:
+        _DemoHosts(reactor, fleet, checker, options["demo"]).setServiceParent(top)
+    checker.service().setServiceParent(top)
+    site = BalancerSite(BalancerResource(fleet, forwarder), settings.max_body)
+    listener = StreamServerEndpointService(serverFromString(reactor, options["listen"]), site)
+    listener.setServiceParent(top)
+    top.fleet, top.dispatcher, top.checker, top.site = fleet, dispatcher, checker, site
+    return top
+
+
+def makeService(options) -> service.MultiService:
+    from twisted.internet import reactor
+
+    return build(options, reactor)
