@@ -52,6 +52,18 @@ def _boundary(content_type: bytes) -> Optional[bytes]:
     return None
 
 
+def _delimiter(body: bytes, delimiter: bytes, start: int) -> int:
+    # A delimiter line is the boundary followed by CRLF, or by "--" at the end.
+    while True:
+        at = body.find(delimiter, start)
+        if at == -1:
+            return -1
+        after = body[at + len(delimiter) : at + len(delimiter) + 2]
+        if after in (b"\r\n", b"--"):
+            return at
+        start = at + 1
+
+
 def entries_field(content_type: bytes, body: bytes) -> Optional[bytes]:
     """
     The raw value of the C{entries} form field of a multipart body, or None.
@@ -71,7 +83,7 @@ def entries_field(content_type: bytes, body: bytes) -> Optional[bytes]:
             return None
         headers = body[headers_start:headers_end]
         value_start = headers_end + 4
-        value_end = body.find(b"\r\n" + delimiter, value_start)
+        value_end = _delimiter(body, b"\r\n" + delimiter, value_start)
         if value_end == -1:
             return None
         lowered = headers.lower()

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence
 
 from attrs import define, field
+from twisted.plugin import IPlugin
 from twisted.python.reflect import namedAny
 from zope.interface import implementer
 
@@ -71,8 +72,9 @@ class LeastConnections:
             return None
         lowest = min(c.in_flight / c.weight for c in free)
         tied = [c for c in free if c.in_flight / c.weight == lowest]
+        chosen = tied[self._turn % len(tied)]
         self._turn += 1
-        return tied[self._turn % len(tied)]
+        return chosen
 
 
 @implementer(IStrategy)
@@ -93,11 +95,12 @@ class Failover:
         return min(free, key=lambda c: (c.tier, c.index))
 
 
-@implementer(IStrategyFactory)
+@implementer(IPlugin, IStrategyFactory)
 @define(frozen=True)
 class StrategyFactory:
     """
-    Names a strategy class; what a Twisted plugin for a strategy provides.
+    Names a strategy class.  An instance of it at module level in a
+    C{twisted/plugins/} file is a Twisted plugin: C{--strategy NAME} finds it.
     """
 
     name: str

@@ -1,0 +1,165 @@
+"""
+The dispatcher with a task.Clock: late binding, priorities, bounds.
+"""
+
+import pytest
+from twisted.internet import task
+
+from imml.backends import BackendAddress
+from imml.classify import RequestInfo
+from imml.dispatch import Dispatcher, NoBackendAvailable
+from imml.fleet import BackendSettings, Fleet
+from imml.strategies import LeastConnections
+
+BATCH = RequestInfo(b"POST", b"/predict", "clip-visual")
+SEARCH = RequestInfo(b"POST", b"/predict", "clip-textual", interactive=True)
+OCR = RequestInfo(b"POST", b"/predict", "ocr")
+
+
+def make(n=2, slots=None, tasks=None, queue_timeout=10.0, max_queue=100):
+    clock = task.Clock()
+    fleet = Fleet.from_addresses(
+        [BackendAddress(f"h{i}") for i in range(n)],
+        clock,
+        settings=lambda a: BackendSettings(slots=slots, tasks=tasks.get(a.host) if tasks else None),
+    )
+    for b in fleet.backends:
+        fleet.check_passed(b)
+    return clock, fleet, Dispatcher(fleet, LeastConnections(), clock, queue_timeout, max_queue)
+
+
+def result(d):
+    box = []
+    d.addBoth(box.append)
+    return box
+
+
+def test_free_slot_is_bound_at_once_and_counted():
+    clock, fleet, dispatcher = make()
+    got = result(dispatcher.acquire(BATCH))
+    assert got == [fleet.backends[0]]
+    assert fleet.backends[0].in_flight == 1
+    dispatcher.release(fleet.backends[0], "clip-visual", 0.5)
+    assert fleet.backends[0].in_flight == 0
+    assert fleet.backends[0].service_time("clip-visual") == 0.5
+
+
+def test_waits_for_a_slot_and_binds_late():
+    clock, fleet, dispatcher = make(slots=1)
+    a, b = (result(dispatcher.acquire(BATCH)) for _ in range(2))
+    c = result(dispatcher.acquire(BATCH))
+    assert c == [] and dispatcher.queue_depth == 1
+    dispatcher.release(b[0], "clip-visual", 0.1)
+    assert c == [b[0]] and dispatcher.queue_depth == 0
+
+
+def test_interactive_requests_go_ahead_of_batch_work():
+    clock, fleet, dispatcher = make(n=1, slots=1)
+    first = result(dispatcher.acquire(BATCH))
+    waiting = [result(dispatcher.acquire(BATCH)) for _ in range(3)]
+    search = result(dispatcher.acquire(SEARCH))
+    dispatcher.release(first[0], "clip-visual", 0.1)
+    assert search == [fleet.backends[0]]
+    assert all(w == [] for w in waiting)
+    dispatcher.release(search[0], "clip-textual", 0.01)
+    assert waiting[0] == [fleet.backends[0]] and waiting[1] == []
+
+
+def test_a_request_waits_while_no_host_is_up_and_is_served_when_one_comes_back():
+    clock, fleet, dispatcher = make(n=1)
+    fleet.request_failed(fleet.backends[0], "connection refused")
+    got = result(dispatcher.acquire(BATCH))
+    clock.advance(5)
+    assert got == []
+    fleet.check_passed(fleet.backends[0])  # first pass after down needs rise=2
+    assert got == []
+    fleet.check_passed(fleet.backends[0])
+    assert got == [fleet.backends[0]]
+
+
+def test_the_wait_is_bounded_with_a_reason():
+    clock, fleet, dispatcher = make(n=1, queue_timeout=7)
+    fleet.request_failed(fleet.backends[0], "connection refused")
+    got = result(dispatcher.acquire(BATCH))
+    clock.advance(6.9)
+    assert got == []
+    clock.advance(0.2)
+    assert got[0].check(NoBackendAvailable)
+    assert "no ML host came up within 7 s" == str(got[0].value)
+    assert dispatcher.queue_depth == 0
+
+
+def test_busy_hosts_give_another_reason():
+    clock, fleet, dispatcher = make(n=1, slots=1, queue_timeout=3)
+    result(dispatcher.acquire(BATCH))
+    got = result(dispatcher.acquire(BATCH))
+    clock.advance(3)
+    assert "busy" in str(got[0].value)
+
+
+def test_the_queue_is_bounded():
+    clock, fleet, dispatcher = make(n=1, slots=1, max_queue=2)
+    for _ in range(3):
+        result(dispatcher.acquire(BATCH))
+    got = result(dispatcher.acquire(BATCH))
+    assert got[0].check(NoBackendAvailable) and "queue is full" in str(got[0].value)
+
+
+def test_cancelling_a_wait_leaves_the_queue():
+    clock, fleet, dispatcher = make(n=1, slots=1)
+    result(dispatcher.acquire(BATCH))
+    d = dispatcher.acquire(BATCH)
+    got = result(d)
+    d.cancel()
+    assert dispatcher.queue_depth == 0
+    assert not clock.getDelayedCalls()
+    assert got[0].check(Exception)
+
+
+def test_a_host_that_failed_the_request_is_avoided_while_another_is_up():
+    clock, fleet, dispatcher = make(n=2)
+    h0, h1 = fleet.backends
+    assert result(dispatcher.acquire(BATCH, avoid=[h0])) == [h1]
+    # every usable host already failed it: try them again rather than fail
+    assert result(dispatcher.acquire(BATCH, avoid=[h0, h1])) in ([h0], [h1])
+
+
+def test_tasks_go_only_to_hosts_that_serve_them():
+    clock, fleet, dispatcher = make(n=2, tasks={"h0": frozenset({"clip-visual", "clip-textual"})})
+    for _ in range(3):
+        assert result(dispatcher.acquire(OCR)) == [fleet.backends[1]]
+
+
+def test_draining_hosts_take_no_new_work():
+    clock, fleet, dispatcher = make(n=2)
+    fleet.backends[0].draining = True
+    for _ in range(3):
+        assert result(dispatcher.acquire(BATCH)) == [fleet.backends[1]]
+
+
+class Broken:
+    name = "broken"
+
+    def choose(self, request, candidates):
+        raise ZeroDivisionError()
+
+
+def test_a_broken_strategy_does_not_lose_requests():
+    clock, fleet, dispatcher = make(n=2)
+    dispatcher.strategy = Broken()
+    assert result(dispatcher.acquire(BATCH)) == [fleet.backends[0]]
+
+
+class Liar:
+    name = "liar"
+
+    def choose(self, request, candidates):
+        return candidates[0]
+
+
+def test_a_strategy_choosing_a_full_host_leaves_the_request_waiting():
+    clock, fleet, dispatcher = make(n=1, slots=1)
+    dispatcher.strategy = Liar()
+    result(dispatcher.acquire(BATCH))
+    got = result(dispatcher.acquire(BATCH))
+    assert got == [] and fleet.backends[0].in_flight == 1

@@ -1,0 +1,107 @@
+from twisted.internet import task
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.logger import globalLogPublisher
+
+from imml.backends import BackendAddress
+from imml.fleet import Fleet
+from imml.health import DOWN, UNKNOWN, UP, Health, HealthChecker
+
+
+def test_first_check_decides_at_once():
+    h = Health(rise=3, fall=3)
+    assert h.state == UNKNOWN and not h.up
+    assert h.check_passed(1.0).new == UP
+    h = Health(rise=3, fall=3)
+    assert h.check_failed(1.0, "connection refused").new == DOWN
+
+
+def test_rise_and_fall():
+    h = Health(rise=2, fall=3)
+    h.check_passed(0)
+    assert h.check_failed(1, "x") is None
+    assert h.check_failed(2, "x") is None
+    t = h.check_failed(3, "timed out")
+    assert (t.old, t.new, t.reason) == (UP, DOWN, "health check failed: timed out")
+    assert h.since == 3
+    assert h.check_passed(4) is None
+    assert h.check_failed(5, "x") is None  # a failure resets the rise count
+    assert h.check_passed(6) is None
+    assert h.check_passed(7).new == UP
+
+
+def test_a_pass_resets_the_fall_count():
+    h = Health(rise=1, fall=2)
+    h.check_passed(0)
+    h.check_failed(1, "x")
+    h.check_passed(2)
+    assert h.check_failed(3, "x") is None
+    assert h.up
+
+
+def test_a_failed_request_takes_a_host_down_at_once():
+    h = Health(rise=2, fall=3)
+    h.check_passed(0)
+    assert h.request_failed(1, "connection refused").new == DOWN
+
+
+def collect(events):
+    observer = events.append
+    globalLogPublisher.addObserver(observer)
+    return lambda: globalLogPublisher.removeObserver(observer)
+
+
+def test_checker_checks_on_an_interval_and_logs_transitions():
+    clock = task.Clock()
+    fleet = Fleet.from_addresses([BackendAddress("a"), BackendAddress("b")], clock, rise=1, fall=1)
+    answers = {"a": True, "b": False}
+    calls = []
+
+    def ping(backend):
+        calls.append(backend.address.host)
+        if answers[backend.address.host]:
+            return succeed(None)
+        return fail(ConnectionRefusedError())
+
+    events = []
+    stop = collect(events)
+    try:
+        service = HealthChecker(fleet, ping, clock, interval=5).service()
+        service.startService()
+        assert [b.health.state for b in fleet.backends] == [UP, DOWN]
+        answers.update(a=False, b=True)
+        clock.advance(5)
+        assert [b.health.state for b in fleet.backends] == [DOWN, UP]
+        assert calls == ["a", "b", "a", "b"]
+        service.stopService()
+        clock.advance(50)
+        assert len(calls) == 4
+    finally:
+        stop()
+    health = [(e["backend"], e["old"], e["new"]) for e in events if e.get("imml_event") == "health"]
+    assert health == [("a:3003", UNKNOWN, UP), ("b:3003", UNKNOWN, DOWN), ("a:3003", UP, DOWN), ("b:3003", DOWN, UP)]
+
+
+def test_checker_survives_a_broken_ping_and_skips_overlapping_checks():
+    clock = task.Clock()
+    fleet = Fleet.from_addresses([BackendAddress("a")], clock)
+    pending = []
+
+    def ping(backend):
+        if not pending:
+            d = Deferred()
+            pending.append(d)
+            return d
+        raise RuntimeError("bug in the pinger")
+
+    service = HealthChecker(fleet, ping, clock, interval=1).service()
+    service.startService()
+    clock.advance(1)  # still running: not checked again
+    assert len(pending) == 1
+    pending[0].callback(None)
+    assert fleet.backends[0].health.up
+    clock.advance(1)  # the pinger raises: logged as a failed check, timer survives
+    assert fleet.backends[0].health._fails == 1
+    clock.advance(1)
+    assert fleet.backends[0].health._fails == 2
+    assert service.running
+    service.stopService()

@@ -1,0 +1,196 @@
+"""
+The strategies are pure decisions: tested with plain views and numbers.
+"""
+
+from collections import Counter
+from typing import Optional
+
+import pytest
+from attrs import define
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from imml.backends import BackendAddress
+from imml.classify import RequestInfo
+from imml.interfaces import IBackendView, IStrategy, IStrategyFactory
+from imml.strategies import (
+    BUILTIN,
+    Failover,
+    LeastConnections,
+    RoundRobin,
+    UnknownStrategy,
+    strategy_named,
+)
+
+REQUEST = RequestInfo(b"POST", b"/predict", "clip-visual")
+
+
+@implementer(IBackendView)
+@define(eq=False)
+class View:
+    index: int
+    in_flight: int = 0
+    limit: Optional[int] = None
+    weight: float = 1.0
+    tier: int = 0
+
+    @property
+    def address(self):
+        return BackendAddress(f"host{self.index}")
+
+    def has_free_slot(self):
+        return self.limit is None or self.in_flight < self.limit
+
+    def service_time(self, task):
+        return None
+
+
+def fleet(n, **kw):
+    return [View(i, **kw) for i in range(n)]
+
+
+def take(strategy, views, times):
+    """
+    Choose C{times} times, each chosen host keeping its request.
+    """
+    counts = Counter()
+    for _ in range(times):
+        chosen = strategy.choose(REQUEST, views)
+        if chosen is None:
+            break
+        chosen.in_flight += 1
+        counts[chosen.index] += 1
+    return counts
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN))
+def test_builtins_provide_the_interface(name):
+    strategy = strategy_named(name)
+    verifyObject(IStrategy, strategy)
+    assert strategy.name == name
+    verifyObject(IStrategyFactory, BUILTIN[name])
+    verifyObject(IBackendView, View(0))
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN))
+def test_no_free_slot_means_wait(name):
+    views = fleet(2, limit=1, in_flight=1)
+    assert strategy_named(name).choose(REQUEST, views) is None
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN))
+def test_only_hosts_with_free_slots_are_chosen(name):
+    views = [View(0, limit=1, in_flight=1), View(1, limit=2, in_flight=1), View(2, limit=1, in_flight=1)]
+    assert strategy_named(name).choose(REQUEST, views) is views[1]
+
+
+def test_round_robin_takes_turns_whatever_the_load():
+    strategy = RoundRobin()
+    views = fleet(3)
+    views[0].in_flight = 50
+    order = [strategy.choose(REQUEST, views).index for _ in range(6)]
+    assert order == [0, 1, 2, 0, 1, 2]
+
+
+def test_round_robin_follows_weights_smoothly():
+    strategy = RoundRobin()
+    views = [View(0, weight=3), View(1, weight=1)]
+    order = [strategy.choose(REQUEST, views).index for _ in range(8)]
+    assert Counter(order) == {0: 6, 1: 2}
+    # smooth: never three of the heavy host's turns... in a row twice over
+    assert "1" in "".join(map(str, order[:4]))
+
+
+def test_least_connections_evens_out_load():
+    views = fleet(3)
+    views[0].in_flight = 4
+    counts = take(LeastConnections(), views, 8)
+    assert [v.in_flight for v in views] == [4, 4, 4]
+    assert counts == {1: 4, 2: 4}
+
+
+def test_least_connections_spreads_ties():
+    strategy = LeastConnections()
+    views = fleet(3)
+    chosen = {strategy.choose(REQUEST, views).index for _ in range(3)}
+    assert chosen == {0, 1, 2}
+
+
+def test_least_connections_by_weight():
+    views = [View(0, weight=2), View(1, weight=1)]
+    take(LeastConnections(), views, 6)
+    assert [v.in_flight for v in views] == [4, 2]
+
+
+def test_failover_sends_everything_to_the_first_host():
+    views = fleet(3)
+    assert take(Failover(), views, 10) == {0: 10}
+
+
+def test_failover_respects_tiers_then_order():
+    views = [View(0, tier=1), View(1, tier=0), View(2, tier=0)]
+    assert Failover().choose(REQUEST, views) is views[1]
+
+
+def test_failover_spills_over_when_the_first_host_is_full():
+    views = [View(0, limit=2), View(1)]
+    assert take(Failover(), views, 5) == {0: 2, 1: 3}
+
+
+class Mine:
+    """
+    A third-party strategy: always the last candidate.
+    """
+
+    name = "last"
+
+    def choose(self, request, candidates):
+        return candidates[-1]
+
+
+def test_a_dotted_path_selects_a_third_party_strategy():
+    from zope.interface import classImplements
+
+    classImplements(Mine, IStrategy)
+    strategy = strategy_named(f"{__name__}.Mine")
+    assert isinstance(strategy, Mine)
+    assert strategy.choose(REQUEST, fleet(3)).index == 2
+
+
+def test_unknown_names_list_the_choices():
+    with pytest.raises(UnknownStrategy) as e:
+        strategy_named("fastest")
+    assert "least-connections" in str(e.value) and "'fastest'" in str(e.value)
+    with pytest.raises(UnknownStrategy) as e:
+        strategy_named("no.such.module.Strategy")
+    assert "cannot be loaded" in str(e.value)
+    with pytest.raises(UnknownStrategy) as e:
+        strategy_named("collections.Counter")
+    assert "IStrategy" in str(e.value)
+
+
+PLUGIN = '''
+from imml.strategies import StrategyFactory, Failover
+
+class Backwards(Failover):
+    name = "backwards"
+    def choose(self, request, candidates):
+        return max(candidates, key=lambda c: c.index)
+
+backwards = StrategyFactory("backwards", Backwards, "last host first")
+'''
+
+
+def test_a_twisted_plugin_selects_a_third_party_strategy(tmp_path, monkeypatch):
+    import twisted.plugins
+
+    plugins = tmp_path / "twisted" / "plugins"
+    plugins.mkdir(parents=True)
+    (plugins / "imml_test_backwards.py").write_text(PLUGIN)
+    monkeypatch.setattr(twisted.plugins, "__path__", list(twisted.plugins.__path__) + [str(plugins)])
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from imml.strategies import available
+
+    assert "backwards" in available()
+    strategy = strategy_named("backwards")
+    assert strategy.choose(REQUEST, fleet(3)).index == 2
