@@ -15,6 +15,7 @@ from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 
@@ -164,6 +165,8 @@ class _DemoHosts(service.Service):
     fleet is checked.
     """
 
+    log = Logger()
+
     def __init__(self, reactor, fleet: Fleet, checker: HealthChecker, count: int) -> None:
         self.reactor, self.fleet, self.checker, self.count = reactor, fleet, checker, count
         self.hosts = []
@@ -174,10 +177,12 @@ class _DemoHosts(service.Service):
         from .backends import parse_backend
         from .fleet import Backend, Health
 
-        d = ensureDeferred(testing.start_demo_hosts(self.reactor, self.count))
+        d = ensureDeferred(testing.start_fake_hosts(self.reactor, testing.demo_specs(self.count)))
 
         def started(hosts):
             self.hosts = hosts
+            for host in hosts:
+                self.log.info("demo ML host {name} listens on {address}", name=host.name, address=host.address)
             for host in hosts:
                 backend = Backend(parse_backend(host.address), len(self.fleet.backends))
                 self.fleet.backends.append(backend)
@@ -225,7 +230,7 @@ def build(options, reactor) -> service.MultiService:
     site = BalancerSite(BalancerResource(fleet, forwarder), settings.max_body)
     listener = StreamServerEndpointService(serverFromString(reactor, options["listen"]), site)
     listener.setServiceParent(top)
-    top.fleet, top.dispatcher, top.checker, top.site = fleet, dispatcher, checker, site
+    top.fleet, top.dispatcher, top.checker, top.site, top.listener = fleet, dispatcher, checker, site, listener
     return top
 
 
