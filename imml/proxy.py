@@ -384,6 +384,9 @@ class Forwarder:
         try:
             response = await self._send(self.agent, request, backend, headers, body)
         except (ResponseNeverReceived, RequestTransmissionFailed, RequestNotSent) as e:
+            if any(f.check(CancelledError) for f in getattr(e, "reasons", ())):
+                # We gave up on it (timeout, or the client went away).
+                raise CancelledError() from None
             # Perhaps a pooled connection the host had closed: once more on
             # a new connection before holding it against the host.
             if self.fresh_agent is None or not (info.retryable or isinstance(e, RequestNotSent)):

@@ -13,11 +13,12 @@ import re
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web.client import Agent, HTTPConnectionPool, readBody
+from twisted.internet.protocol import Protocol
+from twisted.web.client import Agent, HTTPConnectionPool
 
 from . import __version__
 from .backends import BackendListError, parse_backends
@@ -141,13 +142,25 @@ def _pinger(reactor, timeout: float):
         d = agent.request(b"GET", backend.address.url(b"/ping"))
         d.addTimeout(timeout, reactor)
         response = await d
-        body = readBody(response)
+        body = Deferred()
+        response.deliverBody(_Drain(body))
         body.addTimeout(timeout, reactor)
         await body
         if not 200 <= response.code < 300:
             raise BadAnswer(f"status {response.code}")
 
     return lambda backend: ensureDeferred(ping(backend))
+
+
+class _Drain(Protocol):
+    def __init__(self, done: Deferred) -> None:
+        self.done = done
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason) -> None:
+        self.done.callback(None)
 
 
 class _PoolCloser(service.Service):

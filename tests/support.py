@@ -1,0 +1,130 @@
+"""
+Shared helpers for loopback tests: a balancer with fake ML hosts behind it,
+a client with its own connection pool, and bounded waits.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import pytest_twisted
+from treq.client import HTTPClient
+from attrs import define, field
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.task import deferLater
+from twisted.logger import globalLogPublisher
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from imml.tap import Options, build
+from imml.testing import ENTRIES, FakeMLHost, predict_body, start_fake_hosts
+
+
+def bounded(seconds: float):
+    """
+    Run an async test under pytest-twisted, failing it after C{seconds}.
+    """
+
+    def decorate(test):
+        @pytest_twisted.ensureDeferred
+        @functools.wraps(test)
+        async def run(*args, **kwargs):
+            d = ensureDeferred(test(*args, **kwargs))
+            d.addTimeout(seconds, reactor)
+            return await d
+
+        return run
+
+    return decorate
+
+
+async def sleep(seconds: float) -> None:
+    await deferLater(reactor, seconds, lambda: None)
+
+
+async def until(predicate: Callable[[], bool], seconds: float = 5.0, step: float = 0.02) -> None:
+    """
+    Wait until C{predicate()} holds; fail after C{seconds}.
+    """
+    for _ in range(int(seconds / step) + 1):
+        if predicate():
+            return
+        await sleep(step)
+    raise AssertionError(f"condition not met within {seconds} s")
+
+
+@define(eq=False)
+class Rig:
+    """
+    A running balancer with fake hosts behind it, and a client.
+    """
+
+    hosts: list[FakeMLHost]
+    service: object
+    url: str
+    client: HTTPClient
+    pool: HTTPConnectionPool
+    events: list = field(factory=list)
+
+    @property
+    def fleet(self):
+        return self.service.fleet
+
+    def request_events(self) -> list[dict]:
+        return [e for e in self.events if e.get("imml_event") == "request"]
+
+    def predict(self, task: str = "clip-visual", image: bytes = b"\xff\xd8 a small picture", **kw) -> Deferred:
+        """
+        POST a /predict like Immich's server does.
+        """
+        ctype, body = predict_body(
+            ENTRIES[task],
+            image=None if task == "clip-textual" else image,
+            text="a cat" if task == "clip-textual" else None,
+        )
+        return self.client.post(self.url + "/predict", data=body, headers={"content-type": ctype}, **kw)
+
+    async def __aenter__(self) -> "Rig":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    async def stop(self) -> None:
+        globalLogPublisher.removeObserver(self.events.append)
+        await self.service.stopService()
+        await self.pool.closeCachedConnections()
+        for host in self.hosts:
+            await host.stop()
+
+
+async def rig(specs: list[dict], *args: str, wait_up: bool = True) -> Rig:
+    """
+    Start fake hosts from C{specs}, and a balancer in front of them with
+    C{args} on the command line.
+    """
+    hosts = await start_fake_hosts(reactor, specs)
+    options = Options()
+    options.parseOptions(
+        ["--listen", "tcp:0:interface=127.0.0.1", "--backends", ",".join(h.address for h in hosts),
+         "--health-interval", "0.2", *args]
+    )
+    service = build(options, reactor)
+    r = Rig(hosts, service, "", None, HTTPConnectionPool(reactor))
+    globalLogPublisher.addObserver(r.events.append)
+    service.startService()
+    try:
+        port = await service.listener._waitingForPort
+    except BaseException:
+        await r.stop()
+        raise
+    r.url = f"http://127.0.0.1:{port.getHost().port}"
+    r.client = HTTPClient(Agent(reactor, pool=r.pool))
+    if wait_up:
+        try:
+            await until(lambda: all(b.up for b in service.fleet.backends))
+        except BaseException:
+            await r.stop()
+            raise
+    return r
