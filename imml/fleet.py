@@ -72,6 +72,8 @@ class Backend:
     health: Health = field(factory=Health)
     in_flight: int = 0
     draining: bool = False
+    #: Removed from the configuration: leaves once its last request is answered.
+    leaving: bool = False
     stats: Stats = field(factory=Stats)
 
     @property
@@ -119,6 +121,8 @@ class Fleet:
 
     backends: list[Backend]
     clock: object
+    rise: int = 2
+    fall: int = 3
     log: Logger = field(factory=Logger)
     _observers: list = field(factory=list)
 
@@ -135,7 +139,7 @@ class Fleet:
             Backend(address, index, settings(address), Health(rise=rise, fall=fall, since=clock.seconds()))
             for index, address in enumerate(addresses)
         ]
-        return cls(backends, clock)
+        return cls(backends, clock, rise, fall)
 
     def observe(self, callback: Callable[[], None]) -> None:
         """
@@ -176,6 +180,58 @@ class Fleet:
         """
         self._transition(backend, backend.health.request_failed(self.clock.seconds(), reason))
 
+    def drain(self, backend: Backend, why: str = "asked to") -> None:
+        """
+        Give C{backend} no new requests; those in flight finish.
+        """
+        if not backend.draining:
+            backend.draining = True
+            self.log.info("ML host {backend} is draining: {why}", backend=str(backend), why=why, imml_event="drain")
+            self.changed()
+
+    def enable(self, backend: Backend) -> None:
+        """
+        Give C{backend} requests again after L{drain}.
+        """
+        if backend.draining and not backend.leaving:
+            backend.draining = False
+            self.log.info("ML host {backend} takes requests again", backend=str(backend), imml_event="enable")
+            self.changed()
+
+    def reconfigure(self, hosts: Iterable[tuple[BackendAddress, BackendSettings]]) -> None:
+        """
+        Make the fleet the hosts listed, in that order.  Hosts already known
+        keep their state and statistics and take the new settings; new hosts
+        join (unknown until checked); hosts no longer listed drain and leave
+        once their last request is answered.
+        """
+        hosts = list(hosts)
+        wanted = {address: settings for address, settings in hosts}
+        known = {b.address: b for b in self.backends}
+        now = self.clock.seconds()
+        backends = []
+        for index, (address, settings) in enumerate(hosts):
+            backend = known.get(address)
+            if backend is None:
+                backend = Backend(address, index, settings, Health(rise=self.rise, fall=self.fall, since=now))
+                self.log.info("ML host {backend} joins", backend=str(address), imml_event="join")
+            else:
+                backend.index, backend.settings = index, settings
+                if backend.leaving:
+                    backend.leaving = backend.draining = False
+            backends.append(backend)
+        for backend in self.backends:
+            if backend.address not in wanted:
+                backend.leaving = True
+                backend.index = len(backends)
+                self.drain(backend, "removed from the configuration")
+                if backend.in_flight:
+                    backends.append(backend)
+                else:
+                    self.log.info("ML host {backend} leaves", backend=str(backend), imml_event="leave")
+        self.backends[:] = backends
+        self.changed()
+
     def started(self, backend: Backend) -> None:
         backend.in_flight += 1
 
@@ -185,6 +241,9 @@ class Fleet:
         the host answered it, C{error} names what went wrong otherwise.
         """
         backend.in_flight -= 1
+        if backend.leaving and not backend.in_flight and backend in self.backends:
+            self.backends.remove(backend)
+            self.log.info("ML host {backend} leaves", backend=str(backend), imml_event="leave")
         if error is not None:
             backend.stats.errors[error] += 1
         elif seconds is not None:
