@@ -196,6 +196,12 @@ def test_root_ping_404_405() -> None:
     assert f.host.pings == 1 and f.host.received == []
 
 
+def test_head_is_get_without_body() -> None:
+    f = fake()
+    answer = f.send("HEAD", "/ping")
+    assert (answer.code, answer.body, f.host.pings) == (200, b"", 1)
+
+
 @pytest.mark.parametrize("task", TASKS)
 def test_predict_answers_shaped_like_immich(task: str) -> None:
     f = fake()
@@ -519,6 +525,25 @@ async def test_stop_aborts_hung_and_idle_connections() -> None:
     finally:
         await host.stop()
         await pool.closeCachedConnections()
+
+
+@pytest_twisted.ensureDeferred
+async def test_idle_keepalive_connections_are_closed_like_the_real_service() -> None:
+    from twisted.internet import reactor
+
+    host = await _listening(keepalive_timeout=0.2)
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    http = HTTPClient(Agent(reactor, pool=pool))
+    try:
+        for _ in range(2):
+            response = await http.get(host.url + "/ping").addTimeout(TIMEOUT, reactor)
+            assert await response.text() == "pong"
+        assert host.connections == 1, "the second request reused the connection"
+        await _sleep(0.5)
+        assert not host._channels, "the idle connection was closed"
+    finally:
+        await pool.closeCachedConnections()
+        await host.stop()
 
 
 async def _sleep(seconds: float) -> None:
