@@ -28,6 +28,7 @@ import struct
 import sys
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
+from functools import lru_cache
 from typing import Any
 
 import attrs
@@ -209,10 +210,14 @@ _PARAM = re.compile(
 _QUOTED_PAIR = re.compile(rb"\\(.)")
 
 
+@lru_cache(maxsize=256)
 def _header_value(value: bytes) -> tuple[bytes, dict[bytes, bytes]]:
     """
     Split a header value like C{form-data; name="x"} into its lowercased
     first token and its parameters (names lowercased, quotes removed).
+
+    Memoized (a pure function; the same few values recur on every request):
+    callers must not change the returned dict.
     """
     semicolon = value.find(b";")
     if semicolon < 0:
