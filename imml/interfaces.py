@@ -98,3 +98,21 @@ class IStrategyFactory(Interface):
         """
         Make a fresh strategy.
         """
+
+
+class IReporter(Interface):
+    """
+    Told of every attempt and request, for metrics and the status page.  Its
+    methods are called on the reactor thread on every request: they must be
+    quick and must not raise.
+    """
+
+    def attempt_finished(record):
+        """
+        An L{imml.records.AttemptRecord}: one try on one host is over.
+        """
+
+    def request_finished(record):
+        """
+        An L{imml.records.RequestRecord}: a client request is answered.
+        """
