@@ -47,9 +47,25 @@ async def test_failover_sends_everything_to_the_first_host():
 @bounded(20)
 async def test_least_connections_spreads_concurrent_requests():
     async with await rig(hosts(3, service_time=0.3), "--strategy", "least-connections") as r:
-        responses = await gatherResults([r.predict() for _ in range(6)])
-        assert Counter(served_by(r, x) for x in responses) == {"h0": 2, "h1": 2, "h2": 2}
-        assert [h.max_in_flight for h in r.hosts] == [2, 2, 2]
+        responses = await gatherResults([r.predict() for _ in range(3)])
+        assert Counter(served_by(r, x) for x in responses) == {"h0": 1, "h1": 1, "h2": 1}
+
+
+@bounded(20)
+async def test_configured_slots_are_filled_and_never_exceeded(tmp_path):
+    async with await rig(hosts(2, service_time=0.2), wait_up=False) as placeholder:
+        config = tmp_path / "imml.toml"
+        config.write_text(
+            "[balancer]\nstrategy = 'least-connections'\n"
+            + "".join(f"[[hosts]]\naddress = '{h.address}'\nslots = {n}\n" for h, n in zip(placeholder.hosts, [3, 1]))
+        )
+        async with await rig(hosts(2, service_time=0.2), "--config", str(config)) as r:
+            # the configured hosts are the placeholder's: r's own hosts are not listed
+            assert [str(b) for b in r.fleet.backends] == [h.address for h in placeholder.hosts]
+            responses = await gatherResults([r.predict() for _ in range(8)])
+            assert all(x.code == 200 for x in responses)
+            assert [h.max_in_flight for h in placeholder.hosts] == [3, 1]
+            assert [h.served for h in placeholder.hosts] in ([6, 2], [5, 3])
 
 
 @bounded(30)
@@ -69,8 +85,9 @@ async def test_a_host_killed_mid_run_costs_no_client_visible_error():
         await clients
         assert codes == [200] * 80
         assert not r.fleet.backends[1].up
-        served = sum(h.served for h in r.hosts)
-        assert served == 80
+        # a host may have answered a request whose answer the stop cut off:
+        # that one was answered again by another host
+        assert sum(h.served for h in r.hosts) >= 80
 
 
 @bounded(20)

@@ -33,6 +33,7 @@ class View:
     limit: Optional[int] = None
     weight: float = 1.0
     tier: int = 0
+    error_rate: float = 0.0
 
     @property
     def address(self):
