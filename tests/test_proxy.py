@@ -318,3 +318,35 @@ async def raw_request(port: int, data: bytes) -> bytes:
     await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), protocol)
     await done
     return protocol.data
+
+
+@bounded(20)
+async def test_a_host_that_stalls_mid_request_has_it_redispatched_at_once():
+    async with await rig(hosts(2), "--strategy", "failover", "--fall", "1", "--health-interval", "0.2",
+                         "--health-timeout", "0.3", "--response-timeout", "60") as r:
+        r.hosts[0].mode = "hang"  # a laptop falling asleep: nothing answers, nothing is refused
+        response = await r.predict()
+        assert response.code == 200 and served_by(r, response) == "h1"
+        # the first attempt was cancelled, not left to time out
+        await until(lambda: r.fleet.backends[0].in_flight == 0)
+        assert r.fleet.backends[0].attempts == set()
+        [event] = [e for e in r.events if e.get("imml_event") == "redispatch"]
+        assert event["backend"] == r.hosts[0].address
+        [request] = r.request_events()
+        assert request["tried"] == [r.hosts[0].address, r.hosts[1].address]
+
+
+@bounded(30)
+async def test_a_host_failing_one_task_stops_getting_that_task_only():
+    async with await rig(hosts(2), "--strategy", "failover") as r:
+        r.hosts[0].failing_tasks = {"ocr"}
+        for _ in range(5):
+            response = await r.predict(task="ocr")
+            assert response.code == 200 and served_by(r, response) == "h1"
+        ocr_on_h0 = [x for x in r.hosts[0].received if x.task == "ocr"]
+        assert len(ocr_on_h0) == 3  # then it was left out
+        response = await r.predict(task="clip-visual")
+        assert served_by(r, response) == "h0"
+        assert r.fleet.backends[0].up
+        [blocked] = [e for e in r.events if e.get("imml_event") == "task-blocked"]
+        assert (blocked["backend"], blocked["task"]) == (r.hosts[0].address, "ocr")
