@@ -67,6 +67,12 @@ class Dispatcher:
     def queue_depth(self) -> int:
         return len(self._waiting)
 
+    def waiting(self) -> list[RequestInfo]:
+        """
+        The requests waiting now, in queue order.
+        """
+        return [w.info for w in self._waiting]
+
     def candidates(self, info: RequestInfo, avoid: Collection[Backend] = ()) -> list[Backend]:
         """
         The hosts that may serve C{info}: usable, not failing its task (unless

@@ -28,6 +28,7 @@ from .fleet import BackendSettings, Fleet
 from .health import BadAnswer, HealthChecker
 from .forward import Forwarder, ProxySettings
 from .proxy import BalancerResource, BalancerSite, make_pool
+from .wake import Waker
 from .strategies import UnknownStrategy, available, strategy_named
 
 DEFAULT_STRATEGY = "least-connections"
@@ -281,6 +282,9 @@ def build(options, reactor) -> service.MultiService:
     )
     forwarder = Forwarder(fleet, dispatcher, agent, reactor, settings, fresh_agent=fresh)
     _PoolCloser(pool).setServiceParent(top)
+    Waker(
+        fleet, reactor, options["wol-broadcast"], options["wol-port"], options["wol-interval"]
+    ).service(dispatcher).setServiceParent(top)
     checker = HealthChecker(fleet, _pinger(reactor, options["health-timeout"]), reactor, options["health-interval"])
     if options["demo"]:
         _DemoHosts(reactor, fleet, checker, options["demo"]).setServiceParent(top)
