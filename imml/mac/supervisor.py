@@ -158,11 +158,13 @@ class Supervisor(service.Service):
         self.start_timeout = start_timeout
         self._kill = kill
         self.process = None
+        self._pid = None
         self.attempt = 0
         self.ready = False
         self.failures = 0
         self.started_at = None
         self._terminating = False
+        self._ending = False
         self._restart_call = None
         self._check_call = None
         self._kill_call = None
@@ -171,7 +173,12 @@ class Supervisor(service.Service):
 
     @property
     def pid(self):
-        return None if self.process is None else self.process.pid
+        """
+        The current child's pid, also its process group id (Twisted forgets
+        C{process.pid} once it has reaped the process; we keep it until the
+        child has ended).
+        """
+        return None if self.process is None else self._pid
 
     # Service
 
@@ -221,6 +228,7 @@ class Supervisor(service.Service):
         self.ready = False
         self.failures = 0
         self._terminating = False
+        self._ending = False
         try:
             self.process = self.reactor.spawnProcess(
                 child,
@@ -240,6 +248,7 @@ class Supervisor(service.Service):
             self.process = None
             self._restart_later()
             return
+        self._pid = self.process.pid
         log.info(
             "{name}: started pid {pid}: {argv}",
             kind="child-started",
@@ -282,19 +291,19 @@ class Supervisor(service.Service):
                     "{name}: pid {pid} is ready after {seconds:.1f} s",
                     kind="child-ready",
                     name=self.name,
-                    pid=process.pid,
+                    pid=self._pid,
                     seconds=now - self.started_at,
                 )
                 waiters, self._ready_waiters = self._ready_waiters, []
                 for d in waiters:
-                    d.callback(process.pid)
+                    d.callback(self._pid)
         elif self.ready:
             self.failures += 1
             log.warn(
                 "{name}: pid {pid} did not answer its health check ({failures} of {limit})",
                 kind="child-ping-failed",
                 name=self.name,
-                pid=process.pid,
+                pid=self._pid,
                 failures=self.failures,
                 limit=self.ping_failures,
             )
@@ -303,7 +312,7 @@ class Supervisor(service.Service):
                     "{name}: pid {pid} stopped answering: restarting it",
                     kind="child-unresponsive",
                     name=self.name,
-                    pid=process.pid,
+                    pid=self._pid,
                     failures=self.failures,
                 )
                 self._terminate()
@@ -313,7 +322,7 @@ class Supervisor(service.Service):
                 "{name}: pid {pid} was not ready within {timeout:.0f} s: restarting it",
                 kind="child-start-timeout",
                 name=self.name,
-                pid=process.pid,
+                pid=self._pid,
                 timeout=self.start_timeout,
             )
             self._terminate()
@@ -329,9 +338,8 @@ class Supervisor(service.Service):
         """
         if self.process is None:
             return
-        pid = self.process.pid
         try:
-            self._kill(pid, signum)
+            self._kill(self._pid, signum)
             return
         except ProcessLookupError:
             pass
@@ -371,20 +379,45 @@ class Supervisor(service.Service):
             self._terminate()
 
     def _ended(self, child, reason):
-        if child.transport is not self.process:
+        if child.transport is not self.process or self._ending:
             return
+        self._ending = True
         self._cancel("_kill_call")
         self._cancel("_check_call")
-        # Nothing of this child may outlive it.
-        try:
-            self._kill(self.process.pid, signal.SIGKILL)
-        except OSError:
-            pass
-        pid = self.process.pid
+        pid = self._pid
         code, signum = _exit_status(reason)
         runtime = self.reactor.seconds() - self.started_at
+        # Nothing of this child may outlive it: KILL what is left of its
+        # group, and wait until the group is empty (the pipes can close a
+        # moment before a process is really gone).
+        try:
+            self._kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+        deadline = self.reactor.seconds() + self.stop_timeout
+        self._await_group(pid, deadline, lambda: self._finish(pid, code, signum, runtime))
+
+    def _await_group(self, pgid, deadline, then):
+        try:
+            self._kill(pgid, 0)
+        except OSError:
+            # ESRCH: the group is empty.  (EPERM: what is left is no longer
+            # ours to signal.)
+            return then()
+        if self.reactor.seconds() >= deadline:
+            log.warn(
+                "{name}: process group {pgid} still has members after SIGKILL",
+                kind="child-group-lingers",
+                name=self.name,
+                pgid=pgid,
+            )
+            return then()
+        self.reactor.callLater(0.05, self._await_group, pgid, deadline, then)
+
+    def _finish(self, pid, code, signum, runtime):
         self.process = None
         self.ready = False
+        self._ending = False
         log.info(
             "{name}: pid {pid} ended (exit code {exit_code}, signal {signal}) after {runtime:.1f} s",
             kind="child-ended",
