@@ -157,20 +157,20 @@ def _checkout(plan, git, ref, env, out):
                 f"git fetch of {ref} failed (exit code {code}): check that the release "
                 f"exists (`git ls-remote --tags {plan.repo}`) and the network."
             )
-        done = _quiet([git, "checkout", "--quiet", "--detach", f"refs/tags/{ref}"], cwd=target, env=env)
+        done = _quiet([git, "-c", "advice.detachedHead=false", "checkout", "--quiet", "--detach", f"refs/tags/{ref}"], cwd=target, env=env)
         if done.returncode != 0:
             raise SetupError(
                 f"could not check out {ref} in {target}: {done.stderr.strip()}. Local "
-                f"changes? Commit or discard them, or use another --dir."
+                f"changes? Commit or discard them, or use another --immich."
             )
         return f"moved {target} to {ref}"
     if target.exists() and any(target.iterdir()):
         raise SetupError(
-            f"{target} exists and is not a git checkout: remove it or choose another --dir."
+            f"{target} exists and is not a git checkout: remove it or choose another --immich."
         )
     target.parent.mkdir(parents=True, exist_ok=True)
     code = stream(
-        [git, "clone", "--progress", "--depth", "1", "--branch", ref, "--filter=blob:none",
+        [git, "-c", "advice.detachedHead=false", "clone", "--progress", "--depth", "1", "--branch", ref, "--filter=blob:none",
          "--sparse", plan.repo, str(target)],
         out, env=env, label="git",
     )

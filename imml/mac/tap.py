@@ -281,6 +281,21 @@ def run_command(name, options, out=print):
         for item in done:
             out(f"  - {item}")
         out("")
+        out("Pre-flight in the new environment:")
+        interpreter = Interpreter(
+            str(plan.venv_python), str(plan.ml_dir),
+            child_environment(os.environ, str(plan.venv_python), "0.0.0.0", 3003, plan.cache, None),
+        )
+        try:
+            verdict = assess(interpreter.ask("facts"))
+        except ProbeError as exc:
+            out(f"  FAIL  {exc}")
+            return 1
+        for line in [f"  ok    {note}" for note in verdict.notes] + [f"  FAIL  {p}" for p in verdict.problems]:
+            out(line)
+        if verdict.problems:
+            return 1
+        out("")
         out("Next: check Core ML and the providers, then start the service:")
         out(f"  twistd -n imml-mac doctor --immich {plan.target}")
         out(f"  twistd -n --pidfile= imml-mac --immich {plan.target}")
