@@ -12,9 +12,14 @@ import attr
 import treq
 from treq.client import HTTPClient
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
 log = Logger()
+
+
+class _QuietFactory(_HTTP11ClientFactory):
+    # One check every few seconds would otherwise log two lines each.
+    noisy = False
 
 
 def ping_url(host, port):
@@ -47,6 +52,7 @@ class PingProbe:
     def __attrs_post_init__(self):
         if self.client is None:
             self.pool = HTTPConnectionPool(self.reactor, persistent=False)
+            self.pool._factory = _QuietFactory
             self.client = HTTPClient(Agent(self.reactor, pool=self.pool))
         else:
             self.pool = None
