@@ -81,6 +81,20 @@ class Run:
     def url(self, path):
         return f"http://127.0.0.1:{self.port}{path}"
 
+    @defer.inlineCallbacks
+    def env_when_ready(self):
+        """
+        Start, wait until ready, and return what the server reports at /env;
+        stops whatever happens.
+        """
+        self.supervisor.startService()
+        try:
+            yield self.supervisor.whenReady().addTimeout(TIMEOUT, reactor)
+            seen = yield fetch_json(self.url("/env"))
+        finally:
+            yield self.stop()
+        return seen
+
 
 @pytest_twisted.inlineCallbacks
 def test_environment_and_provider_order_reach_the_child(tmp_path, events):
@@ -92,12 +106,7 @@ def test_environment_and_provider_order_reach_the_child(tmp_path, events):
         extra={"PYTHONPATH": str(FAKE_ORT)},
         settings=[("MACHINE_LEARNING_MODEL_TTL", "600"), ("MACHINE_LEARNING_WORKERS", "2")],
     )
-    run.supervisor.startService()
-    try:
-        yield run.supervisor.whenReady().addTimeout(TIMEOUT, reactor)
-        seen = yield fetch_json(run.url("/env"))
-    finally:
-        yield run.stop()
+    seen = yield run.env_when_ready()
     assert seen["providers"] == ["CPUExecutionProvider", "CoreMLExecutionProvider"]
     env = seen["env"]
     assert env["IMMICH_HOST"] == "127.0.0.1"
@@ -117,12 +126,7 @@ def test_environment_and_provider_order_reach_the_child(tmp_path, events):
 @pytest_twisted.inlineCallbacks
 def test_providers_are_filtered_to_those_wanted(tmp_path):
     run = Run(tmp_path, providers=("CoreMLExecutionProvider",), extra={"PYTHONPATH": str(FAKE_ORT)})
-    run.supervisor.startService()
-    try:
-        yield run.supervisor.whenReady().addTimeout(TIMEOUT, reactor)
-        seen = yield fetch_json(run.url("/env"))
-    finally:
-        yield run.stop()
+    seen = yield run.env_when_ready()
     assert seen["providers"] == ["CoreMLExecutionProvider"]
 
 
