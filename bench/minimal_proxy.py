@@ -3,13 +3,15 @@ The ceiling of our stack: the least a twisted.web reverse proxy can do.
 
 One Resource forwards every request with one Agent and a persistent
 HTTPConnectionPool to the backends in turn (round-robin), reads the whole
-answer and returns it.  No retries, no health checks, no logging.
+answer and returns it.  No retries, no health checks, no logging, no form
+parsing of request bodies (Site(parsePOSTFormSubmission=False)).
 
     python bench/minimal_proxy.py PORT 127.0.0.1:P1,127.0.0.1:P2
 """
 
 import itertools
 import sys
+import warnings
 
 from twisted.internet import defer, reactor
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
@@ -79,11 +81,13 @@ class QuietSite(Site):
 
 
 def main(port, backends):
+    warnings.filterwarnings("ignore", "Using readBody with a transport", DeprecationWarning)
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 16
     pool.cachedConnectionTimeout = 1.0  # below Immich ML's 2 s keep-alive
     agent = Agent(reactor, pool=pool)
-    site = QuietSite(Forward(agent, [b.encode() for b in backends.split(",")]))
+    # A proxy forwards bodies byte for byte: no form parsing.
+    site = QuietSite(Forward(agent, [b.encode() for b in backends.split(",")]), parsePOSTFormSubmission=False)
     site.noisy = False
     reactor.listenTCP(int(port), site, interface="127.0.0.1")
     reactor.run()
