@@ -183,6 +183,24 @@ class Processes:
             return ""
 
 
+def group_cpu_seconds(pgids: set[int]) -> float:
+    """User + system CPU seconds of every live process in these process groups."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # fields[0] is field 3 (state): pgrp is field 5, utime 14, stime 15.
+        if int(fields[2]) in pgids:
+            total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -472,11 +490,15 @@ def measure(args) -> dict:
     try:
         backends = start_upstreams(procs, args, tools, answer, load_cpu)
         ports: dict[str, int] = {}
+        groups: dict[str, set[int]] = {"direct": {p.pid for _, p in procs.children}}
         skipped = []
         for name in TARGETS:
             if name not in args.targets:
                 continue
+            before = len(procs.children)
             port = start_target(procs, name, backends, tools, proxy_cpu)
+            if name != "direct":
+                groups[name] = {p.pid for _, p in procs.children[before:]}
             if port is None:
                 skipped.append(name)
                 continue
@@ -497,8 +519,12 @@ def measure(args) -> dict:
                     raise RuntimeError("hard deadline reached")
                 load.run(ports[name], args.connections, args.warmup)
                 lat = load.run(ports[name], 1, args.latency_seconds)
+                cpu0 = group_cpu_seconds(groups[name])
                 thr = load.run(ports[name], args.connections, args.seconds)
+                cpu = group_cpu_seconds(groups[name]) - cpu0
                 row = {
+                    "cpu_us_per_request": 1e6 * cpu / thr["requests"] if thr["requests"] else 0.0,
+                    "cpu_share": cpu / (thr["duration_us"] / 1e6) if thr["duration_us"] else 0.0,
                     "round": rnd + 1,
                     "rps": thr["rps"],
                     "p50_ms": lat["p50_us"] / 1000,
@@ -512,7 +538,8 @@ def measure(args) -> dict:
                 }
                 results.setdefault(name, []).append(row)
                 say(f"  round {rnd + 1} {name:8} {row['rps']:9.0f} req/s  p50 {row['p50_ms']:.3f} ms  "
-                    f"p99 {row['p99_ms']:.3f} ms  ({row['requests']} requests, {row['errors']} errors)")
+                    f"p99 {row['p99_ms']:.3f} ms  cpu {row['cpu_us_per_request']:.0f} us/req "
+                    f"({row['cpu_share']:.0%} of a core)  ({row['requests']} requests, {row['errors']} errors)")
         summary = summarize(results)
         missed = ("imml" in summary["targets"] and (
             summary["ratios"].get("imml_vs_minimal_rps", 1) < TARGET_THROUGHPUT_RATIO
@@ -550,6 +577,8 @@ def summarize(results: dict[str, list[dict]]) -> dict:
             "p50_ms": med(r["p50_ms"] for r in rows),
             "p99_ms": med(r["p99_ms"] for r in rows),
             "loaded_p50_ms": med(r["loaded_p50_ms"] for r in rows),
+            "cpu_us_per_request": med(r["cpu_us_per_request"] for r in rows),
+            "cpu_share": med(r["cpu_share"] for r in rows),
             "errors": sum(r["errors"] for r in rows),
         }
         if direct:
@@ -639,7 +668,8 @@ def report(data: dict) -> None:
         f"upstream {s['upstream']}; load {s['load_generator']}; {s['rounds']} rounds, medians; "
         f"pinned: {'yes' if s['pinned'] else 'no'}")
     say("")
-    header = f"{'target':22} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'added p50':>10} {'p50@load':>9} {'errors':>7}"
+    header = (f"{'target':22} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'added p50':>10} {'p50@load':>9} "
+              f"{'CPU us/req':>10} {'CPU':>5} {'errors':>7}")
     say(header)
     say("-" * len(header))
     for name in TARGETS:
@@ -649,7 +679,7 @@ def report(data: dict) -> None:
             continue
         added = f"{t['added_p50_ms']:+.3f}" if "added_p50_ms" in t else "-"
         say(f"{TARGET_LABELS[name]:22} {t['rps']:9.0f} {t['p50_ms']:8.3f} {t['p99_ms']:8.3f} {added:>10} "
-            f"{t['loaded_p50_ms']:9.3f} {t['errors']:7d}")
+            f"{t['loaded_p50_ms']:9.3f} {t['cpu_us_per_request']:10.0f} {t['cpu_share']:5.0%} {t['errors']:7d}")
     say("")
     r = data["ratios"]
 
