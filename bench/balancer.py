@@ -466,6 +466,8 @@ class Load:
 def measure(args) -> dict:
     started = time.monotonic()
     tools = ensure_tools(not args.no_install)
+    if args.load == "python":
+        tools["wrk"] = None
     info = versions(tools)
     if not tools.get("wrk"):
         say("# wrk not available: using the Python load generator (bench/loadgen.py); "
@@ -742,6 +744,8 @@ def main(argv=None) -> int:
                         help="CLIP textual query (default) or a small CLIP visual image")
     parser.add_argument("--image-kb", type=int, default=4, help="image size for --payload image")
     parser.add_argument("--targets", default=",".join(TARGETS), help="comma separated subset of " + ",".join(TARGETS))
+    parser.add_argument("--load", choices=("wrk", "python"), default="wrk",
+                        help="load generator: wrk (default; the Python one is used when wrk is missing)")
     parser.add_argument("--no-install", action="store_true", help="never apt-get install wrk, nginx, haproxy")
     parser.add_argument("--taskset", action="store_true",
                         help="pin the proxy under test to CPU 1, the load generator and upstream to CPU 0 "
@@ -768,7 +772,11 @@ def main(argv=None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupted)
-    data = measure(args)
+    try:
+        data = measure(args)
+    except KeyboardInterrupt:
+        say("# interrupted: every process this run started has been stopped")
+        return 130
     report(data)
     if args.json:
         Path(args.json).write_text(json.dumps(data, indent=2))

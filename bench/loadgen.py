@@ -19,12 +19,21 @@ async def worker(port, request, deadline, latencies, counts):
             writer.write(request)
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
             status = int(head.split(b" ", 2)[1])
-            length = 0
+            length, chunked = 0, False
             for line in head.split(b"\r\n")[1:]:
                 name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
+                name = name.strip().lower()
+                if name == b"content-length":
                     length = int(value)
-            if length:
+                elif name == b"transfer-encoding" and b"chunked" in value.lower():
+                    chunked = True
+            if chunked:
+                while True:
+                    size = int((await asyncio.wait_for(reader.readuntil(b"\r\n"), 10)).split(b";")[0], 16)
+                    await asyncio.wait_for(reader.readexactly(size + 2), 10)
+                    if size == 0:
+                        break
+            elif length:
                 await asyncio.wait_for(reader.readexactly(length), 10)
             latencies.append(time.perf_counter() - start)
             if not 200 <= status < 400:
@@ -32,7 +41,7 @@ async def worker(port, request, deadline, latencies, counts):
             if b"connection: close" in head.lower():
                 writer.close()
                 reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError):
+    except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError, ValueError, IndexError):
         counts["errors"] += 1
     finally:
         writer.close()

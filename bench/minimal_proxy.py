@@ -62,6 +62,7 @@ class Forward(Resource):
                 value = response.headers.getRawHeaders(name)
                 if value:
                     request.setHeader(name, value[0])
+            request.setHeader(b"content-length", b"%d" % len(data))
             request.write(data)
             request.finish()
 
