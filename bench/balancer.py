@@ -720,7 +720,7 @@ def report(data: dict) -> None:
         for row in p["imml_cumtime"][:12]:
             say(f"  {row['tottime_pct']:9.1f} {row['us_per_request']:10.1f} {row['calls']:9d}  {row['function']}")
         if p.get("known_costs"):
-            say("  known avoidable costs, by cumulative time:")
+            say("  known avoidable costs, by cumulative time (nested: Logger.emit includes the observers):")
             for row in p["known_costs"][:10]:
                 say(f"  {100 * row['cumtime_s'] / p['total_s']:8.1f}% {row['us_per_request']:10.1f} "
                     f"{row['calls']:9d}  {row['function']}: {row['note']}")
