@@ -476,8 +476,12 @@ class Forwarder:
                 reporter.attempt_finished(record)
 
     def report_request(self, record: RequestRecord) -> None:
+        # The line is rendered here, once, with an f-string: Twisted's
+        # template formatting costs several times more on this hot path.
         self.log.info(
-            "{method} {path} ({task}) -> {status} via {backend} in {duration:.3f} s, {tries} tries",
+            "{summary}",
+            summary=f"{record.method} {record.path} ({record.task}) -> {record.status} "
+            f"via {record.backend} in {record.duration:.3f} s, {len(record.tried)} tries",
             method=record.method,
             path=record.path,
             task=record.task,
@@ -520,7 +524,7 @@ class Forwarder:
         producer = None
         if job.body or request.method not in (b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"TRACE"):
             producer = _BytesProducer(job.body)
-        return agent.request(request.method, backend.address.url(request.uri), job.headers.copy(), producer)
+        return agent.request(request.method, backend.address.url(request.uri), job.headers, producer)
 
     async def _exchange(self, job: _Job, backend: Backend) -> _Answer:
         try:

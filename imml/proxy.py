@@ -13,7 +13,10 @@ from typing import Optional
 from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 from twisted.web import server
-from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
 from twisted.web.resource import Resource
 
 from .classify import classify
@@ -26,6 +29,36 @@ log = Logger()
 class _QuietClientFactory(_HTTP11ClientFactory):
     # One log line per connection would drown the one line per request.
     noisy = False
+
+
+@implementer(IAgentEndpointFactory)
+class _Endpoints:
+    """
+    One endpoint per ML host, made once: Twisted's default makes one per
+    request.  A L{HostnameEndpoint} still resolves the name each time it
+    connects, so DNS and C{.local} changes are followed.
+    """
+
+    def __init__(self, reactor, connect_timeout: float) -> None:
+        self._reactor = reactor
+        self._timeout = connect_timeout
+        self._endpoints: dict = {}
+
+    def endpointForURI(self, uri):
+        key = (uri.host, uri.port)
+        endpoint = self._endpoints.get(key)
+        if endpoint is None:
+            endpoint = HostnameEndpoint(self._reactor, uri.host.decode("ascii"), uri.port, timeout=self._timeout)
+            self._endpoints[key] = endpoint
+        return endpoint
+
+
+def make_agent(reactor, connect_timeout: float, pool: HTTPConnectionPool) -> Agent:
+    """
+    An HTTP client for the ML hosts, with its own connection pool (see
+    L{make_pool}).
+    """
+    return Agent.usingEndpointFactory(reactor, _Endpoints(reactor, connect_timeout), pool)
 
 
 def make_pool(reactor, persistent: bool = True) -> HTTPConnectionPool:

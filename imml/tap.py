@@ -27,7 +27,7 @@ from .config import ConfigError, load_config
 from .fleet import BackendSettings, Fleet
 from .health import BadAnswer, HealthChecker
 from .forward import Forwarder, ProxySettings
-from .proxy import BalancerResource, BalancerSite, make_pool
+from .proxy import BalancerResource, BalancerSite, make_agent, make_pool
 from .wake import Waker
 from .strategies import UnknownStrategy, available, strategy_named
 
@@ -177,7 +177,7 @@ def _pinger(reactor, timeout: float):
     A health check: GET /ping on a new connection; any 2xx is healthy, as
     for Immich's own availability check.
     """
-    agent = Agent(reactor, connectTimeout=timeout, pool=make_pool(reactor, persistent=False))
+    agent = make_agent(reactor, timeout, make_pool(reactor, persistent=False))
 
     async def ping(backend) -> None:
         d = agent.request(b"GET", backend.address.url(b"/ping"))
@@ -276,10 +276,8 @@ def build(options, reactor) -> service.MultiService:
         max_queue=options["max-queue"],
     )
     pool = make_pool(reactor)
-    agent = Agent(reactor, connectTimeout=settings.connect_timeout, pool=pool)
-    fresh = Agent(
-        reactor, connectTimeout=settings.connect_timeout, pool=make_pool(reactor, persistent=False)
-    )
+    agent = make_agent(reactor, settings.connect_timeout, pool)
+    fresh = make_agent(reactor, settings.connect_timeout, make_pool(reactor, persistent=False))
     forwarder = Forwarder(fleet, dispatcher, agent, reactor, settings, fresh_agent=fresh)
     _PoolCloser(pool).setServiceParent(top)
     Waker(
