@@ -44,6 +44,7 @@ from .classify import RequestInfo, classify
 from .dispatch import Dispatcher, NoBackendAvailable
 from .fleet import Backend, Fleet
 from .health import describe_failure
+from .records import ANSWERED, CANCELLED, FAILED, RETRIED, AttemptRecord, RequestRecord
 
 log = Logger()
 
@@ -237,6 +238,8 @@ class Forwarder:
     settings: ProxySettings = field(factory=ProxySettings)
     fresh_agent: Optional[Agent] = None
     log: Logger = field(factory=Logger)
+    #: L{imml.interfaces.IReporter}s told of every attempt and request.
+    reporters: list = field(factory=list)
 
     def forward(self, request: server.Request, info: RequestInfo, body: bytes) -> Deferred:
         """
@@ -273,6 +276,7 @@ class Forwarder:
         last: Optional[tuple[Backend, _Answer]] = None
         had_500 = False
         status = None
+        via = None
         try:
             while len(tried) < self.settings.max_tries:
                 try:
@@ -293,11 +297,13 @@ class Forwarder:
                 except (CancelledError, ierror.TimeoutError) as e:
                     if isinstance(e, CancelledError):
                         self.dispatcher.release(backend, info.task, None, None)
+                        self._attempt_over(backend, info, sent, None, "cancelled", CANCELLED)
                         raise
                     reason = "timed out"
                     reasons.append(f"{backend}: {reason}")
                     self.fleet.request_failed(backend, f"request {reason}")
                     self.dispatcher.release(backend, info.task, None, reason)
+                    self._attempt_over(backend, info, sent, None, reason, self._then(info, tried))
                     if not info.retryable:
                         break
                     continue
@@ -308,7 +314,8 @@ class Forwarder:
                     reason = describe_failure(e.error)
                     self.fleet.request_failed(backend, reason)
                     self.dispatcher.release(backend, info.task, None, reason)
-                    status = e.code
+                    self._attempt_over(backend, info, sent, e.code, reason, FAILED)
+                    status, via = e.code, backend
                     request.channel.transport.abortConnection()
                     return
                 except Exception as e:
@@ -316,6 +323,8 @@ class Forwarder:
                     reasons.append(f"{backend}: {reason}")
                     self.fleet.request_failed(backend, reason)
                     self.dispatcher.release(backend, info.task, None, reason)
+                    retry = info.retryable or isinstance(e, ierror.ConnectError)
+                    self._attempt_over(backend, info, sent, None, reason, self._then(info, tried) if retry else FAILED)
                     if not (info.retryable or isinstance(e, ierror.ConnectError)):
                         break
                     continue
@@ -324,15 +333,17 @@ class Forwarder:
                     had_500 = had_500 or answer.code == 500
                     reasons.append(f"{backend}: status {answer.code}")
                     self.dispatcher.release(backend, info.task, None, f"status {answer.code}")
+                    self._attempt_over(backend, info, sent, answer.code, f"status {answer.code}", self._then(info, tried))
                     continue
                 else:
                     self.dispatcher.release(backend, info.task, self.clock.seconds() - sent)
-                    status = answer.code
+                    self._attempt_over(backend, info, sent, answer.code, None, ANSWERED)
+                    status, via = answer.code, backend
                     self._deliver(request, backend, answer)
                     return
             if last is not None:
                 # Every try failed with a status: the last host's own answer.
-                status = last[1].code
+                status, via = last[1].code, last[0]
                 self._deliver(request, *last)
             else:
                 status = 503
@@ -357,6 +368,30 @@ class Forwarder:
                 duration=self.clock.seconds() - started,
                 imml_event="request",
             )
+            self._report(
+                "request_finished",
+                RequestRecord(
+                    info.method.decode("ascii", "replace"), info.path.decode("ascii", "replace"), info.task,
+                    status if status is not None else "cancelled", str(via) if via else None,
+                    tuple(str(b) for b in tried), self.clock.seconds() - started,
+                ),
+            )
+
+    def _then(self, info: RequestInfo, tried: list) -> str:
+        return RETRIED if info.retryable and len(tried) < self.settings.max_tries else FAILED
+
+    def _attempt_over(self, backend, info, sent, status, error, outcome) -> None:
+        self._report(
+            "attempt_finished",
+            AttemptRecord(str(backend), info.task, status, error, self.clock.seconds() - sent, outcome),
+        )
+
+    def _report(self, method: str, record) -> None:
+        for reporter in self.reporters:
+            try:
+                getattr(reporter, method)(record)
+            except Exception:
+                self.log.failure("reporter {reporter} failed", reporter=repr(reporter))
 
     @staticmethod
     def _retry_status(info: RequestInfo, answer: _Answer, had_500: bool) -> bool:

@@ -1,9 +1,11 @@
 """
 ``twistd imml-balancer``: options and the service tree.
 
-The service tree, in start order (stopped in reverse, so the listener closes
-first and requests in flight can finish): the connection pool's closer, the
-demo hosts (with C{--demo}), the health checker, the listener.
+The service tree, in start order (stopped in reverse, one after another): the
+connection pool's closer, the demo hosts (with C{--demo}), the health checker,
+the listener, then (L{imml.control.install}) the admin listener, the reloader
+and the graceful stop, which closes the listener first and waits for the
+requests in flight.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 from . import __version__
 from .backends import BackendListError, parse_backends
+from .control import OrderedStop, install, read_config
 from .dispatch import Dispatcher
 from .fleet import Fleet
 from .health import BadAnswer, HealthChecker
@@ -99,14 +102,22 @@ class Options(usage.Options):
         ],
         ["max-queue", None, 1000, "Most requests that may wait at once.", _positive(int)],
         ["demo", None, 0, "Start this many local stand-in ML hosts and balance over them.", int],
+        # Seeing and steering the fleet (imml.control, imml.admin; docs/admin.md).
+        ["admin", None, "tcp:8080:interface=127.0.0.1", "Where the status page, /api/status and /metrics listen: a Twisted server endpoint string, or none."],
+        ["config", "c", None, "A TOML file of hosts and [balancer] settings; re-read on SIGHUP and when it changes."],
+        ["drain-timeout", None, 30.0, "Seconds a stopping balancer waits for the requests it accepted.", _positive(float)],
     ]
+    optFlags = [["admin-actions", None, "Allow drain, enable and check from the admin page and API."]]
 
     def postOptions(self) -> None:
+        read_config(self)
         if self["demo"] < 0:
             raise usage.UsageError("--demo takes a number of stand-in hosts, 0 or more")
         self["max-body"] = parse_size(str(self["max-body"]))
         if self["demo"]:
             self["addresses"] = []
+        elif self["config-hosts"]:
+            self["addresses"] = [h.address for h in self["config-hosts"]]
         else:
             text = self["backends"]
             if text is None:
@@ -214,7 +225,7 @@ def build(options, reactor) -> service.MultiService:
     """
     The balancer's service tree for parsed C{options}.
     """
-    top = service.MultiService()
+    top = OrderedStop()
     fleet = Fleet.from_addresses(options["addresses"], reactor, rise=options["rise"], fall=options["fall"])
     settings = ProxySettings(
         max_tries=options["max-tries"],
@@ -244,6 +255,8 @@ def build(options, reactor) -> service.MultiService:
     listener = StreamServerEndpointService(serverFromString(reactor, options["listen"]), site)
     listener.setServiceParent(top)
     top.fleet, top.dispatcher, top.checker, top.site, top.listener = fleet, dispatcher, checker, site, listener
+    top.forwarder = forwarder
+    install(top, options, reactor)
     return top
 
 
