@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Optional
 
-from attrs import frozen
+from attrs import evolve, frozen
 from zope.interface import implementer
 
 from .interfaces import IRequestInfo
@@ -26,6 +26,7 @@ class RequestInfo:
     path: bytes
     task: Optional[str] = None
     interactive: bool = False
+    ahead: int = 0
 
     @property
     def retryable(self) -> bool:

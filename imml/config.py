@@ -141,7 +141,8 @@ def parse_config(text: str, path: str = "<config>", known_options: Optional[set]
     try:
         data: dict[str, Any] = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        message = str(e).replace("(at end of document)", f"(at the end of the file, line {len(text.splitlines())})")
+        raise ConfigError(f"{path}: {message}") from None
     unknown = set(data) - {"hosts", "balancer"}
     if unknown:
         name = sorted(unknown)[0]

@@ -2,8 +2,8 @@
 Steering a running balancer: the configuration file and its reload, the
 graceful stop, and the wiring of the admin listener into the service tree.
 
-- L{read_config} (called by the options) merges C{--config}'s C{[balancer]}
-  table under the command line and takes its C{[[hosts]]}.
+- L{remember_command_line} (called by the options) keeps what the command
+  line said, so that L{reparse} can merge the file, as it is then, again.
 - L{Reloader} re-reads the options and the file on C{SIGHUP} and when the
   file's content changes: hosts join, leave (after draining) or keep their
   state; settings that can change at run time do; a bad file is rejected
@@ -36,7 +36,8 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.resource import Resource
 
-from .config import ConfigError, load_config
+from .backends import parse_backend
+from .config import ConfigError
 from .fleet import BackendSettings
 from .strategies import strategy_named
 
@@ -85,27 +86,13 @@ RUNTIME = {
     "admin-actions": lambda top, value: setattr(top.status, "actions", bool(value)),
 }
 #: Options whose host list a reload takes from the file instead.
-_HOSTS = {"backends", "addresses", "config-hosts", "config", "given", "config-digest"}
+_HOSTS = {"backends", "hosts", "config", "given", "config-digest"}
 
 
 def _defaults(options) -> dict:
     values = {p[0]: p[2] for p in options.optParameters}
     values.update({f[0]: 0 for f in getattr(options, "optFlags", [])})
     return values
-
-
-def _coerce(options, name: str, value, path: str):
-    for p in options.optParameters:
-        if p[0] == name and len(p) > 4 and p[4] is not None:
-            try:
-                return p[4](str(value))
-            except usage.UsageError as e:
-                raise ConfigError(f"{path}: [balancer] {name}: {e}") from None
-    if any(f[0] == name for f in getattr(options, "optFlags", [])):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path}: [balancer] {name} must be true or false")
-        return int(value)
-    return str(value)
 
 
 def _digest(path: str) -> Optional[str]:
@@ -116,32 +103,17 @@ def _digest(path: str) -> Optional[str]:
         return None
 
 
-def read_config(options) -> None:
+def remember_command_line(options) -> None:
     """
-    Merge C{options["config"]} into C{options}, before they are checked:
-    each C{[balancer]} setting applies where the command line left that
-    option at its default; the file's hosts, if it lists any, go to
-    C{options["config-hosts"]} and replace C{--backends}.
-
-    @raise usage.UsageError: when the file cannot be used.
+    Keep, before the options are checked and C{--config} is merged in, what
+    the command line set (C{options["given"]}) and a digest of the
+    configuration file (C{options["config-digest"]}), so that a reload can
+    parse them again with the file as it is then.
     """
-    defaults = _defaults(options)
     if "given" not in options:
+        defaults = _defaults(options)
         options["given"] = {k: options[k] for k in defaults if options[k] != defaults[k]}
-    options["config-hosts"] = ()
-    options["config-digest"] = None
-    path = options.get("config")
-    if not path:
-        return
-    options["config-digest"] = _digest(path)
-    try:
-        config = load_config(path, set(defaults) - {"config"})
-        for key, value in config.balancer.items():
-            if key not in options["given"]:
-                options[key] = _coerce(options, key, value, path)
-    except ConfigError as e:
-        raise usage.UsageError(str(e)) from None
-    options["config-hosts"] = config.hosts
+    options["config-digest"] = _digest(options["config"]) if options.get("config") else None
 
 
 def reparse(options):
@@ -335,12 +307,10 @@ class Reloader(service.Service):
         return True
 
     def _hosts(self, options) -> list:
-        if options["config-hosts"]:
-            return [(h.address, h.settings) for h in options["config-hosts"]]
-        hosts = [(a, BackendSettings()) for a in options["addresses"]]
+        hosts = list(options["hosts"])
         for child in self.top:
             for demo in getattr(child, "hosts", ()):
-                hosts.append((_address(demo.address), BackendSettings()))
+                hosts.append((parse_backend(demo.address), BackendSettings()))
         return hosts
 
     def _apply(self, new, trigger: str) -> None:
@@ -371,12 +341,6 @@ class Reloader(service.Service):
         )
 
 
-def _address(text: str):
-    from .backends import parse_backend
-
-    return parse_backend(text)
-
-
 def install(top, options, reactor, signals: bool = True) -> None:
     """
     Add the status machinery, the admin listener, the reloader and the
@@ -390,8 +354,6 @@ def install(top, options, reactor, signals: bool = True) -> None:
     from .window import RecentWindow
 
     fleet, dispatcher = top.fleet, top.dispatcher
-    if options.get("config-hosts"):
-        fleet.reconfigure([(h.address, h.settings) for h in options["config-hosts"]])
     window = RecentWindow(reactor)
     metrics = Metrics(fleet, dispatcher, reactor)
     top.forwarder.reporters.extend([window, metrics])

@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 from typing import Collection, Optional
 
-from attrs import define, field
+from attrs import define, evolve, field
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 
@@ -53,6 +53,8 @@ class Dispatcher:
     queue_timeout: float = 60.0
     max_queue: int = 1000
     log: Logger = field(factory=Logger)
+    #: Called with a request's info whenever it has to wait (to wake hosts).
+    on_wait: list = field(factory=list)
     _waiting: list = field(factory=list)
     _sequence: itertools.count = field(factory=itertools.count)
     _pumping: bool = False
@@ -65,19 +67,33 @@ class Dispatcher:
     def queue_depth(self) -> int:
         return len(self._waiting)
 
+    def waiting(self) -> list[RequestInfo]:
+        """
+        The requests waiting now, in queue order.
+        """
+        return [w.info for w in self._waiting]
+
     def candidates(self, info: RequestInfo, avoid: Collection[Backend] = ()) -> list[Backend]:
         """
-        The hosts that may serve C{info}: usable, and not among C{avoid}
-        unless every usable host is.
+        The hosts that may serve C{info}: usable, not failing its task (unless
+        every usable host is), and not among C{avoid} (unless every usable
+        host is).
         """
-        usable = [b for b in self.fleet.backends if b.usable_for(info.task)]
+        task = info.task
+        usable = [b for b in self.fleet.backends if b.usable_for(task)]
+        if task is not None and any(b.tasks for b in usable):
+            now = self.clock.seconds()
+            working = [b for b in usable if not b.task_blocked(task, now)]
+            usable = working or usable
         if avoid:
             fresh = [b for b in usable if b not in avoid]
             if fresh:
                 return fresh
         return usable
 
-    def _choose(self, info: RequestInfo, candidates: list[Backend]) -> Optional[Backend]:
+    def _choose(self, info: RequestInfo, candidates: list[Backend], ahead: int) -> Optional[Backend]:
+        if ahead:
+            info = evolve(info, ahead=ahead)
         try:
             chosen = self.strategy.choose(info, candidates)
         except Exception:
@@ -101,10 +117,11 @@ class Dispatcher:
         @return: a Deferred firing with the L{Backend}, or failing with
             L{NoBackendAvailable}.  Cancelling it leaves the queue.
         """
+        ahead = sum(1 for w in self._waiting if w.order[0] == 0) if info.interactive else len(self._waiting)
         if not self._waiting or info.interactive:
             candidates = self.candidates(info, avoid)
             if candidates:
-                chosen = self._choose(info, candidates)
+                chosen = self._choose(info, candidates, ahead)
                 if chosen is not None:
                     self.fleet.started(chosen)
                     d = Deferred()
@@ -118,6 +135,8 @@ class Dispatcher:
         waiter.deferred = Deferred(lambda d: self._leave(waiter))
         waiter.timer = self.clock.callLater(self.queue_timeout, self._expire, waiter)
         self._insert(waiter)
+        for callback in self.on_wait:
+            callback(info)
         return waiter.deferred
 
     def _insert(self, waiter: _Waiter) -> None:
@@ -144,11 +163,19 @@ class Dispatcher:
             reason = f"no ML host came up within {self.queue_timeout:g} s"
         waiter.deferred.errback(NoBackendAvailable(reason))
 
-    def release(self, backend: Backend, task: Optional[str], seconds: Optional[float], error: Optional[str] = None) -> None:
+    def release(
+        self,
+        backend: Backend,
+        task: Optional[str],
+        seconds: Optional[float],
+        error: Optional[str] = None,
+        in_flight: int = 1,
+    ) -> None:
         """
         A request on C{backend} is over; the slot goes to a waiting request.
+        See L{Fleet.finished}.
         """
-        self.fleet.finished(backend, task, seconds, error)
+        self.fleet.finished(backend, task, seconds, error, in_flight)
 
     def pump(self) -> None:
         """
@@ -163,14 +190,17 @@ class Dispatcher:
             self._again = True
             while self._again and self._waiting:
                 self._again = False
+                ahead = 0
                 for waiter in list(self._waiting):
                     if waiter not in self._waiting:
                         continue
                     candidates = self.candidates(waiter.info, waiter.avoid)
                     if not candidates:
+                        ahead += 1
                         continue
-                    chosen = self._choose(waiter.info, candidates)
+                    chosen = self._choose(waiter.info, candidates, ahead)
                     if chosen is None:
+                        ahead += 1
                         continue
                     self._leave(waiter)
                     self.fleet.started(chosen)

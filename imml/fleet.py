@@ -18,11 +18,21 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from .backends import BackendAddress
-from .health import Health, Transition
+from .health import DOWN, UP, Health, Transition
+from .limits import Limit
 from .interfaces import IBackendView
 
-#: Weight of the newest sample in a host's moving average of service time.
+#: Weight of the newest sample in a host's moving averages.
 EWMA_ALPHA = 0.2
+#: A service-time average older than this many seconds is not trusted: the
+#: host may have warmed up (or gone cold) since.
+STALE_AFTER = 60.0
+#: A task that failed on a host but then succeeded elsewhere, this many times
+#: in a row, is not sent to that host for a while.
+TASK_FALL = 3
+#: How long, at first, in seconds; doubled each time, up to TASK_MAX_BLOCK.
+TASK_BLOCK = 30.0
+TASK_MAX_BLOCK = 600.0
 
 
 @frozen
@@ -47,16 +57,46 @@ class BackendSettings:
 class Stats:
     """
     Counters and moving averages of one host's answers.
+
+    @ivar service_time: per task, a moving average of service times, in
+        seconds.
+    @ivar updated: per task, when the average last took a sample.
+    @ivar error_rate: a moving average of failures (0: none, 1: all).
     """
 
     served: int = 0
     errors: Counter = field(factory=Counter)
     service_time: dict = field(factory=dict)
+    updated: dict = field(factory=dict)
+    error_rate: float = 0.0
 
-    def record_time(self, task: Optional[str], seconds: float) -> None:
+    def record_time(self, task: Optional[str], seconds: float, now: float = 0.0) -> None:
+        """
+        Take a sample.  One slow answer (a model loading) moves the average
+        at most to three times what it was.
+        """
         key = task or "other"
         old = self.service_time.get(key)
-        self.service_time[key] = seconds if old is None else old + EWMA_ALPHA * (seconds - old)
+        if old is None:
+            self.service_time[key] = seconds
+        else:
+            self.service_time[key] = old + EWMA_ALPHA * (min(seconds, 3 * old + 0.001) - old)
+        self.updated[key] = now
+
+    def record_outcome(self, failed: bool) -> None:
+        self.error_rate += EWMA_ALPHA * ((1.0 if failed else 0.0) - self.error_rate)
+
+
+@define
+class TaskHealth:
+    """
+    Whether one task works on one host: failures of that task that another
+    host then answered, and the block they earned.
+    """
+
+    failures: int = 0
+    blocked_until: float = 0.0
+    block: float = TASK_BLOCK
 
 
 @implementer(IBackendView)
@@ -64,6 +104,10 @@ class Stats:
 class Backend:
     """
     One ML host and what the balancer has observed of it.
+
+    @ivar attempts: the requests now on this host (objects with a
+        C{host_down()} method, called when the host goes down).
+    @ivar woken: when a Wake-on-LAN packet was last sent to it, or None.
     """
 
     address: BackendAddress
@@ -75,6 +119,16 @@ class Backend:
     #: Removed from the configuration: leaves once its last request is answered.
     leaving: bool = False
     stats: Stats = field(factory=Stats)
+    limiter: Limit = field()
+    tasks: dict = field(factory=dict)
+    attempts: set = field(factory=set)
+    woken: Optional[float] = None
+    #: The time now, as the fleet's clock says (for staleness).
+    _now: Callable[[], float] = field(default=lambda: 0.0, repr=False)
+
+    @limiter.default
+    def _limiter(self) -> Limit:
+        return Limit(self.settings.slots)
 
     @property
     def weight(self) -> float:
@@ -85,23 +139,38 @@ class Backend:
         return self.settings.tier
 
     @property
-    def limit(self) -> Optional[int]:
-        return self.settings.slots
+    def limit(self) -> int:
+        return self.limiter.value
 
     @property
     def up(self) -> bool:
         return self.health.up
 
+    @property
+    def waking(self) -> bool:
+        return self.woken is not None and not self.health.up
+
+    @property
+    def error_rate(self) -> float:
+        return self.stats.error_rate
+
     def has_free_slot(self) -> bool:
-        limit = self.limit
-        return limit is None or self.in_flight < limit
+        return self.in_flight < self.limiter.value
 
     def service_time(self, task: Optional[str]) -> Optional[float]:
-        return self.stats.service_time.get(task or "other")
+        key = task or "other"
+        updated = self.stats.updated.get(key)
+        if updated is None or self._now() - updated > STALE_AFTER:
+            return None
+        return self.stats.service_time.get(key)
 
     def serves(self, task: Optional[str]) -> bool:
         tasks = self.settings.tasks
         return tasks is None or task is None or task in tasks
+
+    def task_blocked(self, task: Optional[str], now: float) -> bool:
+        health = self.tasks.get(task)
+        return health is not None and health.blocked_until > now
 
     def usable_for(self, task: Optional[str]) -> bool:
         """
@@ -135,11 +204,24 @@ class Fleet:
         fall: int = 3,
         settings: Callable[[BackendAddress], BackendSettings] = lambda a: BackendSettings(),
     ) -> "Fleet":
-        backends = [
-            Backend(address, index, settings(address), Health(rise=rise, fall=fall, since=clock.seconds()))
-            for index, address in enumerate(addresses)
-        ]
-        return cls(backends, clock, rise, fall)
+        fleet = cls([], clock, rise, fall)
+        for address in addresses:
+            fleet.backends.append(fleet._new(address, len(fleet.backends), settings(address)))
+        return fleet
+
+    def _new(self, address: BackendAddress, index: int, settings: BackendSettings) -> Backend:
+        health = Health(rise=self.rise, fall=self.fall, since=self.clock.seconds())
+        return Backend(address, index, settings, health, now=self.clock.seconds)
+
+    def add(self, address: BackendAddress, settings: BackendSettings = BackendSettings()) -> Backend:
+        """
+        Add a host at the end of the list (it is unknown until checked).
+        """
+        backend = self._new(address, len(self.backends), settings)
+        self.backends.append(backend)
+        self.log.info("ML host {backend} joins", backend=str(address), imml_event="join")
+        self.changed()
+        return backend
 
     def observe(self, callback: Callable[[], None]) -> None:
         """
@@ -166,6 +248,15 @@ class Fleet:
             reason=transition.reason,
             imml_event="health",
         )
+        if transition.new == UP:
+            backend.woken = None
+            if transition.old == DOWN:
+                backend.limiter.restart()
+        elif transition.new == DOWN:
+            # Requests on a host that stalled or went away go elsewhere now,
+            # rather than wait out the response timeout.
+            for attempt in list(backend.attempts):
+                attempt.host_down()
         self.changed()
 
     def check_passed(self, backend: Backend) -> None:
@@ -208,15 +299,15 @@ class Fleet:
         hosts = list(hosts)
         wanted = {address: settings for address, settings in hosts}
         known = {b.address: b for b in self.backends}
-        now = self.clock.seconds()
         backends = []
         for index, (address, settings) in enumerate(hosts):
             backend = known.get(address)
             if backend is None:
-                backend = Backend(address, index, settings, Health(rise=self.rise, fall=self.fall, since=now))
+                backend = self._new(address, index, settings)
                 self.log.info("ML host {backend} joins", backend=str(address), imml_event="join")
             else:
                 backend.index, backend.settings = index, settings
+                backend.limiter.slots = settings.slots
                 if backend.leaving:
                     backend.leaving = backend.draining = False
             backends.append(backend)
@@ -235,10 +326,19 @@ class Fleet:
     def started(self, backend: Backend) -> None:
         backend.in_flight += 1
 
-    def finished(self, backend: Backend, task: Optional[str], seconds: Optional[float], error: Optional[str] = None) -> None:
+    def finished(
+        self,
+        backend: Backend,
+        task: Optional[str],
+        seconds: Optional[float],
+        error: Optional[str] = None,
+        in_flight: int = 1,
+    ) -> None:
         """
         A request on C{backend} is over: C{seconds} is its service time when
-        the host answered it, C{error} names what went wrong otherwise.
+        the host answered it, C{error} names what went wrong otherwise (both
+        None: the balancer gave up on it).  C{in_flight} is how many requests
+        were on the host when it was sent.
         """
         backend.in_flight -= 1
         if backend.leaving and not backend.in_flight and backend in self.backends:
@@ -246,7 +346,41 @@ class Fleet:
             self.log.info("ML host {backend} leaves", backend=str(backend), imml_event="leave")
         if error is not None:
             backend.stats.errors[error] += 1
+            backend.stats.record_outcome(failed=True)
+            backend.limiter.failed()
         elif seconds is not None:
             backend.stats.served += 1
-            backend.stats.record_time(task, seconds)
+            backend.stats.record_outcome(failed=False)
+            backend.stats.record_time(task, seconds, self.clock.seconds())
+            backend.limiter.answered(task, seconds, in_flight)
         self.changed()
+
+    def task_failed(self, backend: Backend, task: Optional[str]) -> None:
+        """
+        C{backend} failed a request of C{task} that another host then
+        answered.  After L{TASK_FALL} such failures in a row the task is not
+        sent to that host for a while (longer each time), as long as another
+        host serves it.
+        """
+        health = backend.tasks.setdefault(task, TaskHealth())
+        health.failures += 1
+        if health.failures >= TASK_FALL:
+            now = self.clock.seconds()
+            health.blocked_until = now + health.block
+            self.log.warn(
+                "ML host {backend} fails {task} requests that other hosts answer; "
+                "sending it none for {seconds:g} s",
+                backend=str(backend),
+                task=task,
+                seconds=health.block,
+                imml_event="task-blocked",
+            )
+            health.block = min(health.block * 2, TASK_MAX_BLOCK)
+            health.failures = 0
+
+    def task_succeeded(self, backend: Backend, task: Optional[str]) -> None:
+        health = backend.tasks.get(task)
+        if health is not None:
+            health.failures = 0
+            if health.blocked_until <= self.clock.seconds():
+                health.block = TASK_BLOCK

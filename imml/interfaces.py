@@ -35,6 +35,11 @@ class IRequestInfo(Interface):
         "True when a person waits for the answer (a CLIP text search); such "
         "requests go ahead of batch work."
     )
+    ahead = Attribute(
+        "How many requests wait in the balancer's queue ahead of this one; "
+        "a strategy weighs a free slow host against waiting for a fast one "
+        "with it."
+    )
 
 
 class IBackendView(Interface):
@@ -48,9 +53,11 @@ class IBackendView(Interface):
     tier = Attribute("The configured priority tier, 0 first; lower tiers are preferred by failover.")
     in_flight = Attribute("How many requests this balancer has sent to the host and not yet seen answered.")
     limit = Attribute(
-        "The most requests to keep in flight on the host: its configured "
-        "slots, a learned limit, or None when unlimited."
+        "The most requests to keep in flight on the host now: its configured "
+        "slots or a limit learned from its answers, lower while it starts up "
+        "again after being down."
     )
+    error_rate = Attribute("A moving average of the host's failures: 0.0 none, 1.0 all.")
 
     def has_free_slot() -> bool:
         """

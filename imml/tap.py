@@ -24,11 +24,14 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 from . import __version__
 from .backends import BackendListError, parse_backends
-from .control import OrderedStop, install, read_config
+from .control import OrderedStop, install, remember_command_line
 from .dispatch import Dispatcher
-from .fleet import Fleet
+from .config import ConfigError, load_config
+from .fleet import BackendSettings, Fleet
 from .health import BadAnswer, HealthChecker
-from .proxy import BalancerResource, BalancerSite, Forwarder, ProxySettings, make_pool
+from .forward import Forwarder, ProxySettings
+from .proxy import BalancerResource, BalancerSite, make_pool
+from .wake import Waker
 from .strategies import UnknownStrategy, available, strategy_named
 
 DEFAULT_STRATEGY = "least-connections"
@@ -96,34 +99,69 @@ class Options(usage.Options):
         [
             "queue-timeout",
             None,
-            60.0,
-            "Seconds a request may wait for a host with a free slot, or for a host to come up.",
+            120.0,
+            "Seconds a request may wait for a host with a free slot, or for a host to come up "
+            "(keep it well under Immich's 300 s).",
             _positive(float),
         ],
         ["max-queue", None, 1000, "Most requests that may wait at once.", _positive(int)],
+        [
+            "config",
+            "c",
+            None,
+            "A TOML file with per-host settings ([[hosts]]: address, slots, weight, tier, tasks, mac) "
+            "and balancer options ([balancer]); its hosts replace --backends.",
+        ],
+        ["wol-broadcast", None, "255.255.255.255", "Where Wake-on-LAN packets go: a broadcast address."],
+        ["wol-port", None, 9, "The UDP port of Wake-on-LAN packets.", _positive(int)],
+        ["wol-interval", None, 30.0, "Least seconds between two wake-up packets to one host.", _positive(float)],
         ["demo", None, 0, "Start this many local stand-in ML hosts and balance over them.", int],
         # Seeing and steering the fleet (imml.control, imml.admin; docs/admin.md).
         ["admin", None, "tcp:8080:interface=127.0.0.1", "Where the status page, /api/status and /metrics listen: a Twisted server endpoint string, or none."],
-        ["config", "c", None, "A TOML file of hosts and [balancer] settings; re-read on SIGHUP and when it changes."],
         ["drain-timeout", None, 30.0, "Seconds a stopping balancer waits for the requests it accepted.", _positive(float)],
     ]
     optFlags = [["admin-actions", None, "Allow drain, enable and check from the admin page and API."]]
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.defaults = dict(self)
+
+    def _apply_file(self) -> None:
+        """
+        Read --config: its options apply where the command line left the
+        default; its hosts, with their settings, replace --backends.
+        """
+        known = set(self.defaults) - {"config", "demo", "backends"}
+        try:
+            config = load_config(self["config"], known)
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+        for name, value in config.balancer.items():
+            if self[name] == self.defaults[name]:
+                try:
+                    dispatch = self._dispatch[name]
+                    if isinstance(dispatch, usage.CoerceParameter):
+                        dispatch.dispatch(name, str(value))
+                    else:
+                        dispatch(name, str(value))
+                except usage.UsageError as e:
+                    raise usage.UsageError(f"{self['config']}: [balancer] {name}: {e}") from None
+        self["hosts"] = [(h.address, h.settings) for h in config.hosts]
+
     def postOptions(self) -> None:
-        read_config(self)
+        remember_command_line(self)
         if self["demo"] < 0:
             raise usage.UsageError("--demo takes a number of stand-in hosts, 0 or more")
+        self["hosts"] = []
+        if self["config"]:
+            self._apply_file()
         self["max-body"] = parse_size(str(self["max-body"]))
-        if self["demo"]:
-            self["addresses"] = []
-        elif self["config-hosts"]:
-            self["addresses"] = [h.address for h in self["config-hosts"]]
-        else:
+        if not self["demo"] and not self["hosts"]:
             text = self["backends"]
             if text is None:
                 text = os.environ.get("IMML_BACKENDS", "")
             try:
-                self["addresses"] = parse_backends(text)
+                self["hosts"] = [(a, BackendSettings()) for a in parse_backends(text)]
             except BackendListError as e:
                 raise usage.UsageError(str(e)) from None
         try:
@@ -199,7 +237,6 @@ class _DemoHosts(service.Service):
         super().startService()
         from . import testing
         from .backends import parse_backend
-        from .fleet import Backend, Health
 
         d = ensureDeferred(testing.start_fake_hosts(self.reactor, testing.demo_specs(self.count)))
 
@@ -208,8 +245,7 @@ class _DemoHosts(service.Service):
             for host in hosts:
                 self.log.info("demo ML host {name} listens on {address}", name=host.name, address=host.address)
             for host in hosts:
-                backend = Backend(parse_backend(host.address), len(self.fleet.backends))
-                self.fleet.backends.append(backend)
+                self.fleet.add(parse_backend(host.address))
             self.checker.check_all()
 
         d.addCallback(started)
@@ -226,7 +262,14 @@ def build(options, reactor) -> service.MultiService:
     The balancer's service tree for parsed C{options}.
     """
     top = OrderedStop()
-    fleet = Fleet.from_addresses(options["addresses"], reactor, rise=options["rise"], fall=options["fall"])
+    settings_of = dict(options["hosts"])
+    fleet = Fleet.from_addresses(
+        [address for address, _ in options["hosts"]],
+        reactor,
+        rise=options["rise"],
+        fall=options["fall"],
+        settings=settings_of.__getitem__,
+    )
     settings = ProxySettings(
         max_tries=options["max-tries"],
         response_timeout=options["response-timeout"],
@@ -247,6 +290,9 @@ def build(options, reactor) -> service.MultiService:
     )
     forwarder = Forwarder(fleet, dispatcher, agent, reactor, settings, fresh_agent=fresh)
     _PoolCloser(pool).setServiceParent(top)
+    Waker(
+        fleet, reactor, options["wol-broadcast"], options["wol-port"], options["wol-interval"]
+    ).service(dispatcher).setServiceParent(top)
     checker = HealthChecker(fleet, _pinger(reactor, options["health-timeout"]), reactor, options["health-interval"])
     if options["demo"]:
         _DemoHosts(reactor, fleet, checker, options["demo"]).setServiceParent(top)

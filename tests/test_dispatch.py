@@ -16,7 +16,7 @@ SEARCH = RequestInfo(b"POST", b"/predict", "clip-textual", interactive=True)
 OCR = RequestInfo(b"POST", b"/predict", "ocr")
 
 
-def make(n=2, slots=None, tasks=None, queue_timeout=10.0, max_queue=100):
+def make(n=2, slots=10, tasks=None, queue_timeout=10.0, max_queue=100):
     clock = task.Clock()
     fleet = Fleet.from_addresses(
         [BackendAddress(f"h{i}") for i in range(n)],
@@ -32,6 +32,15 @@ def result(d):
     box = []
     d.addBoth(box.append)
     return box
+
+
+def test_backends_provide_the_strategies_view():
+    from zope.interface.verify import verifyObject
+
+    from imml.interfaces import IBackendView
+
+    clock, fleet, dispatcher = make()
+    verifyObject(IBackendView, fleet.backends[0])
 
 
 def test_free_slot_is_bound_at_once_and_counted():

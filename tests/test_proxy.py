@@ -47,9 +47,25 @@ async def test_failover_sends_everything_to_the_first_host():
 @bounded(20)
 async def test_least_connections_spreads_concurrent_requests():
     async with await rig(hosts(3, service_time=0.3), "--strategy", "least-connections") as r:
-        responses = await gatherResults([r.predict() for _ in range(6)])
-        assert Counter(served_by(r, x) for x in responses) == {"h0": 2, "h1": 2, "h2": 2}
-        assert [h.max_in_flight for h in r.hosts] == [2, 2, 2]
+        responses = await gatherResults([r.predict() for _ in range(3)])
+        assert Counter(served_by(r, x) for x in responses) == {"h0": 1, "h1": 1, "h2": 1}
+
+
+@bounded(20)
+async def test_configured_slots_are_filled_and_never_exceeded(tmp_path):
+    async with await rig(hosts(2, service_time=0.2), wait_up=False) as placeholder:
+        config = tmp_path / "imml.toml"
+        config.write_text(
+            "[balancer]\nstrategy = 'least-connections'\n"
+            + "".join(f"[[hosts]]\naddress = '{h.address}'\nslots = {n}\n" for h, n in zip(placeholder.hosts, [3, 1]))
+        )
+        async with await rig(hosts(2, service_time=0.2), "--config", str(config)) as r:
+            # the configured hosts are the placeholder's: r's own hosts are not listed
+            assert [str(b) for b in r.fleet.backends] == [h.address for h in placeholder.hosts]
+            responses = await gatherResults([r.predict() for _ in range(8)])
+            assert all(x.code == 200 for x in responses)
+            assert [h.max_in_flight for h in placeholder.hosts] == [3, 1]
+            assert [h.served for h in placeholder.hosts] in ([6, 2], [5, 3])
 
 
 @bounded(30)
@@ -69,8 +85,9 @@ async def test_a_host_killed_mid_run_costs_no_client_visible_error():
         await clients
         assert codes == [200] * 80
         assert not r.fleet.backends[1].up
-        served = sum(h.served for h in r.hosts)
-        assert served == 80
+        # a host may have answered a request whose answer the stop cut off:
+        # that one was answered again by another host
+        assert sum(h.served for h in r.hosts) >= 80
 
 
 @bounded(20)
@@ -301,3 +318,35 @@ async def raw_request(port: int, data: bytes) -> bytes:
     await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), protocol)
     await done
     return protocol.data
+
+
+@bounded(20)
+async def test_a_host_that_stalls_mid_request_has_it_redispatched_at_once():
+    async with await rig(hosts(2), "--strategy", "failover", "--fall", "1", "--health-interval", "0.2",
+                         "--health-timeout", "0.3", "--response-timeout", "60") as r:
+        r.hosts[0].mode = "hang"  # a laptop falling asleep: nothing answers, nothing is refused
+        response = await r.predict()
+        assert response.code == 200 and served_by(r, response) == "h1"
+        # the first attempt was cancelled, not left to time out
+        await until(lambda: r.fleet.backends[0].in_flight == 0)
+        assert r.fleet.backends[0].attempts == set()
+        [event] = [e for e in r.events if e.get("imml_event") == "redispatch"]
+        assert event["backend"] == r.hosts[0].address
+        [request] = r.request_events()
+        assert request["tried"] == [r.hosts[0].address, r.hosts[1].address]
+
+
+@bounded(30)
+async def test_a_host_failing_one_task_stops_getting_that_task_only():
+    async with await rig(hosts(2), "--strategy", "failover") as r:
+        r.hosts[0].failing_tasks = {"ocr"}
+        for _ in range(5):
+            response = await r.predict(task="ocr")
+            assert response.code == 200 and served_by(r, response) == "h1"
+        ocr_on_h0 = [x for x in r.hosts[0].received if x.task == "ocr"]
+        assert len(ocr_on_h0) == 3  # then it was left out
+        response = await r.predict(task="clip-visual")
+        assert served_by(r, response) == "h0"
+        assert r.fleet.backends[0].up
+        [blocked] = [e for e in r.events if e.get("imml_event") == "task-blocked"]
+        assert (blocked["backend"], blocked["task"]) == (r.hosts[0].address, "ocr")

@@ -33,6 +33,7 @@ class View:
     limit: Optional[int] = None
     weight: float = 1.0
     tier: int = 0
+    error_rate: float = 0.0
 
     @property
     def address(self):
@@ -194,3 +195,63 @@ def test_a_twisted_plugin_selects_a_third_party_strategy(tmp_path, monkeypatch):
     assert "backwards" in available()
     strategy = strategy_named("backwards")
     assert strategy.choose(REQUEST, fleet(3)).index == 2
+
+
+@define(eq=False)
+class Timed(View):
+    seconds: Optional[float] = None
+
+    def service_time(self, task):
+        return self.seconds
+
+
+def sed_request(ahead=0):
+    return RequestInfo(b"POST", b"/predict", "clip-visual", ahead=ahead)
+
+
+def test_shortest_delay_prefers_the_fastest_free_host():
+    from imml.strategies import ShortestDelay
+
+    views = [Timed(0, limit=1, seconds=0.6), Timed(1, limit=1, seconds=0.04), Timed(2, limit=1, seconds=0.15)]
+    assert ShortestDelay().choose(sed_request(), views) is views[1]
+
+
+def test_shortest_delay_waits_for_a_fast_host_rather_than_take_a_slow_one():
+    from imml.strategies import ShortestDelay
+
+    fast = Timed(0, limit=2, in_flight=2, seconds=0.04)
+    slow = Timed(1, limit=1, seconds=0.6)
+    medium = Timed(2, limit=1, seconds=0.15)
+    strategy = ShortestDelay()
+    assert strategy.choose(sed_request(ahead=0), [fast, slow, medium]) is None
+    # with enough requests queued ahead, the medium host is worth it ...
+    assert strategy.choose(sed_request(ahead=6), [fast, slow, medium]) is medium
+    # ... and the slow one only when the queue is long indeed
+    assert strategy.choose(sed_request(ahead=6), [fast, slow]) is None
+    assert strategy.choose(sed_request(ahead=40), [fast, slow]) is slow
+
+
+def test_shortest_delay_tries_hosts_it_knows_nothing_about():
+    from imml.strategies import ShortestDelay
+
+    known = Timed(0, limit=4, seconds=0.05)
+    new = Timed(1, limit=1, seconds=None)
+    assert ShortestDelay().choose(sed_request(), [known, new]) is new
+
+
+def test_shortest_delay_penalises_errors_and_follows_weights():
+    from imml.strategies import ShortestDelay
+
+    a = Timed(0, limit=1, seconds=0.05, error_rate=0.5)
+    b = Timed(1, limit=1, seconds=0.1)
+    assert ShortestDelay().choose(sed_request(), [a, b]) is b
+    c = Timed(2, limit=1, seconds=0.1, weight=4.0)
+    assert ShortestDelay().choose(sed_request(), [a, b, c]) is c
+
+
+def test_shortest_delay_spreads_over_equal_hosts():
+    from imml.strategies import ShortestDelay
+
+    views = fleet(3, limit=10)
+    counts = take(ShortestDelay(), views, 9)
+    assert counts == {0: 3, 1: 3, 2: 3}

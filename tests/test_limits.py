@@ -1,0 +1,77 @@
+"""
+Concurrency limits: learned from service times, or configured; slow start.
+"""
+
+from imml.limits import Limit
+
+
+def feed(limit, samples):
+    for seconds, in_flight in samples:
+        limit.answered("clip-visual", seconds, in_flight)
+
+
+def test_configured_slots_are_the_limit():
+    limit = Limit(slots=4)
+    assert limit.value == 4
+    feed(limit, [(1.0, 4)] * 10)
+    assert limit.value == 4
+
+
+def test_a_learned_limit_grows_while_the_host_keeps_up():
+    limit = Limit()
+    assert limit.value == 1
+    feed(limit, [(0.04, 1)])
+    assert limit.value == 2
+    feed(limit, [(0.04, 2), (0.04, 2)])
+    assert limit.value == 3
+
+
+def test_a_learned_limit_does_not_grow_while_the_host_is_not_at_it():
+    limit = Limit(learned=3)
+    feed(limit, [(0.04, 1)] * 20)
+    assert limit.value == 3
+
+
+def test_queueing_inside_the_host_shrinks_the_limit():
+    # a host with two slots: the third request waits for one inside it
+    limit = Limit(learned=2)
+    feed(limit, [(0.04, 2), (0.04, 2)])
+    assert limit.value == 3
+    feed(limit, [(0.04, 3), (0.08, 3)])
+    assert limit.value == 2
+
+
+def test_the_limit_settles_near_the_hosts_real_concurrency():
+    """
+    A simulated host with 2 slots: service time doubles for the requests
+    beyond them.
+    """
+    limit = Limit()
+    seen = []
+    for _ in range(200):
+        n = limit.value
+        seconds = 0.04 if n <= 2 else 0.04 * (1 + (n - 2) / 2 + 0.5)
+        limit.answered("clip-visual", seconds, n)
+        seen.append(limit.value)
+    assert set(seen[50:]) <= {2, 3}
+    assert seen[50:].count(2) > seen[50:].count(3)
+
+
+def test_a_cold_model_load_teaches_nothing():
+    limit = Limit(learned=3)
+    feed(limit, [(0.04, 3)])
+    feed(limit, [(20.0, 3)])  # the model was loading
+    assert limit.value >= 3
+
+
+def test_slow_start_after_coming_back():
+    limit = Limit(slots=4)
+    limit.restart()
+    values = [limit.value]
+    for _ in range(4):
+        limit.answered("clip-visual", 0.04, 1)
+        values.append(limit.value)
+    assert values == [1, 2, 3, 4, 4]
+    learned = Limit(learned=8)
+    learned.restart()
+    assert learned.value == 1
