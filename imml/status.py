@@ -75,6 +75,7 @@ class Status:
             "leaving": backend.leaving,
             "in_flight": backend.in_flight,
             "slots": backend.limit,
+            "slots_configured": settings.slots,
             "weight": settings.weight,
             "tier": settings.tier,
             "tasks": sorted(settings.tasks) if settings.tasks is not None else None,
