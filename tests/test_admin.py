@@ -81,6 +81,8 @@ async def test_actions_are_off_by_default():
 async def test_drain_lets_requests_in_flight_finish_and_sends_new_ones_elsewhere():
     async with await rig(hosts(2, service_time=0.3), "--admin-actions", "--strategy", "round-robin") as r:
         first = r.hosts[0].address
+        for backend in r.fleet.backends:
+            backend.limiter.slots = 2
         pending = [r.predict() for _ in range(4)]
         await until(lambda: r.hosts[0].in_flight == 2)
         code, body = await act(r, first, "drain")
