@@ -163,20 +163,6 @@ class Dispatcher:
             reason = f"no ML host came up within {self.queue_timeout:g} s"
         waiter.deferred.errback(NoBackendAvailable(reason))
 
-    def release(
-        self,
-        backend: Backend,
-        task: Optional[str],
-        seconds: Optional[float],
-        error: Optional[str] = None,
-        in_flight: int = 1,
-    ) -> None:
-        """
-        A request on C{backend} is over; the slot goes to a waiting request.
-        See L{Fleet.finished}.
-        """
-        self.fleet.finished(backend, task, seconds, error, in_flight)
-
     def pump(self) -> None:
         """
         Bind waiting requests to hosts that can now take them, in queue

@@ -469,7 +469,7 @@ class Forwarder:
     # -- reporting ----------------------------------------------------------
 
     def release(self, backend, task, service_time, error, attempt, seconds, status, outcome) -> None:
-        self.dispatcher.release(backend, task, service_time, error, attempt.in_flight)
+        self.fleet.finished(backend, task, service_time, error, attempt.in_flight)
         if self.reporters:
             record = AttemptRecord(str(backend), task, status, error, seconds, outcome)
             for reporter in self.reporters:

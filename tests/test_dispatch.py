@@ -48,7 +48,7 @@ def test_free_slot_is_bound_at_once_and_counted():
     got = result(dispatcher.acquire(BATCH))
     assert got == [fleet.backends[0]]
     assert fleet.backends[0].in_flight == 1
-    dispatcher.release(fleet.backends[0], "clip-visual", 0.5)
+    fleet.finished(fleet.backends[0], "clip-visual", 0.5)
     assert fleet.backends[0].in_flight == 0
     assert fleet.backends[0].service_time("clip-visual") == 0.5
 
@@ -58,7 +58,7 @@ def test_waits_for_a_slot_and_binds_late():
     a, b = (result(dispatcher.acquire(BATCH)) for _ in range(2))
     c = result(dispatcher.acquire(BATCH))
     assert c == [] and dispatcher.queue_depth == 1
-    dispatcher.release(b[0], "clip-visual", 0.1)
+    fleet.finished(b[0], "clip-visual", 0.1)
     assert c == [b[0]] and dispatcher.queue_depth == 0
 
 
@@ -67,10 +67,10 @@ def test_interactive_requests_go_ahead_of_batch_work():
     first = result(dispatcher.acquire(BATCH))
     waiting = [result(dispatcher.acquire(BATCH)) for _ in range(3)]
     search = result(dispatcher.acquire(SEARCH))
-    dispatcher.release(first[0], "clip-visual", 0.1)
+    fleet.finished(first[0], "clip-visual", 0.1)
     assert search == [fleet.backends[0]]
     assert all(w == [] for w in waiting)
-    dispatcher.release(search[0], "clip-textual", 0.01)
+    fleet.finished(search[0], "clip-textual", 0.01)
     assert waiting[0] == [fleet.backends[0]] and waiting[1] == []
 
 

@@ -23,6 +23,7 @@ def test_the_wheel_carries_the_dropins(tmp_path):
     [wheel] = tmp_path.glob("imml-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "twisted/plugins/imml_balancer.py" in names
+    assert "twisted/plugins/imml_mac.py" in names
     assert "twisted/plugins/__init__.py" not in names
     assert not [n for n in names if n.endswith("dropin.cache")]
     assert "imml/tap.py" in names and "imml/testing.py" in names
@@ -40,9 +41,10 @@ def twistd(*args, env=None, timeout=60):
     )
 
 
-def test_twistd_lists_the_balancer():
+def test_twistd_lists_both_plugins():
     result = twistd("--help")
     assert "imml-balancer" in result.stdout
+    assert "imml-mac" in result.stdout
 
 
 def test_balancer_help_names_every_option():

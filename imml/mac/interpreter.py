@@ -1,0 +1,71 @@
+"""
+Running :mod:`imml.mac.probe_script` in the Immich interpreter.
+
+Pre-flight and the doctor both ask the interpreter that will run
+``immich_ml`` (not the one running twistd) what it can do: it has its own
+virtual environment, its own onnxruntime wheel and its own providers.  The
+script is passed with ``-c`` so that, as with ``python -m immich_ml``, the
+working directory (Immich's ``machine-learning/`` folder) is first on the
+import path and nothing of imml's is.
+"""
+
+import json
+import pathlib
+import subprocess
+
+import attr
+
+SCRIPT = pathlib.Path(__file__).with_name("probe_script.py")
+
+
+class ProbeError(Exception):
+    """
+    The interpreter could not be run or gave no answer: the message says
+    what to fix.
+    """
+
+
+@attr.s(frozen=True)
+class Interpreter:
+    """
+    The interpreter, environment and folder the service will run with.
+    """
+
+    python: str = attr.ib()
+    cwd: str = attr.ib()
+    env: dict = attr.ib(factory=dict, hash=False)
+
+    def ask(self, *args, timeout=120.0, run=subprocess.run):
+        """
+        Run the probe script with C{args} and return its JSON answer.
+        """
+        argv = [self.python, "-c", SCRIPT.read_text(), *args]
+        try:
+            done = run(
+                argv,
+                cwd=self.cwd,
+                env=self.env,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
+        except FileNotFoundError:
+            raise ProbeError(
+                f"the Python interpreter {self.python} does not exist: run "
+                f"`imml-mac setup` to create Immich's virtual environment, or "
+                f"pass --python"
+            )
+        except PermissionError:
+            raise ProbeError(f"{self.python} is not executable: pass --python")
+        except subprocess.TimeoutExpired:
+            raise ProbeError(f"{self.python} did not answer within {timeout:.0f} s")
+        lines = done.stdout.strip().splitlines()
+        if done.returncode != 0 or not lines:
+            raise ProbeError(
+                f"{self.python} failed (exit code {done.returncode}): "
+                f"{done.stderr.strip()[-2000:] or 'no output'}"
+            )
+        try:
+            return json.loads(lines[-1])
+        except ValueError:
+            raise ProbeError(f"{self.python} gave an answer that is not JSON: {lines[-1]!r}")

@@ -1,0 +1,297 @@
+"""
+The supervisor's decisions with a fake clock and fake processes: restart
+delays, reset after a stable run, hung children, TERM then KILL, and a stop
+Deferred that waits for the child to be gone.
+"""
+
+import signal
+
+import pytest
+from twisted.internet import defer, error
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from imml.mac.supervisor import SETSID_EXEC, Command, Supervisor
+
+from mac_helpers import kinds
+
+
+class FakeProcess:
+    def __init__(self, protocol, pid):
+        self.protocol = protocol
+        self.pid = pid
+        self.signals = []
+
+    def signalProcess(self, signum):
+        self.signals.append(signum)
+
+
+class FakeReactor(Clock):
+    """
+    A clock that records spawnProcess calls and lets the test end processes.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.spawned = []
+        self._next_pid = 1000
+
+    def spawnProcess(self, protocol, executable, args, env=None, path=None, usePTY=False):
+        self._next_pid += 1
+        process = FakeProcess(protocol, self._next_pid)
+        process.spawn = dict(executable=executable, args=args, env=env, path=path, usePTY=usePTY)
+        protocol.makeConnection(process)
+        self.spawned.append(process)
+        return process
+
+    def end(self, process, code=0):
+        reason = Failure(error.ProcessDone(0) if code == 0 else error.ProcessTerminated(code))
+        process.protocol.processExited(reason)
+        process.protocol.processEnded(reason)
+
+
+class Kills:
+    """
+    An os.killpg stand-in: records (pgid, signal).  A group is missing
+    before setsid (C{missing}); after its leader ended it is empty unless
+    listed in C{lingering}.
+    """
+
+    def __init__(self):
+        self.sent = []
+        self.missing = set()
+        self.lingering = set()
+
+    def __call__(self, pgid, signum):
+        if pgid in self.missing:
+            raise ProcessLookupError(pgid)
+        if signum == 0:
+            if pgid not in self.lingering:
+                raise ProcessLookupError(pgid)
+            return
+        self.sent.append((pgid, signum))
+
+
+class Probe:
+    """
+    A health probe whose answers the test sets.
+    """
+
+    def __init__(self):
+        self.healthy = False
+        self.calls = 0
+
+    def __call__(self):
+        self.calls += 1
+        return defer.succeed(self.healthy)
+
+
+def make(probe=None, **kwargs):
+    reactor = FakeReactor()
+    kills = Kills()
+    args = dict(
+        name="immich-ml",
+        probe=probe,
+        restart_delay=lambda attempt: [1.0, 2.0, 4.0, 8.0][min(attempt, 3)],
+        stable_after=60.0,
+        stop_timeout=10.0,
+        ready_interval=0.5,
+        ping_interval=5.0,
+        ping_failures=3,
+        start_timeout=30.0,
+        kill=kills,
+    )
+    args.update(kwargs)
+    command = Command(("python", "-m", "immich_ml"), env={"A": "1"}, cwd="/ml", launcher="/py")
+    return reactor, kills, Supervisor(reactor, command, **args)
+
+
+def test_spawns_through_the_setsid_wrapper():
+    reactor, kills, sup = make()
+    sup.startService()
+    (process,) = reactor.spawned
+    assert process.spawn == dict(
+        executable="/py",
+        args=["/py", "-c", SETSID_EXEC, "python", "-m", "immich_ml"],
+        env={"A": "1"},
+        path="/ml",
+        usePTY=False,
+    )
+
+
+def test_quick_deaths_back_off_and_a_stable_run_resets(events):
+    reactor, kills, sup = make()
+    sup.startService()
+    delays = []
+    for _ in range(4):
+        reactor.advance(1.0)  # dies after a second
+        reactor.end(reactor.spawned[-1], code=3)
+        delays.append(kinds(events, "child-restart-scheduled")[-1]["delay"])
+        count = len(reactor.spawned)
+        reactor.advance(delays[-1] - 0.01)
+        assert len(reactor.spawned) == count, "restarted before its delay"
+        reactor.advance(0.01)
+        assert len(reactor.spawned) == count + 1
+    assert delays == [1.0, 2.0, 4.0, 8.0]
+    ended = kinds(events, "child-ended")
+    assert [e["exit_code"] for e in ended] == [3, 3, 3, 3]
+    # A run longer than stable_after: back to the first delay.
+    reactor.advance(61.0)
+    reactor.end(reactor.spawned[-1], code=1)
+    assert kinds(events, "child-restart-scheduled")[-1]["delay"] == 1.0
+
+
+def test_ready_then_hung_child_is_terminated_and_restarted(events):
+    probe = Probe()
+    reactor, kills, sup = make(probe)
+    sup.startService()
+    first = reactor.spawned[0]
+    ready = sup.whenReady()
+    reactor.advance(0.5)
+    assert not kinds(events, "child-ready"), "ready before answering"
+    probe.healthy = True
+    reactor.advance(0.5)
+    assert ready.result == first.pid
+    assert kinds(events, "child-ready", pid=first.pid)
+    probe.healthy = False
+    reactor.advance(5.0)
+    reactor.advance(5.0)
+    assert kills.sent == [], "restarted before ping_failures checks failed"
+    reactor.advance(5.0)
+    assert kinds(events, "child-unresponsive", pid=first.pid)
+    assert kills.sent == [(first.pid, signal.SIGTERM)]
+    # It ignores TERM: KILL after stop_timeout.
+    reactor.advance(10.0)
+    assert kills.sent[-1] == (first.pid, signal.SIGKILL)
+    reactor.end(first, code=-9)
+    reactor.advance(1.0)
+    assert len(reactor.spawned) == 2
+
+
+def test_a_failure_between_successes_does_not_count(events):
+    probe = Probe()
+    probe.healthy = True
+    reactor, kills, sup = make(probe)
+    sup.startService()
+    reactor.advance(0.5)
+    for healthy in [False, False, True, False, False, True]:
+        probe.healthy = healthy
+        reactor.advance(5.0)
+    assert not kinds(events, "child-unresponsive")
+    assert kills.sent == []
+
+
+def test_never_ready_within_start_timeout_is_restarted(events):
+    probe = Probe()
+    reactor, kills, sup = make(probe, start_timeout=3.0)
+    sup.startService()
+    reactor.advance(2.5)
+    assert kills.sent == []
+    reactor.advance(0.5)
+    assert kinds(events, "child-start-timeout")
+    assert kills.sent == [(reactor.spawned[0].pid, signal.SIGTERM)]
+
+
+def test_stop_waits_for_the_child_to_be_gone():
+    reactor, kills, sup = make()
+    sup.startService()
+    process = reactor.spawned[0]
+    stopped = sup.stopService()
+    assert kills.sent == [(process.pid, signal.SIGTERM)]
+    assert not stopped.called
+    reactor.advance(9.9)
+    assert not stopped.called
+    reactor.advance(0.1)
+    assert kills.sent[-1] == (process.pid, signal.SIGKILL)
+    assert not stopped.called
+    reactor.end(process, code=-9)
+    assert stopped.called
+    reactor.advance(100)
+    assert len(reactor.spawned) == 1, "restarted after stop"
+    assert not reactor.getDelayedCalls()
+
+
+def test_stop_waits_for_the_whole_group(events):
+    # The leader is reaped and the pipes are closed, but a grandchild is
+    # still exiting: the stop is not over yet.
+    reactor, kills, sup = make()
+    sup.startService()
+    process = reactor.spawned[0]
+    stopped = sup.stopService()
+    kills.lingering.add(process.pid)
+    reactor.end(process, code=-15)
+    assert kills.sent[-1] == (process.pid, signal.SIGKILL)
+    reactor.advance(0.5)
+    assert not stopped.called
+    kills.lingering.clear()
+    reactor.advance(0.05)
+    assert stopped.result == process.pid
+    assert kinds(events, "child-ended", pid=process.pid)
+
+
+def test_stop_during_restart_delay_cancels_it():
+    reactor, kills, sup = make()
+    sup.startService()
+    reactor.end(reactor.spawned[0], code=1)
+    stopped = sup.stopService()
+    assert stopped.called
+    reactor.advance(100)
+    assert len(reactor.spawned) == 1
+    assert not reactor.getDelayedCalls()
+
+
+def test_term_before_setsid_goes_to_the_pid():
+    # The wrapper has not made its group yet: killpg finds nothing, so the
+    # signal goes to the process itself.
+    reactor, kills, sup = make()
+    sup.startService()
+    process = reactor.spawned[0]
+    kills.missing.add(process.pid)
+    sup.stopService()
+    assert process.signals == [signal.SIGTERM]
+
+
+def test_leader_exit_terminates_what_it_left_in_its_group():
+    reactor, kills, sup = make()
+    sup.startService()
+    process = reactor.spawned[0]
+    process.protocol.processExited(Failure(error.ProcessTerminated(1)))
+    assert kills.sent == [(process.pid, signal.SIGTERM)]
+
+
+def test_output_is_logged_line_by_line_with_the_stream(events):
+    reactor, kills, sup = make()
+    sup.startService()
+    protocol = reactor.spawned[0].protocol
+    protocol.outReceived(b"one\ntw")
+    protocol.errReceived(b"oops {not a field}\r\n")
+    protocol.outReceived(b"o\nthree")
+    reactor.end(reactor.spawned[0], code=0)
+    lines = [(e["stream"], e["line"]) for e in kinds(events, "child-output")]
+    assert lines == [
+        ("stdout", "one"),
+        ("stderr", "oops {not a field}"),
+        ("stdout", "two"),
+        ("stdout", "three"),
+    ]
+    assert all(e["pid"] == reactor.spawned[0].pid for e in kinds(events, "child-output"))
+
+
+def test_a_spawn_that_raises_is_retried_with_backoff(events):
+    reactor, kills, sup = make()
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(args)
+        raise OSError("no such file")
+
+    reactor.spawnProcess = broken
+    sup.startService()
+    assert kinds(events, "child-spawn-failed")
+    reactor.advance(1.0)
+    assert len(calls) == 2
+    reactor.advance(1.9)
+    assert len(calls) == 2
+    reactor.advance(0.1)
+    assert len(calls) == 3
+    assert sup.stopService().called
