@@ -47,11 +47,16 @@ class BalancerRequest(server.Request):
     never parsed as a form: the balancer forwards it byte for byte.
     """
 
-    _parsePOSTFormSubmission = False
     # An answer carries the host's content type, or none: never one of ours.
     defaultContentType = None
     too_large = False
     _received = 0
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # Never parse a body as a form (Twisted would, with the email
+        # package, on every multipart /predict).
+        self._parsePOSTFormSubmission = False
 
     def gotLength(self, length: Optional[int]) -> None:
         if length is not None and length > self.channel.site.max_body:
