@@ -51,8 +51,10 @@ WORKDIR /tmp
 # net.ipv4.ip_unprivileged_port_start=0, so the non-root user may bind port 80;
 # with host networking it may not: pass e.g. `--listen tcp:3013` instead.
 EXPOSE 80
-# Port 8080 is meant for an admin/status page in a later version. That page
-# does not exist yet, so it is not EXPOSEd here.
+# The admin listener: status page, /api/status, /metrics (docs/admin.md). It
+# is read-only unless --admin-actions is given, and has no password: publish
+# it only where you trust every client, e.g. `-p 127.0.0.1:8080:8080`.
+EXPOSE 8080
 
 # The balancer's /ping answers 200 while at least one ML host is up and 503
 # while none is: "unhealthy" then means "no ML host reachable".
@@ -64,4 +66,4 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
 # Options after the image name replace CMD, e.g.:
 #   docker run ... imml --listen tcp:80 --strategy round-robin
 ENTRYPOINT ["twistd", "--nodaemon", "--pidfile=", "imml-balancer"]
-CMD ["--listen", "tcp:80"]
+CMD ["--listen", "tcp:80", "--admin", "tcp:8080"]

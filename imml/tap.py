@@ -1,9 +1,11 @@
 """
 ``twistd imml-balancer``: options and the service tree.
 
-The service tree, in start order (stopped in reverse, so the listener closes
-first and requests in flight can finish): the connection pool's closer, the
-demo hosts (with C{--demo}), the health checker, the listener.
+The service tree, in start order (stopped in reverse, one after another): the
+connection pool's closer, the demo hosts (with C{--demo}), the health checker,
+the listener, then (L{imml.control.install}) the admin listener, the reloader
+and the graceful stop, which closes the listener first and waits for the
+requests in flight.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 from . import __version__
 from .backends import BackendListError, parse_backends
+from .control import OrderedStop, install, remember_command_line
 from .dispatch import Dispatcher
 from .config import ConfigError, load_config
 from .fleet import BackendSettings, Fleet
@@ -113,7 +116,11 @@ class Options(usage.Options):
         ["wol-port", None, 9, "The UDP port of Wake-on-LAN packets.", _positive(int)],
         ["wol-interval", None, 30.0, "Least seconds between two wake-up packets to one host.", _positive(float)],
         ["demo", None, 0, "Start this many local stand-in ML hosts and balance over them.", int],
+        # Seeing and steering the fleet (imml.control, imml.admin; docs/admin.md).
+        ["admin", None, "tcp:8080:interface=127.0.0.1", "Where the status page, /api/status and /metrics listen: a Twisted server endpoint string, or none."],
+        ["drain-timeout", None, 30.0, "Seconds a stopping balancer waits for the requests it accepted.", _positive(float)],
     ]
+    optFlags = [["admin-actions", None, "Allow drain, enable and check from the admin page and API."]]
 
     def __init__(self) -> None:
         super().__init__()
@@ -142,6 +149,7 @@ class Options(usage.Options):
         self["hosts"] = [(h.address, h.settings) for h in config.hosts]
 
     def postOptions(self) -> None:
+        remember_command_line(self)
         if self["demo"] < 0:
             raise usage.UsageError("--demo takes a number of stand-in hosts, 0 or more")
         self["hosts"] = []
@@ -253,7 +261,7 @@ def build(options, reactor) -> service.MultiService:
     """
     The balancer's service tree for parsed C{options}.
     """
-    top = service.MultiService()
+    top = OrderedStop()
     settings_of = dict(options["hosts"])
     fleet = Fleet.from_addresses(
         [address for address, _ in options["hosts"]],
@@ -291,6 +299,8 @@ def build(options, reactor) -> service.MultiService:
     listener = StreamServerEndpointService(serverFromString(reactor, options["listen"]), site)
     listener.setServiceParent(top)
     top.fleet, top.dispatcher, top.checker, top.site, top.listener = fleet, dispatcher, checker, site, listener
+    top.forwarder = forwarder
+    install(top, options, reactor)
     return top
 
 

@@ -108,7 +108,7 @@ async def rig(specs: list[dict], *args: str, wait_up: bool = True) -> Rig:
     options = Options()
     options.parseOptions(
         ["--listen", "tcp:0:interface=127.0.0.1", "--backends", ",".join(h.address for h in hosts),
-         "--health-interval", "0.2", *args]
+         "--health-interval", "0.2", "--admin", "tcp:0:interface=127.0.0.1", *args]
     )
     service = build(options, reactor)
     r = Rig(hosts, service, "", None, HTTPConnectionPool(reactor))

@@ -1,0 +1,381 @@
+"""
+Steering a running balancer: the configuration file and its reload, the
+graceful stop, and the wiring of the admin listener into the service tree.
+
+- L{remember_command_line} (called by the options) keeps what the command
+  line said, so that L{reparse} can merge the file, as it is then, again.
+- L{Reloader} re-reads the options and the file on C{SIGHUP} and when the
+  file's content changes: hosts join, leave (after draining) or keep their
+  state; settings that can change at run time do; a bad file is rejected
+  with a logged reason and the old configuration stays in force.
+- L{GracefulStop} closes the proxy listener, makes C{/ping} answer 503
+  (L{StopGate}), and waits for every accepted request to be answered, up to
+  C{--drain-timeout}.  L{OrderedStop} stops the tree's services one after
+  another, so nothing the requests need stops before they are answered.
+- L{install} adds the recent window, the metrics, the admin listener, the
+  reloader and the graceful stop to the tree that L{imml.tap.build} made.
+
+Events: C{reload}, C{reload-rejected}, C{stop-draining}, C{stop-drained},
+C{stop-timeout}.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+import threading
+from typing import Optional
+
+import attrs
+from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.web.resource import Resource
+
+from .backends import parse_backend
+from .config import ConfigError
+from .fleet import BackendSettings
+from .strategies import strategy_named
+
+log = Logger()
+
+#: Options that a reload applies to the running balancer, and how.
+_FORWARDER = {"max-tries": "max_tries", "response-timeout": "response_timeout", "max-body": "max_body"}
+
+
+def _set_forwarder(name):
+    def apply(top, value):
+        top.forwarder.settings = attrs.evolve(top.forwarder.settings, **{_FORWARDER[name]: value})
+        if name == "max-body":
+            top.site.max_body = value
+
+    return apply
+
+
+def _set_health(name):
+    def apply(top, value):
+        setattr(top.fleet, name, value)
+        for backend in top.fleet.backends:
+            setattr(backend.health, name, value)
+
+    return apply
+
+
+def _set_interval(top, value):
+    top.checker.interval = value
+    for timer in top:
+        if isinstance(timer, TimerService) and getattr(timer, "_loop", None) is not None:
+            timer.step = timer._loop.interval = value
+
+
+RUNTIME = {
+    "strategy": lambda top, value: setattr(top.dispatcher, "strategy", strategy_named(value)),
+    "queue-timeout": lambda top, value: setattr(top.dispatcher, "queue_timeout", value),
+    "max-queue": lambda top, value: setattr(top.dispatcher, "max_queue", value),
+    "max-tries": _set_forwarder("max-tries"),
+    "response-timeout": _set_forwarder("response-timeout"),
+    "max-body": _set_forwarder("max-body"),
+    "rise": _set_health("rise"),
+    "fall": _set_health("fall"),
+    "health-interval": _set_interval,
+    "drain-timeout": lambda top, value: setattr(top.stopper, "timeout", value),
+    "admin-actions": lambda top, value: setattr(top.status, "actions", bool(value)),
+}
+#: Options whose host list a reload takes from the file instead.
+_HOSTS = {"backends", "hosts", "config", "given", "config-digest"}
+
+
+def _defaults(options) -> dict:
+    values = {p[0]: p[2] for p in options.optParameters}
+    values.update({f[0]: 0 for f in getattr(options, "optFlags", [])})
+    return values
+
+
+def _digest(path: str) -> Optional[str]:
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        return None
+
+
+def remember_command_line(options) -> None:
+    """
+    Keep, before the options are checked and C{--config} is merged in, what
+    the command line set (C{options["given"]}) and a digest of the
+    configuration file (C{options["config-digest"]}), so that a reload can
+    parse them again with the file as it is then.
+    """
+    if "given" not in options:
+        defaults = _defaults(options)
+        options["given"] = {k: options[k] for k in defaults if options[k] != defaults[k]}
+    options["config-digest"] = _digest(options["config"]) if options.get("config") else None
+
+
+def reparse(options):
+    """
+    The options as they would be parsed now: the same command line, the
+    configuration file as it is now.
+
+    @raise usage.UsageError: when they cannot be used.
+    """
+    new = type(options)()
+    new.update(options["given"])
+    new["given"] = options["given"]
+    new.postOptions()
+    return new
+
+
+class OrderedStop(service.MultiService):
+    """
+    A L{service.MultiService} that stops its children one after another,
+    last started first, each once the one before has stopped.
+    """
+
+    def stopService(self) -> Deferred:
+        service.Service.stopService(self)
+        return Deferred.fromCoroutine(self._stop_in_turn())
+
+    async def _stop_in_turn(self) -> None:
+        for child in reversed(list(self)):
+            if not child.running:
+                continue
+            try:
+                await maybeDeferred(child.stopService)
+            except Exception:
+                log.failure("stopping {service} failed", service=repr(child))
+
+
+class StopGate(Resource):
+    """
+    Wraps the balancer's resource: counts the requests being answered, and
+    makes C{/ping} answer 503 once the balancer is stopping, so that Immich
+    moves on.
+    """
+
+    isLeaf = True
+
+    def __init__(self, inner: Resource) -> None:
+        super().__init__()
+        self.inner = inner
+        self.stopping = False
+        self.active = 0
+
+    def render(self, request):
+        if self.stopping and request.uri.split(b"?", 1)[0] == b"/ping":
+            request.setResponseCode(503)
+            request.setHeader(b"content-type", b"application/json")
+            return b'{"detail": "the balancer is stopping"}'
+        self.active += 1
+        request.notifyFinish().addBoth(self._over)
+        return self.inner.render(request)
+
+    def _over(self, _) -> None:
+        self.active -= 1
+
+
+class GracefulStop(service.Service):
+    """
+    Stops first: closes the listener, then waits until no request is being
+    answered, in flight or queued, or C{timeout} seconds pass.
+    """
+
+    #: Seconds between looks at whether the requests are answered.
+    poll = 0.05
+
+    def __init__(self, listener, gate: StopGate, fleet, dispatcher, clock, timeout: float) -> None:
+        self.listener, self.gate, self.fleet, self.dispatcher = listener, gate, fleet, dispatcher
+        self.clock, self.timeout = clock, timeout
+
+    def busy(self) -> tuple[int, int, int]:
+        """
+        Requests being answered, in flight on hosts, and queued.
+        """
+        in_flight = sum(b.in_flight for b in self.fleet.backends)
+        return self.gate.active, in_flight, self.dispatcher.queue_depth
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        self.gate.stopping = True
+        active, in_flight, queued = self.busy()
+        log.info(
+            "stopping: no new connections; waiting up to {timeout} s for {active} requests "
+            "({in_flight} in flight, {queued} queued)",
+            timeout=self.timeout,
+            active=active,
+            in_flight=in_flight,
+            queued=queued,
+            imml_event="stop-draining",
+        )
+        d = maybeDeferred(self.listener.stopService)
+        d.addCallback(lambda _: Deferred.fromCoroutine(self._drain()))
+        return d
+
+    async def _drain(self) -> None:
+        started = self.clock.seconds()
+        deadline = started + self.timeout
+        while any(self.busy()):
+            if self.clock.seconds() >= deadline:
+                active, in_flight, queued = self.busy()
+                log.warn(
+                    "stopping after {timeout} s with {active} requests unanswered ({in_flight} in flight, {queued} queued)",
+                    timeout=self.timeout,
+                    active=active,
+                    in_flight=in_flight,
+                    queued=queued,
+                    imml_event="stop-timeout",
+                )
+                return
+            d = Deferred()
+            self.clock.callLater(self.poll, d.callback, None)
+            await d
+        log.info(
+            "every request answered after {seconds:.3f} s; stopping",
+            seconds=self.clock.seconds() - started,
+            imml_event="stop-drained",
+        )
+
+
+class Reloader(service.Service):
+    """
+    Re-reads the options and the configuration file on C{SIGHUP} and, with
+    C{--config}, whenever the file's content changes (looked at every
+    C{interval} seconds).
+    """
+
+    interval = 2.0
+
+    def __init__(self, top, options, clock, signals: bool = True) -> None:
+        self.top, self.options, self.clock, self.signals = top, options, clock, signals
+        self._seen = options.get("config-digest")
+        self._loop: Optional[LoopingCall] = None
+        self._previous = None
+
+    def startService(self) -> None:
+        super().startService()
+        if self.signals and hasattr(signal, "SIGHUP") and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGHUP, self._sighup)
+        if self.options.get("config"):
+            self._loop = LoopingCall(self._poll)
+            self._loop.clock = self.clock
+            self._loop.start(self.interval, now=False).addErrback(
+                lambda f: log.failure("watching {path} failed", f, path=self.options["config"])
+            )
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+            self._previous = None
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
+    def _sighup(self, signum, frame) -> None:
+        self.clock.callFromThread(self.reload, "SIGHUP")
+
+    def _poll(self) -> None:
+        digest = _digest(self.options["config"])
+        if digest != self._seen:
+            self._seen = digest
+            self.reload("file changed")
+
+    def reload(self, trigger: str) -> bool:
+        """
+        Apply the options and configuration file as they are now.
+
+        @return: whether the new configuration is in force.
+        """
+        try:
+            new = reparse(self.options)
+        except (usage.UsageError, ConfigError) as e:
+            log.error(
+                "configuration not reloaded ({trigger}): {reason}; the old one stays in force",
+                trigger=trigger,
+                reason=str(e),
+                imml_event="reload-rejected",
+            )
+            return False
+        try:
+            self._apply(new, trigger)
+        except Exception:
+            log.failure("applying the reloaded configuration failed", imml_event="reload-rejected")
+            return False
+        return True
+
+    def _hosts(self, options) -> list:
+        hosts = list(options["hosts"])
+        for child in self.top:
+            for demo in getattr(child, "hosts", ()):
+                hosts.append((parse_backend(demo.address), BackendSettings()))
+        return hosts
+
+    def _apply(self, new, trigger: str) -> None:
+        fleet = self.top.fleet
+        before = {str(b.address) for b in fleet.backends if not b.leaving}
+        fleet.reconfigure(self._hosts(new))
+        after = {str(b.address) for b in fleet.backends if not b.leaving}
+        changed, restart = [], []
+        for name in sorted(_defaults(new)):
+            if name in _HOSTS or new[name] == self.options[name]:
+                continue
+            if name in RUNTIME:
+                RUNTIME[name](self.top, new[name])
+                changed.append(name)
+            else:
+                restart.append(name)
+        self.options = new
+        log.info(
+            "configuration reloaded ({trigger}): {joined} joined, {left} leaving, {kept} kept; "
+            "changed {changed}; needing a restart {restart}",
+            trigger=trigger,
+            joined=sorted(after - before),
+            left=sorted(before - after),
+            kept=sorted(after & before),
+            changed=changed,
+            restart=restart,
+            imml_event="reload",
+        )
+
+
+def install(top, options, reactor, signals: bool = True) -> None:
+    """
+    Add the status machinery, the admin listener, the reloader and the
+    graceful stop to C{top}, the tree L{imml.tap.build} made (which must be
+    an L{OrderedStop} and carry C{fleet}, C{dispatcher}, C{checker},
+    C{forwarder}, C{site} and C{listener}).
+    """
+    from .admin import admin_site
+    from .metrics import Metrics, resource
+    from .status import Status
+    from .window import RecentWindow
+
+    fleet, dispatcher = top.fleet, top.dispatcher
+    window = RecentWindow(reactor)
+    metrics = Metrics(fleet, dispatcher, reactor)
+    top.forwarder.reporters.extend([window, metrics])
+    gate = StopGate(top.site.resource)
+    top.site.resource = gate
+    status = Status(
+        fleet,
+        dispatcher,
+        window,
+        reactor,
+        started=reactor.seconds(),
+        actions=bool(options.get("admin-actions")),
+        stopping=lambda: gate.stopping,
+        config=options.get("config"),
+    )
+    top.admin = None
+    if options.get("admin", "none") != "none":
+        site = admin_site(status, top.checker, resource(metrics.registry))
+        top.admin = StreamServerEndpointService(serverFromString(reactor, options["admin"]), site)
+        top.admin.setServiceParent(top)
+    top.reloader = Reloader(top, options, reactor, signals)
+    top.reloader.setServiceParent(top)
+    top.stopper = GracefulStop(top.listener, gate, fleet, dispatcher, reactor, options.get("drain-timeout", 30.0))
+    top.stopper.setServiceParent(top)
+    top.window, top.metrics, top.status, top.gate = window, metrics, status, gate
