@@ -22,6 +22,7 @@ run: $(STAMP)
 	$(BIN)/twistd -n --pidfile= imml-balancer $(if $(IMML_BACKENDS),,--demo 3) $(ARGS)
 
 test: $(STAMP)
+	tools/ensure-browser.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
