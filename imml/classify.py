@@ -8,6 +8,7 @@ is copied.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Optional
 
@@ -118,12 +119,16 @@ def classify(method: bytes, path: bytes, content_type: Optional[bytes], body: by
     if path != b"/predict" or method != b"POST":
         return RequestInfo(method, path)
     raw = entries_field(content_type, body) if content_type else None
-    task = "other"
-    if raw is not None:
-        try:
-            decoded = json.loads(raw)
-        except ValueError:
-            decoded = None
-        if isinstance(decoded, dict):
-            task = task_of(decoded)
+    task = "other" if raw is None else _task_of_raw(raw)
     return RequestInfo(method, path, task, task == "clip-textual")
+
+
+@functools.lru_cache(maxsize=256)
+def _task_of_raw(raw: bytes) -> str:
+    # Immich's server sends a handful of distinct entries strings: decode
+    # each once.
+    try:
+        decoded = json.loads(raw)
+    except ValueError:
+        return "other"
+    return task_of(decoded) if isinstance(decoded, dict) else "other"

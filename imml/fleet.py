@@ -126,9 +126,18 @@ class Backend:
     #: The time now, as the fleet's clock says (for staleness).
     _now: Callable[[], float] = field(default=lambda: 0.0, repr=False)
 
+    #: C{host:port}, as logs, records and headers name the host.
+    name: str = field(init=False)
+    #: The same, as bytes, for the C{X-Imml-Backend} header.
+    header: bytes = field(init=False, repr=False)
+
     @limiter.default
     def _limiter(self) -> Limit:
         return Limit(self.settings.slots)
+
+    def __attrs_post_init__(self) -> None:
+        self.name = str(self.address)
+        self.header = self.name.encode("ascii")
 
     @property
     def weight(self) -> float:
@@ -179,7 +188,7 @@ class Backend:
         return self.health.up and not self.draining and self.serves(task)
 
     def __str__(self) -> str:
-        return str(self.address)
+        return self.name
 
 
 @define(eq=False)

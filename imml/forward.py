@@ -26,7 +26,7 @@ from typing import Optional
 
 from attrs import define, field, frozen
 from twisted.internet import error as ierror
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -180,6 +180,12 @@ class _Committed(Exception):
     def __init__(self, error: BaseException) -> None:
         super().__init__(str(error))
         self.error = error
+
+
+def _mid_answer(failure: Failure, answer: _Answer):
+    if answer.committed:
+        raise _Committed(failure.value)
+    return failure
 
 
 @define(eq=False)
@@ -404,8 +410,8 @@ class _Job:
             info.path.decode("ascii", "replace"),
             info.task,
             status,
-            str(backend) if backend is not None else None,
-            tuple(str(b) for b in self.tried),
+            backend.name if backend is not None else None,
+            tuple(b.name for b in self.tried),
             forwarder.clock.seconds() - self.started,
             self.waited,
             reason,
@@ -471,17 +477,19 @@ class Forwarder:
     def release(self, backend, task, service_time, error, attempt, seconds, status, outcome) -> None:
         self.fleet.finished(backend, task, service_time, error, attempt.in_flight)
         if self.reporters:
-            record = AttemptRecord(str(backend), task, status, error, seconds, outcome)
+            record = AttemptRecord(backend.name, task, status, error, seconds, outcome)
             for reporter in self.reporters:
                 reporter.attempt_finished(record)
 
     def report_request(self, record: RequestRecord) -> None:
         # The line is rendered here, once, with an f-string: Twisted's
         # template formatting costs several times more on this hot path.
+        summary = (
+            f"{record.method} {record.path} ({record.task}) -> {record.status} "
+            f"via {record.backend} in {record.duration:.3f} s, {len(record.tried)} tries"
+        )
         self.log.info(
-            "{summary}",
-            summary=f"{record.method} {record.path} ({record.task}) -> {record.status} "
-            f"via {record.backend} in {record.duration:.3f} s, {len(record.tried)} tries",
+            summary.replace("{", "{{").replace("}", "}}"),
             method=record.method,
             path=record.path,
             task=record.task,
@@ -513,9 +521,11 @@ class Forwarder:
     def exchange(self, job: _Job, backend: Backend) -> Deferred:
         """
         Send C{job}'s request to C{backend}; fire with its L{_Answer}, within
-        the response timeout.
+        the response timeout.  (Plain callbacks, not a coroutine: this runs
+        for every request.)
         """
-        d = ensureDeferred(self._exchange(job, backend))
+        d = self._send(self.agent, job, backend)
+        d.addCallbacks(self._receive, self._resend, callbackArgs=(job, backend), errbackArgs=(job, backend))
         d.addTimeout(self.settings.response_timeout, self.clock)
         return d
 
@@ -526,18 +536,22 @@ class Forwarder:
             producer = _BytesProducer(job.body)
         return agent.request(request.method, backend.address.url(request.uri), job.headers, producer)
 
-    async def _exchange(self, job: _Job, backend: Backend) -> _Answer:
-        try:
-            response = await self._send(self.agent, job, backend)
-        except (ResponseNeverReceived, RequestTransmissionFailed, RequestNotSent) as e:
-            if any(f.check(CancelledError) for f in getattr(e, "reasons", ())):
-                # We gave up on it (timeout, or the client went away).
-                raise CancelledError() from None
-            # Perhaps a pooled connection the host had closed: once more on
-            # a new connection before holding it against the host.
-            if self.fresh_agent is None or not (job.info.retryable or isinstance(e, RequestNotSent)):
-                raise
-            response = await self._send(self.fresh_agent, job, backend)
+    def _resend(self, failure: Failure, job: _Job, backend: Backend):
+        error = failure.value
+        if not isinstance(error, (ResponseNeverReceived, RequestTransmissionFailed, RequestNotSent)):
+            return failure
+        if any(f.check(CancelledError) for f in getattr(error, "reasons", ())):
+            # We gave up on it (timeout, or the client went away).
+            raise CancelledError()
+        # Perhaps a pooled connection the host had closed: once more on a new
+        # connection before holding it against the host.
+        if self.fresh_agent is None or not (job.info.retryable or isinstance(error, RequestNotSent)):
+            return failure
+        d = self._send(self.fresh_agent, job, backend)
+        d.addCallback(self._receive, job, backend)
+        return d
+
+    def _receive(self, response, job: _Job, backend: Backend) -> Deferred:
         answer = _Answer(response.code, response.phrase, response.headers, response.length)
         request = job.request
 
@@ -556,20 +570,14 @@ class Forwarder:
         if not job.info.retryable:
             collector.sink = commit(answer)
         response.deliverBody(collector)
-        try:
-            await collector.done
-        except Exception as e:
-            if answer.committed:
-                raise _Committed(e)
-            raise
-        return answer
+        return collector.done.addErrback(_mid_answer, answer)
 
     def _start(self, request: server.Request, backend: Backend, answer: _Answer) -> None:
         request.setResponseCode(answer.code, answer.phrase)
         for name, values in answer.headers.getAllRawHeaders():
             if name.lower() not in _NOT_RETURNED:
                 request.responseHeaders.setRawHeaders(name, values)
-        request.responseHeaders.setRawHeaders(b"x-imml-backend", [str(backend).encode("ascii")])
+        request.responseHeaders.setRawHeaders(b"x-imml-backend", [backend.header])
         length = answer.length if answer.committed else answer.size
         if length is not UNKNOWN_LENGTH:
             request.setHeader(b"content-length", b"%d" % length)

@@ -44,6 +44,7 @@ class Metrics:
     dispatcher: object
     clock: object
     registry: CollectorRegistry = field(factory=CollectorRegistry)
+    _children: dict = field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
         r = self.registry
@@ -90,20 +91,29 @@ class Metrics:
 
     # -- IReporter ----------------------------------------------------------
 
+    def _child(self, metric, *labels):
+        # labels() validates and hashes on every call; a request path calls
+        # it several times, with a few distinct label sets.
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def attempt_finished(self, record: AttemptRecord) -> None:
         task = task_label(record.task)
-        self.backend_requests.labels(record.backend, task, _status_label(record.status)).inc()
+        self._child(self.backend_requests, record.backend, task, _status_label(record.status)).inc()
         if record.error is not None:
-            self.backend_errors.labels(record.backend, record.error).inc()
+            self._child(self.backend_errors, record.backend, record.error).inc()
         if record.outcome == RETRIED:
-            self.backend_retries.labels(record.backend).inc()
+            self._child(self.backend_retries, record.backend).inc()
         if record.status is not None and record.error is None:
-            self.backend_latency.labels(record.backend, task).observe(record.seconds)
+            self._child(self.backend_latency, record.backend, task).observe(record.seconds)
 
     def request_finished(self, record: RequestRecord) -> None:
         task = task_label(record.task)
-        self.requests.labels(_status_label(record.status), task).inc()
-        self.request_latency.labels(task).observe(record.duration)
+        self._child(self.requests, _status_label(record.status), task).inc()
+        self._child(self.request_latency, task).observe(record.duration)
 
 
 @define(eq=False)
