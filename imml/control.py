@@ -8,12 +8,10 @@ graceful stop, and the wiring of the admin listener into the service tree.
   file's content changes: hosts join, leave (after draining) or keep their
   state; settings that can change at run time do; a bad file is rejected
   with a logged reason and the old configuration stays in force.
-- L{GracefulStop} closes the proxy listener, makes C{/ping} answer 503
-  (L{StopGate}), and waits for every accepted request to be answered, up to
+- L{GracefulStop} closes the proxy listener, makes C{/ping} answer 503,
+  and waits for every accepted request to be answered, up to
   C{--drain-timeout}.  L{OrderedStop} stops the tree's services one after
   another, so nothing the requests need stops before they are answered.
-- L{install} adds the recent window, the metrics, the admin listener, the
-  reloader and the graceful stop to the tree that L{imml.tap.build} made.
 
 Events: C{reload}, C{reload-rejected}, C{stop-draining}, C{stop-drained},
 C{stop-timeout}.
@@ -28,17 +26,13 @@ from typing import Optional
 
 import attrs
 from twisted.application import service
-from twisted.application.internet import StreamServerEndpointService, TimerService
-from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.endpoints import serverFromString
+from twisted.application.internet import TimerService
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web.resource import Resource
 
-from .backends import parse_backend
 from .config import ConfigError
-from .fleet import BackendSettings
 from .strategies import strategy_named
 
 log = Logger()
@@ -150,34 +144,6 @@ class OrderedStop(service.MultiService):
                 log.failure("stopping {service} failed", service=repr(child))
 
 
-class StopGate(Resource):
-    """
-    Wraps the balancer's resource: counts the requests being answered, and
-    makes C{/ping} answer 503 once the balancer is stopping, so that Immich
-    moves on.
-    """
-
-    isLeaf = True
-
-    def __init__(self, inner: Resource) -> None:
-        super().__init__()
-        self.inner = inner
-        self.stopping = False
-        self.active = 0
-
-    def render(self, request):
-        if self.stopping and request.uri.split(b"?", 1)[0] == b"/ping":
-            request.setResponseCode(503)
-            request.setHeader(b"content-type", b"application/json")
-            return b'{"detail": "the balancer is stopping"}'
-        self.active += 1
-        request.notifyFinish().addBoth(self._over)
-        return self.inner.render(request)
-
-    def _over(self, _) -> None:
-        self.active -= 1
-
-
 class GracefulStop(service.Service):
     """
     Stops first: closes the listener, then waits until no request is being
@@ -187,7 +153,12 @@ class GracefulStop(service.Service):
     #: Seconds between looks at whether the requests are answered.
     poll = 0.05
 
-    def __init__(self, listener, gate: StopGate, fleet, dispatcher, clock, timeout: float) -> None:
+    def __init__(self, listener, gate, fleet, dispatcher, clock, timeout: float) -> None:
+        """
+        @param gate: the balancer's resource: it counts requests being
+            answered (C{active}) and answers C{/ping} with 503 once
+            C{stopping}.
+        """
         self.listener, self.gate, self.fleet, self.dispatcher = listener, gate, fleet, dispatcher
         self.clock, self.timeout = clock, timeout
 
@@ -211,7 +182,7 @@ class GracefulStop(service.Service):
             queued=queued,
             imml_event="stop-draining",
         )
-        d = maybeDeferred(self.listener.stopService)
+        d = maybeDeferred(self.listener.stopService) if self.listener.running else succeed(None)
         d.addCallback(lambda _: Deferred.fromCoroutine(self._drain()))
         return d
 
@@ -249,8 +220,13 @@ class Reloader(service.Service):
 
     interval = 2.0
 
-    def __init__(self, top, options, clock, signals: bool = True) -> None:
+    def __init__(self, top, options, clock, signals: bool = True, extra_hosts=lambda: []) -> None:
+        """
+        @param extra_hosts: returns hosts that are not in the options but
+            stay (the stand-in hosts of C{--demo}).
+        """
         self.top, self.options, self.clock, self.signals = top, options, clock, signals
+        self.extra_hosts = extra_hosts
         self._seen = options.get("config-digest")
         self._loop: Optional[LoopingCall] = None
         self._previous = None
@@ -307,11 +283,7 @@ class Reloader(service.Service):
         return True
 
     def _hosts(self, options) -> list:
-        hosts = list(options["hosts"])
-        for child in self.top:
-            for demo in getattr(child, "hosts", ()):
-                hosts.append((parse_backend(demo.address), BackendSettings()))
-        return hosts
+        return list(options["hosts"]) + list(self.extra_hosts())
 
     def _apply(self, new, trigger: str) -> None:
         fleet = self.top.fleet
@@ -339,43 +311,3 @@ class Reloader(service.Service):
             restart=restart,
             imml_event="reload",
         )
-
-
-def install(top, options, reactor, signals: bool = True) -> None:
-    """
-    Add the status machinery, the admin listener, the reloader and the
-    graceful stop to C{top}, the tree L{imml.tap.build} made (which must be
-    an L{OrderedStop} and carry C{fleet}, C{dispatcher}, C{checker},
-    C{forwarder}, C{site} and C{listener}).
-    """
-    from .admin import admin_site
-    from .metrics import Metrics, resource
-    from .status import Status
-    from .window import RecentWindow
-
-    fleet, dispatcher = top.fleet, top.dispatcher
-    window = RecentWindow(reactor)
-    metrics = Metrics(fleet, dispatcher, reactor)
-    top.forwarder.reporters.extend([window, metrics])
-    gate = StopGate(top.site.resource)
-    top.site.resource = gate
-    status = Status(
-        fleet,
-        dispatcher,
-        window,
-        reactor,
-        started=reactor.seconds(),
-        actions=bool(options.get("admin-actions")),
-        stopping=lambda: gate.stopping,
-        config=options.get("config"),
-    )
-    top.admin = None
-    if options.get("admin", "none") != "none":
-        site = admin_site(status, top.checker, resource(metrics.registry))
-        top.admin = StreamServerEndpointService(serverFromString(reactor, options["admin"]), site)
-        top.admin.setServiceParent(top)
-    top.reloader = Reloader(top, options, reactor, signals)
-    top.reloader.setServiceParent(top)
-    top.stopper = GracefulStop(top.listener, gate, fleet, dispatcher, reactor, options.get("drain-timeout", 30.0))
-    top.stopper.setServiceParent(top)
-    top.window, top.metrics, top.status, top.gate = window, metrics, status, gate

@@ -131,12 +131,21 @@ class BalancerResource(Resource):
         super().__init__()
         self.fleet = fleet
         self.forwarder = forwarder
+        #: The balancer is stopping: /ping says so, so Immich moves on.
+        self.stopping = False
+        #: Requests accepted and not yet answered (for the graceful stop).
+        self.active = 0
+
+    def _over(self, _) -> None:
+        self.active -= 1
 
     def render(self, request: BalancerRequest):
         if not request.uri.startswith(b"/") or request.method == b"CONNECT":
             return json_error(request, 400, "imml is a reverse proxy for Immich ML hosts, not a forward proxy")
         path = request.uri.split(b"?", 1)[0]
         if path == b"/ping" and request.method in (b"GET", b"HEAD"):
+            if self.stopping:
+                return json_error(request, 503, "the balancer is stopping")
             if self.fleet.any_up:
                 request.setHeader(b"content-type", b"text/plain; charset=utf-8")
                 return b"pong"
@@ -148,6 +157,8 @@ class BalancerResource(Resource):
         body = request.content.getvalue()
         content_type = request.requestHeaders.getRawHeaders(b"content-type", [None])[0]
         info = classify(request.method, path, content_type, body)
+        self.active += 1
         d = self.forwarder.forward(request, info, body)
+        d.addBoth(self._over)
         request.notifyFinish().addErrback(lambda _: d.cancel())
         return server.NOT_DONE_YET

@@ -1,11 +1,5 @@
 """
-``twistd imml-balancer``: options and the service tree.
-
-The service tree, in start order (stopped in reverse, one after another): the
-connection pool's closer, the demo hosts (with C{--demo}), the health checker,
-the listener, then (L{imml.control.install}) the admin listener, the reloader
-and the graceful stop, which closes the listener first and waits for the
-requests in flight.
+``twistd imml-balancer``: options and the service tree (L{build}).
 """
 
 from __future__ import annotations
@@ -15,24 +9,29 @@ import re
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.internet.protocol import Protocol
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import HTTPConnectionPool
 
 from . import __version__
-from .backends import BackendListError, parse_backends
-from .control import OrderedStop, install, remember_command_line
-from .dispatch import Dispatcher
+from .admin import admin_site
+from .backends import BackendListError, parse_backend, parse_backends
 from .config import ConfigError, load_config
+from .control import GracefulStop, OrderedStop, Reloader, remember_command_line
+from .dispatch import Dispatcher
 from .fleet import BackendSettings, Fleet
-from .health import BadAnswer, HealthChecker
 from .forward import Forwarder, ProxySettings
+from .health import BadAnswer, HealthChecker
+from .metrics import Metrics
+from .metrics import resource as metrics_resource
 from .proxy import BalancerResource, BalancerSite, make_agent, make_pool
-from .wake import Waker
+from .status import Status
 from .strategies import UnknownStrategy, available, strategy_named
+from .wake import Waker
+from .window import RecentWindow
 
 DEFAULT_STRATEGY = "least-connections"
 
@@ -236,7 +235,6 @@ class _DemoHosts(service.Service):
     def startService(self) -> None:
         super().startService()
         from . import testing
-        from .backends import parse_backend
 
         d = ensureDeferred(testing.start_fake_hosts(self.reactor, testing.demo_specs(self.count)))
 
@@ -252,14 +250,15 @@ class _DemoHosts(service.Service):
 
     def stopService(self):
         super().stopService()
-        from twisted.internet.defer import gatherResults
-
         return gatherResults([h.stop() for h in self.hosts])
 
 
-def build(options, reactor) -> service.MultiService:
+def build(options, reactor, signals: bool = True) -> OrderedStop:
     """
-    The balancer's service tree for parsed C{options}.
+    The balancer's service tree for parsed C{options}.  Children stop one
+    after another in reverse order: the graceful stop first (the listener
+    closes, requests drain), then the reloader, the admin listener, the
+    health checker, the demo hosts, the waker and the connection pool.
     """
     top = OrderedStop()
     settings_of = dict(options["hosts"])
@@ -286,21 +285,52 @@ def build(options, reactor) -> service.MultiService:
     pool = make_pool(reactor)
     agent = make_agent(reactor, settings.connect_timeout, pool)
     fresh = make_agent(reactor, settings.connect_timeout, make_pool(reactor, persistent=False))
-    forwarder = Forwarder(fleet, dispatcher, agent, reactor, settings, fresh_agent=fresh)
+    window = RecentWindow(reactor)
+    metrics = Metrics(fleet, dispatcher, reactor)
+    forwarder = Forwarder(fleet, dispatcher, agent, reactor, settings, fresh_agent=fresh, reporters=[window, metrics])
+    resource = BalancerResource(fleet, forwarder)
+    site = BalancerSite(resource, settings.max_body)
+    listener = StreamServerEndpointService(serverFromString(reactor, options["listen"]), site)
+    checker = HealthChecker(fleet, _pinger(reactor, options["health-timeout"]), reactor, options["health-interval"])
+    status = Status(
+        fleet,
+        dispatcher,
+        window,
+        reactor,
+        started=reactor.seconds(),
+        actions=bool(options["admin-actions"]),
+        stopping=lambda: resource.stopping,
+        config=options["config"],
+    )
+
     _PoolCloser(pool).setServiceParent(top)
     Waker(
         fleet, reactor, options["wol-broadcast"], options["wol-port"], options["wol-interval"]
     ).service(dispatcher).setServiceParent(top)
-    checker = HealthChecker(fleet, _pinger(reactor, options["health-timeout"]), reactor, options["health-interval"])
+    demo = None
     if options["demo"]:
-        _DemoHosts(reactor, fleet, checker, options["demo"]).setServiceParent(top)
+        demo = _DemoHosts(reactor, fleet, checker, options["demo"])
+        demo.setServiceParent(top)
     checker.service().setServiceParent(top)
-    site = BalancerSite(BalancerResource(fleet, forwarder), settings.max_body)
-    listener = StreamServerEndpointService(serverFromString(reactor, options["listen"]), site)
+    # The graceful stop, last started, stops the listener first of all.
     listener.setServiceParent(top)
+    top.admin = None
+    if options["admin"] != "none":
+        admin = admin_site(status, checker, metrics_resource(metrics.registry))
+        top.admin = StreamServerEndpointService(serverFromString(reactor, options["admin"]), admin)
+        top.admin.setServiceParent(top)
+    top.reloader = Reloader(
+        top,
+        options,
+        reactor,
+        signals,
+        extra_hosts=lambda: [(parse_backend(h.address), BackendSettings()) for h in (demo.hosts if demo else [])],
+    )
+    top.reloader.setServiceParent(top)
+    top.stopper = GracefulStop(listener, resource, fleet, dispatcher, reactor, options["drain-timeout"])
+    top.stopper.setServiceParent(top)
     top.fleet, top.dispatcher, top.checker, top.site, top.listener = fleet, dispatcher, checker, site, listener
-    top.forwarder = forwarder
-    install(top, options, reactor)
+    top.forwarder, top.window, top.metrics, top.status, top.gate = forwarder, window, metrics, status, resource
     return top
 
 
