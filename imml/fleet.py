@@ -27,6 +27,10 @@ EWMA_ALPHA = 0.2
 #: A service-time average older than this many seconds is not trusted: the
 #: host may have warmed up (or gone cold) since.
 STALE_AFTER = 60.0
+#: Immich ML unloads a model after this many idle seconds (its default
+#: MACHINE_LEARNING_MODEL_TTL): a host that answered nothing for longer is
+#: cold, and its next answer will be slow.
+MODEL_TTL = 300.0
 #: A task that failed on a host but then succeeded elsewhere, this many times
 #: in a row, is not sent to that host for a while.
 TASK_FALL = 3
@@ -162,6 +166,15 @@ class Backend:
     @property
     def error_rate(self) -> float:
         return self.stats.error_rate
+
+    @property
+    def cold(self) -> bool:
+        """
+        Up, but no answer for longer than Immich ML keeps its models loaded
+        (or none yet): the next request pays for loading a model.
+        """
+        updated = self.stats.updated
+        return self.health.up and (not updated or self._now() - max(updated.values()) > MODEL_TTL)
 
     def has_free_slot(self) -> bool:
         return self.in_flight < self.limiter.value

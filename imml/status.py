@@ -16,14 +16,13 @@ from . import __version__
 from .health import DOWN, UNKNOWN
 from .window import RecentWindow
 
-#: A host's state: the first whose test holds.  C{waking} and C{cold} read
-#: attributes that a fleet with Wake-on-LAN and cold-model detection sets.
+#: A host's state: the first whose test holds.
 STATES: tuple[tuple[str, Callable[[object], bool]], ...] = (
     ("draining", lambda b: b.draining),
-    ("waking", lambda b: bool(getattr(b, "waking", False))),
+    ("waking", lambda b: b.waking),
     ("down", lambda b: b.health.state == DOWN),
     ("unknown", lambda b: b.health.state == UNKNOWN),
-    ("cold", lambda b: bool(getattr(b, "cold_tasks", None))),
+    ("cold", lambda b: b.cold),
     ("up", lambda b: True),
 )
 STATE_NAMES = tuple(name for name, _ in STATES)
