@@ -108,17 +108,21 @@ class Dispatcher:
             return None
         return chosen
 
-    def acquire(self, info: RequestInfo, avoid: Collection[Backend] = ()) -> Deferred:
+    def acquire(self, info: RequestInfo, avoid: Collection[Backend] = (), since: Optional[float] = None) -> Deferred:
         """
         A host for C{info}, counted as having one more request in flight
-        until L{release}d.
+        until L{Fleet.finished}.
 
         @param avoid: hosts that already failed this request.
+        @param since: when the request arrived, if earlier than now (a retry
+            keeps its place among the requests of its priority).
         @return: a Deferred firing with the L{Backend}, or failing with
             L{NoBackendAvailable}.  Cancelling it leaves the queue.
         """
-        ahead = sum(1 for w in self._waiting if w.order[0] == 0) if info.interactive else len(self._waiting)
-        if not self._waiting or info.interactive:
+        priority = 0 if info.interactive else 1
+        order = (priority, self.clock.seconds() if since is None else since, next(self._sequence))
+        ahead = sum(1 for w in self._waiting if w.order < order)
+        if not ahead:
             candidates = self.candidates(info, avoid)
             if candidates:
                 chosen = self._choose(info, candidates, ahead)
@@ -131,7 +135,7 @@ class Dispatcher:
             d = Deferred()
             d.errback(NoBackendAvailable(f"the balancer's queue is full ({self.max_queue} requests waiting)"))
             return d
-        waiter = _Waiter(info, avoid, None, (0 if info.interactive else 1, next(self._sequence)))
+        waiter = _Waiter(info, avoid, None, order)
         waiter.deferred = Deferred(lambda d: self._leave(waiter))
         waiter.timer = self.clock.callLater(self.queue_timeout, self._expire, waiter)
         self._insert(waiter)

@@ -51,6 +51,16 @@ from .records import ANSWERED, CANCELLED, FAILED, RETRIED, AttemptRecord, Reques
 
 MiB = 1024 * 1024
 
+#: An attempt still unanswered after this many times its host's recent
+#: service time for the task (and at least HEDGE_MIN seconds) is sent to
+#: another host too: the host may have stalled before its health checks
+#: can tell.  The first answer wins.
+HEDGE_FACTOR = 8.0
+HEDGE_MIN = 1.0
+#: However many connections are refused, a request is sent at most this many
+#: times max-tries.
+MAX_ATTEMPTS = 4
+
 #: Headers that belong to one connection, never forwarded (RFC 9110 7.6.1).
 HOP_BY_HOP = frozenset(
     [
@@ -200,6 +210,7 @@ class _Attempt:
     in_flight: int
     deferred: Optional[Deferred] = None
     redispatched: bool = False
+    overdue: Optional[object] = None
 
     def host_down(self) -> None:
         """
@@ -229,6 +240,7 @@ class _Job:
     had_500: bool = False
     finished: bool = False
     waited: float = 0.0
+    tries: int = 0
     last_code: Optional[int] = None
     done: Deferred = field(factory=Deferred)
 
@@ -240,11 +252,14 @@ class _Job:
         """
         if self.finished or self.acquiring is not None:
             return
-        if len(self.tried) >= self.forwarder.settings.max_tries:
+        max_tries = self.forwarder.settings.max_tries
+        # A try the host never saw (its connection was refused) is given
+        # back: such a request waits for a host instead of failing.
+        if self.tries >= max_tries or len(self.tried) >= MAX_ATTEMPTS * max_tries:
             if not self.pending:
                 self.give_up()
             return
-        d = self.forwarder.dispatcher.acquire(self.info, self.tried)
+        d = self.forwarder.dispatcher.acquire(self.info, self.tried, self.started)
         since = None
         if not d.called:
             self.acquiring = d
@@ -261,9 +276,15 @@ class _Job:
         self._waited(since)
         forwarder = self.forwarder
         self.tried.append(backend)
-        attempt = _Attempt(self, backend, forwarder.clock.seconds(), backend.in_flight)
+        self.tries += 1
+        clock = forwarder.clock
+        attempt = _Attempt(self, backend, clock.seconds(), backend.in_flight)
         backend.attempts.add(attempt)
         self.pending.add(attempt)
+        if self.info.retryable:
+            expected = backend.service_time(self.info.task)
+            if expected is not None:
+                attempt.overdue = clock.callLater(max(HEDGE_MIN, HEDGE_FACTOR * expected), self.overdue, attempt)
         attempt.deferred = forwarder.exchange(self, backend)
         attempt.deferred.addBoth(self._attempt_over, attempt).addErrback(self.bug)
 
@@ -283,7 +304,16 @@ class _Job:
         self.answer_error(503, detail)
         return None
 
-    def redispatch(self, attempt: _Attempt) -> None:
+    def overdue(self, attempt: _Attempt) -> None:
+        """
+        C{attempt} takes far longer than its host's recent service times (the
+        host may have stalled, or fallen asleep, before its health checks
+        tell): try another host too, and take whichever answers first.
+        """
+        attempt.overdue = None
+        self.redispatch(attempt, "is far slower than usual with it")
+
+    def redispatch(self, attempt: _Attempt, why: str = "went down with it") -> None:
         """
         C{attempt}'s host went down with the request on it: try another host
         now, and take whichever answers first.
@@ -292,10 +322,11 @@ class _Job:
             return
         attempt.redispatched = True
         self.forwarder.log.info(
-            "re-dispatching {method} {path} away from {backend}, which went down with it",
+            "re-dispatching {method} {path} away from {backend}, which {why}",
             method=self.info.method.decode("ascii", "replace"),
             path=self.info.path.decode("ascii", "replace"),
-            backend=str(attempt.backend),
+            backend=attempt.backend.name,
+            why=why,
             imml_event="redispatch",
         )
         self.next()
@@ -307,6 +338,10 @@ class _Job:
         backend = attempt.backend
         self.pending.discard(attempt)
         backend.attempts.discard(attempt)
+        if attempt.overdue is not None:
+            if attempt.overdue.active():
+                attempt.overdue.cancel()
+            attempt.overdue = None
         seconds = forwarder.clock.seconds() - attempt.sent
         task = self.info.task
         if isinstance(result, Failure):
@@ -318,6 +353,8 @@ class _Job:
             retry = not result.check(_Committed) and (
                 self.info.retryable or isinstance(error, ierror.ConnectError)
             )
+            if isinstance(error, ierror.ConnectError):
+                self.tries -= 1
             forwarder.release(backend, task, None, reason, attempt, seconds, None, RETRIED if retry else FAILED)
             forwarder.fleet.request_failed(backend, reason)
             self.reasons.append(f"{backend}: {reason}")

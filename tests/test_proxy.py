@@ -350,3 +350,25 @@ async def test_a_host_failing_one_task_stops_getting_that_task_only():
         assert r.fleet.backends[0].up
         [blocked] = [e for e in r.events if e.get("imml_event") == "task-blocked"]
         assert (blocked["backend"], blocked["task"]) == (r.hosts[0].address, "ocr")
+
+
+@bounded(20)
+async def test_an_overdue_request_is_also_sent_elsewhere_before_health_checks_tell():
+    async with await rig(hosts(2, service_time=0.05), "--strategy", "failover", "--health-interval", "60") as r:
+        for _ in range(3):
+            assert served_by(r, await r.predict()) == "h0"
+        r.hosts[0].mode = "hang"  # stalled, but nothing has checked it yet
+        response = await r.predict()
+        assert response.code == 200 and served_by(r, response) == "h1"
+        [event] = [e for e in r.events if e.get("imml_event") == "redispatch"]
+        assert event["backend"] == r.hosts[0].address and "slower" in event["why"]
+        assert r.fleet.backends[0].up  # hedging is not a health verdict
+
+
+@bounded(20)
+async def test_a_refused_connection_does_not_use_up_a_try():
+    async with await rig(hosts(2), "--strategy", "failover", "--max-tries", "1", "--health-interval", "60") as r:
+        await r.hosts[0].stop()  # gone, and no health check has noticed yet
+        response = await r.predict()
+        assert response.code == 200 and served_by(r, response) == "h1"
+        assert not r.fleet.backends[0].up
