@@ -73,6 +73,9 @@ class Stats:
     service_time: dict = field(factory=dict)
     updated: dict = field(factory=dict)
     error_rate: float = 0.0
+    #: A moving average of the service times of all tasks together: how long
+    #: a request holds a slot on this host.
+    slot_time: Optional[float] = None
 
     def record_time(self, task: Optional[str], seconds: float, now: float = 0.0) -> None:
         """
@@ -86,6 +89,8 @@ class Stats:
         else:
             self.service_time[key] = old + EWMA_ALPHA * (min(seconds, 3 * old + 0.001) - old)
         self.updated[key] = now
+        slot = self.slot_time
+        self.slot_time = seconds if slot is None else slot + EWMA_ALPHA * (min(seconds, 3 * slot + 0.001) - slot)
 
     def record_outcome(self, failed: bool) -> None:
         self.error_rate += EWMA_ALPHA * ((1.0 if failed else 0.0) - self.error_rate)
@@ -185,6 +190,10 @@ class Backend:
         if updated is None or self._now() - updated > STALE_AFTER:
             return None
         return self.stats.service_time.get(key)
+
+    @property
+    def slot_time(self) -> Optional[float]:
+        return self.stats.slot_time
 
     def serves(self, task: Optional[str]) -> bool:
         tasks = self.settings.tasks

@@ -58,6 +58,11 @@ class IBackendView(Interface):
         "again after being down."
     )
     error_rate = Attribute("A moving average of the host's failures: 0.0 none, 1.0 all.")
+    slot_time = Attribute(
+        "A moving average of how long any request holds a slot on the host, "
+        "whatever its task, in seconds; None when nothing is known.  A slot "
+        "frees every slot_time / limit seconds on average."
+    )
 
     def has_free_slot() -> bool:
         """

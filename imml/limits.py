@@ -31,17 +31,29 @@ BASELINE_DRIFT = 0.02
 MAX_LEARNED = 64
 
 
+#: Good answers at a limit before the limit is raised again to one that
+#: showed queueing before; doubled each time the raise shows queueing again.
+PROBE_AFTER = 50
+MAX_PROBE_AFTER = 1000
+
+
 @define
 class Limit:
     """
     @ivar slots: configured slots, or None to learn the limit.
     @ivar learned: the learned limit (used when C{slots} is None).
     @ivar ramp: the slow-start cap, or None when not starting.
+    @ivar ceiling: the lowest limit at which the host was seen queueing, or
+        None: raising the limit to it again is a probe, tried only after
+        C{probe_after} good answers, since the probe's request pays for it
+        (it waits inside the host for a whole service time).
     """
 
     slots: Optional[int] = None
     learned: int = 1
     ramp: Optional[int] = None
+    ceiling: Optional[int] = None
+    probe_after: int = PROBE_AFTER
     _baseline: dict = field(factory=dict)
     _good: int = 0
 
@@ -81,14 +93,22 @@ class Limit:
             return
         if seconds > baseline * QUEUEING + QUEUEING_SLACK:
             self._good = 0
-            if self.learned > 1 and in_flight > 1:
+            if in_flight > 1 and self.learned > 1:
+                if self.ceiling is not None and self.learned >= self.ceiling:
+                    # the probe failed: wait longer before the next one
+                    self.probe_after = min(self.probe_after * 2, MAX_PROBE_AFTER)
+                self.ceiling = self.learned if self.ceiling is None else min(self.ceiling, self.learned)
                 self.learned -= 1
             return
         if in_flight >= self.learned:
             self._good += 1
-            if self._good >= self.learned and self.learned < MAX_LEARNED:
+            probing = self.ceiling is not None and self.learned + 1 >= self.ceiling
+            needed = self.probe_after if probing else self.learned
+            if self._good >= needed and self.learned < MAX_LEARNED:
                 self.learned += 1
                 self._good = 0
+                if self.ceiling is not None and self.learned > self.ceiling:
+                    self.ceiling = None  # the host took more than before
 
     def failed(self) -> None:
         """

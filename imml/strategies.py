@@ -105,8 +105,8 @@ class ShortestDelay:
     the request's task: the host's recent service time for that task
     (divided by its weight, raised by its recent error rate), plus, when the
     host has no free slot, the expected wait for one given the requests
-    already queued ahead (a slot frees every C{service time / limit} on
-    average).  A host with no samples yet, or only old ones, is assumed as
+    already queued ahead (a slot frees every C{slot time / limit} on
+    average, the slot time being how long requests of any task hold one).  A host with no samples yet, or only old ones, is assumed as
     fast as the fastest known host, so that it gets tried.  When waiting for
     a busy host beats every free one, the request waits: late binding sends
     it to the first slot that frees up there.
@@ -129,15 +129,18 @@ class ShortestDelay:
         self._turn += 1
         count = len(candidates)
         for i, (c, t) in enumerate(zip(candidates, times)):
-            t = (fallback if t is None else t) / c.weight * (1.0 + self.error_penalty * c.error_rate)
+            slowdown = (1.0 + self.error_penalty * c.error_rate) / c.weight
+            t = (fallback if t is None else t) * slowdown
             limit = max(c.limit, 1)
             if c.has_free_slot():
                 key = (t, c.in_flight / limit, (i - self._turn) % count)
                 if best_key is None or key < best_key:
                     best, best_key = c, key
             else:
+                slot = c.slot_time
+                slot = t if slot is None else slot * slowdown
                 queued = c.in_flight - limit + request.ahead + 0.5
-                wait_cost = min(wait_cost, t + t * queued / limit)
+                wait_cost = min(wait_cost, t + slot * queued / limit)
         if best is None or wait_cost < best_key[0]:
             return None
         return best

@@ -75,3 +75,29 @@ def test_slow_start_after_coming_back():
     learned = Limit(learned=8)
     learned.restart()
     assert learned.value == 1
+
+
+def test_after_queueing_is_seen_the_limit_probes_above_it_rarely():
+    """
+    A host with 2 slots: each probe of a third request costs that request a
+    whole service time of waiting inside the host, so probes get rarer.
+    """
+    limit = Limit()
+    probes = 0
+    for _ in range(2000):
+        n = limit.value
+        seconds = 0.04 if n <= 2 else 0.08
+        before = limit.value
+        limit.answered("clip-visual", seconds, n)
+        if before == 2 and limit.value == 3:
+            probes += 1
+    assert limit.ceiling == 3
+    assert 1 <= probes <= 6
+
+
+def test_a_host_that_takes_more_later_is_followed():
+    limit = Limit(learned=2, ceiling=3)
+    feed(limit, [(0.04, 2)] * 50)  # a probe to 3 ...
+    assert limit.value == 3
+    feed(limit, [(0.04, 3)] * 50)  # ... that holds, and the next one too
+    assert limit.value == 4 and limit.ceiling is None

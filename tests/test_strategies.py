@@ -34,6 +34,7 @@ class View:
     weight: float = 1.0
     tier: int = 0
     error_rate: float = 0.0
+    slot_time: Optional[float] = None
 
     @property
     def address(self):
@@ -229,6 +230,21 @@ def test_shortest_delay_waits_for_a_fast_host_rather_than_take_a_slow_one():
     # ... and the slow one only when the queue is long indeed
     assert strategy.choose(sed_request(ahead=6), [fast, slow]) is None
     assert strategy.choose(sed_request(ahead=40), [fast, slow]) is slow
+
+
+def test_shortest_delay_waits_for_a_slot_by_what_holds_the_slots():
+    """
+    A text search (10 ms) waiting for the fast host's slot waits for image
+    requests (40 ms) to finish, not for other text searches.
+    """
+    from imml.strategies import ShortestDelay
+
+    fast = Timed(0, limit=2, in_flight=2, seconds=0.01, slot_time=0.04)
+    medium = Timed(1, limit=1, seconds=0.0375, slot_time=0.15)
+    search = RequestInfo(b"POST", b"/predict", "clip-textual", interactive=True)
+    assert ShortestDelay().choose(search, [fast, medium]) is None
+    fast.slot_time = 0.2  # slots held far longer: the medium host is sooner
+    assert ShortestDelay().choose(search, [fast, medium]) is medium
 
 
 def test_shortest_delay_tries_hosts_it_knows_nothing_about():
