@@ -121,16 +121,18 @@ class Dispatcher:
         """
         priority = 0 if info.interactive else 1
         order = (priority, self.clock.seconds() if since is None else since, next(self._sequence))
+        # The strategy sees how many wait ahead: a free slow host may beat
+        # waiting behind them.  (A request with a free host of its own, while
+        # others wait, is one they could not use.)
         ahead = sum(1 for w in self._waiting if w.order < order)
-        if not ahead:
-            candidates = self.candidates(info, avoid)
-            if candidates:
-                chosen = self._choose(info, candidates, ahead)
-                if chosen is not None:
-                    self.fleet.started(chosen)
-                    d = Deferred()
-                    d.callback(chosen)
-                    return d
+        candidates = self.candidates(info, avoid)
+        if candidates:
+            chosen = self._choose(info, candidates, ahead)
+            if chosen is not None:
+                self.fleet.started(chosen)
+                d = Deferred()
+                d.callback(chosen)
+                return d
         if len(self._waiting) >= self.max_queue:
             d = Deferred()
             d.errback(NoBackendAvailable(f"the balancer's queue is full ({self.max_queue} requests waiting)"))

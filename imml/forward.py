@@ -233,6 +233,7 @@ class _Job:
     started: float
     tried: list = field(factory=list)
     reasons: list = field(factory=list)
+    #: Hosts that answered this request with a failing status.
     failed_on: list = field(factory=list)
     pending: set = field(factory=set)
     acquiring: Optional[Deferred] = None
@@ -358,7 +359,6 @@ class _Job:
             forwarder.release(backend, task, None, reason, attempt, seconds, None, RETRIED if retry else FAILED)
             forwarder.fleet.request_failed(backend, reason)
             self.reasons.append(f"{backend}: {reason}")
-            self.failed_on.append(backend)
             if result.check(_Committed):
                 # Part of the answer has reached the client: cut its
                 # connection, so the answer is seen as incomplete, never as

@@ -25,8 +25,8 @@ QUEUEING_SLACK = 0.005
 #: An answer slower than this many times the baseline is an outlier (a model
 #: loading): it tells nothing about concurrency.
 OUTLIER = 10.0
-#: How fast a baseline drifts up towards slower answers (new normal).
-BASELINE_DRIFT = 0.02
+#: How fast a baseline follows slower answers given alone (a new normal).
+BASELINE_DRIFT = 0.05
 #: The most a learned limit grows to.
 MAX_LEARNED = 64
 
@@ -80,7 +80,9 @@ class Limit:
         baseline = self._baseline.get(key)
         if baseline is None or seconds < baseline:
             self._baseline[key] = baseline = seconds
-        elif seconds < baseline * OUTLIER:
+        elif in_flight == 1 and seconds < baseline * OUTLIER:
+            # Alone on the host, an answer cannot have queued behind ours:
+            # it is the host's unloaded service time (which may change).
             self._baseline[key] = baseline + BASELINE_DRIFT * (seconds - baseline)
         if self.ramp is not None:
             self.ramp += 1
@@ -93,7 +95,10 @@ class Limit:
             return
         if seconds > baseline * QUEUEING + QUEUEING_SLACK:
             self._good = 0
-            if in_flight > 1 and self.learned > 1:
+            # Only a request sent at the present limit (or below) says the
+            # present limit queues; those sent before the last decrease
+            # say nothing new.
+            if 1 < in_flight <= self.learned:
                 if self.ceiling is not None and self.learned >= self.ceiling:
                     # the probe failed: wait longer before the next one
                     self.probe_after = min(self.probe_after * 2, MAX_PROBE_AFTER)

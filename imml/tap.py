@@ -9,7 +9,9 @@ import re
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, gatherResults
+from twisted.internet.error import TimeoutError
+from twisted.web._newclient import ResponseNeverReceived
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -189,7 +191,12 @@ def _pinger(reactor, timeout: float):
     async def ping(backend) -> None:
         d = agent.request(b"GET", backend.address.url(b"/ping"))
         d.addTimeout(timeout, reactor)
-        response = await d
+        try:
+            response = await d
+        except ResponseNeverReceived as e:
+            if any(f.check(CancelledError) for f in e.reasons):
+                raise TimeoutError() from None  # our timeout, not the host's doing
+            raise
         body = Deferred()
         response.deliverBody(_Drain(body))
         body.addTimeout(timeout, reactor)

@@ -372,3 +372,5 @@ async def test_a_refused_connection_does_not_use_up_a_try():
         response = await r.predict()
         assert response.code == 200 and served_by(r, response) == "h1"
         assert not r.fleet.backends[0].up
+        # a host that is gone has not failed the task: nothing is held against it
+        assert r.fleet.backends[0].tasks == {}
