@@ -1,0 +1,97 @@
+"""
+The ceiling of our stack: the least a twisted.web reverse proxy can do.
+
+One Resource forwards every request with one Agent and a persistent
+HTTPConnectionPool to the backends in turn (round-robin), reads the whole
+answer and returns it.  No retries, no health checks, no logging, no form
+parsing of request bodies (Site(parsePOSTFormSubmission=False)).
+
+    python bench/minimal_proxy.py PORT 127.0.0.1:P1,127.0.0.1:P2
+"""
+
+import itertools
+import sys
+import warnings
+
+from twisted.internet import defer, reactor
+from twisted.web.client import Agent, HTTPConnectionPool, readBody
+from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
+from zope.interface import implementer
+from twisted.web.iweb import IBodyProducer
+
+SKIP = {b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"host", b"te", b"upgrade"}
+
+
+@implementer(IBodyProducer)
+class Body:
+    def __init__(self, data):
+        self.data, self.length = data, len(data)
+
+    def startProducing(self, consumer):
+        consumer.write(self.data)
+        return defer.succeed(None)
+
+    def pauseProducing(self): pass
+    def resumeProducing(self): pass
+    def stopProducing(self): pass
+
+
+class Forward(Resource):
+    isLeaf = True
+
+    def __init__(self, agent, backends):
+        super().__init__()
+        self.agent, self.backends = agent, itertools.cycle(backends)
+
+    def render(self, request):
+        headers = Headers()
+        for name, values in request.requestHeaders.getAllRawHeaders():
+            if name.lower() not in SKIP:
+                headers.setRawHeaders(name, values)
+        body = request.content.read()
+        url = b"http://" + next(self.backends) + request.uri
+        d = self.agent.request(request.method, url, headers, Body(body) if body or request.method == b"POST" else None)
+        d.addCallback(lambda r: readBody(r).addCallback(lambda data: (r, data)))
+
+        def done(result):
+            response, data = result
+            request.setResponseCode(response.code)
+            for name in (b"content-type",):
+                value = response.headers.getRawHeaders(name)
+                if value:
+                    request.setHeader(name, value[0])
+            request.write(data)
+            request.finish()
+
+        def failed(failure):
+            if not request.finished and not request._disconnected:
+                request.setResponseCode(502)
+                request.finish()
+
+        d.addCallbacks(done, failed)
+        request.notifyFinish().addErrback(lambda _: d.cancel())
+        return NOT_DONE_YET
+
+
+class QuietSite(Site):
+    def log(self, request):
+        pass
+
+
+def main(port, backends):
+    warnings.filterwarnings("ignore", "Using readBody with a transport", DeprecationWarning)
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = 16
+    pool.cachedConnectionTimeout = 1.0  # below Immich ML's 2 s keep-alive
+    agent = Agent(reactor, pool=pool)
+    # A proxy forwards bodies byte for byte: no form parsing.
+    site = QuietSite(Forward(agent, [b.encode() for b in backends.split(",")]), parsePOSTFormSubmission=False)
+    site.noisy = False
+    reactor.listenTCP(int(port), site, interface="127.0.0.1")
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
