@@ -217,15 +217,31 @@ backend ml_hosts
 """
 
 
-def imml_command(workdir: Path, port: int, backends: list[int], strategy: str, extra: list[str]) -> list[str]:
-    return [TWISTD, "-n", "--pidfile=", f"--logfile={workdir}/imml.log", "imml-balancer",
-            "--listen", f"tcp:{port}:interface=127.0.0.1",
-            "--backends", ",".join(f"127.0.0.1:{p}" for p in backends),
-            "--strategy", strategy, *IMML_HEALTH, *extra]
+def imml_command(workdir: Path, port: int, fakes: list, strategy: str, extra: list[str]) -> list[str]:
+    cmd = [TWISTD, "-n", "--pidfile=", f"--logfile={workdir}/imml.log", "imml-balancer",
+           "--listen", f"tcp:{port}:interface=127.0.0.1"]
+    if strategy.endswith("+slots"):
+        # Diagnostic only (the issue's targets must hold without it): each
+        # host's true slots in a --config file, so no limit is learned.
+        strategy = strategy[: -len("+slots")]
+        conf = workdir / "imml.toml"
+        conf.write_text("".join(f'[[hosts]]\naddress = "127.0.0.1:{f.port}"\nslots = {f.slots}\n\n' for f in fakes))
+        cmd += ["--config", str(conf)]
+    else:
+        cmd += ["--backends", ",".join(f"127.0.0.1:{f.port}" for f in fakes)]
+    return cmd + ["--strategy", strategy, *IMML_HEALTH, *extra]
 
 
-def start_proxy(procs: Processes, target: str, backends: list[int], tools, imml_extra: list[str]) -> int:
+PROBES = {
+    "shortest-delay": "bench.fleet_probe.ShortestDelayProbe",
+    "least-connections": "bench.fleet_probe.LeastConnectionsProbe",
+}
+
+
+def start_proxy(procs: Processes, target: str, fakes: list, tools, imml_extra: list[str],
+                probe: bool = False) -> int:
     workdir = procs.workdir
+    backends = [f.port for f in fakes]
     port = free_port()
     if target == "nginx":
         conf = workdir / "nginx.conf"
@@ -237,7 +253,14 @@ def start_proxy(procs: Processes, target: str, backends: list[int], tools, imml_
         conf.write_text(haproxy_conf(workdir, port, backends))
         proc = procs.start("haproxy", [tools["haproxy"], "-f", str(conf), "-db"])
     elif target.startswith("imml:"):
-        proc = procs.start("imml", imml_command(workdir, port, backends, target[5:], imml_extra))
+        strategy = target[5:]
+        env = None
+        base, plus, suffix = strategy.partition("+")
+        if probe and base in PROBES:
+            # The same strategy, recording limits and estimates (bench/fleet_probe.py).
+            strategy = PROBES[base] + plus + suffix
+            env = dict(os.environ, PYTHONPATH=str(ROOT), IMML_PROBE_OUT=str(workdir / "probe.json"))
+        proc = procs.start("imml", imml_command(workdir, port, fakes, strategy, imml_extra), env=env)
     else:
         raise ValueError(target)
     try:
@@ -283,7 +306,7 @@ def run_case(scenario: str, target: str, tools, args, root: Path, live: list) ->
         fakes = [Fake(procs, spec) for spec in specs]
         for fake in fakes:
             fake.start()
-        port = start_proxy(procs, target, [f.port for f in fakes], tools, args.imml_extra)
+        port = start_proxy(procs, target, fakes, tools, args.imml_extra, args.probe)
         clients = 8 if scenario in ("heterogeneous", "mixed") else 4
         out = casedir / "requests.json"
         start_at = time.monotonic() + 0.3
@@ -325,11 +348,34 @@ def run_case(scenario: str, target: str, tools, args, root: Path, live: list) ->
         result["events"] = events
         if target.startswith("imml:"):
             result["imml_log"] = imml_log_summary(casedir / "imml.log")
+            if args.probe and (casedir / "probe.json").exists():
+                result["probe"] = probe_summary(json.loads((casedir / "probe.json").read_text()), fakes)
         return result
     finally:
         resume_all(procs)
         procs.stop_all()
         live.remove(procs)
+
+
+def probe_summary(probe: dict, fakes: list) -> dict:
+    """The probe's record, with host names for addresses."""
+    names = {f"127.0.0.1:{f.port}": f.name for f in fakes}
+
+    def name(text: str) -> str:
+        for address, n in names.items():
+            text = text.replace(address, n)
+        return text
+
+    return {
+        "decisions": probe["decisions"],
+        "waited_with_free_host": probe["waited_with_free_host"],
+        "chosen": {name(k): v for k, v in sorted(probe["chosen"].items())},
+        "limit_share": {name(a): {k: round(v / max(1, sum(c.values())), 3) for k, v in c.items()}
+                        for a, c in probe["limit"].items()},
+        "limit_changes": {name(a): n for a, n in probe["limit_changes"].items()},
+        "estimate_ms": {name(k): v for k, v in probe["estimate_ms"].items()},
+        "series": [[t, {name(a): v for a, v in hosts.items()}] for t, hosts in probe["series"]],
+    }
 
 
 def imml_log_summary(path: Path) -> dict:
@@ -415,7 +461,7 @@ def analyse(scenario: str, log: list[dict], t: dict) -> dict:
 
 
 def label(target: str) -> str:
-    return target.replace("imml:", "imml ")
+    return target.replace("imml:", "imml ").replace("+slots", " +slots")
 
 
 def fmt(value, spec: str = ".0f") -> str:
@@ -444,7 +490,7 @@ def verdicts(results: dict, targets: list[str]) -> dict:
     out: dict = {}
     peers = [p for p in ("nginx", "haproxy") if p in targets]
     for target in targets:
-        if not target.startswith("imml:"):
+        if not target.startswith("imml:") or target.endswith("+slots"):
             continue
         v = out.setdefault(target, {})
         h = results.get("heterogeneous", {}).get(target)
@@ -509,11 +555,24 @@ def report(data: dict) -> None:
                 f"{label(t)}: {l['went_down']} down, {l['came_up']} up, {l['redispatches']} re-dispatched"
                 + (f", {l['tracebacks']} tracebacks" if l.get("tracebacks") else "")
                 for t, l in logs.items() if l))
+        for t in targets:
+            pr = (per.get(t) or {}).get("probe")
+            if pr:
+                say(f"probe {label(t)}: {pr['decisions']} decisions, waited with a free host "
+                    f"{pr['waited_with_free_host']}; limit changes {pr['limit_changes']}")
+                for host, share in pr["limit_share"].items():
+                    say(f"    limit of {host}: " + ", ".join(f"{k}: {100 * v:.0f}%" for k, v in share.items())
+                        + " of decisions")
+                for key, e in pr["estimate_ms"].items():
+                    say(f"    service-time estimate {key}: median {e['median']} ms (min {e['min']}, max {e['max']})")
         if data["failures"].get(scenario):
             for t, why in data["failures"][scenario].items():
                 say(f"FAILED {label(t)}: {why.splitlines()[0] if why else ''}")
     say("")
     say("hosts: share of 2xx answers per fake host (f fast, m medium, s slow; a, b), %")
+    if any(t.endswith("+slots") for t in targets):
+        say("+slots: diagnostic, imml told each host's true slots in a --config file (no learned limit); "
+            "not a target of the issue, which demands a plain --backends list")
     say("")
     peers = [p for p in ("nginx", "haproxy") if p in targets]
     h = results.get("heterogeneous", {})
@@ -545,6 +604,12 @@ def main(argv=None) -> int:
                         + " ".join(IMML_HEALTH) + ")")
     parser.add_argument("--request-timeout", type=float, default=60.0,
                         help="seconds a client waits for one answer (a timeout is an error)")
+    parser.add_argument("--probe", action="store_true",
+                        help="run imml's strategies through bench/fleet_probe.py, which records each host's "
+                        "learned limit and service-time estimate at every decision, and print them")
+    parser.add_argument("--slots-diagnostic", action="store_true",
+                        help="also run imml with each host's true slots in a --config file (no learned "
+                        "limits): a diagnostic, not one of the issue's targets")
     parser.add_argument("--quick", action="store_true", help="shorter runs (about 4 minutes instead of 10)")
     parser.add_argument("--no-install", action="store_true", help="never apt-get; nginx/haproxy skipped if missing")
     parser.add_argument("--json", metavar="FILE", help="write every figure to FILE")
@@ -571,7 +636,10 @@ def main(argv=None) -> int:
     targets: list[str] = []
     for t in wanted:
         if t == "imml":
-            targets += [f"imml:{s.strip()}" for s in args.strategies.split(",") if s.strip()]
+            strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+            targets += [f"imml:{s}" for s in strategies]
+            if args.slots_diagnostic:
+                targets += [f"imml:{s}+slots" for s in strategies[:1]]
         elif tools.get(t):
             targets.append(t)
         else:
@@ -619,7 +687,7 @@ def main(argv=None) -> int:
     data = {
         "versions": versions(tools),
         "loadavg": loadavg,
-        "settings": {"quick": args.quick, "timings": args.timings, "imml_extra": args.imml_extra,
+        "settings": {"quick": args.quick, "probe": args.probe, "timings": args.timings, "imml_extra": args.imml_extra,
                      "imml_health": IMML_HEALTH, "request_timeout": args.request_timeout,
                      "fleets": {"heterogeneous": HETEROGENEOUS, "pair": PAIR}},
         "scenarios": scenarios,
