@@ -387,6 +387,7 @@ def imml_log_summary(path: Path) -> dict:
         "redispatches": text.count("re-dispatching"),
         "went_down": len(re.findall(r"ML host \S+ is down", text)),
         "came_up": len(re.findall(r"ML host \S+ is up \(was down\)", text)),
+        "task_blocked": text.count("sending it none for"),
         "tracebacks": text.count("Traceback"),
     }
 
@@ -423,6 +424,7 @@ def analyse(scenario: str, log: list[dict], t: dict) -> dict:
         "requests": len(measured),
         "errors": len(errors),
         "error_kinds": dict(Counter(r["error"] for r in errors)),
+        "error_samples": [{k: r.get(k) for k in ("start", "end", "error", "body", "backend")} for r in errors[:5]],
     }
     images = [r for r in ok if r["kind"] == "image"]
     lat = latency_ms(images)
@@ -552,7 +554,8 @@ def report(data: dict) -> None:
         logs = {t: (per.get(t) or {}).get("imml_log") for t in targets}
         if scenario in ("sporadic", "all-down") and any(logs.values()):
             say("imml log: " + "; ".join(
-                f"{label(t)}: {l['went_down']} down, {l['came_up']} up, {l['redispatches']} re-dispatched"
+                f"{label(t)}: {l['went_down']} down, {l['came_up']} up, {l['redispatches']} re-dispatched, "
+                f"{l.get('task_blocked', 0)} task blocks"
                 + (f", {l['tracebacks']} tracebacks" if l.get("tracebacks") else "")
                 for t, l in logs.items() if l))
         for t in targets:

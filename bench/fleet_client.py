@@ -53,7 +53,7 @@ def raw_request(port: int, content_type: bytes, body: bytes) -> bytes:
     ) + body
 
 
-async def exchange(port: int, request: bytes) -> tuple[int, dict[str, str]]:
+async def exchange(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(request)
@@ -68,10 +68,10 @@ async def exchange(port: int, request: bytes) -> tuple[int, dict[str, str]]:
                 headers[name.strip().lower()] = value.strip()
         length = headers.get("content-length")
         if length is not None:
-            await reader.readexactly(int(length))
+            body = await reader.readexactly(int(length))
         else:
-            await reader.read()  # until the server closes: bounded by the caller's timeout
-        return status, headers
+            body = await reader.read()  # until the server closes: bounded by the caller's timeout
+        return status, headers, body
     finally:
         writer.close()
 
@@ -80,11 +80,12 @@ async def one(port: int, kind: str, request: bytes, timeout: float, log: list) -
     start = time.monotonic()
     record = {"kind": kind, "start": start}
     try:
-        status, headers = await asyncio.wait_for(exchange(port, request), timeout)
+        status, headers, body = await asyncio.wait_for(exchange(port, request), timeout)
         record.update(status=status, backend=headers.get("x-imml-backend"), host=headers.get("x-fake-host"))
         ok = 200 <= status < 300
         if not ok:
             record["error"] = f"status {status}"
+            record["body"] = body[:300].decode("utf-8", "replace")
     except asyncio.TimeoutError:
         record.update(status=0, error="timeout")
         ok = False
