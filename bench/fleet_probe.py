@@ -1,0 +1,72 @@
+"""
+Diagnostic strategies for bench/fleet.py --probe: imml's own strategies,
+unchanged, that also record what they see of each host at every decision
+(the learned concurrency limit, requests in flight, the service-time
+estimate), so the benchmark can say why a target was missed.
+
+They are loaded by imml through ``--strategy bench.fleet_probe.<Class>`` (a
+dotted path, which imml accepts) with the repository root on PYTHONPATH, and
+write a JSON summary to $IMML_PROBE_OUT at most once a second.  Nothing in
+imml/ is changed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+
+from imml.strategies import LeastConnections, ShortestDelay
+
+
+class _Probe:
+    def _record(self, request, candidates, chosen) -> None:
+        now = time.monotonic()
+        state = self.__dict__.setdefault("_probe", {
+            "decisions": 0, "waited_with_free_host": 0, "chosen": Counter(), "limit": {},
+            "limit_changes": Counter(), "last_limit": {}, "over_limit": Counter(),
+            "estimate_ms": {}, "last_dump": 0.0, "series": [],
+        })
+        state["decisions"] += 1
+        if chosen is None and any(c.has_free_slot() for c in candidates):
+            state["waited_with_free_host"] += 1
+        key = str(chosen) if chosen is not None else "(wait)"
+        state["chosen"][f"{request.task}->{key}"] += 1
+        for c in candidates:
+            address = str(c)
+            state["limit"].setdefault(address, Counter())[c.limit] += 1
+            if state["last_limit"].get(address) not in (None, c.limit):
+                state["limit_changes"][address] += 1
+            state["last_limit"][address] = c.limit
+            t = c.service_time(request.task)
+            if t is not None:
+                state["estimate_ms"].setdefault(f"{request.task}@{address}", []).append(round(1000 * t, 1))
+        if now - state["last_dump"] >= 1.0:
+            state["last_dump"] = now
+            state["series"].append([round(now, 2), {str(c): [c.limit, c.in_flight] for c in candidates}])
+            path = os.environ.get("IMML_PROBE_OUT")
+            if path:
+                out = {k: v for k, v in state.items() if k not in ("last_dump", "last_limit", "estimate_ms")}
+                out["estimate_ms"] = {
+                    k: {"n": len(v), "min": min(v), "median": sorted(v)[len(v) // 2], "max": max(v)}
+                    for k, v in state["estimate_ms"].items()
+                }
+                out["limit"] = {a: dict(sorted(c.items())) for a, c in state["limit"].items()}
+                with open(path + ".tmp", "w") as f:
+                    json.dump(out, f)
+                os.replace(path + ".tmp", path)
+
+
+class ShortestDelayProbe(ShortestDelay, _Probe):
+    def choose(self, request, candidates):
+        chosen = ShortestDelay.choose(self, request, candidates)
+        self._record(request, candidates, chosen)
+        return chosen
+
+
+class LeastConnectionsProbe(LeastConnections, _Probe):
+    def choose(self, request, candidates):
+        chosen = LeastConnections.choose(self, request, candidates)
+        self._record(request, candidates, chosen)
+        return chosen
