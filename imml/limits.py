@@ -34,7 +34,9 @@ MAX_LEARNED = 64
 #: Good answers at a limit before the limit is raised again to one that
 #: showed queueing before; doubled each time the raise shows queueing again.
 PROBE_AFTER = 50
-MAX_PROBE_AFTER = 1000
+MAX_PROBE_AFTER = 400
+#: Answers in a row that show queueing before the limit comes down.
+QUEUED_IN_A_ROW = 2
 
 
 @define
@@ -56,6 +58,7 @@ class Limit:
     probe_after: int = PROBE_AFTER
     _baseline: dict = field(factory=dict)
     _good: int = 0
+    _bad: int = 0
 
     @property
     def value(self) -> int:
@@ -97,14 +100,19 @@ class Limit:
             self._good = 0
             # Only a request sent at the present limit (or below) says the
             # present limit queues; those sent before the last decrease
-            # say nothing new.
+            # say nothing new.  One slow answer may be noise: two in a row
+            # are not.
             if 1 < in_flight <= self.learned:
+                self._bad += 1
+            if self._bad >= QUEUED_IN_A_ROW:
+                self._bad = 0
                 if self.ceiling is not None and self.learned >= self.ceiling:
                     # the probe failed: wait longer before the next one
                     self.probe_after = min(self.probe_after * 2, MAX_PROBE_AFTER)
                 self.ceiling = self.learned if self.ceiling is None else min(self.ceiling, self.learned)
                 self.learned -= 1
             return
+        self._bad = 0
         if in_flight >= self.learned:
             self._good += 1
             probing = self.ceiling is not None and self.learned + 1 >= self.ceiling

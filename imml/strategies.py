@@ -139,8 +139,10 @@ class ShortestDelay:
             else:
                 slot = c.slot_time
                 slot = t if slot is None else slot * slowdown
-                queued = c.in_flight - limit + request.ahead + 0.5
-                wait_cost = min(wait_cost, t + slot * queued / limit)
+                # it needs this many slots to free: those of the requests
+                # ahead of it, and its own
+                slots_needed = c.in_flight - limit + request.ahead + 1
+                wait_cost = min(wait_cost, t + slot * slots_needed / limit)
         if best is None or wait_cost < best_key[0]:
             return None
         return best

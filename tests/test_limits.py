@@ -38,6 +38,8 @@ def test_queueing_inside_the_host_shrinks_the_limit():
     feed(limit, [(0.04, 2), (0.04, 2)])
     assert limit.value == 3
     feed(limit, [(0.04, 3), (0.08, 3)])
+    assert limit.value == 3  # one slow answer may be noise
+    feed(limit, [(0.08, 3)])
     assert limit.value == 2
 
 
@@ -92,7 +94,8 @@ def test_after_queueing_is_seen_the_limit_probes_above_it_rarely():
         if before == 2 and limit.value == 3:
             probes += 1
     assert limit.ceiling == 3
-    assert 1 <= probes <= 6
+    # well under 1 % of the answers pay for a probe
+    assert 1 <= probes <= 10
 
 
 def test_a_host_that_takes_more_later_is_followed():
