@@ -76,6 +76,13 @@ class Stats:
     #: A moving average of the service times of all tasks together: how long
     #: a request holds a slot on this host.
     slot_time: Optional[float] = None
+    #: A moving average of the answers per second the host gives when it is
+    #: at its limit (Little's law: requests in flight / service time).
+    throughput: Optional[float] = None
+
+    def record_rate(self, rate: float) -> None:
+        old = self.throughput
+        self.throughput = rate if old is None else old + EWMA_ALPHA * (rate - old)
 
     def record_time(self, task: Optional[str], seconds: float, now: float = 0.0) -> None:
         """
@@ -194,6 +201,10 @@ class Backend:
     @property
     def slot_time(self) -> Optional[float]:
         return self.stats.slot_time
+
+    @property
+    def throughput(self) -> Optional[float]:
+        return self.stats.throughput
 
     def serves(self, task: Optional[str]) -> bool:
         tasks = self.settings.tasks
@@ -383,6 +394,8 @@ class Fleet:
             backend.stats.served += 1
             backend.stats.record_outcome(failed=False)
             backend.stats.record_time(task, seconds, self.clock.seconds())
+            if in_flight >= backend.limit and seconds > 0:
+                backend.stats.record_rate(in_flight / seconds)
             backend.limiter.answered(task, seconds, in_flight)
         self.changed()
 

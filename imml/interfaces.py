@@ -58,6 +58,11 @@ class IBackendView(Interface):
         "again after being down."
     )
     error_rate = Attribute("A moving average of the host's failures: 0.0 none, 1.0 all.")
+    throughput = Attribute(
+        "A moving average of the answers per second the host gives while it "
+        "is at its limit, whatever their task; None when nothing is known.  "
+        "A request that must wait for k slots on it waits about k / throughput."
+    )
     slot_time = Attribute(
         "A moving average of how long any request holds a slot on the host, "
         "whatever its task, in seconds; None when nothing is known.  A slot "

@@ -105,8 +105,9 @@ class ShortestDelay:
     the request's task: the host's recent service time for that task
     (divided by its weight, raised by its recent error rate), plus, when the
     host has no free slot, the expected wait for one given the requests
-    already queued ahead (a slot frees every C{slot time / limit} on
-    average, the slot time being how long requests of any task hold one).  A host with no samples yet, or only old ones, is assumed as
+    already queued ahead: slots free at the host's measured throughput when
+    at its limit (or every C{slot time / limit}, the slot time being how
+    long requests of any task hold one).  A host with no samples yet, or only old ones, is assumed as
     fast as the fastest known host, so that it gets tried.  When waiting for
     a busy host beats every free one, the request waits: late binding sends
     it to the first slot that frees up there.
@@ -123,6 +124,11 @@ class ShortestDelay:
         times = [c.service_time(task) for c in candidates]
         known = [t for t in times if t is not None]
         fallback = min(known) if known else 0.0
+        # A host that has not answered this task yet: as fast, relative to
+        # its other work, as the hosts that have (a text search on a slow
+        # host is slow too); failing that, as fast as the fastest.
+        ratios = [t / c.slot_time for c, t in zip(candidates, times) if t is not None and c.slot_time]
+        ratio = min(ratios) if ratios else None
         best = None
         best_key = None
         wait_cost = float("inf")
@@ -130,19 +136,25 @@ class ShortestDelay:
         count = len(candidates)
         for i, (c, t) in enumerate(zip(candidates, times)):
             slowdown = (1.0 + self.error_penalty * c.error_rate) / c.weight
-            t = (fallback if t is None else t) * slowdown
+            if t is None:
+                t = c.slot_time * ratio if ratio is not None and c.slot_time else fallback
+            t *= slowdown
             limit = max(c.limit, 1)
             if c.has_free_slot():
                 key = (t, c.in_flight / limit, (i - self._turn) % count)
                 if best_key is None or key < best_key:
                     best, best_key = c, key
             else:
-                slot = c.slot_time
-                slot = t if slot is None else slot * slowdown
                 # it needs this many slots to free: those of the requests
-                # ahead of it, and its own
+                # ahead of it, and its own; they free at the host's
+                # throughput when known, else every slot time / limit
                 slots_needed = c.in_flight - limit + request.ahead + 1
-                wait_cost = min(wait_cost, t + slot * slots_needed / limit)
+                rate = c.throughput
+                if not rate:
+                    slot = c.slot_time or t
+                    rate = limit / slot if slot else None
+                wait = slots_needed / rate * slowdown if rate else 0.0
+                wait_cost = min(wait_cost, t + wait)
         if best is None or wait_cost < best_key[0]:
             return None
         return best

@@ -35,6 +35,7 @@ class View:
     tier: int = 0
     error_rate: float = 0.0
     slot_time: Optional[float] = None
+    throughput: Optional[float] = None
 
     @property
     def address(self):
@@ -271,3 +272,28 @@ def test_shortest_delay_spreads_over_equal_hosts():
     views = fleet(3, limit=10)
     counts = take(ShortestDelay(), views, 9)
     assert counts == {0: 3, 1: 3, 2: 3}
+
+
+def test_shortest_delay_waits_by_the_hosts_measured_throughput():
+    """
+    A learned limit may exceed a host's real slots (one request then waits
+    inside it): the wait follows the answers per second it really gives.
+    """
+    from imml.strategies import ShortestDelay
+
+    fast = Timed(0, limit=3, in_flight=3, seconds=0.045, slot_time=0.05, throughput=50.0)
+    medium = Timed(1, limit=1, seconds=0.15, slot_time=0.15)
+    assert ShortestDelay().choose(sed_request(ahead=3), [fast, medium]) is None
+    assert ShortestDelay().choose(sed_request(ahead=5), [fast, medium]) is medium
+
+
+def test_shortest_delay_guesses_a_new_tasks_time_from_the_hosts_other_work():
+    from imml.strategies import ShortestDelay
+
+    search = RequestInfo(b"POST", b"/predict", "clip-textual", interactive=True)
+    fast = Timed(0, limit=2, in_flight=2, seconds=0.01, slot_time=0.04, throughput=50.0)
+    medium = Timed(1, limit=1, seconds=0.0375, slot_time=0.15)
+    slow = Timed(2, limit=1, seconds=None, slot_time=0.6)  # never ran a text search
+    assert ShortestDelay().choose(search, [fast, slow]) is None  # not 10 ms on the slow host: 150
+    fast.throughput = 10.0
+    assert ShortestDelay().choose(search, [fast, medium, slow]) is medium
