@@ -76,13 +76,26 @@ class Stats:
     #: A moving average of the service times of all tasks together: how long
     #: a request holds a slot on this host.
     slot_time: Optional[float] = None
-    #: A moving average of the answers per second the host gives when it is
-    #: at its limit (Little's law: requests in flight / service time).
-    throughput: Optional[float] = None
+    #: A moving average of the time between two answers while the host is
+    #: kept at its limit: its throughput is the inverse.
+    gap: Optional[float] = None
+    _last_busy_answer: Optional[float] = None
 
-    def record_rate(self, rate: float) -> None:
-        old = self.throughput
-        self.throughput = rate if old is None else old + EWMA_ALPHA * (rate - old)
+    @property
+    def throughput(self) -> Optional[float]:
+        return 1.0 / self.gap if self.gap else None
+
+    def record_answer(self, now: float, busy: bool) -> None:
+        """
+        An answer came at C{now}; C{busy}: the host was at its limit.
+        """
+        if not busy:
+            self._last_busy_answer = None
+            return
+        last, self._last_busy_answer = self._last_busy_answer, now
+        if last is not None:
+            gap = now - last
+            self.gap = gap if self.gap is None else self.gap + EWMA_ALPHA * (gap - self.gap)
 
     def record_time(self, task: Optional[str], seconds: float, now: float = 0.0) -> None:
         """
@@ -382,6 +395,7 @@ class Fleet:
         None: the balancer gave up on it).  C{in_flight} is how many requests
         were on the host when it was sent.
         """
+        busy = backend.in_flight >= backend.limit
         backend.in_flight -= 1
         if backend.leaving and not backend.in_flight and backend in self.backends:
             self.backends.remove(backend)
@@ -393,10 +407,12 @@ class Fleet:
         elif seconds is not None:
             backend.stats.served += 1
             backend.stats.record_outcome(failed=False)
-            backend.stats.record_time(task, seconds, self.clock.seconds())
-            if in_flight >= backend.limit and seconds > 0:
-                backend.stats.record_rate(in_flight / seconds)
-            backend.limiter.answered(task, seconds, in_flight)
+            backend.stats.record_answer(self.clock.seconds(), busy)
+            # The service time is averaged over fair samples only: an answer
+            # that queued inside the host (the wait is in the throughput
+            # already) or waited for a model to load says little of it.
+            if backend.limiter.answered(task, seconds, in_flight) or (task or "other") not in backend.stats.service_time:
+                backend.stats.record_time(task, seconds, self.clock.seconds())
         self.changed()
 
     def task_failed(self, backend: Backend, task: Optional[str]) -> None:

@@ -74,10 +74,13 @@ class Limit:
         self.ramp = 1
         self._good = 0
 
-    def answered(self, task: Optional[str], seconds: float, in_flight: int) -> None:
+    def answered(self, task: Optional[str], seconds: float, in_flight: int) -> bool:
         """
         A request of C{task} was answered in C{seconds}; C{in_flight} requests
         were on the host when it was sent (itself included).
+
+        @return: whether the answer is a fair sample of the host's service
+            time: not queued inside the host, not a model loading.
         """
         key = task or "other"
         baseline = self._baseline.get(key)
@@ -92,11 +95,11 @@ class Limit:
             full = self.slots if self.slots is not None else self.learned
             if self.ramp >= full:
                 self.ramp = None
-        if self.slots is not None:
-            return
-        if seconds >= baseline * OUTLIER:
-            return
-        if seconds > baseline * QUEUEING + QUEUEING_SLACK:
+        outlier = seconds >= baseline * OUTLIER
+        queued = not outlier and seconds > baseline * QUEUEING + QUEUEING_SLACK
+        if self.slots is not None or outlier:
+            return not (outlier or queued)
+        if queued:
             self._good = 0
             # Only a request sent at the present limit (or below) says the
             # present limit queues; those sent before the last decrease
@@ -111,7 +114,7 @@ class Limit:
                     self.probe_after = min(self.probe_after * 2, MAX_PROBE_AFTER)
                 self.ceiling = self.learned if self.ceiling is None else min(self.ceiling, self.learned)
                 self.learned -= 1
-            return
+            return False
         self._bad = 0
         if in_flight >= self.learned:
             self._good += 1
@@ -122,6 +125,7 @@ class Limit:
                 self._good = 0
                 if self.ceiling is not None and self.learned > self.ceiling:
                     self.ceiling = None  # the host took more than before
+        return True
 
     def failed(self) -> None:
         """
