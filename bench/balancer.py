@@ -379,7 +379,7 @@ def start_target(procs: Processes, name: str, backends: list[int], tools, cpu: s
         if profile is not None:
             cmd += [f"--profile={profile}", "--profiler=cprofile", "--savestats"]
         cmd += ["imml-balancer", "--listen", f"tcp:{port}:interface=127.0.0.1",
-                "--backends", addrs, "--strategy", "least-connections"]
+                "--backends", addrs]
         proc = procs.start("imml-profile" if profile else "imml", cmd, cpu=cpu)
     elif name == "minimal":
         proc = procs.start("minimal", [PYTHON, str(HERE / "minimal_proxy.py"), str(port), addrs], cpu=cpu)

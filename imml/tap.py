@@ -35,7 +35,7 @@ from .strategies import UnknownStrategy, available, strategy_named
 from .wake import Waker
 from .window import RecentWindow
 
-DEFAULT_STRATEGY = "least-connections"
+DEFAULT_STRATEGY = "shortest-delay"
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]i?b?|b)?\s*$", re.I)
 _UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}

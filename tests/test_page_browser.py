@@ -69,7 +69,7 @@ async def test_the_page_shows_the_hosts_and_a_click_drains_one(tmp_path):
             states = await deferToThread(WebDriverWait(driver, 20).until, hosts_shown)
             assert states == {a: "up" for a in addresses}
             strategy = await deferToThread(lambda: driver.find_element(By.CSS_SELECTOR, "[data-fact=strategy]").text)
-            assert strategy == "least-connections"
+            assert strategy == "shortest-delay"
 
             target = addresses[1]
             button = await deferToThread(
