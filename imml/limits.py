@@ -35,7 +35,8 @@ MAX_LEARNED = 64
 #: showed queueing before; doubled each time the raise shows queueing again.
 PROBE_AFTER = 50
 MAX_PROBE_AFTER = 400
-#: Answers in a row that show queueing before the limit comes down.
+#: Answers in a row that show queueing before the limit comes down (once
+#: the host has been seen queueing at all).
 QUEUED_IN_A_ROW = 2
 
 
@@ -107,7 +108,9 @@ class Limit:
             # are not.
             if 1 < in_flight <= self.learned:
                 self._bad += 1
-            if self._bad >= QUEUED_IN_A_ROW:
+            # The first time, one queued answer is enough: until then the
+            # limit was a guess.
+            if self._bad >= (1 if self.ceiling is None else QUEUED_IN_A_ROW):
                 self._bad = 0
                 if self.ceiling is not None and self.learned >= self.ceiling:
                     # the probe failed: wait longer before the next one

@@ -38,6 +38,10 @@ def test_queueing_inside_the_host_shrinks_the_limit():
     feed(limit, [(0.04, 2), (0.04, 2)])
     assert limit.value == 3
     feed(limit, [(0.04, 3), (0.08, 3)])
+    assert limit.value == 2 and limit.ceiling == 3
+    feed(limit, [(0.04, 2)] * 50)  # a probe, later
+    assert limit.value == 3
+    feed(limit, [(0.08, 3)])
     assert limit.value == 3  # one slow answer may be noise
     feed(limit, [(0.08, 3)])
     assert limit.value == 2
