@@ -184,6 +184,8 @@ class Dispatcher:
                 self._again = False
                 ahead = 0
                 for waiter in list(self._waiting):
+                    if not any(b.has_free_slot() for b in self.fleet.backends):
+                        break  # nothing to bind: the strategy need not be asked
                     if waiter not in self._waiting:
                         continue
                     candidates = self.candidates(waiter.info, waiter.avoid)

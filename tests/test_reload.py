@@ -66,7 +66,7 @@ async def test_reload_adds_removes_and_keeps_hosts_under_load_losing_nothing(tmp
             load = Load(r)
             await until(lambda: r.hosts[0].served >= 5 and r.hosts[1].served >= 5)
             served_before = kept.stats.served
-            write(path, config_of(h1, h2))
+            write(path, config_of(h1, h2, strategy="round-robin"))
             assert r.service.reloader.reload("test") is True
             await until(lambda: spare[0].served >= 5)
             await until(lambda: h0 not in [str(b.address) for b in r.fleet.backends])
