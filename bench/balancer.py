@@ -306,8 +306,14 @@ http {{
 """
 
 
-def haproxy_conf(workdir: Path, port: int, backends: list[int]) -> str:
-    servers = "\n".join(f"    server h{i} 127.0.0.1:{p} check inter 5s" for i, p in enumerate(backends, 1))
+def haproxy_conf(workdir: Path, port: int, backends: list[int], *, check: str = "check inter 5s",
+                 client_timeout: str = "60s", server_timeout: str = "300s", reuse: bool = True) -> str:
+    """
+    HAProxy, one thread, leastconn with /ping checks: the figures of both
+    benchmarks (the fleet one passes its own check and timeouts).
+    """
+    servers = "\n".join(f"    server h{i} 127.0.0.1:{p}" for i, p in enumerate(backends, 1))
+    reuse_line = "    http-reuse safe\n" if reuse else ""
     return f"""
 global
     nbthread 1
@@ -318,17 +324,17 @@ defaults
     log global
     option httplog
     timeout connect 5s
-    timeout client 60s
-    timeout server 300s
+    timeout client {client_timeout}
+    timeout server {server_timeout}
     retries 3
     option redispatch
-    http-reuse safe
-frontend immich_ml
+{reuse_line}frontend immich_ml
     bind 127.0.0.1:{port}
     default_backend ml_hosts
 backend ml_hosts
     balance leastconn
     option httpchk GET /ping
+    default-server {check}
 {servers}
 """
 

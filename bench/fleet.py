@@ -53,6 +53,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 # Reused from the single-host benchmark: the Debian installer, process
 # groups, the nginx configuration of the immich_ml_balancer image.
+import balancer  # noqa: E402
 from balancer import (  # noqa: E402
     Processes,
     ensure_tools,
@@ -191,30 +192,10 @@ def resume_all(procs: Processes) -> None:
 
 
 def haproxy_conf(workdir: Path, port: int, backends: list[int]) -> str:
-    servers = "\n".join(f"    server h{i} 127.0.0.1:{p}" for i, p in enumerate(backends, 1))
-    return f"""
-global
-    nbthread 1
-    maxconn 4096
-    log stdout format raw local0 info
-defaults
-    mode http
-    log global
-    option httplog
-    timeout connect 5s
-    timeout client 120s
-    timeout server 60s
-    retries 3
-    option redispatch
-frontend immich_ml
-    bind 127.0.0.1:{port}
-    default_backend ml_hosts
-backend ml_hosts
-    balance leastconn
-    option httpchk GET /ping
-    default-server check inter 2s fall 3 rise 2
-{servers}
-"""
+    return balancer.haproxy_conf(
+        workdir, port, backends,
+        check="check inter 2s fall 3 rise 2", client_timeout="120s", server_timeout="60s", reuse=False,
+    )
 
 
 def imml_command(workdir: Path, port: int, fakes: list, strategy: str, extra: list[str]) -> list[str]:
