@@ -384,8 +384,10 @@ def start_target(procs: Processes, name: str, backends: list[int], tools, cpu: s
         cmd = [TWISTD, "-n", "--pidfile=", f"--logfile={workdir}/imml{'-profile' if profile else ''}.log"]
         if profile is not None:
             cmd += [f"--profile={profile}", "--profiler=cprofile", "--savestats"]
+        # The admin listener runs as in production, on a free port (two
+        # imml processes may be up at once: the measured one and the profiled).
         cmd += ["imml-balancer", "--listen", f"tcp:{port}:interface=127.0.0.1",
-                "--backends", addrs]
+                "--admin", "tcp:0:interface=127.0.0.1", "--backends", addrs]
         proc = procs.start("imml-profile" if profile else "imml", cmd, cpu=cpu)
     elif name == "minimal":
         proc = procs.start("minimal", [PYTHON, str(HERE / "minimal_proxy.py"), str(port), addrs], cpu=cpu)

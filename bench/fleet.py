@@ -200,7 +200,7 @@ def haproxy_conf(workdir: Path, port: int, backends: list[int]) -> str:
 
 def imml_command(workdir: Path, port: int, fakes: list, strategy: str, extra: list[str]) -> list[str]:
     cmd = [TWISTD, "-n", "--pidfile=", f"--logfile={workdir}/imml.log", "imml-balancer",
-           "--listen", f"tcp:{port}:interface=127.0.0.1"]
+           "--listen", f"tcp:{port}:interface=127.0.0.1", "--admin", "tcp:0:interface=127.0.0.1"]
     if strategy.endswith("+slots"):
         # Diagnostic only (the targets must hold without it): each
         # host's true slots in a --config file, so no limit is learned.

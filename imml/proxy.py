@@ -13,7 +13,8 @@ from typing import Optional
 from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 from twisted.web import server
-from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
@@ -35,8 +36,12 @@ class _QuietClientFactory(_HTTP11ClientFactory):
 class _Endpoints:
     """
     One endpoint per ML host, made once: Twisted's default makes one per
-    request.  A L{HostnameEndpoint} still resolves the name each time it
-    connects, so DNS and C{.local} changes are followed.
+    request.  A host named by its IP address is connected to directly; a
+    name goes through a L{HostnameEndpoint}, which resolves it each time it
+    connects, so DNS and C{.local} changes are followed.  (Resolving an
+    address would only cost a thread hop per connection, and under load
+    C{getaddrinfo} can fail even for C{127.0.0.1}, which would mark a
+    healthy host down.)
     """
 
     def __init__(self, reactor, connect_timeout: float) -> None:
@@ -48,7 +53,13 @@ class _Endpoints:
         key = (uri.host, uri.port)
         endpoint = self._endpoints.get(key)
         if endpoint is None:
-            endpoint = HostnameEndpoint(self._reactor, uri.host.decode("ascii"), uri.port, timeout=self._timeout)
+            host = uri.host.decode("ascii")
+            if isIPAddress(host):
+                endpoint = TCP4ClientEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
+            elif isIPv6Address(host):
+                endpoint = TCP6ClientEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
+            else:
+                endpoint = HostnameEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
             self._endpoints[key] = endpoint
         return endpoint
 

@@ -7,10 +7,14 @@ import json
 from collections import Counter
 
 import treq
+import treq.client
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.internet.protocol import Protocol, ClientFactory
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet._resolver import HostResolution
+from twisted.internet.interfaces import IHostnameResolver
+from zope.interface import implementer
 
 from imml.testing import ENTRIES, predict_body
 from support import bounded, rig, sleep, until
@@ -374,3 +378,29 @@ async def test_a_refused_connection_does_not_use_up_a_try():
         assert not r.fleet.backends[0].up
         # a host that is gone has not failed the task: nothing is held against it
         assert r.fleet.backends[0].tasks == {}
+
+
+@implementer(IHostnameResolver)
+class _FailingResolver:
+    """A name resolver that never resolves anything (getaddrinfo failing)."""
+
+    def resolveHostName(self, receiver, hostName, portNumber=0, addressTypes=None, transportSemantics="TCP"):
+        receiver.resolutionBegan(HostResolution(hostName))
+        receiver.resolutionComplete()
+
+
+@bounded(20)
+async def test_hosts_given_by_address_need_no_name_resolution():
+    async with await rig(hosts(2), "--strategy", "round-robin") as r:
+        from imml.proxy import make_agent, make_pool
+
+        client = treq.client.HTTPClient(make_agent(reactor, 5, make_pool(reactor, persistent=False)))
+        old = reactor.installNameResolver(_FailingResolver())
+        try:
+            ctype, body = predict_body(ENTRIES["clip-textual"], text="a cat")
+            for _ in range(4):
+                response = await client.post(r.url + "/predict", data=body, headers={"content-type": ctype})
+                assert response.code == 200, await response.content()
+            assert all(b.up for b in r.fleet.backends)
+        finally:
+            reactor.installNameResolver(old)
