@@ -380,15 +380,18 @@ def start_target(procs: Processes, name: str, backends: list[int], tools, cpu: s
         return backends[0]
     port = free_port()
     addrs = ",".join(f"127.0.0.1:{p}" for p in backends)
-    if name == "imml":
-        cmd = [TWISTD, "-n", "--pidfile=", f"--logfile={workdir}/imml{'-profile' if profile else ''}.log"]
+    if name == "imml" or name.startswith("imml:"):
+        log = "imml-profile" if profile else name.replace(":", "-")
+        cmd = [TWISTD, "-n", "--pidfile=", f"--logfile={workdir}/{log}.log"]
         if profile is not None:
             cmd += [f"--profile={profile}", "--profiler=cprofile", "--savestats"]
         # The admin listener runs as in production, on a free port (two
         # imml processes may be up at once: the measured one and the profiled).
         cmd += ["imml-balancer", "--listen", f"tcp:{port}:interface=127.0.0.1",
                 "--admin", "tcp:0:interface=127.0.0.1", "--backends", addrs]
-        proc = procs.start("imml-profile" if profile else "imml", cmd, cpu=cpu)
+        if name.startswith("imml:"):
+            cmd += ["--strategy", name.split(":", 1)[1]]
+        proc = procs.start("imml-profile" if profile else name, cmd, cpu=cpu)
     elif name == "minimal":
         proc = procs.start("minimal", [PYTHON, str(HERE / "minimal_proxy.py"), str(port), addrs], cpu=cpu)
     elif name == "nginx":
@@ -502,9 +505,7 @@ def measure(args) -> dict:
         ports: dict[str, int] = {}
         groups: dict[str, set[int]] = {"direct": {p.pid for _, p in procs.children}}
         skipped = []
-        for name in TARGETS:
-            if name not in args.targets:
-                continue
+        for name in [t for t in TARGETS if t in args.targets] + [f"imml:{v}" for v in args.imml_strategies]:
             before = len(procs.children)
             port = start_target(procs, name, backends, tools, proxy_cpu)
             if name != "direct":
@@ -547,7 +548,7 @@ def measure(args) -> dict:
                     + lat["timeouts"] + thr["timeouts"],
                 }
                 results.setdefault(name, []).append(row)
-                say(f"  round {rnd + 1} {name:8} {row['rps']:9.0f} req/s  p50 {row['p50_ms']:.3f} ms  "
+                say(f"  round {rnd + 1} {name:24} {row['rps']:9.0f} req/s  p50 {row['p50_ms']:.3f} ms  "
                     f"p99 {row['p99_ms']:.3f} ms  cpu {row['cpu_us_per_request']:.0f} us/req "
                     f"({row['cpu_share']:.0%} of a core)  ({row['requests']} requests, {row['errors']} errors)")
         summary = summarize(results)
@@ -682,13 +683,15 @@ def report(data: dict) -> None:
               f"{'CPU us/req':>10} {'CPU':>5} {'errors':>7}")
     say(header)
     say("-" * len(header))
-    for name in TARGETS:
+    extra = [n for n in data["targets"] if n not in TARGETS]
+    for name in list(TARGETS) + extra:
         t = data["targets"].get(name)
         if t is None:
             say(f"{TARGET_LABELS[name]:22} {'(skipped)':>9}")
             continue
+        label = TARGET_LABELS.get(name, name)
         added = f"{t['added_p50_ms']:+.3f}" if "added_p50_ms" in t else "-"
-        say(f"{TARGET_LABELS[name]:22} {t['rps']:9.0f} {t['p50_ms']:8.3f} {t['p99_ms']:8.3f} {added:>10} "
+        say(f"{label:22} {t['rps']:9.0f} {t['p50_ms']:8.3f} {t['p99_ms']:8.3f} {added:>10} "
             f"{t['loaded_p50_ms']:9.3f} {t['cpu_us_per_request']:10.0f} {t['cpu_share']:5.0%} {t['errors']:7d}")
     say("")
     r = data["ratios"]
@@ -752,6 +755,9 @@ def main(argv=None) -> int:
                         help="CLIP textual query (default) or a small CLIP visual image")
     parser.add_argument("--image-kb", type=int, default=4, help="image size for --payload image")
     parser.add_argument("--targets", default=",".join(TARGETS), help="comma separated subset of " + ",".join(TARGETS))
+    parser.add_argument("--imml-strategies", default="",
+                        help="also measure imml with these strategies (comma separated), as extra rows "
+                        "named imml:STRATEGY; the targets' ratios stay those of imml's default")
     parser.add_argument("--load", choices=("wrk", "python"), default="wrk",
                         help="load generator: wrk (default; the Python one is used when wrk is missing)")
     parser.add_argument("--no-install", action="store_true", help="never apt-get install wrk, nginx, haproxy")
@@ -767,6 +773,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.rounds, args.seconds, args.latency_seconds, args.warmup = 1, 2.0, 2.0, 1.0
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    args.imml_strategies = [t.strip() for t in args.imml_strategies.split(",") if t.strip()]
     unknown = set(args.targets) - set(TARGETS)
     if unknown:
         parser.error(f"unknown targets: {', '.join(sorted(unknown))}")
