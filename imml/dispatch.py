@@ -13,6 +13,8 @@ L{NoBackendAvailable}, whose message says why.
 from __future__ import annotations
 
 import itertools
+from bisect import bisect_left
+from collections import deque
 from typing import Collection, Optional
 
 from attrs import define, evolve, field
@@ -37,7 +39,13 @@ class _Waiter:
     avoid: Collection[Backend]
     deferred: Deferred
     order: tuple
-    timer: object = None
+    #: When it stops waiting (the queue timeout).
+    deadline: float
+    gone: bool = False
+
+
+def _order(waiter: _Waiter) -> tuple:
+    return waiter.order
 
 
 @define(eq=False)
@@ -55,7 +63,12 @@ class Dispatcher:
     log: Logger = field(factory=Logger)
     #: Called with a request's info whenever it has to wait (to wake hosts).
     on_wait: list = field(factory=list)
+    #: Waiting requests in queue order.
     _waiting: list = field(factory=list)
+    #: The same, in arrival order (so by deadline), including some that
+    #: have left: one timer, for the first deadline, serves them all.
+    _arrivals: deque = field(factory=deque)
+    _timer: object = None
     _sequence: itertools.count = field(factory=itertools.count)
     _pumping: bool = False
     _again: bool = False
@@ -120,13 +133,17 @@ class Dispatcher:
             L{NoBackendAvailable}.  Cancelling it leaves the queue.
         """
         priority = 0 if info.interactive else 1
-        order = (priority, self.clock.seconds() if since is None else since, next(self._sequence))
-        # The strategy sees how many wait ahead: a free slow host may beat
-        # waiting behind them.  (A request with a free host of its own, while
-        # others wait, is one they could not use.)
-        ahead = sum(1 for w in self._waiting if w.order < order)
+        now = self.clock.seconds()
+        order = (priority, now if since is None else since, next(self._sequence))
         candidates = self.candidates(info, avoid)
-        if candidates:
+        # Only a host with a free slot can be chosen: when there is none
+        # (the usual case when the fleet is saturated), the strategy need
+        # not be asked.
+        if candidates and any(c.has_free_slot() for c in candidates):
+            # The strategy sees how many wait ahead: a free slow host may
+            # beat waiting behind them.  (A request with a free host of its
+            # own, while others wait, is one they could not use.)
+            ahead = bisect_left(self._waiting, order, key=_order) if self._waiting else 0
             chosen = self._choose(info, candidates, ahead)
             if chosen is not None:
                 self.fleet.started(chosen)
@@ -137,37 +154,50 @@ class Dispatcher:
             d = Deferred()
             d.errback(NoBackendAvailable(f"the balancer's queue is full ({self.max_queue} requests waiting)"))
             return d
-        waiter = _Waiter(info, avoid, None, order)
+        waiter = _Waiter(info, avoid, None, order, now + self.queue_timeout)
         waiter.deferred = Deferred(lambda d: self._leave(waiter))
-        waiter.timer = self.clock.callLater(self.queue_timeout, self._expire, waiter)
-        self._insert(waiter)
+        self._waiting.insert(bisect_left(self._waiting, order, key=_order), waiter)
+        self._arrivals.append(waiter)
+        if self._timer is None:
+            self._timer = self.clock.callLater(self.queue_timeout, self._expire)
         for callback in self.on_wait:
             callback(info)
         return waiter.deferred
 
-    def _insert(self, waiter: _Waiter) -> None:
-        # The queue is short and mostly empty: a sorted insert is cheapest.
-        index = len(self._waiting)
-        while index and self._waiting[index - 1].order > waiter.order:
-            index -= 1
-        self._waiting.insert(index, waiter)
-
     def _leave(self, waiter: _Waiter) -> None:
-        if waiter in self._waiting:
+        if not waiter.gone:
+            waiter.gone = True
             self._waiting.remove(waiter)
-        if waiter.timer is not None and waiter.timer.active():
-            waiter.timer.cancel()
+            if not self._waiting:
+                # Nobody waits: no timer left behind.
+                self._arrivals.clear()
+                if self._timer is not None:
+                    self._timer.cancel()
+                    self._timer = None
 
-    def _expire(self, waiter: _Waiter) -> None:
-        waiter.timer = None
-        self._leave(waiter)
+    def _expire(self) -> None:
+        """
+        Refuse the requests that waited past the queue timeout, and set the
+        timer for the next deadline.
+        """
+        self._timer = None
+        arrivals = self._arrivals
+        now = self.clock.seconds()
+        while arrivals and (arrivals[0].gone or arrivals[0].deadline <= now):
+            waiter = arrivals.popleft()
+            if waiter.gone:
+                continue
+            self._leave(waiter)
+            waiter.deferred.errback(NoBackendAvailable(self._why(waiter)))
+        if arrivals and self._timer is None:
+            self._timer = self.clock.callLater(max(0.0, arrivals[0].deadline - now), self._expire)
+
+    def _why(self, waiter: _Waiter) -> str:
         if self.candidates(waiter.info, waiter.avoid):
-            reason = f"every ML host stayed busy for {self.queue_timeout:g} s"
-        elif any(b.up for b in self.fleet.backends):
-            reason = f"no ML host that serves {waiter.info.task or 'this request'} came up within {self.queue_timeout:g} s"
-        else:
-            reason = f"no ML host came up within {self.queue_timeout:g} s"
-        waiter.deferred.errback(NoBackendAvailable(reason))
+            return f"every ML host stayed busy for {self.queue_timeout:g} s"
+        if any(b.up for b in self.fleet.backends):
+            return f"no ML host that serves {waiter.info.task or 'this request'} came up within {self.queue_timeout:g} s"
+        return f"no ML host came up within {self.queue_timeout:g} s"
 
     def pump(self) -> None:
         """
@@ -186,7 +216,7 @@ class Dispatcher:
                 for waiter in list(self._waiting):
                     if not any(b.has_free_slot() for b in self.fleet.backends):
                         break  # nothing to bind: the strategy need not be asked
-                    if waiter not in self._waiting:
+                    if waiter.gone:
                         continue
                     candidates = self.candidates(waiter.info, waiter.avoid)
                     if not candidates:

@@ -106,6 +106,41 @@ def test_busy_hosts_give_another_reason():
     assert "busy" in str(got[0].value)
 
 
+def test_each_waiting_request_gets_its_own_full_wait():
+    clock, fleet, dispatcher = make(n=1, slots=1, queue_timeout=3)
+    result(dispatcher.acquire(BATCH))
+    first = result(dispatcher.acquire(BATCH))
+    clock.advance(1)
+    second = result(dispatcher.acquire(SEARCH))
+    third = result(dispatcher.acquire(BATCH))
+    clock.advance(1.9)
+    assert first == [] and second == [] and third == []
+    clock.advance(0.2)
+    assert first[0].check(NoBackendAvailable) and second == [] and third == []
+    clock.advance(0.8)
+    assert second == [] and third == []
+    clock.advance(0.2)
+    assert second[0].check(NoBackendAvailable) and third[0].check(NoBackendAvailable)
+    assert dispatcher.queue_depth == 0
+    assert not clock.getDelayedCalls()
+
+
+def test_a_request_refused_at_its_deadline_may_wait_again():
+    clock, fleet, dispatcher = make(n=1, slots=1, queue_timeout=3)
+    result(dispatcher.acquire(BATCH))
+    again = []
+
+    def retry(failure):
+        again.append(result(dispatcher.acquire(BATCH)))
+
+    dispatcher.acquire(BATCH).addErrback(retry)
+    clock.advance(3)
+    assert len(again) == 1 and again[0] == [] and dispatcher.queue_depth == 1
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(3)
+    assert again[0][0].check(NoBackendAvailable)
+
+
 def test_the_queue_is_bounded():
     clock, fleet, dispatcher = make(n=1, slots=1, max_queue=2)
     for _ in range(3):
