@@ -181,6 +181,10 @@ class Backend:
         return self.limiter.value
 
     @property
+    def proven_limit(self) -> int:
+        return self.limiter.proven
+
+    @property
     def up(self) -> bool:
         return self.health.up
 

@@ -57,6 +57,12 @@ class IBackendView(Interface):
         "slots or a limit learned from its answers, lower while it starts up "
         "again after being down."
     )
+    proven_limit = Attribute(
+        "The part of C{limit} the host has been seen to take without queueing "
+        "requests inside it: C{limit}, or one less while a learned limit is "
+        "raised to probe for more.  A request that must not wait (a search) "
+        "treats the host as full at C{in_flight >= proven_limit}."
+    )
     error_rate = Attribute("A moving average of the host's failures: 0.0 none, 1.0 all.")
     throughput = Attribute(
         "A moving average of the answers per second the host gives while it "

@@ -68,6 +68,19 @@ class Limit:
             return min(full, self.ramp)
         return full
 
+    @property
+    def proven(self) -> int:
+        """
+        The limit the host has been seen to take without queueing: L{value},
+        less one while a learned limit is raised to the level where the host
+        queued before (a probe: the request sent into that last slot may
+        wait inside the host).
+        """
+        value = self.value
+        if self.slots is None and self.ceiling is not None and self.learned >= self.ceiling and value > 1:
+            return value - 1
+        return value
+
     def restart(self) -> None:
         """
         The host came back up: start slow.

@@ -107,40 +107,57 @@ class ShortestDelay:
     host has no free slot, the expected wait for one given the requests
     already queued ahead: slots free at the host's measured throughput when
     at its limit (or every C{slot time / limit}, the slot time being how
-    long requests of any task hold one).  A host with no samples yet, or only old ones, is assumed as
-    fast as the fastest known host, so that it gets tried.  When waiting for
-    a busy host beats every free one, the request waits: late binding sends
-    it to the first slot that frees up there.
+    long requests of any task hold one).  A host with no samples yet, or
+    only old ones, is assumed as fast, relative to its other work, as the
+    hosts that have samples, so that it gets tried.
+
+    A free host is taken unless waiting for a busy one is expected to be
+    clearly sooner: more than C{patience} times, and C{slack} seconds,
+    sooner.  A wait is an estimate, a free slot is not; and a host left
+    idle while requests wait is throughput lost.  When waiting wins, the
+    request waits: late binding sends it to the first slot that frees up.
+
+    An interactive request (a search) is not sent into the slot by which a
+    learned limit probes for more (it may wait inside the host):
+    L{IBackendView.proven_limit}.
     """
 
     name = "shortest-delay"
     #: How much a host's error rate (0 to 1) raises its estimate: at 4, a
     #: host failing half its requests looks three times slower.
     error_penalty: float = 4.0
+    patience: float = 1.5
+    slack: float = 0.005
     _turn: int = 0
 
     def choose(self, request: IRequestInfo, candidates: Sequence[IBackendView]) -> Optional[IBackendView]:
         task = request.task
         times = [c.service_time(task) for c in candidates]
-        known = [t for t in times if t is not None]
-        fallback = min(known) if known else 0.0
-        # A host that has not answered this task yet: as fast, relative to
-        # its other work, as the hosts that have (a text search on a slow
-        # host is slow too); failing that, as fast as the fastest.
-        ratios = [t / c.slot_time for c, t in zip(candidates, times) if t is not None and c.slot_time]
-        ratio = min(ratios) if ratios else None
+        if None in times:
+            # A host that has not answered this task yet: as fast, relative
+            # to its other work, as the hosts that have (a text search on a
+            # slow host is slow too); failing that, as fast as the fastest.
+            known = [t for t in times if t is not None]
+            fallback = min(known) if known else 0.0
+            ratios = [t / c.slot_time for c, t in zip(candidates, times) if t is not None and c.slot_time]
+            ratio = min(ratios) if ratios else None
+            times = [
+                t if t is not None else (c.slot_time * ratio if ratio is not None and c.slot_time else fallback)
+                for c, t in zip(candidates, times)
+            ]
+        interactive = request.interactive
+        ahead = request.ahead
         best = None
         best_key = None
         wait_cost = float("inf")
         self._turn += 1
         count = len(candidates)
-        for i, (c, t) in enumerate(zip(candidates, times)):
+        for i, c in enumerate(candidates):
             slowdown = (1.0 + self.error_penalty * c.error_rate) / c.weight
-            if t is None:
-                t = c.slot_time * ratio if ratio is not None and c.slot_time else fallback
-            t *= slowdown
+            t = times[i] * slowdown
             limit = max(c.limit, 1)
-            if c.has_free_slot():
+            usable = max(c.proven_limit, 1) if interactive else limit
+            if c.in_flight < usable and c.has_free_slot():
                 key = (t, c.in_flight / limit, (i - self._turn) % count)
                 if best_key is None or key < best_key:
                     best, best_key = c, key
@@ -148,14 +165,15 @@ class ShortestDelay:
                 # it needs this many slots to free: those of the requests
                 # ahead of it, and its own; they free at the host's
                 # throughput when known, else every slot time / limit
-                slots_needed = c.in_flight - limit + request.ahead + 1
+                slots_needed = c.in_flight - usable + ahead + 1
                 rate = c.throughput
                 if not rate:
                     slot = c.slot_time or t
                     rate = limit / slot if slot else None
                 wait = slots_needed / rate * slowdown if rate else 0.0
-                wait_cost = min(wait_cost, t + wait)
-        if best is None or wait_cost < best_key[0]:
+                if t + wait < wait_cost:
+                    wait_cost = t + wait
+        if best is None or wait_cost * self.patience + self.slack < best_key[0]:
             return None
         return best
 

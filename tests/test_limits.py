@@ -108,3 +108,15 @@ def test_a_host_that_takes_more_later_is_followed():
     assert limit.value == 3
     feed(limit, [(0.04, 3)] * 50)  # ... that holds, and the next one too
     assert limit.value == 4 and limit.ceiling is None
+
+
+def test_the_proven_limit_leaves_out_a_probing_slot():
+    limit = Limit(learned=2, ceiling=3)
+    assert limit.proven == 2
+    feed(limit, [(0.04, 2)] * 50)  # a probe to 3: not proven yet
+    assert limit.value == 3 and limit.proven == 2
+    feed(limit, [(0.04, 3)] * 49)
+    assert limit.proven == 2
+    feed(limit, [(0.04, 3)])  # it held long enough: the next probe is to 4
+    assert limit.value == 4 and limit.proven == 4 and limit.ceiling is None
+    assert Limit(slots=2).proven == 2

@@ -36,6 +36,11 @@ class View:
     error_rate: float = 0.0
     slot_time: Optional[float] = None
     throughput: Optional[float] = None
+    proven: Optional[int] = None
+
+    @property
+    def proven_limit(self):
+        return self.limit if self.proven is None else self.proven
 
     @property
     def address(self):
@@ -241,8 +246,10 @@ def test_shortest_delay_waits_for_a_slot_by_what_holds_the_slots():
     from imml.strategies import ShortestDelay
 
     fast = Timed(0, limit=2, in_flight=2, seconds=0.01, slot_time=0.04)
-    medium = Timed(1, limit=1, seconds=0.0375, slot_time=0.15)
+    medium = Timed(1, limit=1, seconds=0.06, slot_time=0.15)
     search = RequestInfo(b"POST", b"/predict", "clip-textual", interactive=True)
+    # about 20 ms for a slot on the fast host, 10 ms there: 30 ms, against
+    # 60 ms on the medium host
     assert ShortestDelay().choose(search, [fast, medium]) is None
     fast.slot_time = 0.2  # slots held far longer: the medium host is sooner
     assert ShortestDelay().choose(search, [fast, medium]) is medium
@@ -283,8 +290,39 @@ def test_shortest_delay_waits_by_the_hosts_measured_throughput():
 
     fast = Timed(0, limit=3, in_flight=3, seconds=0.045, slot_time=0.05, throughput=50.0)
     medium = Timed(1, limit=1, seconds=0.15, slot_time=0.15)
-    assert ShortestDelay().choose(sed_request(ahead=3), [fast, medium]) is None
-    assert ShortestDelay().choose(sed_request(ahead=5), [fast, medium]) is medium
+    # 2 slots to free at 50/s, then 45 ms: 85 ms, against 150 ms
+    assert ShortestDelay().choose(sed_request(ahead=1), [fast, medium]) is None
+    # 4 slots to free: 125 ms, not clearly sooner than 150 ms: the free
+    # host is taken
+    assert ShortestDelay().choose(sed_request(ahead=3), [fast, medium]) is medium
+
+
+def test_shortest_delay_keeps_a_free_host_busy_unless_waiting_is_clearly_sooner():
+    from imml.strategies import ShortestDelay
+
+    busy = Timed(0, limit=2, in_flight=2, seconds=0.010, throughput=200.0)
+    free = Timed(1, limit=2, seconds=0.016)
+    # waiting: 5 ms for a slot, then 10 ms; the free host: 16 ms
+    assert ShortestDelay().choose(sed_request(), [busy, free]) is free
+    free.seconds = 0.030
+    assert ShortestDelay().choose(sed_request(), [busy, free]) is None
+    assert ShortestDelay(patience=1.0, slack=0.0).choose(sed_request(), [busy, Timed(1, limit=2, seconds=0.016)]) is None
+
+
+def test_a_search_is_not_sent_into_a_probing_slot():
+    """
+    A learned limit raised to probe for more: a batch request may take the
+    last slot (and perhaps wait inside the host), a search does not.
+    """
+    from imml.strategies import ShortestDelay
+
+    fast = Timed(0, limit=2, in_flight=2, seconds=0.01, slot_time=0.04, throughput=50.0)
+    medium = Timed(1, limit=2, proven=1, in_flight=1, seconds=0.0375, slot_time=0.15, throughput=6.7)
+    search = RequestInfo(b"POST", b"/predict", "clip-textual", interactive=True)
+    assert ShortestDelay().choose(search, [fast, medium]) is None
+    assert ShortestDelay().choose(sed_request(ahead=6), [fast, medium]) is medium
+    medium.in_flight = 0
+    assert ShortestDelay().choose(search, [fast, medium]) is medium
 
 
 def test_shortest_delay_guesses_a_new_tasks_time_from_the_hosts_other_work():
