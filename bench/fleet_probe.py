@@ -31,6 +31,14 @@ class _Probe:
         state["decisions"] += 1
         if chosen is None and any(c.has_free_slot() for c in candidates):
             state["waited_with_free_host"] += 1
+        if request.interactive and len(state.setdefault("interactive", [])) < 300:
+            # every search's decision, with what each host looked like
+            state["interactive"].append([
+                str(chosen) if chosen is not None else "(wait)", request.ahead,
+                {str(c): [c.in_flight, c.limit, c.proven_limit, c.throughput and round(c.throughput, 1),
+                          c.service_time(request.task) and round(1000 * c.service_time(request.task), 1)]
+                 for c in candidates},
+            ])
         key = str(chosen) if chosen is not None else "(wait)"
         state["chosen"][f"{request.task}->{key}"] += 1
         for c in candidates:

@@ -117,9 +117,9 @@ class ShortestDelay:
     idle while requests wait is throughput lost.  When waiting wins, the
     request waits: late binding sends it to the first slot that frees up.
 
-    An interactive request (a search) is not sent into the slot by which a
-    learned limit probes for more (it may wait inside the host):
-    L{IBackendView.proven_limit}.
+    For an interactive request (a search), a free slot above a host's
+    L{IBackendView.proven_limit} (a learned limit probing for more) counts
+    the wait for a slot inside the host.
     """
 
     name = "shortest-delay"
@@ -156,20 +156,28 @@ class ShortestDelay:
             slowdown = (1.0 + self.error_penalty * c.error_rate) / c.weight
             t = times[i] * slowdown
             limit = max(c.limit, 1)
-            usable = max(c.proven_limit, 1) if interactive else limit
-            if c.in_flight < usable and c.has_free_slot():
-                key = (t, c.in_flight / limit, (i - self._turn) % count)
+            # slots free at the host's throughput when known, else every
+            # slot time / limit
+            rate = c.throughput
+            if not rate:
+                slot = c.slot_time or t
+                rate = limit / slot if slot else None
+            if c.has_free_slot():
+                cost = t
+                if interactive and rate:
+                    # a search sent past the proven limit waits inside the
+                    # host for a slot
+                    over = c.in_flight - max(c.proven_limit, 1) + 1
+                    if over > 0:
+                        cost += over / rate * slowdown
+                key = (cost, c.in_flight / limit, (i - self._turn) % count)
                 if best_key is None or key < best_key:
                     best, best_key = c, key
             else:
                 # it needs this many slots to free: those of the requests
-                # ahead of it, and its own; they free at the host's
-                # throughput when known, else every slot time / limit
+                # ahead of it, and its own
+                usable = max(c.proven_limit, 1) if interactive else limit
                 slots_needed = c.in_flight - usable + ahead + 1
-                rate = c.throughput
-                if not rate:
-                    slot = c.slot_time or t
-                    rate = limit / slot if slot else None
                 wait = slots_needed / rate * slowdown if rate else 0.0
                 if t + wait < wait_cost:
                     wait_cost = t + wait

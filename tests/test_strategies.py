@@ -309,13 +309,16 @@ def test_shortest_delay_keeps_a_free_host_busy_unless_waiting_is_clearly_sooner(
     assert ShortestDelay(patience=1.0, slack=0.0).choose(sed_request(), [busy, Timed(1, limit=2, seconds=0.016)]) is None
 
 
-def test_a_search_is_not_sent_into_a_probing_slot():
+def test_a_search_counts_the_wait_inside_a_host_probing_its_limit():
     """
-    A learned limit raised to probe for more: a batch request may take the
-    last slot (and perhaps wait inside the host), a search does not.
+    A learned limit raised to probe for more: a request sent into that last
+    slot may wait inside the host for a slot.  A batch request takes it as
+    free; a search counts the wait.
     """
     from imml.strategies import ShortestDelay
 
+    # the medium host's second slot is a probe: a search there would wait
+    # about 150 ms behind an image
     fast = Timed(0, limit=2, in_flight=2, seconds=0.01, slot_time=0.04, throughput=50.0)
     medium = Timed(1, limit=2, proven=1, in_flight=1, seconds=0.0375, slot_time=0.15, throughput=6.7)
     search = RequestInfo(b"POST", b"/predict", "clip-textual", interactive=True)
@@ -323,6 +326,11 @@ def test_a_search_is_not_sent_into_a_probing_slot():
     assert ShortestDelay().choose(sed_request(ahead=6), [fast, medium]) is medium
     medium.in_flight = 0
     assert ShortestDelay().choose(search, [fast, medium]) is medium
+    # the fast host's third slot is a probe: about 20 ms inside it, then
+    # 10 ms, beats 37.5 ms on the medium host
+    fast = Timed(0, limit=3, proven=2, in_flight=2, seconds=0.01, slot_time=0.04, throughput=50.0)
+    medium.in_flight = 0
+    assert ShortestDelay().choose(search, [fast, medium]) is fast
 
 
 def test_shortest_delay_guesses_a_new_tasks_time_from_the_hosts_other_work():
