@@ -34,9 +34,10 @@ class _Probe:
         if request.interactive and len(state.setdefault("interactive", [])) < 300:
             # every search's decision, with what each host looked like
             state["interactive"].append([
-                str(chosen) if chosen is not None else "(wait)", request.ahead,
+                round(now, 3), str(chosen) if chosen is not None else "(wait)", request.ahead,
                 {str(c): [c.in_flight, c.limit, c.proven_limit, c.throughput and round(c.throughput, 1),
-                          c.service_time(request.task) and round(1000 * c.service_time(request.task), 1)]
+                          c.service_time(request.task) and round(1000 * c.service_time(request.task), 1),
+                          c.next_answer_in() is not None and round(1000 * c.next_answer_in(), 1)]
                  for c in candidates},
             ])
         key = str(chosen) if chosen is not None else "(wait)"

@@ -134,8 +134,9 @@ class Backend:
     """
     One ML host and what the balancer has observed of it.
 
-    @ivar attempts: the requests now on this host (objects with a
-        C{host_down()} method, called when the host goes down).
+    @ivar attempts: the requests now on this host: objects with a
+        C{host_down()} method, called when the host goes down, and C{task}
+        and C{sent} (when it was sent) attributes.
     @ivar woken: when a Wake-on-LAN packet was last sent to it, or None.
     """
 
@@ -214,6 +215,24 @@ class Backend:
         if updated is None or self._now() - updated > STALE_AFTER:
             return None
         return self.stats.service_time.get(key)
+
+    def next_answer_in(self) -> Optional[float]:
+        """
+        Seconds until the first request in flight on the host is expected
+        to be answered: each one's recent service time for its task (or the
+        host's slot time), less how long it has run; 0 when one is overdue;
+        None when none is in flight or nothing is known.
+        """
+        soonest = None
+        if self.attempts:
+            now = self._now()
+            for attempt in self.attempts:
+                expected = self.service_time(attempt.task) or self.stats.slot_time
+                if expected is not None:
+                    left = attempt.sent + expected - now
+                    if soonest is None or left < soonest:
+                        soonest = left
+        return None if soonest is None else max(soonest, 0.0)
 
     @property
     def slot_time(self) -> Optional[float]:

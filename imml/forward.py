@@ -212,6 +212,10 @@ class _Attempt:
     redispatched: bool = False
     overdue: Optional[object] = None
 
+    @property
+    def task(self) -> Optional[str]:
+        return self.job.info.task
+
     def host_down(self) -> None:
         """
         The host went down while this attempt was on it.

@@ -75,6 +75,14 @@ class IBackendView(Interface):
         "frees every slot_time / limit seconds on average."
     )
 
+    def next_answer_in() -> float | None:
+        """
+        Seconds until the first request in flight on the host is expected
+        to be answered (from how long each has run and its task's recent
+        service time), 0 when one is overdue; None when none is in flight or
+        nothing is known.  The first slot to free up frees then.
+        """
+
     def has_free_slot() -> bool:
         """
         Whether the host may take one more request now (C{in_flight < limit}).

@@ -19,7 +19,7 @@ from typing import Optional
 from attrs import define, field
 
 #: An answer slower than this many times the baseline shows queueing.
-QUEUEING = 1.5
+QUEUEING = 1.25
 #: ... plus this many seconds, so that tiny service times are not noise.
 QUEUEING_SLACK = 0.005
 #: An answer slower than this many times the baseline is an outlier (a model

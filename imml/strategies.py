@@ -105,9 +105,10 @@ class ShortestDelay:
     the request's task: the host's recent service time for that task
     (divided by its weight, raised by its recent error rate), plus, when the
     host has no free slot, the expected wait for one given the requests
-    already queued ahead: slots free at the host's measured throughput when
-    at its limit (or every C{slot time / limit}, the slot time being how
-    long requests of any task hold one).  A host with no samples yet, or
+    already queued ahead: the first slot frees when the soonest request in
+    flight there is expected to end, the others at the host's measured
+    throughput when at its limit (or every C{slot time / limit}, the slot
+    time being how long requests of any task hold one).  A host with no samples yet, or
     only old ones, is assumed as fast, relative to its other work, as the
     hosts that have samples, so that it gets tried.
 
@@ -164,12 +165,12 @@ class ShortestDelay:
                 rate = limit / slot if slot else None
             if c.has_free_slot():
                 cost = t
-                if interactive and rate:
+                if interactive:
                     # a search sent past the proven limit waits inside the
                     # host for a slot
                     over = c.in_flight - max(c.proven_limit, 1) + 1
                     if over > 0:
-                        cost += over / rate * slowdown
+                        cost += self._wait(c, over, rate) * slowdown
                 key = (cost, c.in_flight / limit, (i - self._turn) % count)
                 if best_key is None or key < best_key:
                     best, best_key = c, key
@@ -177,13 +178,24 @@ class ShortestDelay:
                 # it needs this many slots to free: those of the requests
                 # ahead of it, and its own
                 usable = max(c.proven_limit, 1) if interactive else limit
-                slots_needed = c.in_flight - usable + ahead + 1
-                wait = slots_needed / rate * slowdown if rate else 0.0
+                wait = self._wait(c, c.in_flight - usable + ahead + 1, rate) * slowdown
                 if t + wait < wait_cost:
                     wait_cost = t + wait
         if best is None or wait_cost * self.patience + self.slack < best_key[0]:
             return None
         return best
+
+    @staticmethod
+    def _wait(c: IBackendView, slots: int, rate: Optional[float]) -> float:
+        """
+        Seconds until C{slots} slots free up on C{c}: the first when the
+        soonest request in flight is expected to end, the others at the
+        host's rate.
+        """
+        first = c.next_answer_in()
+        if first is not None:
+            return first + (slots - 1) / rate if rate else first
+        return slots / rate if rate else 0.0
 
 
 @implementer(IPlugin, IStrategyFactory)

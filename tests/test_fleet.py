@@ -42,3 +42,32 @@ def test_a_queued_answer_does_not_count_as_service_time():
     assert medium.service_time("clip-visual") == 0.15
     fleet.finished(medium, "clip-visual", 0.16, in_flight=1)
     assert 0.15 < medium.service_time("clip-visual") < 0.16
+
+
+class _OnHost:
+    def __init__(self, task, sent):
+        self.task, self.sent = task, sent
+
+    def host_down(self):
+        pass
+
+
+def test_the_next_answer_is_expected_from_what_runs_on_the_host():
+    clock = task.Clock()
+    fleet = Fleet.from_addresses([BackendAddress("fast")], clock, settings=lambda a: BackendSettings(slots=2))
+    fast = fleet.backends[0]
+    fleet.check_passed(fast)
+    assert fast.next_answer_in() is None  # nothing on it
+    fleet.started(fast)
+    fleet.finished(fast, "clip-visual", 0.04, in_flight=1)
+    fleet.started(fast)
+    fleet.finished(fast, "clip-textual", 0.01, in_flight=1)
+    clock.advance(1.0)
+    fast.attempts.add(_OnHost("clip-visual", clock.seconds()))
+    clock.advance(0.015)
+    fast.attempts.add(_OnHost("clip-visual", clock.seconds()))
+    assert abs(fast.next_answer_in() - 0.025) < 1e-9  # the first image's 40 ms, 15 ms in
+    fast.attempts.add(_OnHost("clip-textual", clock.seconds()))
+    assert abs(fast.next_answer_in() - 0.01) < 1e-9  # a text search is quicker
+    clock.advance(0.5)
+    assert fast.next_answer_in() == 0.0  # overdue: any moment now

@@ -38,6 +38,9 @@ class View:
     throughput: Optional[float] = None
     proven: Optional[int] = None
 
+    def next_answer_in(self):
+        return None
+
     @property
     def proven_limit(self):
         return self.limit if self.proven is None else self.proven
@@ -342,4 +345,31 @@ def test_shortest_delay_guesses_a_new_tasks_time_from_the_hosts_other_work():
     slow = Timed(2, limit=1, seconds=None, slot_time=0.6)  # never ran a text search
     assert ShortestDelay().choose(search, [fast, slow]) is None  # not 10 ms on the slow host: 150
     fast.throughput = 10.0
+    assert ShortestDelay().choose(search, [fast, medium, slow]) is medium
+
+
+def test_shortest_delay_waits_for_the_slot_that_frees_first():
+    """
+    The medium host's image has 20 ms left: a search waits for it rather
+    than for the fast host, whose two images have just started.
+    """
+    from imml.strategies import ShortestDelay
+
+    @define(eq=False)
+    class Running(Timed):
+        left: Optional[float] = None
+
+        def next_answer_in(self):
+            return self.left
+
+    search = RequestInfo(b"POST", b"/predict", "clip-textual", interactive=True)
+    fast = Running(0, limit=2, in_flight=2, seconds=0.01, slot_time=0.04, throughput=50.0, left=0.039)
+    medium = Running(1, limit=1, in_flight=1, seconds=0.0375, slot_time=0.15, throughput=6.7, left=0.02)
+    slow = Running(2, limit=1, seconds=0.15, slot_time=0.6)
+    assert ShortestDelay().choose(search, [fast, medium, slow]) is None
+    fast.left = 0.005  # ... unless the fast host is about to answer: 15 ms, not 57.5
+    medium.in_flight = 0
+    medium.left = None
+    assert ShortestDelay().choose(search, [fast, medium, slow]) is None
+    fast.left = 0.039
     assert ShortestDelay().choose(search, [fast, medium, slow]) is medium
