@@ -211,6 +211,9 @@ class _Attempt:
     deferred: Optional[Deferred] = None
     redispatched: bool = False
     overdue: Optional[object] = None
+    #: The balancer gave up on it (another attempt answered, or the client
+    #: went away): however it then fails, that is no fault of the host's.
+    cancelled: bool = False
 
     @property
     def task(self) -> Optional[str]:
@@ -350,7 +353,11 @@ class _Job:
         seconds = forwarder.clock.seconds() - attempt.sent
         task = self.info.task
         if isinstance(result, Failure):
-            if result.check(CancelledError):
+            # A cancelled attempt fails with whatever it was doing: waiting
+            # for an answer (CancelledError), connecting
+            # (ConnectingCancelledError), resolving the host's name
+            # (DNSLookupError)...
+            if attempt.cancelled or result.check(CancelledError):
                 forwarder.release(backend, task, None, None, attempt, seconds, None, CANCELLED)
                 return None
             error = result.value.error if result.check(_Committed) else result.value
@@ -410,6 +417,7 @@ class _Job:
             acquiring, self.acquiring = self.acquiring, None
             acquiring.cancel()
         for attempt in list(self.pending):
+            attempt.cancelled = True
             attempt.deferred.cancel()
 
     def answer(self, backend: Backend, answer: _Answer) -> None:
