@@ -27,6 +27,7 @@ from .dispatch import Dispatcher
 from .fleet import BackendSettings, Fleet
 from .forward import Forwarder, ProxySettings
 from .health import BadAnswer, HealthChecker
+from .logs import OffersLogObserver, observer_for
 from .metrics import Metrics
 from .metrics import resource as metrics_resource
 from .proxy import BalancerResource, BalancerSite, make_agent, make_pool
@@ -260,14 +261,21 @@ class _DemoHosts(service.Service):
         return gatherResults([h.stop() for h in self.hosts])
 
 
-def build(options, reactor, signals: bool = True) -> OrderedStop:
+class BalancerService(OffersLogObserver, OrderedStop):
+    """
+    The balancer's service tree (see L{build}); under twistd it brings its
+    own log observer (L{imml.logs}).
+    """
+
+
+def build(options, reactor, signals: bool = True) -> BalancerService:
     """
     The balancer's service tree for parsed C{options}.  Children stop one
     after another in reverse order: the graceful stop first (the listener
     closes, requests drain), then the reloader, the admin listener, the
     health checker, the demo hosts, the waker and the connection pool.
     """
-    top = OrderedStop()
+    top = BalancerService()
     settings_of = dict(options["hosts"])
     fleet = Fleet.from_addresses(
         [address for address, _ in options["hosts"]],
@@ -344,4 +352,6 @@ def build(options, reactor, signals: bool = True) -> OrderedStop:
 def makeService(options) -> service.MultiService:
     from twisted.internet import reactor
 
-    return build(options, reactor)
+    top = build(options, reactor)
+    top.log_observer = observer_for(getattr(options, "parent", None))
+    return top
