@@ -57,6 +57,10 @@ MiB = 1024 * 1024
 #: can tell.  The first answer wins.
 HEDGE_FACTOR = 8.0
 HEDGE_MIN = 1.0
+#: Seconds between two looks at the attempts in flight, for the response
+#: timeout and the hedge above: one timer for all of them, rather than two
+#: per request.
+WATCH_EVERY = 0.1
 #: However many connections are refused, a request is sent at most this many
 #: times max-tries.
 MAX_ATTEMPTS = 4
@@ -182,6 +186,12 @@ class _Collector(Protocol):
             self.done.errback(reason)
 
 
+class _NoAnswerInTime(Exception):
+    """
+    A host did not answer completely within the response timeout.
+    """
+
+
 class _Committed(Exception):
     """
     A host failed after part of its answer reached the client.
@@ -210,7 +220,8 @@ class _Attempt:
     in_flight: int
     deferred: Optional[Deferred] = None
     redispatched: bool = False
-    overdue: Optional[object] = None
+    #: No complete answer within the response timeout: cancelled for that.
+    timed_out: bool = False
     #: The balancer gave up on it (another attempt answered, or the client
     #: went away): however it then fails, that is no fault of the host's.
     cancelled: bool = False
@@ -224,6 +235,14 @@ class _Attempt:
         The host went down while this attempt was on it.
         """
         self.job.redispatch(self)
+
+    def time_out(self) -> None:
+        """
+        The host had the response timeout to answer, and did not.
+        """
+        if not self.timed_out:
+            self.timed_out = True
+            self.deferred.cancel()
 
 
 @define(eq=False)
@@ -289,10 +308,7 @@ class _Job:
         attempt = _Attempt(self, backend, clock.seconds(), backend.in_flight)
         backend.attempts.add(attempt)
         self.pending.add(attempt)
-        if self.info.retryable:
-            expected = backend.service_time(self.info.task)
-            if expected is not None:
-                attempt.overdue = clock.callLater(max(HEDGE_MIN, HEDGE_FACTOR * expected), self.overdue, attempt)
+        forwarder.watch(attempt)
         attempt.deferred = forwarder.exchange(self, backend)
         attempt.deferred.addBoth(self._attempt_over, attempt).addErrback(self.bug)
 
@@ -318,7 +334,6 @@ class _Job:
         host may have stalled, or fallen asleep, before its health checks
         tell): try another host too, and take whichever answers first.
         """
-        attempt.overdue = None
         self.redispatch(attempt, "is far slower than usual with it")
 
     def redispatch(self, attempt: _Attempt, why: str = "went down with it") -> None:
@@ -346,10 +361,7 @@ class _Job:
         backend = attempt.backend
         self.pending.discard(attempt)
         backend.attempts.discard(attempt)
-        if attempt.overdue is not None:
-            if attempt.overdue.active():
-                attempt.overdue.cancel()
-            attempt.overdue = None
+        forwarder.live.discard(attempt)
         seconds = forwarder.clock.seconds() - attempt.sent
         task = self.info.task
         if isinstance(result, Failure):
@@ -357,11 +369,13 @@ class _Job:
             # for an answer (CancelledError), connecting
             # (ConnectingCancelledError), resolving the host's name
             # (DNSLookupError)...
-            if attempt.cancelled or result.check(CancelledError):
+            if attempt.cancelled or (result.check(CancelledError) and not attempt.timed_out):
                 forwarder.release(backend, task, None, None, attempt, seconds, None, CANCELLED)
                 return None
             error = result.value.error if result.check(_Committed) else result.value
-            reason = "timed out" if isinstance(error, ierror.TimeoutError) else describe_failure(error)
+            if attempt.timed_out:
+                error = _NoAnswerInTime(forwarder.settings.response_timeout)
+            reason = "timed out" if attempt.timed_out else describe_failure(error)
             retry = not result.check(_Committed) and (
                 self.info.retryable or isinstance(error, ierror.ConnectError)
             )
@@ -491,6 +505,9 @@ class Forwarder:
     fresh_agent: Optional[Agent] = None
     reporters: list = field(factory=list)
     log: Logger = field(factory=Logger)
+    #: The attempts in flight, looked at every L{WATCH_EVERY} seconds.
+    live: set = field(factory=set)
+    _watching: Optional[object] = None
 
     def forward(self, request: server.Request, info: RequestInfo, body: bytes) -> Deferred:
         """
@@ -520,6 +537,34 @@ class Forwarder:
                 value = b", ".join(prior) + b", " + value
             headers.setRawHeaders(b"x-forwarded-for", [value])
         return headers
+
+    # -- watching the attempts in flight ------------------------------------
+
+    def watch(self, attempt: _Attempt) -> None:
+        """
+        Hold C{attempt} to the response timeout, and hedge it when it is far
+        slower than its host's usual.
+        """
+        self.live.add(attempt)
+        if self._watching is None:
+            self._watching = self.clock.callLater(WATCH_EVERY, self._look)
+
+    def _look(self) -> None:
+        self._watching = None
+        now = self.clock.seconds()
+        timeout = self.settings.response_timeout
+        for attempt in list(self.live):
+            elapsed = now - attempt.sent
+            if elapsed >= timeout:
+                self.live.discard(attempt)
+                attempt.time_out()
+            elif elapsed >= HEDGE_MIN and not attempt.redispatched:
+                job = attempt.job
+                expected = attempt.backend.service_time(job.info.task) if job.info.retryable else None
+                if expected is not None and elapsed >= HEDGE_FACTOR * expected:
+                    job.overdue(attempt)
+        if self.live:
+            self._watching = self.clock.callLater(WATCH_EVERY, self._look)
 
     # -- reporting ----------------------------------------------------------
 
@@ -575,7 +620,6 @@ class Forwarder:
         """
         d = self._send(self.agent, job, backend)
         d.addCallbacks(self._receive, self._resend, callbackArgs=(job, backend), errbackArgs=(job, backend))
-        d.addTimeout(self.settings.response_timeout, self.clock)
         return d
 
     def _send(self, agent: Agent, job: _Job, backend: Backend) -> Deferred:

@@ -5,7 +5,7 @@ never touches the network.
 
 from twisted.internet import error as ierror
 from twisted.internet import task
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.web.test.requesthelper import DummyRequest
 
 from imml.backends import BackendAddress
@@ -64,3 +64,71 @@ def test_a_client_going_away_while_a_host_is_being_connected_to_is_not_held_agai
         assert all(b.in_flight == 0 for b in fleet.backends)
         assert all(not b.stats.errors for b in fleet.backends)
         assert len(agent.sent) == 1  # and nothing was sent elsewhere
+
+
+class Attempts:
+    """A reporter that keeps the attempt records."""
+
+    def __init__(self):
+        self.records = []
+
+    def attempt_finished(self, record):
+        self.records.append(record)
+
+    def request_finished(self, record):
+        pass
+
+
+def test_a_host_that_does_not_answer_in_time_is_left_for_another():
+    """
+    An attempt still unanswered at the response timeout is given up (it
+    times out, the host is marked down) and the request goes to another
+    host; once nothing is in flight, no timer is left behind.
+    """
+    from imml.forward import WATCH_EVERY, ProxySettings
+
+    agent = StuckAgent(CancelledError())
+    clock = task.Clock()
+    fleet = Fleet.from_addresses([BackendAddress("127.0.0.1", 3003), BackendAddress("127.0.0.1", 3004)], clock)
+    for b in fleet.backends:
+        fleet.check_passed(b)
+        fleet.check_passed(b)
+    attempts = Attempts()
+    fwd = Forwarder(fleet, Dispatcher(fleet, RoundRobin(), clock), agent, clock,
+                    ProxySettings(response_timeout=2.0), reporters=[attempts])
+    done = fwd.forward(post(), SEARCH, b"a body")
+    clock.advance(1.9)
+    assert len(agent.sent) == 1 and not attempts.records
+    clock.advance(0.1 + WATCH_EVERY)
+    assert [r.error for r in attempts.records] == ["timed out"]
+    assert not fleet.backends[0].up and fleet.backends[0].in_flight == 0
+    assert agent.sent == [b"http://127.0.0.1:3003/predict", b"http://127.0.0.1:3004/predict"]
+    done.cancel()
+    clock.advance(WATCH_EVERY)
+    assert clock.getDelayedCalls() == []
+
+
+def test_an_attempt_far_slower_than_its_host_is_hedged_on_another():
+    """
+    A search still unanswered after eight times its host's recent service
+    time (and at least a second) is sent to another host too; the first
+    attempt keeps running.
+    """
+    from imml.forward import HEDGE_MIN, WATCH_EVERY
+
+    agent = StuckAgent(CancelledError())
+    fleet, fwd = forwarder(agent)
+    clock = fwd.clock
+    first = fleet.backends[0]
+    fleet.started(first)
+    fleet.finished(first, "clip-textual", 0.05, None, 1)  # a search takes it 50 ms
+    done = fwd.forward(post(), SEARCH, b"a body")
+    clock.advance(HEDGE_MIN - WATCH_EVERY / 2)
+    assert len(agent.sent) == 1
+    clock.advance(WATCH_EVERY)
+    assert agent.sent == [b"http://127.0.0.1:3003/predict", b"http://127.0.0.1:3004/predict"]
+    assert first.in_flight == 1 and first.up
+    clock.advance(5)
+    assert len(agent.sent) == 2  # hedged once
+    done.cancel()
+    assert all(b.in_flight == 0 for b in fleet.backends)
