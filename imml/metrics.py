@@ -3,18 +3,24 @@ Prometheus metrics, with the maintained C{prometheus_client} library, in a
 registry of the balancer's own (never the process-wide default, so several
 balancers, or tests, in one process do not collide).
 
-L{Metrics} is an L{imml.interfaces.IReporter}: counters and histograms are
-updated as attempts and requests finish.  What is a level rather than a
-count (requests in flight, health state, queue depth) is read from the fleet
-at scrape time by L{FleetCollector}.  C{/metrics} on the admin listener is
-C{prometheus_client}'s own Twisted resource (L{resource}).
+L{Metrics} is an L{imml.interfaces.IReporter}: it counts attempts and
+requests as they finish, in plain numbers (this runs for every request;
+C{prometheus_client}'s own counters take a lock and validate on each
+update), and turns them into metric families when Prometheus scrapes.  What
+is a level rather than a count (requests in flight, health state, queue
+depth) is read from the fleet at scrape time by L{FleetCollector}.
+C{/metrics} on the admin listener is C{prometheus_client}'s own Twisted
+resource (L{resource}).
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
+
 from attrs import define, field
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily
+from prometheus_client.utils import floatToGoString
 from zope.interface import implementer
 
 from . import __version__
@@ -32,6 +38,63 @@ def _status_label(status) -> str:
     return str(status) if status is not None else "none"
 
 
+@define(eq=False)
+class _Counts:
+    """
+    One counter family: a count per label values.
+    """
+
+    name: str
+    documentation: str
+    labels: tuple
+    values: dict = field(factory=dict)
+
+    def add(self, key: tuple) -> None:
+        values = self.values
+        values[key] = values.get(key, 0) + 1
+
+    def family(self) -> CounterMetricFamily:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labels)
+        # A copy in one step: scrapes run in a thread while the reactor counts.
+        for key, value in self.values.copy().items():
+            family.add_metric(key, value)
+        return family
+
+
+@define(eq=False)
+class _Histograms:
+    """
+    One histogram family: per label values, the count of observations in
+    each bucket (not cumulative; the last is above every bound), and their
+    sum.
+    """
+
+    name: str
+    documentation: str
+    labels: tuple
+    bounds: tuple = LATENCY_BUCKETS
+    values: dict = field(factory=dict)
+
+    def observe(self, key: tuple, value: float) -> None:
+        counts = self.values.get(key)
+        if counts is None:
+            counts = self.values[key] = [0] * (len(self.bounds) + 1) + [0.0]
+        counts[bisect_left(self.bounds, value)] += 1
+        counts[-1] += value
+
+    def family(self) -> HistogramMetricFamily:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labels)
+        names = [floatToGoString(b) for b in self.bounds] + ["+Inf"]
+        for key, counts in self.values.copy().items():
+            counts = list(counts)
+            buckets, total = [], 0
+            for name, count in zip(names, counts):
+                total += count
+                buckets.append((name, total))
+            family.add_metric(key, buckets, counts[-1])
+        return family
+
+
 @implementer(IReporter)
 @define(eq=False, slots=False)
 class Metrics:
@@ -44,76 +107,70 @@ class Metrics:
     dispatcher: object
     clock: object
     registry: CollectorRegistry = field(factory=CollectorRegistry)
-    _children: dict = field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
-        r = self.registry
-        self.backend_requests = Counter(
+        self.backend_requests = _Counts(
             "imml_backend_requests",
             "Attempts sent to an ML host, by host, task and the host's HTTP status "
             "(status 'none' when the host gave none: see imml_backend_errors_total).",
-            ["backend", "task", "status"],
-            registry=r,
+            ("backend", "task", "status"),
         )
-        self.backend_errors = Counter(
+        self.backend_errors = _Counts(
             "imml_backend_errors",
             "Attempts on an ML host that failed, by kind ('connection refused', 'timed out', 'status 503', ...).",
-            ["backend", "kind"],
-            registry=r,
+            ("backend", "kind"),
         )
-        self.backend_retries = Counter(
+        self.backend_retries = _Counts(
             "imml_backend_retries",
             "Attempts on an ML host that failed and whose request was sent on to another host.",
-            ["backend"],
-            registry=r,
+            ("backend",),
         )
-        self.backend_latency = Histogram(
+        self.backend_latency = _Histograms(
             "imml_backend_request_duration_seconds",
             "Seconds from sending a request to an ML host to the end of its answer, answered attempts only.",
-            ["backend", "task"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            ("backend", "task"),
         )
-        self.requests = Counter(
+        self.requests = _Counts(
             "imml_requests",
             "Client requests finished, by the status the client got ('cancelled' when it went away) and task.",
-            ["status", "task"],
-            registry=r,
+            ("status", "task"),
         )
-        self.request_latency = Histogram(
+        self.request_latency = _Histograms(
             "imml_request_duration_seconds",
             "Seconds from receiving a client request to answering it, waiting and retries included.",
-            ["task"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            ("task",),
         )
-        r.register(FleetCollector(self.fleet, self.dispatcher, self.clock.seconds()))
+        self.registry.register(self)
+        self.registry.register(FleetCollector(self.fleet, self.dispatcher, self.clock.seconds()))
 
     # -- IReporter ----------------------------------------------------------
 
-    def _child(self, metric, *labels):
-        # labels() validates and hashes on every call; a request path calls
-        # it several times, with a few distinct label sets.
-        key = (id(metric), labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
-
     def attempt_finished(self, record: AttemptRecord) -> None:
         task = task_label(record.task)
-        self._child(self.backend_requests, record.backend, task, _status_label(record.status)).inc()
+        backend = record.backend
+        self.backend_requests.add((backend, task, _status_label(record.status)))
         if record.error is not None:
-            self._child(self.backend_errors, record.backend, record.error).inc()
+            self.backend_errors.add((backend, record.error))
+        elif record.status is not None:
+            self.backend_latency.observe((backend, task), record.seconds)
         if record.outcome == RETRIED:
-            self._child(self.backend_retries, record.backend).inc()
-        if record.status is not None and record.error is None:
-            self._child(self.backend_latency, record.backend, task).observe(record.seconds)
+            self.backend_retries.add((backend,))
 
     def request_finished(self, record: RequestRecord) -> None:
         task = task_label(record.task)
-        self._child(self.requests, _status_label(record.status), task).inc()
-        self._child(self.request_latency, task).observe(record.duration)
+        self.requests.add((_status_label(record.status), task))
+        self.request_latency.observe((task,), record.duration)
+
+    # -- a collector of the registry ----------------------------------------
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        for counts in (self.backend_requests, self.backend_errors, self.backend_retries, self.requests):
+            yield counts.family()
+        yield self.backend_latency.family()
+        yield self.request_latency.family()
 
 
 @define(eq=False)

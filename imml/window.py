@@ -61,6 +61,9 @@ class RecentWindow:
     _answers: dict = field(factory=dict)
     #: the balancer's requests since start, by outcome: answered, failed, cancelled.
     totals: Counter = field(factory=Counter)
+    #: when old samples were last dropped: at most once a second while
+    #: answers come in (the samples are bounded by C{most} meanwhile).
+    _trimmed: float = float("-inf")
 
     # -- IReporter ----------------------------------------------------------
 
@@ -79,7 +82,8 @@ class RecentWindow:
             counts[-1][1] += 1
         else:
             counts.append([number, 1])
-        self._trim(now)
+        if now - self._trimmed >= 1.0:
+            self._trim(now)
 
     def request_finished(self, record: RequestRecord) -> None:
         if not isinstance(record.status, int):
@@ -92,6 +96,7 @@ class RecentWindow:
     # -- reading ------------------------------------------------------------
 
     def _trim(self, now: float) -> None:
+        self._trimmed = now
         oldest = now - self.span
         for key, samples in list(self._samples.items()):
             while samples and samples[0][0] < oldest:

@@ -55,6 +55,21 @@ def test_attempts_count_by_status_and_task_errors_by_kind_and_retries():
     assert value("imml_requests_total", {"status": "200", "task": "faces"}) == 1
 
 
+def test_latency_buckets_are_cumulative_and_a_bound_is_inside_its_bucket():
+    _, _, m = fleet_metrics()
+    for seconds in (0.25, 0.25, 0.02, 400.0):
+        m.request_finished(RequestRecord("POST", "/predict", "ocr", 200, "a:3003", ("a:3003",), seconds))
+    value = m.registry.get_sample_value
+
+    def bucket(le):
+        return value("imml_request_duration_seconds_bucket", {"task": "ocr", "le": le})
+
+    assert [bucket("0.01"), bucket("0.025"), bucket("0.1"), bucket("0.25"), bucket("300.0"), bucket("+Inf")] == [
+        0, 1, 1, 3, 3, 4]
+    assert value("imml_request_duration_seconds_count", {"task": "ocr"}) == 4
+    assert value("imml_request_duration_seconds_sum", {"task": "ocr"}) == 400.52
+
+
 def test_levels_are_read_from_the_fleet_when_scraped():
     fleet, dispatcher, m = fleet_metrics()
     a, b = fleet.backends
