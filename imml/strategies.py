@@ -147,43 +147,53 @@ class ShortestDelay:
                 for c, t in zip(candidates, times)
             ]
         interactive = request.interactive
-        ahead = request.ahead
         best = None
         best_key = None
         wait_cost = float("inf")
         self._turn += 1
         count = len(candidates)
+        penalty = self.error_penalty
         for i, c in enumerate(candidates):
-            slowdown = (1.0 + self.error_penalty * c.error_rate) / c.weight
+            error_rate = c.error_rate
+            slowdown = (1.0 + penalty * error_rate) / c.weight if error_rate else 1.0 / c.weight
             t = times[i] * slowdown
-            limit = max(c.limit, 1)
-            # slots free at the host's throughput when known, else every
-            # slot time / limit
-            rate = c.throughput
-            if not rate:
-                slot = c.slot_time or t
-                rate = limit / slot if slot else None
+            limit = c.limit
+            if limit < 1:
+                limit = 1
+            in_flight = c.in_flight
             if c.has_free_slot():
                 cost = t
                 if interactive:
                     # a search sent past the proven limit waits inside the
                     # host for a slot
-                    over = c.in_flight - max(c.proven_limit, 1) + 1
+                    over = in_flight - max(c.proven_limit, 1) + 1
                     if over > 0:
-                        cost += self._wait(c, over, rate) * slowdown
-                key = (cost, c.in_flight / limit, (i - self._turn) % count)
+                        cost += self._wait(c, over, self._rate(c, limit, t)) * slowdown
+                key = (cost, in_flight / limit, (i - self._turn) % count)
                 if best_key is None or key < best_key:
                     best, best_key = c, key
             else:
                 # it needs this many slots to free: those of the requests
                 # ahead of it, and its own
                 usable = max(c.proven_limit, 1) if interactive else limit
-                wait = self._wait(c, c.in_flight - usable + ahead + 1, rate) * slowdown
+                wait = self._wait(c, in_flight - usable + request.ahead + 1, self._rate(c, limit, t)) * slowdown
                 if t + wait < wait_cost:
                     wait_cost = t + wait
         if best is None or wait_cost * self.patience + self.slack < best_key[0]:
             return None
         return best
+
+    @staticmethod
+    def _rate(c: IBackendView, limit: int, t: float) -> Optional[float]:
+        """
+        Slots free on C{c} at its measured throughput when known, else every
+        slot time (or C{t}) / limit.
+        """
+        rate = c.throughput
+        if not rate:
+            slot = c.slot_time or t
+            rate = limit / slot if slot else None
+        return rate
 
     @staticmethod
     def _wait(c: IBackendView, slots: int, rate: Optional[float]) -> float:
