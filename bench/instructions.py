@@ -1,0 +1,150 @@
+#!/usr/bin/env python3
+"""
+The cost of one request through imml and through the minimal Agent proxy,
+in CPU instructions counted by valgrind's callgrind: the same figure
+whatever else the machine is doing, where requests/s on a shared machine
+vary by a quarter from one round to the next.
+
+    .venv/bin/python bench/instructions.py                 # about 1 minute
+    .venv/bin/python bench/instructions.py --requests 3000 --targets imml
+
+Each proxy runs under callgrind with counting off; the script sends it
+warm-up requests (pools filled, code paths seen), turns counting on
+(callgrind_control -i on), sends the measured requests one at a time on one
+keep-alive connection, turns counting off and reads the total.  User-space
+instructions only: the kernel's share (syscalls) is not counted.  The ML
+hosts are one nginx worker (as in bench/balancer.py), or two
+python -m imml.testing fakes with --upstream fake.  The request is the
+small CLIP text search of bench/balancer.py.  imml logs to a file, as in
+production.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+import balancer as B  # noqa: E402  (the benchmark's helpers)
+from imml.testing import ENTRIES, predict_body  # noqa: E402
+
+
+def ensure_valgrind(install: bool) -> str | None:
+    found = shutil.which("valgrind")
+    if found or not install or os.geteuid() != 0 or not shutil.which("apt-get"):
+        return found
+    B.say("# installing valgrind from Debian (apt-get)...")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "update", "-qq"], env=env, timeout=600, check=False, stdout=subprocess.DEVNULL)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "valgrind"], env=env,
+                   timeout=600, check=False, stdout=subprocess.DEVNULL)
+    return shutil.which("valgrind")
+
+
+def total_instructions(outputs: list[Path]) -> int:
+    total = 0
+    for out in outputs:
+        for line in out.read_text(errors="replace").splitlines():
+            if line.startswith(("summary:", "totals:")):
+                total = max(total, int(line.split()[1]))
+    return total
+
+
+def count(procs: B.Processes, target: str, backends: list[int], warm: int, requests: int) -> int:
+    """Instructions the proxy C{target} spent on C{requests} requests."""
+    workdir = procs.workdir
+    port = B.free_port()
+    addrs = ",".join(f"127.0.0.1:{p}" for p in backends)
+    out = workdir / f"callgrind-{target}.out"
+    valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
+    if target == "imml":
+        cmd = valgrind + [B.TWISTD, "-n", "--pidfile=", f"--logfile={workdir}/imml.log", "imml-balancer",
+                          "--listen", f"tcp:{port}:interface=127.0.0.1", "--admin", "none", "--backends", addrs]
+        ready = "/ping"
+    else:
+        cmd = valgrind + [B.PYTHON, str(HERE / "minimal_proxy.py"), str(port), addrs]
+        ready = "/"
+    proc = procs.start(target, cmd)
+    B.wait_http(port, ready, b"", proc, timeout=180)
+    content_type, body = predict_body(ENTRIES["clip-textual"], text="a photo of a dog on the beach")
+    headers = {"Content-Type": content_type.decode()}
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+
+    def send(n: int) -> None:
+        for _ in range(n):
+            connection.request("POST", "/predict", body, headers)
+            response = connection.getresponse()
+            answer = response.read()
+            if response.status != 200 or not answer.startswith(b'{"clip"'):
+                raise RuntimeError(f"{target}: bad answer {response.status} {answer[:80]!r}")
+
+    def control(*args: str) -> None:
+        subprocess.run(["callgrind_control", *args, str(proc.pid)], capture_output=True, timeout=120, check=True)
+
+    send(warm)
+    control("-i", "on")
+    send(requests)
+    control("-i", "off")
+    control("-d")
+    connection.close()
+    procs.stop(proc, signal.SIGTERM, grace=30)
+    return total_instructions(sorted(workdir.glob(f"callgrind-{target}.out*")))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=1000, help="requests counted per target (default 1000)")
+    parser.add_argument("--warm-up", type=int, default=300, help="requests before counting (default 300)")
+    parser.add_argument("--targets", default="imml,minimal", help="comma separated: imml, minimal")
+    parser.add_argument("--upstream", choices=("nginx", "fake"), default="nginx")
+    parser.add_argument("--no-install", action="store_true", help="never apt-get")
+    parser.add_argument("--json", metavar="FILE", help="write the figures to FILE")
+    args = parser.parse_args(argv)
+    targets = [t for t in args.targets.split(",") if t]
+    if not set(targets) <= {"imml", "minimal"}:
+        parser.error("--targets: imml and/or minimal")
+    if not ensure_valgrind(not args.no_install):
+        B.say("valgrind is not installed (Debian package valgrind): nothing measured")
+        return 1
+    tools = B.ensure_tools(not args.no_install) if args.upstream == "nginx" else {}
+    workdir = Path(tempfile.mkdtemp(prefix="imml-instructions-"))
+    os.chmod(workdir, 0o755)  # nginx workers run as nobody
+    procs = B.Processes(workdir, None)
+    started = time.monotonic()
+    figures: dict[str, float] = {}
+    try:
+        answer = json.dumps({"clip": B._embedding(b"bench")}, separators=(",", ":"))
+        backends = B.start_upstreams(procs, args, tools, answer, None)
+        for target in targets:
+            total = count(procs, target, backends, args.warm_up, args.requests)
+            figures[target] = total / args.requests
+            B.say(f"  {target:8} {figures[target]:12,.0f} instructions per request ({total:,} for {args.requests})")
+    finally:
+        procs.stop_all()
+        shutil.rmtree(workdir, ignore_errors=True)
+    if "imml" in figures and "minimal" in figures:
+        ratio = figures["minimal"] / figures["imml"]
+        B.say(f"minimal / imml instructions per request: {ratio:.2f} "
+              f"(the throughput ratio imml / minimal that these counts predict; target >= "
+              f"{B.TARGET_THROUGHPUT_RATIO})")
+        figures["ratio"] = ratio
+    B.say(f"Run took {time.monotonic() - started:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
