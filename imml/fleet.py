@@ -134,9 +134,9 @@ class Backend:
     """
     One ML host and what the balancer has observed of it.
 
-    @ivar attempts: the requests now on this host: objects with a
-        C{host_down()} method, called when the host goes down, and C{task}
-        and C{sent} (when it was sent) attributes.
+    @ivar attempts: the requests now on this host (see L{take}): objects
+        with a C{host_down()} method, called when the host goes down, and
+        C{task}, C{sent} (when it was sent) and C{starts} attributes.
     @ivar woken: when a Wake-on-LAN packet was last sent to it, or None.
     """
 
@@ -153,6 +153,8 @@ class Backend:
     tasks: dict = field(factory=dict)
     attempts: set = field(factory=set)
     woken: Optional[float] = None
+    #: Attempts expected to wait inside the host for one of its slots.
+    _queued: int = 0
     #: The time now, as the fleet's clock says (for staleness).
     _now: Callable[[], float] = field(default=lambda: 0.0, repr=False)
 
@@ -227,12 +229,44 @@ class Backend:
         if self.attempts:
             now = self._now()
             for attempt in self.attempts:
+                if attempt.starts is None:
+                    continue  # waiting inside the host: not the first to end
                 expected = self.service_time(attempt.task) or self.stats.slot_time
                 if expected is not None:
-                    left = attempt.sent + expected - now
+                    left = attempt.starts + expected - now
                     if soonest is None or left < soonest:
                         soonest = left
         return None if soonest is None else max(soonest, 0.0)
+
+    def take(self, attempt) -> None:
+        """
+        C{attempt} was sent to the host, and is counted in C{in_flight}.  It
+        starts being served at once (C{attempt.starts} is now) unless the
+        host already had its proven limit of requests (a learned limit
+        probing for more): then it waits inside the host (C{starts} is
+        None) until one of them ends (L{release}).
+        """
+        if self.in_flight <= self.limiter.proven:
+            attempt.starts = self._now()
+        else:
+            attempt.starts = None
+            self._queued += 1
+        self.attempts.add(attempt)
+
+    def release(self, attempt) -> None:
+        """
+        C{attempt} is over: if it was being served, the request that waited
+        longest inside the host now is.
+        """
+        if attempt not in self.attempts:
+            return
+        self.attempts.discard(attempt)
+        if attempt.starts is None:
+            self._queued -= 1
+        elif self._queued:
+            waiting = min((a for a in self.attempts if a.starts is None), key=lambda a: a.sent)
+            waiting.starts = self._now()
+            self._queued -= 1
 
     @property
     def slot_time(self) -> Optional[float]:

@@ -219,6 +219,9 @@ class _Attempt:
     sent: float
     in_flight: int
     deferred: Optional[Deferred] = None
+    #: When the host started serving it, or None while it waits inside the
+    #: host for a slot (L{Backend.take}).
+    starts: Optional[float] = None
     redispatched: bool = False
     #: No complete answer within the response timeout: cancelled for that.
     timed_out: bool = False
@@ -306,7 +309,7 @@ class _Job:
         self.tries += 1
         clock = forwarder.clock
         attempt = _Attempt(self, backend, clock.seconds(), backend.in_flight)
-        backend.attempts.add(attempt)
+        backend.take(attempt)
         self.pending.add(attempt)
         forwarder.watch(attempt)
         attempt.deferred = forwarder.exchange(self, backend)
@@ -360,7 +363,7 @@ class _Job:
         forwarder = self.forwarder
         backend = attempt.backend
         self.pending.discard(attempt)
-        backend.attempts.discard(attempt)
+        backend.release(attempt)
         forwarder.live.discard(attempt)
         seconds = forwarder.clock.seconds() - attempt.sent
         task = self.info.task

@@ -115,8 +115,11 @@ class ShortestDelay:
     A free host is taken unless waiting for a busy one is expected to be
     clearly sooner: more than C{patience} times, and C{slack} seconds,
     sooner.  A wait is an estimate, a free slot is not; and a host left
-    idle while requests wait is throughput lost.  When waiting wins, the
-    request waits: late binding sends it to the first slot that frees up.
+    idle while requests wait is throughput lost.  A search (interactive)
+    takes whichever is expected sooner: searches are few, a person waits for
+    each, and a free slow host can take several times longer than a short
+    wait for a fast one.  When waiting wins, the request waits: late
+    binding sends it to the first slot that frees up.
 
     For an interactive request (a search), a free slot above a host's
     L{IBackendView.proven_limit} (a learned limit probing for more) counts
@@ -179,7 +182,10 @@ class ShortestDelay:
                 wait = self._wait(c, in_flight - usable + request.ahead + 1, self._rate(c, limit, t)) * slowdown
                 if t + wait < wait_cost:
                     wait_cost = t + wait
-        if best is None or wait_cost * self.patience + self.slack < best_key[0]:
+        if interactive:
+            if best is None or wait_cost < best_key[0]:
+                return None
+        elif best is None or wait_cost * self.patience + self.slack < best_key[0]:
             return None
         return best
 

@@ -46,7 +46,7 @@ def test_a_queued_answer_does_not_count_as_service_time():
 
 class _OnHost:
     def __init__(self, task, sent):
-        self.task, self.sent = task, sent
+        self.task, self.sent, self.starts = task, sent, sent
 
     def host_down(self):
         pass
@@ -71,3 +71,38 @@ def test_the_next_answer_is_expected_from_what_runs_on_the_host():
     assert abs(fast.next_answer_in() - 0.01) < 1e-9  # a text search is quicker
     clock.advance(0.5)
     assert fast.next_answer_in() == 0.0  # overdue: any moment now
+
+
+def test_a_request_sent_past_the_proven_limit_waits_inside_the_host_until_one_ends():
+    """
+    A learned limit raised to where the host queued before (a probe): the
+    request sent into the last slot waits inside the host, so it is not the
+    next to answer; when the first ends it starts, and its answer is
+    expected a whole service time later.
+    """
+    clock = task.Clock()
+    fleet = Fleet.from_addresses([BackendAddress("medium")], clock)
+    medium = fleet.backends[0]
+    fleet.check_passed(medium)
+    fleet.started(medium)
+    fleet.finished(medium, "clip-visual", 0.15, in_flight=1)
+    medium.limiter.learned, medium.limiter.ceiling = 2, 2  # probing at 2
+    assert (medium.limit, medium.proven_limit) == (2, 1)
+    fleet.started(medium)
+    first = _OnHost("clip-visual", clock.seconds())
+    medium.take(first)
+    assert first.starts == clock.seconds()  # a slot of its own
+    clock.advance(0.05)
+    fleet.started(medium)
+    second = _OnHost("clip-visual", clock.seconds())
+    medium.take(second)
+    assert second.starts is None
+    assert abs(medium.next_answer_in() - 0.10) < 1e-9  # the first's
+    clock.advance(0.12)  # the first is late
+    medium.release(first)
+    fleet.finished(medium, "clip-visual", 0.17, in_flight=1)
+    assert second.starts == clock.seconds()
+    # sent 170 ms ago, started now: a whole service time to go
+    assert abs(medium.next_answer_in() - medium.service_time("clip-visual")) < 1e-9
+    medium.release(second)
+    assert medium.next_answer_in() is None and medium._queued == 0

@@ -312,6 +312,23 @@ def test_shortest_delay_keeps_a_free_host_busy_unless_waiting_is_clearly_sooner(
     assert ShortestDelay(patience=1.0, slack=0.0).choose(sed_request(), [busy, Timed(1, limit=2, seconds=0.016)]) is None
 
 
+def test_a_search_takes_whatever_is_sooner_without_patience():
+    """
+    Patience keeps a free host busy for batch work; a search, which a person
+    waits for, takes whichever is expected sooner.
+    """
+    from imml.strategies import ShortestDelay
+
+    busy = Timed(0, limit=2, in_flight=2, seconds=0.010, throughput=100.0)
+    free = Timed(1, limit=1, seconds=0.030)
+    search = RequestInfo(b"POST", b"/predict", "clip-textual", interactive=True)
+    # waiting: 10 ms for a slot, then 10 ms; the free host: 30 ms
+    assert ShortestDelay().choose(sed_request(), [busy, free]) is free
+    assert ShortestDelay().choose(search, [busy, free]) is None
+    free.seconds = 0.019
+    assert ShortestDelay().choose(search, [busy, free]) is free
+
+
 def test_a_search_counts_the_wait_inside_a_host_probing_its_limit():
     """
     A learned limit raised to probe for more: a request sent into that last
@@ -328,7 +345,11 @@ def test_a_search_counts_the_wait_inside_a_host_probing_its_limit():
     assert ShortestDelay().choose(search, [fast, medium]) is None
     assert ShortestDelay().choose(sed_request(ahead=6), [fast, medium]) is medium
     medium.in_flight = 0
+    # free now: 37.5 ms there, against 20 ms for a fast slot and 10 ms
+    assert ShortestDelay().choose(search, [fast, medium]) is None
+    medium.seconds = 0.025
     assert ShortestDelay().choose(search, [fast, medium]) is medium
+    medium.seconds = 0.0375
     # the fast host's third slot is a probe: about 20 ms inside it, then
     # 10 ms, beats 37.5 ms on the medium host
     fast = Timed(0, limit=3, proven=2, in_flight=2, seconds=0.01, slot_time=0.04, throughput=50.0)
