@@ -29,13 +29,19 @@ def test_throughput_is_measured_from_answers_while_the_host_is_kept_busy():
     assert abs(fast.throughput - 50.0) < 0.5
 
 
-def test_a_queued_answer_does_not_count_as_service_time():
+def _medium_host():
+    """A host that has answered an image in 150 ms."""
     clock = task.Clock()
     fleet = Fleet.from_addresses([BackendAddress("medium")], clock)
     medium = fleet.backends[0]
     fleet.check_passed(medium)
     fleet.started(medium)
     fleet.finished(medium, "clip-visual", 0.15, in_flight=1)
+    return clock, fleet, medium
+
+
+def test_a_queued_answer_does_not_count_as_service_time():
+    clock, fleet, medium = _medium_host()
     fleet.started(medium)
     fleet.started(medium)
     fleet.finished(medium, "clip-visual", 0.30, in_flight=2)  # waited inside the host
@@ -80,12 +86,7 @@ def test_a_request_sent_past_the_proven_limit_waits_inside_the_host_until_one_en
     next to answer; when the first ends it starts, and its answer is
     expected a whole service time later.
     """
-    clock = task.Clock()
-    fleet = Fleet.from_addresses([BackendAddress("medium")], clock)
-    medium = fleet.backends[0]
-    fleet.check_passed(medium)
-    fleet.started(medium)
-    fleet.finished(medium, "clip-visual", 0.15, in_flight=1)
+    clock, fleet, medium = _medium_host()
     medium.limiter.learned, medium.limiter.ceiling = 2, 2  # probing at 2
     assert (medium.limit, medium.proven_limit) == (2, 1)
     fleet.started(medium)
