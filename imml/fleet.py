@@ -222,7 +222,8 @@ class Backend:
         """
         Seconds until the first request in flight on the host is expected
         to be answered: each one's recent service time for its task (or the
-        host's slot time), less how long it has run; 0 when one is overdue;
+        host's slot time), less how long it has been served (those waiting
+        inside the host for a slot are not first); 0 when one is overdue;
         None when none is in flight or nothing is known.
         """
         soonest = None

@@ -78,8 +78,9 @@ class IBackendView(Interface):
     def next_answer_in() -> float | None:
         """
         Seconds until the first request in flight on the host is expected
-        to be answered (from how long each has run and its task's recent
-        service time), 0 when one is overdue; None when none is in flight or
+        to be answered (from how long each has been served and its task's
+        recent service time; one waiting inside the host for a slot is not
+        first), 0 when one is overdue; None when none is in flight or
         nothing is known.  The first slot to free up frees then.
         """
 
