@@ -119,6 +119,11 @@ def main(argv=None) -> int:
         B.say("valgrind is not installed (Debian package valgrind): nothing measured")
         return 1
     tools = B.ensure_tools(not args.no_install) if args.upstream == "nginx" else {}
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt
+
+    # SIGTERM stops the run like Ctrl-C: every process it started is stopped.
+    signal.signal(signal.SIGTERM, interrupted)
     workdir = Path(tempfile.mkdtemp(prefix="imml-instructions-"))
     os.chmod(workdir, 0o755)  # nginx workers run as nobody
     procs = B.Processes(workdir, None)
@@ -131,6 +136,9 @@ def main(argv=None) -> int:
             total = count(procs, target, backends, args.warm_up, args.requests)
             figures[target] = total / args.requests
             B.say(f"  {target:8} {figures[target]:12,.0f} instructions per request ({total:,} for {args.requests})")
+    except KeyboardInterrupt:
+        B.say("# interrupted: every process this run started has been stopped")
+        return 130
     finally:
         procs.stop_all()
         shutil.rmtree(workdir, ignore_errors=True)
