@@ -30,6 +30,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def total_instructions(outputs: list[Path]) -> int:
     return total
 
 
-def count(procs: B.Processes, target: str, backends: list[int], warm: int, requests: int) -> int:
+def count(procs: B.Processes, target: str, backends: list[int], warm: int, requests: int, connections: int) -> int:
     """Instructions the proxy C{target} spent on C{requests} requests."""
     workdir = procs.workdir
     port = B.free_port()
@@ -80,15 +81,33 @@ def count(procs: B.Processes, target: str, backends: list[int], warm: int, reque
     B.wait_http(port, ready, b"", proc, timeout=180)
     content_type, body = predict_body(ENTRIES["clip-textual"], text="a photo of a dog on the beach")
     headers = {"Content-Type": content_type.decode()}
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+
+    def one_connection(n: int, errors: list) -> None:
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        try:
+            for _ in range(n):
+                c.request("POST", "/predict", body, headers)
+                response = c.getresponse()
+                answer = response.read()
+                if response.status != 200 or not answer.startswith(b'{"clip"'):
+                    errors.append(f"{target}: bad answer {response.status} {answer[:80]!r}")
+                    return
+        except OSError as e:
+            errors.append(f"{target}: {e}")
+        finally:
+            c.close()
 
     def send(n: int) -> None:
-        for _ in range(n):
-            connection.request("POST", "/predict", body, headers)
-            response = connection.getresponse()
-            answer = response.read()
-            if response.status != 200 or not answer.startswith(b'{"clip"'):
-                raise RuntimeError(f"{target}: bad answer {response.status} {answer[:80]!r}")
+        # n requests over `connections` keep-alive connections at once
+        errors: list = []
+        threads = [threading.Thread(target=one_connection, args=(n // connections + (i < n % connections), errors))
+                   for i in range(connections)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        if errors or any(t.is_alive() for t in threads):
+            raise RuntimeError(errors[0] if errors else f"{target}: requests did not finish")
 
     def control(*args: str) -> None:
         subprocess.run(["callgrind_control", *args, str(proc.pid)], capture_output=True, timeout=120, check=True)
@@ -98,7 +117,6 @@ def count(procs: B.Processes, target: str, backends: list[int], warm: int, reque
     send(requests)
     control("-i", "off")
     control("-d")
-    connection.close()
     procs.stop(proc, signal.SIGTERM, grace=30)
     return total_instructions(sorted(workdir.glob(f"callgrind-{target}.out*")))
 
@@ -107,6 +125,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=1000, help="requests counted per target (default 1000)")
     parser.add_argument("--warm-up", type=int, default=300, help="requests before counting (default 300)")
+    parser.add_argument("--connections", type=int, default=1,
+                        help="requests at once, each connection sending one after another (default 1)")
     parser.add_argument("--targets", default="imml,minimal", help="comma separated: imml, minimal")
     parser.add_argument("--upstream", choices=("nginx", "fake"), default="nginx")
     parser.add_argument("--no-install", action="store_true", help="never apt-get")
@@ -133,7 +153,7 @@ def main(argv=None) -> int:
         answer = json.dumps({"clip": B._embedding(b"bench")}, separators=(",", ":"))
         backends = B.start_upstreams(procs, args, tools, answer, None)
         for target in targets:
-            total = count(procs, target, backends, args.warm_up, args.requests)
+            total = count(procs, target, backends, args.warm_up, args.requests, args.connections)
             figures[target] = total / args.requests
             B.say(f"  {target:8} {figures[target]:12,.0f} instructions per request ({total:,} for {args.requests})")
     except KeyboardInterrupt:
