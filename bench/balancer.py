@@ -59,12 +59,15 @@ def say(*args) -> None:
 # --------------------------------------------------------------------------
 
 
-def ensure_tools(install: bool) -> dict[str, str | None]:
+DEFAULT_TOOLS = {"wrk": ["wrk"], "nginx": ["nginx-light", "nginx"], "haproxy": ["haproxy"]}
+
+
+def ensure_tools(install: bool, wanted: dict[str, list[str]] = DEFAULT_TOOLS) -> dict[str, str | None]:
     """
-    Find wrk, nginx and haproxy; install the missing ones from Debian when
-    allowed and run as root.
+    Find the programs named in C{wanted} (wrk, nginx and haproxy by default:
+    each with the Debian packages to try, in order); install the missing
+    ones from Debian when allowed and run as root.
     """
-    wanted = {"wrk": ["wrk"], "nginx": ["nginx-light", "nginx"], "haproxy": ["haproxy"]}
 
     def find(name: str) -> str | None:
         return shutil.which(name) or next(

@@ -42,18 +42,6 @@ import balancer as B  # noqa: E402  (the benchmark's helpers)
 from imml.testing import ENTRIES, predict_body  # noqa: E402
 
 
-def ensure_valgrind(install: bool) -> str | None:
-    found = shutil.which("valgrind")
-    if found or not install or os.geteuid() != 0 or not shutil.which("apt-get"):
-        return found
-    B.say("# installing valgrind from Debian (apt-get)...")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    subprocess.run(["apt-get", "update", "-qq"], env=env, timeout=600, check=False, stdout=subprocess.DEVNULL)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "valgrind"], env=env,
-                   timeout=600, check=False, stdout=subprocess.DEVNULL)
-    return shutil.which("valgrind")
-
-
 def total_instructions(outputs: list[Path]) -> int:
     total = 0
     for out in outputs:
@@ -135,7 +123,7 @@ def main(argv=None) -> int:
     targets = [t for t in args.targets.split(",") if t]
     if not set(targets) <= {"imml", "minimal"}:
         parser.error("--targets: imml and/or minimal")
-    if not ensure_valgrind(not args.no_install):
+    if not B.ensure_tools(not args.no_install, {"valgrind": ["valgrind"]})["valgrind"]:
         B.say("valgrind is not installed (Debian package valgrind): nothing measured")
         return 1
     tools = B.ensure_tools(not args.no_install) if args.upstream == "nginx" else {}

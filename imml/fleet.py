@@ -261,7 +261,7 @@ class Backend:
         """
         if attempt not in self.attempts:
             return
-        self.attempts.discard(attempt)
+        self.attempts.remove(attempt)
         if attempt.starts is None:
             self._queued -= 1
         elif self._queued:

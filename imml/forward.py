@@ -375,10 +375,11 @@ class _Job:
             if attempt.cancelled or (result.check(CancelledError) and not attempt.timed_out):
                 forwarder.release(backend, task, None, None, attempt, seconds, None, CANCELLED)
                 return None
-            error = result.value.error if result.check(_Committed) else result.value
             if attempt.timed_out:
-                error = _NoAnswerInTime(forwarder.settings.response_timeout)
-            reason = "timed out" if attempt.timed_out else describe_failure(error)
+                error, reason = _NoAnswerInTime(forwarder.settings.response_timeout), "timed out"
+            else:
+                error = result.value.error if result.check(_Committed) else result.value
+                reason = describe_failure(error)
             retry = not result.check(_Committed) and (
                 self.info.retryable or isinstance(error, ierror.ConnectError)
             )

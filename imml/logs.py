@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import signal
 import sys
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from twisted.logger import (
     FileLogObserver,
@@ -40,17 +40,16 @@ class _SecondClock:
     second.
     """
 
-    def __init__(self, format_time: Callable[[float], str] = formatTime) -> None:
-        self._format_time = format_time
+    def __init__(self) -> None:
         self._second: Optional[int] = None
         self._text = ""
 
     def __call__(self, when: Optional[float]) -> str:
         if when is None:
-            return self._format_time(when)
+            return formatTime(when)
         second = int(when // 1)
         if second != self._second:
-            self._text = self._format_time(second)
+            self._text = formatTime(second)
             self._second = second
         return self._text
 
@@ -98,7 +97,7 @@ def line_observer(out) -> FileLogObserver:
     return FileLogObserver(out, _ClassicLine())
 
 
-def observer_for(twistd_options: Any, install_signal: bool = True) -> Optional[FileLogObserver]:
+def observer_for(twistd_options: Any) -> Optional[FileLogObserver]:
     """
     The observer for the log twistd's options ask for, or L{None} where
     twistd should make its own (C{--logger}, C{--syslog}, a daemon asked to
@@ -115,11 +114,9 @@ def observer_for(twistd_options: Any, install_signal: bool = True) -> Optional[F
     name = options.get("logfile")
     nodaemon = bool(options.get("nodaemon"))
     if name == "-" or (nodaemon and not name):
-        if not nodaemon:
-            return None
-        return line_observer(sys.stdout)
+        return line_observer(sys.stdout) if nodaemon else None
     log_file = LogFile.fromFullPath(name or "twistd.log", rotateLength=ROTATE_BYTES, maxRotatedFiles=KEEP_ROTATED)
-    if install_signal and not signal.getsignal(signal.SIGUSR1):
+    if not signal.getsignal(signal.SIGUSR1):
 
         def rotate(signum, frame) -> None:
             from twisted.internet import reactor

@@ -155,14 +155,10 @@ class ShortestDelay:
         wait_cost = float("inf")
         self._turn += 1
         count = len(candidates)
-        penalty = self.error_penalty
         for i, c in enumerate(candidates):
-            error_rate = c.error_rate
-            slowdown = (1.0 + penalty * error_rate) / c.weight if error_rate else 1.0 / c.weight
+            slowdown = (1.0 + self.error_penalty * c.error_rate) / c.weight
             t = times[i] * slowdown
-            limit = c.limit
-            if limit < 1:
-                limit = 1
+            limit = max(c.limit, 1)
             in_flight = c.in_flight
             if c.has_free_slot():
                 cost = t

@@ -77,7 +77,7 @@ def test_time_changes_with_the_second():
     assert out.getvalue() == reference.getvalue()
 
 
-def _twistd(tmp_path, *args):
+def _twistd(*args):
     options = ServerOptions()
     options.parseOptions([*args, "imml-balancer", "--listen", "tcp:0:interface=127.0.0.1", "--admin", "none",
                           "--backends", "127.0.0.1:9"])
@@ -98,7 +98,7 @@ def test_logfile_rotates_and_keeps_a_few(tmp_path, monkeypatch):
     """
     monkeypatch.setattr(logs, "ROTATE_BYTES", 2000)
     path = tmp_path / "imml.log"
-    observer = _application_observer(_twistd(tmp_path, "-n", "--logfile", str(path)))
+    observer = _application_observer(_twistd("-n", "--logfile", str(path)))
     assert observer is not None
     event = {"log_namespace": "imml", "log_level": LogLevel.info, "log_time": 1.0, "log_format": "x" * 100}
     for _ in range(400):  # about 60 KB: 30 rotations
@@ -109,26 +109,26 @@ def test_logfile_rotates_and_keeps_a_few(tmp_path, monkeypatch):
     assert signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, None)
 
 
-def test_stdout_when_not_a_daemon(tmp_path, capsys):
-    observer = _application_observer(_twistd(tmp_path, "-n"))
+def test_stdout_when_not_a_daemon(capsys):
+    observer = _application_observer(_twistd("-n"))
     observer({"log_namespace": "imml", "log_level": LogLevel.info, "log_time": 1.0, "log_format": "hello"})
     assert "[imml#info] hello" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args", [("-n", "--syslog"), ("-n", "--logger", "twisted.logger.textFileLogObserver")])
-def test_other_loggers_are_left_to_twistd(tmp_path, args):
+def test_other_loggers_are_left_to_twistd(args):
     """
     --syslog and --logger are twistd's to honour: the balancer offers no
     observer then.
     """
-    assert _application_observer(_twistd(tmp_path, *args)) is None
+    assert _application_observer(_twistd(*args)) is None
 
 
-def test_an_application_observer_is_kept(tmp_path):
+def test_an_application_observer_is_kept():
     """
     An application that already has an observer keeps it.
     """
-    options = _twistd(tmp_path, "-n")
+    options = _twistd("-n")
     top = tap.makeService(options.subOptions)
     application = service.Application("imml-balancer")
     mine = textFileLogObserver(io.StringIO())
