@@ -128,6 +128,13 @@ class Limit:
                 if self.ceiling is not None and self.learned >= self.ceiling:
                     # the probe failed: wait longer before the next one
                     self.probe_after = min(self.probe_after * 2, MAX_PROBE_AFTER)
+                elif self.ceiling is not None:
+                    # Queueing below the old ceiling: a new one, whose
+                    # probes start as often as the first ones did.  (Else
+                    # a host that stalled once, with probes above its real
+                    # limit grown rare, would stay below it for hundreds
+                    # of answers.)
+                    self.probe_after = PROBE_AFTER
                 self.ceiling = self.learned if self.ceiling is None else min(self.ceiling, self.learned)
                 self.learned -= 1
             return False

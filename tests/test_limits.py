@@ -120,3 +120,24 @@ def test_the_proven_limit_leaves_out_a_probing_slot():
     feed(limit, [(0.04, 3)])  # it held long enough: the next probe is to 4
     assert limit.value == 4 and limit.proven == 4 and limit.ceiling is None
     assert Limit(slots=2).proven == 2
+
+
+def test_a_stall_below_a_rarely_probed_ceiling_is_left_behind_soon():
+    """
+    A host with 2 slots whose probes of a third request have grown rare
+    stalls once: two answers at 2 in flight queue, so the limit drops to 1.
+    The probe back to 2 comes after as few answers as a first probe, not
+    after the grown interval.
+    """
+    limit = Limit(learned=2, ceiling=3, probe_after=400)
+    feed(limit, [(0.04, 2)] * 10)
+    assert limit.value == 2
+    feed(limit, [(0.08, 2), (0.08, 2)])
+    assert limit.value == 1 and limit.ceiling == 2
+    feed(limit, [(0.04, 1)] * 49)
+    assert limit.value == 1
+    feed(limit, [(0.04, 1)])
+    assert limit.value == 2
+    # a failed probe at the new ceiling still makes the next one rarer
+    feed(limit, [(0.08, 2), (0.08, 2)])
+    assert limit.value == 1 and limit.probe_after == 100
