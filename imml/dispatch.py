@@ -8,6 +8,15 @@ queue, interactive work ahead of batch work, and is bound to a host only when
 the fleet changes: a slot frees up or a host comes back.  A wait is bounded
 by a timeout and the queue by a length; past them the request is refused with
 L{NoBackendAvailable}, whose message says why.
+
+While people search (an interactive request came in the last
+L{Dispatcher.pace_while_searching} seconds), batch work is paced: it is
+started on a host no sooner than half the host's slot interval (its slot time
+over its limit) after the previous start there.  A host's slots then end in
+turn rather than together, so a search waits for at most about half a batch
+request's service time for a slot, not a whole one.  The cost is a few
+milliseconds of one slot, once, when two slots' requests would otherwise
+start together.
 """
 
 from __future__ import annotations
@@ -24,6 +33,11 @@ from twisted.logger import Logger
 from .classify import RequestInfo
 from .fleet import Backend, Fleet
 from .interfaces import IStrategy
+
+
+#: Batch starts on a host are at least this share of its slot interval apart
+#: while people search.
+PACE = 0.5
 
 
 class NoBackendAvailable(Exception):
@@ -63,6 +77,9 @@ class Dispatcher:
     log: Logger = field(factory=Logger)
     #: Called with a request's info whenever it has to wait (to wake hosts).
     on_wait: list = field(factory=list)
+    #: Seconds after an interactive request during which batch work is
+    #: paced (see the module's description); 0: never.
+    pace_while_searching: float = 10.0
     #: Waiting requests in queue order.
     _waiting: list = field(factory=list)
     #: The same, in arrival order (so by deadline), including some that
@@ -72,6 +89,10 @@ class Dispatcher:
     _sequence: itertools.count = field(factory=itertools.count)
     _pumping: bool = False
     _again: bool = False
+    #: When the last interactive request arrived.
+    _searched: float = float("-inf")
+    #: Calls L{pump} when paced batch work may start.
+    _pace_timer: object = None
 
     def __attrs_post_init__(self) -> None:
         self.fleet.observe(self.pump)
@@ -104,7 +125,7 @@ class Dispatcher:
                 return fresh
         return usable
 
-    def _choose(self, info: RequestInfo, candidates: list[Backend], ahead: int) -> Optional[Backend]:
+    def _choose(self, info: RequestInfo, candidates: list[Backend], ahead: int, now: float) -> Optional[Backend]:
         if ahead:
             info = evolve(info, ahead=ahead)
         try:
@@ -119,7 +140,38 @@ class Dispatcher:
                 backend=str(chosen),
             )
             return None
+        if chosen is not None and not info.interactive and now - self._searched < self.pace_while_searching:
+            ready = self._paced_until(chosen)
+            if ready > now:
+                self._pump_at(ready, now)
+                return None
         return chosen
+
+    @staticmethod
+    def _paced_until(backend: Backend) -> float:
+        """
+        When paced batch work may next start on C{backend}.
+        """
+        slot, limit = backend.slot_time, backend.limit
+        if not slot or limit < 2:
+            return backend.bound_at  # one slot: its last request has ended
+        return backend.bound_at + PACE * slot / limit
+
+    def _pump_at(self, when: float, now: float) -> None:
+        timer = self._pace_timer
+        if timer is not None:
+            if timer.getTime() <= when:
+                return
+            timer.cancel()
+        self._pace_timer = self.clock.callLater(when - now, self._paced)
+
+    def _paced(self) -> None:
+        self._pace_timer = None
+        self.pump()
+
+    def _bind(self, backend: Backend, now: float) -> None:
+        backend.bound_at = now
+        self.fleet.started(backend)
 
     def acquire(self, info: RequestInfo, avoid: Collection[Backend] = (), since: Optional[float] = None) -> Deferred:
         """
@@ -132,8 +184,12 @@ class Dispatcher:
         @return: a Deferred firing with the L{Backend}, or failing with
             L{NoBackendAvailable}.  Cancelling it leaves the queue.
         """
-        priority = 0 if info.interactive else 1
         now = self.clock.seconds()
+        if info.interactive:
+            priority = 0
+            self._searched = now
+        else:
+            priority = 1
         order = (priority, now if since is None else since, next(self._sequence))
         candidates = self.candidates(info, avoid)
         # Only a host with a free slot can be chosen: when there is none
@@ -144,9 +200,9 @@ class Dispatcher:
             # beat waiting behind them.  (A request with a free host of its
             # own, while others wait, is one they could not use.)
             ahead = bisect_left(self._waiting, order, key=_order) if self._waiting else 0
-            chosen = self._choose(info, candidates, ahead)
+            chosen = self._choose(info, candidates, ahead, now)
             if chosen is not None:
-                self.fleet.started(chosen)
+                self._bind(chosen, now)
                 d = Deferred()
                 d.callback(chosen)
                 return d
@@ -174,6 +230,9 @@ class Dispatcher:
                 if self._timer is not None:
                     self._timer.cancel()
                     self._timer = None
+                if self._pace_timer is not None:
+                    self._pace_timer.cancel()
+                    self._pace_timer = None
 
     def _expire(self) -> None:
         """
@@ -210,6 +269,7 @@ class Dispatcher:
         self._pumping = True
         try:
             self._again = True
+            now = self.clock.seconds()
             while self._again and self._waiting:
                 self._again = False
                 ahead = 0
@@ -222,12 +282,12 @@ class Dispatcher:
                     if not candidates:
                         ahead += 1
                         continue
-                    chosen = self._choose(waiter.info, candidates, ahead)
+                    chosen = self._choose(waiter.info, candidates, ahead, now)
                     if chosen is None:
                         ahead += 1
                         continue
                     self._leave(waiter)
-                    self.fleet.started(chosen)
+                    self._bind(chosen, now)
                     waiter.deferred.callback(chosen)
         finally:
             self._pumping = False

@@ -153,6 +153,8 @@ class Backend:
     tasks: dict = field(factory=dict)
     attempts: set = field(factory=set)
     woken: Optional[float] = None
+    #: When the dispatcher last bound a request to it.
+    bound_at: float = float("-inf")
     #: Attempts expected to wait inside the host for one of its slots.
     _queued: int = 0
     #: The time now, as the fleet's clock says (for staleness).

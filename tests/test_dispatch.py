@@ -4,6 +4,7 @@ The dispatcher with a task.Clock: late binding, priorities, bounds.
 
 import pytest
 from twisted.internet import task
+from twisted.internet.defer import CancelledError
 
 from imml.backends import BackendAddress
 from imml.classify import RequestInfo
@@ -207,3 +208,65 @@ def test_a_strategy_choosing_a_full_host_leaves_the_request_waiting():
     result(dispatcher.acquire(BATCH))
     got = result(dispatcher.acquire(BATCH))
     assert got == [] and fleet.backends[0].in_flight == 1
+
+
+def warmed(n=1, slots=2, seconds=0.04):
+    """A fleet whose hosts have each answered one batch request."""
+    clock, fleet, dispatcher = make(n=n, slots=slots)
+    for b in fleet.backends:
+        fleet.started(b)
+        fleet.finished(b, "clip-visual", seconds)
+    return clock, fleet, dispatcher
+
+
+def test_while_people_search_batch_starts_on_a_host_are_paced():
+    # 2 slots, about 40 ms each: starts at least half of 20 ms apart
+    clock, fleet, dispatcher = warmed()
+    host = fleet.backends[0]
+    search = result(dispatcher.acquire(SEARCH))
+    fleet.finished(search[0], "clip-textual", 0.01)
+    pace = host.slot_time / 2 / 2
+    assert 0.005 < pace < 0.01
+    clock.advance(1)
+    first = result(dispatcher.acquire(BATCH))
+    second = result(dispatcher.acquire(BATCH))
+    assert first == [host] and second == []
+    clock.advance(pace - 0.0001)
+    assert second == []
+    clock.advance(0.0002)
+    assert second == [host] and host.in_flight == 2
+
+
+def test_searches_are_not_paced_and_nothing_is_paced_without_them():
+    clock, fleet, dispatcher = warmed()
+    a, b = result(dispatcher.acquire(BATCH)), result(dispatcher.acquire(BATCH))
+    assert a and b  # nobody searched: both start at once
+    for got in (a, b):
+        fleet.finished(got[0], "clip-visual", 0.04)
+    clock.advance(1)
+    batch = result(dispatcher.acquire(BATCH))
+    search = result(dispatcher.acquire(SEARCH))
+    assert batch and search  # a search right after a batch start is not held
+    fleet.finished(batch[0], "clip-visual", 0.04)
+    fleet.finished(search[0], "clip-textual", 0.01)
+    clock.advance(dispatcher.pace_while_searching + 1)
+    a, b = result(dispatcher.acquire(BATCH)), result(dispatcher.acquire(BATCH))
+    assert a and b  # the last search is long past
+
+
+def test_pacing_leaves_single_slot_hosts_alone_and_no_timer_behind():
+    # one slot: the next batch request starts as soon as the last one ends
+    clock, fleet, dispatcher = warmed(slots=1)
+    fleet.finished(result(dispatcher.acquire(SEARCH))[0], "clip-textual", 0.01)
+    a = result(dispatcher.acquire(BATCH))
+    fleet.finished(a[0], "clip-visual", 0.0)
+    assert result(dispatcher.acquire(BATCH)) == a
+    clock, fleet, dispatcher = warmed()
+    fleet.finished(result(dispatcher.acquire(SEARCH))[0], "clip-textual", 0.01)
+    clock.advance(1)
+    assert result(dispatcher.acquire(BATCH))
+    paced = dispatcher.acquire(BATCH)
+    paced.addErrback(lambda f: f.trap(CancelledError))
+    assert clock.getDelayedCalls()
+    paced.cancel()
+    assert dispatcher.queue_depth == 0 and not clock.getDelayedCalls()
