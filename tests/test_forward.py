@@ -132,3 +132,35 @@ def test_an_attempt_far_slower_than_its_host_is_hedged_on_another():
     assert len(agent.sent) == 2  # hedged once
     done.cancel()
     assert all(b.in_flight == 0 for b in fleet.backends)
+
+
+def test_each_request_is_one_info_event_of_the_forwarders_logger():
+    """
+    The event a request makes is what C{Logger.info} would make: observers
+    filtering by level or namespace, and twistd's formatting, treat it as
+    any other.
+    """
+    from twisted.logger import (
+        FilteringLogObserver,
+        LogLevel,
+        LogLevelFilterPredicate,
+        Logger,
+        formatEvent,
+    )
+
+    from imml.records import RequestRecord
+
+    events, quiet = [], []
+    fleet, fwd = forwarder(StuckAgent(CancelledError()))
+    fwd.log = Logger(namespace="imml.forward", observer=events.append)
+    record = RequestRecord("POST", "/predict", "clip-textual", 200, "127.0.0.1:3003", ("127.0.0.1:3003",), 0.0123)
+    fwd.report_request(record)
+    [event] = events
+    assert event["log_level"] is LogLevel.info and event["log_namespace"] == "imml.forward"
+    assert event["log_logger"] is fwd.log and isinstance(event["log_time"], float)
+    assert formatEvent(event) == "POST /predict (clip-textual) -> 200 via 127.0.0.1:3003 in 0.012 s, 1 tries"
+    assert (event["status"], event["tries"], event["imml_event"]) == (200, 1, "request")
+    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)
+    fwd.log = Logger(namespace="imml.forward", observer=FilteringLogObserver(quiet.append, [predicate]))
+    fwd.report_request(record)
+    assert quiet == []
