@@ -141,20 +141,22 @@ class Dispatcher:
             )
             return None
         if chosen is not None and not info.interactive and now - self._searched < self.pace_while_searching:
-            ready = self._paced_until(chosen)
+            ready = self._paced_until(chosen, now)
             if ready > now:
                 self._pump_at(ready, now)
                 return None
         return chosen
 
     @staticmethod
-    def _paced_until(backend: Backend) -> float:
+    def _paced_until(backend: Backend, now: float) -> float:
         """
         When paced batch work may next start on C{backend}.
         """
         slot, limit = backend.slot_time, backend.limit
         if not slot or limit < 2:
-            return backend.bound_at  # one slot: its last request has ended
+            return now  # one slot: its last request has ended
+        if backend.bound_at > now:
+            backend.bound_at = now  # the clock was set back: one pace at most
         return backend.bound_at + PACE * slot / limit
 
     def _pump_at(self, when: float, now: float) -> None:

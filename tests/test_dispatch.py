@@ -270,3 +270,15 @@ def test_pacing_leaves_single_slot_hosts_alone_and_no_timer_behind():
     assert clock.getDelayedCalls()
     paced.cancel()
     assert dispatcher.queue_depth == 0 and not clock.getDelayedCalls()
+
+
+def test_a_clock_set_back_holds_batch_work_for_one_pace_at_most():
+    clock, fleet, dispatcher = warmed()
+    host = fleet.backends[0]
+    fleet.finished(result(dispatcher.acquire(SEARCH))[0], "clip-textual", 0.01)
+    pace = host.slot_time / 2 / 2
+    host.bound_at = clock.seconds() + 3600  # bound "an hour from now": the clock went back
+    waiting = result(dispatcher.acquire(BATCH))
+    assert waiting == []
+    clock.advance(pace + 0.0001)
+    assert waiting == [host]
