@@ -93,7 +93,7 @@ class Stats:
             self._last_busy_answer = None
             return
         last, self._last_busy_answer = self._last_busy_answer, now
-        if last is not None:
+        if last is not None and now >= last:  # (not across a clock set back)
             gap = now - last
             self.gap = gap if self.gap is None else self.gap + EWMA_ALPHA * (gap - self.gap)
 
@@ -470,8 +470,11 @@ class Fleet:
             backend.stats.record_answer(self.clock.seconds(), busy)
             # The service time is averaged over fair samples only: an answer
             # that queued inside the host (the wait is in the throughput
-            # already) or waited for a model to load says little of it.
-            if backend.limiter.answered(task, seconds, in_flight) or (task or "other") not in backend.stats.service_time:
+            # already) or waited for a model to load says little of it; nor
+            # does a time measured across a clock set back (negative).
+            if seconds < 0:
+                pass
+            elif backend.limiter.answered(task, seconds, in_flight) or (task or "other") not in backend.stats.service_time:
                 backend.stats.record_time(task, seconds, self.clock.seconds())
         self.changed()
 

@@ -107,3 +107,35 @@ def test_a_request_sent_past_the_proven_limit_waits_inside_the_host_until_one_en
     assert abs(medium.next_answer_in() - medium.service_time("clip-visual")) < 1e-9
     medium.release(second)
     assert medium.next_answer_in() is None and medium._queued == 0
+
+
+def test_times_measured_across_a_clock_set_back_teach_nothing():
+    clock = task.Clock()
+    clock.advance(1000)
+    fleet = Fleet.from_addresses(
+        [BackendAddress("fast"), BackendAddress("learning")],
+        clock,
+        settings=lambda a: BackendSettings(slots=2 if a.host == "fast" else None),
+    )
+    fast, learning = fleet.backends
+    learning.limiter.learned = 2
+    for host in fleet.backends:
+        fleet.check_passed(host)
+        fleet.started(host)
+        fleet.started(host)
+    for _ in range(10):
+        clock.advance(0.02)
+        for host in fleet.backends:
+            fleet.finished(host, "clip-visual", 0.04, in_flight=2)
+            fleet.started(host)
+    before = (fast.throughput, fast.service_time("clip-visual"), fast.slot_time)
+    clock.rightNow -= 600  # the clock is set back ten minutes
+    for host in fleet.backends:
+        fleet.finished(host, "clip-visual", -599.96, in_flight=2)  # measured across it
+        fleet.started(host)
+    assert (fast.throughput, fast.service_time("clip-visual"), fast.slot_time) == before
+    assert fast.stats.served == 11
+    # nor does a learned limit shrink after it
+    clock.advance(0.02)
+    fleet.finished(learning, "clip-visual", 0.04, in_flight=2)
+    assert learning.limit >= 2
