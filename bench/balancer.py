@@ -54,6 +54,13 @@ def say(*args) -> None:
     print(*args, flush=True)
 
 
+def write_figures(path: str | None, data: dict) -> None:
+    """Write every figure to C{path} as JSON (the --json option), if given."""
+    if path:
+        Path(path).write_text(json.dumps(data, indent=2))
+        say(f"# figures written to {path}")
+
+
 # --------------------------------------------------------------------------
 # Tools: wrk, nginx, haproxy from Debian
 # --------------------------------------------------------------------------
@@ -830,9 +837,7 @@ def main(argv=None) -> int:
         say("# interrupted: every process this run started has been stopped")
         return 130
     report(data)
-    if args.json:
-        Path(args.json).write_text(json.dumps(data, indent=2))
-        say(f"# figures written to {args.json}")
+    write_figures(args.json, data)
     return 0
 
 

@@ -682,9 +682,7 @@ def main(argv=None) -> int:
     }
     data["verdicts"] = verdicts(results, targets)
     report(data)
-    if args.json:
-        Path(args.json).write_text(json.dumps(data, indent=2))
-        say(f"# figures written to {args.json}")
+    balancer.write_figures(args.json, data)
     return 0
 
 

@@ -157,8 +157,7 @@ def main(argv=None) -> int:
               f"{B.TARGET_THROUGHPUT_RATIO})")
         figures["ratio"] = ratio
     B.say(f"Run took {time.monotonic() - started:.0f} s")
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2))
+    B.write_figures(args.json, figures)
     return 0
 
 
