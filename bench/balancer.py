@@ -566,6 +566,9 @@ def measure(args) -> dict:
             summary["pairs"] = paired_slices(load, ports["imml"], ports["minimal"], args)
             summary["ratios"]["imml_vs_minimal_rps_rounds"] = summary["ratios"].get("imml_vs_minimal_rps")
             summary["ratios"]["imml_vs_minimal_rps"] = summary["pairs"]["ratio"]
+        if args.together and "imml" in ports and "minimal" in ports and ncpu >= 2 and shutil.which("taskset"):
+            summary["together"] = together(
+                load, {n: (ports[n], sorted(groups[n])) for n in ("imml", "minimal")}, args, ncpu)
         missed = ("imml" in summary["targets"] and (
             summary["ratios"].get("imml_vs_minimal_rps", 1) < TARGET_THROUGHPUT_RATIO
             or summary["ratios"].get("imml_added_p50_ms", 0) > TARGET_ADDED_P50_MS))
@@ -612,6 +615,52 @@ def paired_slices(load: Load, imml_port: int, minimal_port: int, args) -> dict:
     result = {"ratios": [round(r, 3) for r in ratios], "ratio": statistics.median(ratios) if ratios else 0.0}
     say(f"  paired ratios imml/minimal, sorted: {' '.join(f'{r:.2f}' for r in ratios)}")
     return result
+
+
+def together(load: Load, targets: dict, args, ncpu: int) -> dict:
+    """
+    imml and the minimal proxy loaded at the same time, each with its own
+    wrk, each pinned to its own CPU, the CPUs swapped every run: what the
+    machine does at that moment, and a CPU slower than the other, count
+    alike for both.  The figure is the geometric mean of the median ratio
+    with imml on CPU 0 and with imml on CPU 1 (a fixed speed difference
+    between the CPUs cancels out).  Pinning is undone afterwards.
+    """
+    import threading
+
+    say(f"# together: imml and minimal loaded at once, CPUs swapped every run, {args.together} runs of 2 s")
+    by_place: dict[int, list[float]] = {0: [], 1: []}
+
+    def pin(pids: list[int], cpus: str) -> None:
+        for pid in pids:
+            subprocess.run(["taskset", "-a", "-p", "-c", cpus, str(pid)], capture_output=True, timeout=10)
+
+    try:
+        for i in range(args.together):
+            place = i % 2
+            pin(targets["imml"][1], str(place))
+            pin(targets["minimal"][1], str(1 - place))
+            rps: dict[str, float] = {}
+
+            def run(name: str) -> None:
+                rps[name] = load.run(targets[name][0], args.connections, 2.0)["rps"]
+
+            threads = [threading.Thread(target=run, args=(name,)) for name in targets]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            if rps.get("minimal"):
+                by_place[place].append(rps.get("imml", 0.0) / rps["minimal"])
+    finally:
+        for _, pids in targets.values():
+            pin(pids, f"0-{ncpu - 1}")
+    medians = [statistics.median(v) for v in by_place.values() if v]
+    ratio = statistics.geometric_mean(medians) if len(medians) == 2 and all(medians) else None
+    if ratio is not None:
+        say(f"  imml/minimal with imml on CPU 0: {medians[0]:.2f}, on CPU 1: {medians[1]:.2f}; "
+            f"geometric mean {ratio:.2f}")
+    return {"imml_on_cpu0": by_place[0], "imml_on_cpu1": by_place[1], "ratio": ratio}
 
 
 def summarize(results: dict[str, list[dict]]) -> dict:
@@ -743,6 +792,9 @@ def report(data: dict) -> None:
         how = f", median of {len(data['pairs']['ratios'])} paired 1 s slices" if data.get("pairs") else ""
         say(f"imml / minimal Agent proxy throughput{how}: {x:.2f}  (target >= {TARGET_THROUGHPUT_RATIO}) "
             f"{verdict(x >= TARGET_THROUGHPUT_RATIO)}")
+    if (data.get("together") or {}).get("ratio") is not None:
+        say(f"imml / minimal Agent proxy throughput, loaded together on swapped CPUs: "
+            f"{data['together']['ratio']:.2f}  (a check on the figure above)")
     if "imml_added_p50_ms" in r:
         x = r["imml_added_p50_ms"]
         say(f"imml added median latency: {x:.3f} ms  (target <= {TARGET_ADDED_P50_MS} ms) "
@@ -787,6 +839,9 @@ def main(argv=None) -> int:
     parser.add_argument("--pairs", type=int, default=20,
                         help="after the rounds, this many pairs of 1 s throughput runs of imml and minimal, "
                              "back to back; their median ratio is the one judged (0: the rounds' ratio)")
+    parser.add_argument("--together", type=int, default=12,
+                        help="after the pairs, this many 2 s runs with imml and minimal loaded at the same "
+                             "time on swapped CPUs, as a check (0: none; needs 2 CPUs and taskset)")
     parser.add_argument("--seconds", type=float, default=5.0, help="throughput run per target and round")
     parser.add_argument("--latency-seconds", type=float, default=4.0,
                         help="sequential (1 connection) run per target and round, for p50/p99")
@@ -816,6 +871,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.rounds, args.seconds, args.latency_seconds, args.warmup = 1, 2.0, 2.0, 1.0
         args.pairs = min(args.pairs, 3)
+        args.together = min(args.together, 2)
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     args.imml_strategies = [t.strip() for t in args.imml_strategies.split(",") if t.strip()]
     unknown = set(args.targets) - set(TARGETS)
@@ -824,8 +880,8 @@ def main(argv=None) -> int:
     if "direct" not in args.targets:
         args.targets.insert(0, "direct")
     if not (1 <= args.rounds <= 20 and 0 < args.seconds <= 120 and 0 < args.latency_seconds <= 120
-            and 1 <= args.connections <= 256 and 0 <= args.pairs <= 200):
-        parser.error("rounds 1-20, seconds 0-120, connections 1-256, pairs 0-200")
+            and 1 <= args.connections <= 256 and 0 <= args.pairs <= 200 and 0 <= args.together <= 200):
+        parser.error("rounds 1-20, seconds 0-120, connections 1-256, pairs 0-200, together 0-200")
 
     def interrupted(signum, frame):
         raise KeyboardInterrupt
