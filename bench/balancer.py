@@ -562,13 +562,23 @@ def measure(args) -> dict:
                     f"p99 {row['p99_ms']:.3f} ms  cpu {row['cpu_us_per_request']:.0f} us/req "
                     f"({row['cpu_share']:.0%} of a core)  ({row['requests']} requests, {row['errors']} errors)")
         summary = summarize(results)
-        if args.pairs and "imml" in ports and "minimal" in ports:
-            summary["pairs"] = paired_slices(load, ports["imml"], ports["minimal"], args)
-            summary["ratios"]["imml_vs_minimal_rps_rounds"] = summary["ratios"].get("imml_vs_minimal_rps")
-            summary["ratios"]["imml_vs_minimal_rps"] = summary["pairs"]["ratio"]
-        if args.together and "imml" in ports and "minimal" in ports and ncpu >= 2 and shutil.which("taskset"):
-            summary["together"] = together(
-                load, {n: (ports[n], sorted(groups[n])) for n in ("imml", "minimal")}, args, ncpu)
+        ratios = summary["ratios"]
+        if "imml" in ports and "minimal" in ports:
+            # Three estimates of the throughput ratio, each disturbed by this
+            # shared machine in its own way; the one judged is their median.
+            estimates = {"rounds": ratios.get("imml_vs_minimal_rps")}
+            if args.pairs:
+                summary["pairs"] = paired_slices(load, ports["imml"], ports["minimal"], args)
+                estimates["pairs"] = summary["pairs"]["ratio"]
+            if args.together and ncpu >= 2 and shutil.which("taskset"):
+                summary["together"] = together(
+                    load, {n: (ports[n], sorted(groups[n])) for n in ("imml", "minimal")}, args, ncpu)
+                estimates["together"] = summary["together"]["ratio"]
+            estimates = {k: v for k, v in estimates.items() if v is not None}
+            for how, value in estimates.items():
+                ratios[f"imml_vs_minimal_rps_{how}"] = value
+            if estimates:
+                ratios["imml_vs_minimal_rps"] = statistics.median(estimates.values())
         missed = ("imml" in summary["targets"] and (
             summary["ratios"].get("imml_vs_minimal_rps", 1) < TARGET_THROUGHPUT_RATIO
             or summary["ratios"].get("imml_added_p50_ms", 0) > TARGET_ADDED_P50_MS))
@@ -784,17 +794,19 @@ def report(data: dict) -> None:
     def verdict(ok: bool) -> str:
         return "PASS" if ok else "MISS"
 
-    if r.get("imml_vs_minimal_rps_rounds") is not None:
-        say(f"imml / minimal Agent proxy throughput, median of the rounds' ratios: "
-            f"{r['imml_vs_minimal_rps_rounds']:.2f}")
+    estimates = {
+        "rounds": "median of the rounds' ratios",
+        "pairs": f"median of {len((data.get('pairs') or {}).get('ratios', []))} paired 1 s slices",
+        "together": "loaded together on swapped CPUs",
+    }
+    shown = [how for how in estimates if f"imml_vs_minimal_rps_{how}" in r]
+    for how in shown:
+        say(f"imml / minimal Agent proxy throughput, {estimates[how]}: {r[f'imml_vs_minimal_rps_{how}']:.2f}")
     if "imml_vs_minimal_rps" in r:
         x = r["imml_vs_minimal_rps"]
-        how = f", median of {len(data['pairs']['ratios'])} paired 1 s slices" if data.get("pairs") else ""
+        how = f", median of the {len(shown)} estimates" if len(shown) > 1 else ""
         say(f"imml / minimal Agent proxy throughput{how}: {x:.2f}  (target >= {TARGET_THROUGHPUT_RATIO}) "
             f"{verdict(x >= TARGET_THROUGHPUT_RATIO)}")
-    if (data.get("together") or {}).get("ratio") is not None:
-        say(f"imml / minimal Agent proxy throughput, loaded together on swapped CPUs: "
-            f"{data['together']['ratio']:.2f}  (a check on the figure above)")
     if "imml_added_p50_ms" in r:
         x = r["imml_added_p50_ms"]
         say(f"imml added median latency: {x:.3f} ms  (target <= {TARGET_ADDED_P50_MS} ms) "
