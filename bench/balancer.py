@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -636,8 +637,6 @@ def together(load: Load, targets: dict, args, ncpu: int) -> dict:
     with imml on CPU 0 and with imml on CPU 1 (a fixed speed difference
     between the CPUs cancels out).  Pinning is undone afterwards.
     """
-    import threading
-
     say(f"# together: imml and minimal loaded at once, CPUs swapped every run, {args.together} runs of 2 s")
     by_place: dict[int, list[float]] = {0: [], 1: []}
 

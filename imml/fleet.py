@@ -472,9 +472,9 @@ class Fleet:
             # that queued inside the host (the wait is in the throughput
             # already) or waited for a model to load says little of it; nor
             # does a time measured across a clock set back (negative).
-            if seconds < 0:
-                pass
-            elif backend.limiter.answered(task, seconds, in_flight) or (task or "other") not in backend.stats.service_time:
+            if seconds >= 0 and (
+                backend.limiter.answered(task, seconds, in_flight) or (task or "other") not in backend.stats.service_time
+            ):
                 backend.stats.record_time(task, seconds, self.clock.seconds())
         self.changed()
 
