@@ -22,63 +22,18 @@ from __future__ import annotations
 import hashlib
 import signal
 import threading
-from typing import Optional
+from typing import Any, Callable, Optional
 
-import attrs
 from twisted.application import service
-from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python import usage
 
 from .config import ConfigError
-from .strategies import strategy_named
 
 log = Logger()
 
-#: Options that a reload applies to the running balancer, and how.
-_FORWARDER = {"max-tries": "max_tries", "response-timeout": "response_timeout", "max-body": "max_body"}
-
-
-def _set_forwarder(name):
-    def apply(top, value):
-        top.forwarder.settings = attrs.evolve(top.forwarder.settings, **{_FORWARDER[name]: value})
-        if name == "max-body":
-            top.site.max_body = value
-
-    return apply
-
-
-def _set_health(name):
-    def apply(top, value):
-        setattr(top.fleet, name, value)
-        for backend in top.fleet.backends:
-            setattr(backend.health, name, value)
-
-    return apply
-
-
-def _set_interval(top, value):
-    top.checker.interval = value
-    for timer in top:
-        if isinstance(timer, TimerService) and getattr(timer, "_loop", None) is not None:
-            timer.step = timer._loop.interval = value
-
-
-RUNTIME = {
-    "strategy": lambda top, value: setattr(top.dispatcher, "strategy", strategy_named(value)),
-    "queue-timeout": lambda top, value: setattr(top.dispatcher, "queue_timeout", value),
-    "max-queue": lambda top, value: setattr(top.dispatcher, "max_queue", value),
-    "max-tries": _set_forwarder("max-tries"),
-    "response-timeout": _set_forwarder("response-timeout"),
-    "max-body": _set_forwarder("max-body"),
-    "rise": _set_health("rise"),
-    "fall": _set_health("fall"),
-    "health-interval": _set_interval,
-    "drain-timeout": lambda top, value: setattr(top.stopper, "timeout", value),
-    "admin-actions": lambda top, value: setattr(top.status, "actions", bool(value)),
-}
 #: Options whose host list a reload takes from the file instead.
 _HOSTS = {"backends", "hosts", "config", "given", "config-digest"}
 
@@ -162,6 +117,9 @@ class GracefulStop(service.Service):
         self.listener, self.gate, self.fleet, self.dispatcher = listener, gate, fleet, dispatcher
         self.clock, self.timeout = clock, timeout
 
+    def set_timeout(self, seconds: float) -> None:
+        self.timeout = seconds
+
     def busy(self) -> tuple[int, int, int]:
         """
         Requests being answered, in flight on hosts, and queued.
@@ -171,7 +129,7 @@ class GracefulStop(service.Service):
 
     def stopService(self) -> Deferred:
         super().stopService()
-        self.gate.stopping = True
+        self.gate.stop_accepting()
         active, in_flight, queued = self.busy()
         log.info(
             "stopping: no new connections; waiting up to {timeout} s for {active} requests "
@@ -220,12 +178,24 @@ class Reloader(service.Service):
 
     interval = 2.0
 
-    def __init__(self, top, options, clock, signals: bool = True, extra_hosts=lambda: []) -> None:
+    def __init__(
+        self,
+        options: Any,
+        clock: Any,
+        fleet: Any,
+        appliers: dict[str, Callable[[Any], None]],
+        signals: bool = True,
+        extra_hosts: Callable[[], list] = lambda: [],
+    ) -> None:
         """
+        @param fleet: whose hosts the options' hosts become.
+        @param appliers: for each option that can change at run time, what
+            applies a new value (through the component that owns it).
         @param extra_hosts: returns hosts that are not in the options but
             stay (the stand-in hosts of C{--demo}).
         """
-        self.top, self.options, self.clock, self.signals = top, options, clock, signals
+        self.options, self.clock, self.fleet, self.signals = options, clock, fleet, signals
+        self.appliers = appliers
         self.extra_hosts = extra_hosts
         self._seen = options.get("config-digest")
         self._loop: Optional[LoopingCall] = None
@@ -286,7 +256,7 @@ class Reloader(service.Service):
         return list(options["hosts"]) + list(self.extra_hosts())
 
     def _apply(self, new, trigger: str) -> None:
-        fleet = self.top.fleet
+        fleet = self.fleet
         before = {str(b.address) for b in fleet.backends if not b.leaving}
         fleet.reconfigure(self._hosts(new))
         after = {str(b.address) for b in fleet.backends if not b.leaving}
@@ -294,8 +264,8 @@ class Reloader(service.Service):
         for name in sorted(_defaults(new)):
             if name in _HOSTS or new[name] == self.options[name]:
                 continue
-            if name in RUNTIME:
-                RUNTIME[name](self.top, new[name])
+            if name in self.appliers:
+                self.appliers[name](new[name])
                 changed.append(name)
             else:
                 restart.append(name)

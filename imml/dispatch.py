@@ -24,14 +24,15 @@ from __future__ import annotations
 import itertools
 from bisect import bisect_left
 from collections import deque
-from typing import Collection, Optional
+from typing import Callable, Collection, Optional
+from weakref import WeakKeyDictionary
 
 from attrs import define, evolve, field
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 
 from .classify import RequestInfo
-from .fleet import Backend, Fleet
+from .fleet import Backend, Fleet, Load
 from .interfaces import IStrategy
 
 
@@ -51,8 +52,10 @@ class NoBackendAvailable(Exception):
 class _Waiter:
     info: RequestInfo
     avoid: Collection[Backend]
-    deferred: Deferred
+    deferred: Deferred[Load]
     order: tuple
+    #: Who will send the request (see L{Load.owner}).
+    owner: object
     #: When it stops waiting (the queue timeout).
     deadline: float
     gone: bool = False
@@ -76,7 +79,7 @@ class Dispatcher:
     max_queue: int = 1000
     log: Logger = field(factory=Logger)
     #: Called with a request's info whenever it has to wait (to wake hosts).
-    on_wait: list = field(factory=list)
+    _on_wait: list[Callable[[RequestInfo], None]] = field(factory=list)
     #: Seconds after an interactive request during which batch work is
     #: paced (see the module's description); 0: never.
     pace_while_searching: float = 10.0
@@ -93,9 +96,30 @@ class Dispatcher:
     _searched: float = float("-inf")
     #: Calls L{pump} when paced batch work may start.
     _pace_timer: object = None
+    #: When a request was last bound to each host.
+    _bound_at: WeakKeyDictionary[Backend, float] = field(factory=WeakKeyDictionary)
 
     def __attrs_post_init__(self) -> None:
         self.fleet.observe(self.pump)
+
+    def when_waiting(self, callback: Callable[[RequestInfo], None]) -> None:
+        """
+        Call C{callback(info)} whenever a request has to wait.
+        """
+        self._on_wait.append(callback)
+
+    def set_strategy(self, strategy: IStrategy) -> None:
+        self.strategy = strategy
+        self.pump()
+
+    def set_queue_timeout(self, seconds: float) -> None:
+        """
+        How long requests that start waiting from now on may wait.
+        """
+        self.queue_timeout = seconds
+
+    def set_max_queue(self, count: int) -> None:
+        self.max_queue = count
 
     @property
     def queue_depth(self) -> int:
@@ -147,17 +171,17 @@ class Dispatcher:
                 return None
         return chosen
 
-    @staticmethod
-    def _paced_until(backend: Backend, now: float) -> float:
+    def _paced_until(self, backend: Backend, now: float) -> float:
         """
         When paced batch work may next start on C{backend}.
         """
         slot, limit = backend.slot_time, backend.limit
         if not slot or limit < 2:
             return now  # one slot: its last request has ended
-        if backend.bound_at > now:
-            backend.bound_at = now  # the clock was set back: one pace at most
-        return backend.bound_at + PACE * slot / limit
+        bound_at = self._bound_at.get(backend, float("-inf"))
+        if bound_at > now:
+            bound_at = self._bound_at[backend] = now  # the clock was set back: one pace at most
+        return bound_at + PACE * slot / limit
 
     def _pump_at(self, when: float, now: float) -> None:
         timer = self._pace_timer
@@ -171,20 +195,28 @@ class Dispatcher:
         self._pace_timer = None
         self.pump()
 
-    def _bind(self, backend: Backend, now: float) -> None:
-        backend.bound_at = now
-        self.fleet.started(backend)
+    def _bind(self, backend: Backend, now: float, info: RequestInfo, owner: object) -> Load:
+        self._bound_at[backend] = now
+        return self.fleet.start(backend, info.task, owner)
 
-    def acquire(self, info: RequestInfo, avoid: Collection[Backend] = (), since: Optional[float] = None) -> Deferred:
+    def acquire(
+        self,
+        info: RequestInfo,
+        avoid: Collection[Backend] = (),
+        since: Optional[float] = None,
+        owner: object = None,
+    ) -> Deferred[Load]:
         """
-        A host for C{info}, counted as having one more request in flight
-        until L{Fleet.finished}.
+        A host for C{info}: the request is started there (L{Fleet.start})
+        and counts in its C{in_flight} until L{Fleet.finish}.
 
         @param avoid: hosts that already failed this request.
         @param since: when the request arrived, if earlier than now (a retry
             keeps its place among the requests of its priority).
-        @return: a Deferred firing with the L{Backend}, or failing with
-            L{NoBackendAvailable}.  Cancelling it leaves the queue.
+        @param owner: who sends the request (L{Load.owner}).
+        @return: a Deferred firing with the request's L{Load} on its host,
+            or failing with L{NoBackendAvailable}.  Cancelling it leaves the
+            queue.
         """
         now = self.clock.seconds()
         if info.interactive:
@@ -204,21 +236,20 @@ class Dispatcher:
             ahead = bisect_left(self._waiting, order, key=_order) if self._waiting else 0
             chosen = self._choose(info, candidates, ahead, now)
             if chosen is not None:
-                self._bind(chosen, now)
                 d = Deferred()
-                d.callback(chosen)
+                d.callback(self._bind(chosen, now, info, owner))
                 return d
         if len(self._waiting) >= self.max_queue:
             d = Deferred()
             d.errback(NoBackendAvailable(f"the balancer's queue is full ({self.max_queue} requests waiting)"))
             return d
-        waiter = _Waiter(info, avoid, None, order, now + self.queue_timeout)
+        waiter = _Waiter(info, avoid, None, order, owner, now + self.queue_timeout)
         waiter.deferred = Deferred(lambda d: self._leave(waiter))
         self._waiting.insert(bisect_left(self._waiting, order, key=_order), waiter)
         self._arrivals.append(waiter)
         if self._timer is None:
             self._timer = self.clock.callLater(self.queue_timeout, self._expire)
-        for callback in self.on_wait:
+        for callback in self._on_wait:
             callback(info)
         return waiter.deferred
 
@@ -289,7 +320,6 @@ class Dispatcher:
                         ahead += 1
                         continue
                     self._leave(waiter)
-                    self._bind(chosen, now)
-                    waiter.deferred.callback(chosen)
+                    waiter.deferred.callback(self._bind(chosen, now, waiter.info, waiter.owner))
         finally:
             self._pumping = False

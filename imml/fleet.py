@@ -128,15 +128,37 @@ class TaskHealth:
     block: float = TASK_BLOCK
 
 
+@define(eq=False)
+class Load:
+    """
+    One request on one host, as the fleet counts it (L{Fleet.start}).
+
+    @ivar task: the request's task.
+    @ivar sent: when it was sent.
+    @ivar in_flight: requests on the host once it was sent, itself included.
+    @ivar starts: when the host started serving it, or None while it waits
+        inside the host for a slot (sent past the host's proven limit).
+    @ivar owner: whoever sent it (the balancer's attempt), for the
+        subscribers of L{Fleet.when_down}.
+    """
+
+    backend: Backend
+    task: Optional[str]
+    sent: float
+    in_flight: int
+    starts: Optional[float]
+    owner: object = None
+
+
 @implementer(IBackendView)
 @define(eq=False)
 class Backend:
     """
     One ML host and what the balancer has observed of it.
 
-    @ivar attempts: the requests now on this host (see L{take}): objects
-        with a C{host_down()} method, called when the host goes down, and
-        C{task}, C{sent} (when it was sent) and C{starts} attributes.
+    Only the L{Fleet} changes it; strategies and the status page read it.
+
+    @ivar loads: the requests now on this host (L{Fleet.start}).
     @ivar woken: when a Wake-on-LAN packet was last sent to it, or None.
     """
 
@@ -151,12 +173,10 @@ class Backend:
     stats: Stats = field(factory=Stats)
     limiter: Limit = field()
     tasks: dict = field(factory=dict)
-    attempts: set = field(factory=set)
+    loads: set[Load] = field(factory=set)
     woken: Optional[float] = None
-    #: When the dispatcher last bound a request to it.
-    bound_at: float = float("-inf")
-    #: Attempts expected to wait inside the host for one of its slots.
-    _queued: int = 0
+    #: Requests expected to wait inside the host for one of its slots.
+    queued_inside: int = 0
     #: The time now, as the fleet's clock says (for staleness).
     _now: Callable[[], float] = field(default=lambda: 0.0, repr=False)
 
@@ -229,47 +249,17 @@ class Backend:
         None when none is in flight or nothing is known.
         """
         soonest = None
-        if self.attempts:
+        if self.loads:
             now = self._now()
-            for attempt in self.attempts:
-                if attempt.starts is None:
+            for load in self.loads:
+                if load.starts is None:
                     continue  # waiting inside the host: not the first to end
-                expected = self.service_time(attempt.task) or self.stats.slot_time
+                expected = self.service_time(load.task) or self.stats.slot_time
                 if expected is not None:
-                    left = attempt.starts + expected - now
+                    left = load.starts + expected - now
                     if soonest is None or left < soonest:
                         soonest = left
         return None if soonest is None else max(soonest, 0.0)
-
-    def take(self, attempt) -> None:
-        """
-        C{attempt} was sent to the host, and is counted in C{in_flight}.  It
-        starts being served at once (C{attempt.starts} is now) unless the
-        host already had its proven limit of requests (a learned limit
-        probing for more): then it waits inside the host (C{starts} is
-        None) until one of them ends (L{release}).
-        """
-        if self.in_flight <= self.limiter.proven:
-            attempt.starts = self._now()
-        else:
-            attempt.starts = None
-            self._queued += 1
-        self.attempts.add(attempt)
-
-    def release(self, attempt) -> None:
-        """
-        C{attempt} is over: if it was being served, the request that waited
-        longest inside the host now is.
-        """
-        if attempt not in self.attempts:
-            return
-        self.attempts.remove(attempt)
-        if attempt.starts is None:
-            self._queued -= 1
-        elif self._queued:
-            waiting = min((a for a in self.attempts if a.starts is None), key=lambda a: a.sent)
-            waiting.starts = self._now()
-            self._queued -= 1
 
     @property
     def slot_time(self) -> Optional[float]:
@@ -308,7 +298,8 @@ class Fleet:
     rise: int = 2
     fall: int = 3
     log: Logger = field(factory=Logger)
-    _observers: list = field(factory=list)
+    _observers: list[Callable[[], None]] = field(factory=list)
+    _down: list[Callable[[Load], None]] = field(factory=list)
 
     @classmethod
     def from_addresses(
@@ -344,6 +335,28 @@ class Fleet:
         """
         self._observers.append(callback)
 
+    def when_down(self, callback: Callable[[Load], None]) -> None:
+        """
+        Call C{callback(load)} for each request on a host when it goes down
+        (it stalled, or went away): its sender may try elsewhere at once.
+        """
+        self._down.append(callback)
+
+    def set_thresholds(self, rise: int, fall: int) -> None:
+        """
+        Checks in a row that bring a host up (C{rise}) or take it down
+        (C{fall}), for every host now and to come.
+        """
+        self.rise, self.fall = rise, fall
+        for backend in self.backends:
+            backend.health.rise, backend.health.fall = rise, fall
+
+    def woken(self, backend: Backend) -> None:
+        """
+        A Wake-on-LAN packet was sent to C{backend}.
+        """
+        backend.woken = self.clock.seconds()
+
     def changed(self) -> None:
         for callback in list(self._observers):
             callback()
@@ -370,8 +383,9 @@ class Fleet:
         elif transition.new == DOWN:
             # Requests on a host that stalled or went away go elsewhere now,
             # rather than wait out the response timeout.
-            for attempt in list(backend.attempts):
-                attempt.host_down()
+            for load in list(backend.loads):
+                for callback in list(self._down):
+                    callback(load)
         self.changed()
 
     def check_passed(self, backend: Backend) -> None:
@@ -438,28 +452,46 @@ class Fleet:
         self.backends[:] = backends
         self.changed()
 
-    def started(self, backend: Backend) -> None:
+    def start(self, backend: Backend, task: Optional[str], owner: object = None) -> Load:
+        """
+        A request of C{task} is sent to C{backend}: it counts in the host's
+        C{in_flight} until L{finish}.  It starts being served at once unless
+        the host already has its proven limit of requests (a learned limit
+        probing for more): then it waits inside the host until one ends.
+        """
         backend.in_flight += 1
+        now = self.clock.seconds()
+        starts: Optional[float] = now
+        if backend.in_flight > backend.limiter.proven:
+            starts = None
+            backend.queued_inside += 1
+        load = Load(backend, task, now, backend.in_flight, starts, owner)
+        backend.loads.add(load)
+        return load
 
-    def finished(
-        self,
-        backend: Backend,
-        task: Optional[str],
-        seconds: Optional[float],
-        error: Optional[str] = None,
-        in_flight: int = 1,
-    ) -> None:
+    def finish(self, load: Load, seconds: Optional[float] = None, error: Optional[str] = None) -> None:
         """
-        A request on C{backend} is over: C{seconds} is its service time when
-        the host answered it, C{error} names what went wrong otherwise (both
-        None: the balancer gave up on it).  C{in_flight} is how many requests
-        were on the host when it was sent.
+        A request is over: C{seconds} is its service time when the host
+        answered it, C{error} names what went wrong otherwise (both None:
+        the balancer gave up on it).  Once a request that was being served
+        ends, the one that waited longest inside the host is served.
         """
+        backend = load.backend
+        if load not in backend.loads:
+            return
         busy = backend.in_flight >= backend.limit
+        backend.loads.remove(load)
         backend.in_flight -= 1
+        if load.starts is None:
+            backend.queued_inside -= 1
+        elif backend.queued_inside:
+            waiting = min((w for w in backend.loads if w.starts is None), key=lambda w: w.sent)
+            waiting.starts = self.clock.seconds()
+            backend.queued_inside -= 1
         if backend.leaving and not backend.in_flight and backend in self.backends:
             self.backends.remove(backend)
             self.log.info("ML host {backend} leaves", backend=str(backend), imml_event="leave")
+        task = load.task
         if error is not None:
             backend.stats.errors[error] += 1
             backend.stats.record_outcome(failed=True)
@@ -473,7 +505,8 @@ class Fleet:
             # already) or waited for a model to load says little of it; nor
             # does a time measured across a clock set back (negative).
             if seconds >= 0 and (
-                backend.limiter.answered(task, seconds, in_flight) or (task or "other") not in backend.stats.service_time
+                backend.limiter.answered(task, seconds, load.in_flight)
+                or (task or "other") not in backend.stats.service_time
             ):
                 backend.stats.record_time(task, seconds, self.clock.seconds())
         self.changed()

@@ -9,9 +9,11 @@ from __future__ import annotations
 from typing import Callable, Iterable, Optional
 
 from attrs import define, field, frozen
-from twisted.application.internet import TimerService
+from twisted.internet import error as ierror
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.web.client import RequestTransmissionFailed, ResponseFailed, ResponseNeverReceived
 
 UP = "up"
 DOWN = "down"
@@ -106,16 +108,37 @@ class HealthChecker:
     interval: float = 5.0
     log: Logger = field(factory=Logger)
     _running: set = field(factory=set)
+    _loop: Optional[LoopingCall] = None
 
-    def service(self) -> TimerService:
+    def start(self) -> None:
         """
-        A service that checks now and then every C{interval} seconds.
+        Check every host now, and then every C{interval} seconds.
         """
-        service = TimerService(self.interval, self.check_all)
-        service.clock = self.clock
-        return service
+        self._loop = LoopingCall(self.check_all)
+        self._loop.clock = self.clock
+        self._loop.start(self.interval, now=True)
+
+    def stop(self) -> None:
+        loop, self._loop = self._loop, None
+        if loop is not None and loop.running:
+            loop.stop()
+
+    def set_interval(self, seconds: float) -> None:
+        """
+        Check every C{seconds} from now on.
+        """
+        self.interval = seconds
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+            self._loop = LoopingCall(self.check_all)
+            self._loop.clock = self.clock
+            self._loop.start(seconds, now=False)
 
     def check_all(self) -> Deferred:
+        """
+        Check every host now.  (Never fails: each check logs its own
+        faults, so the timer runs on.)
+        """
         return DeferredList([self.check(backend) for backend in self.fleet.backends])
 
     def check(self, backend) -> Deferred:
@@ -146,9 +169,6 @@ def describe_failure(error: BaseException) -> str:
     A short, stable phrase for why a host could not be reached or answered
     badly, for logs and error bodies.
     """
-    from twisted.internet import error as ierror
-    from twisted.web import _newclient
-
     if isinstance(error, ierror.ConnectionRefusedError):
         return "connection refused"
     if isinstance(error, ierror.DNSLookupError):
@@ -157,9 +177,9 @@ def describe_failure(error: BaseException) -> str:
         return "timed out"
     if isinstance(error, ierror.ConnectError):
         return "cannot connect"
-    if isinstance(error, (_newclient.ResponseNeverReceived, _newclient.RequestTransmissionFailed)):
+    if isinstance(error, (ResponseNeverReceived, RequestTransmissionFailed)):
         return "connection lost before an answer"
-    if isinstance(error, _newclient.ResponseFailed):
+    if isinstance(error, ResponseFailed):
         return "connection lost mid-answer"
     if isinstance(error, BadAnswer):
         return error.args[0]

@@ -52,6 +52,12 @@ class Status:
     version: str = __version__
     extra: dict = field(factory=dict)
 
+    def set_actions(self, on: bool) -> None:
+        """
+        Turn the admin actions on or off.
+        """
+        self.actions = on
+
     def find(self, address: str):
         """
         The host whose address reads C{address} (C{host:port}), or None.

@@ -1,5 +1,6 @@
 """
-``twistd imml-balancer``: options and the service tree (L{build}).
+``twistd imml-balancer``: its options, and L{makeService}, which builds the
+balancer (L{imml.wiring.build}) for twistd.
 """
 
 from __future__ import annotations
@@ -7,34 +8,17 @@ from __future__ import annotations
 import os
 import re
 
+from typing import Any, Callable, Optional
+
 from twisted.application import service
-from twisted.application.internet import StreamServerEndpointService
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, gatherResults
-from twisted.internet.error import TimeoutError
-from twisted.web._newclient import ResponseNeverReceived
-from twisted.internet.endpoints import serverFromString
-from twisted.internet.protocol import Protocol
-from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web.client import HTTPConnectionPool
 
 from . import __version__
-from .admin import admin_site
-from .backends import BackendListError, parse_backend, parse_backends
+from .backends import BackendListError, parse_backends
 from .config import ConfigError, load_config
-from .control import GracefulStop, OrderedStop, Reloader, remember_command_line
-from .dispatch import Dispatcher
-from .fleet import BackendSettings, Fleet
-from .forward import Forwarder, ProxySettings
-from .health import BadAnswer, HealthChecker
-from .logs import OffersLogObserver, observer_for
-from .metrics import Metrics
-from .metrics import resource as metrics_resource
-from .proxy import BalancerResource, BalancerSite, make_agent, make_pool
-from .status import Status
+from .control import remember_command_line
+from .fleet import BackendSettings
 from .strategies import UnknownStrategy, available, strategy_named
-from .wake import Waker
-from .window import RecentWindow
 
 DEFAULT_STRATEGY = "shortest-delay"
 
@@ -53,8 +37,8 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[(m.group(2) or "")[:1].lower()])
 
 
-def _positive(kind):
-    def convert(text: str):
+def _positive(kind: type) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
@@ -141,14 +125,26 @@ class Options(usage.Options):
         for name, value in config.balancer.items():
             if self[name] == self.defaults[name]:
                 try:
-                    dispatch = self._dispatch[name]
-                    if isinstance(dispatch, usage.CoerceParameter):
-                        dispatch.dispatch(name, str(value))
-                    else:
-                        dispatch(name, str(value))
-                except usage.UsageError as e:
+                    self[name] = self._coerce(name, value)
+                except (usage.UsageError, ValueError) as e:
                     raise usage.UsageError(f"{self['config']}: [balancer] {name}: {e}") from None
         self["hosts"] = [(h.address, h.settings) for h in config.hosts]
+
+    def _coerce(self, name: str, value: Any) -> Any:
+        """
+        A value from the file, as the command line's option C{name} would
+        have it.
+        """
+        for flag in self.optFlags:
+            if flag[0] == name:
+                if not isinstance(value, bool):
+                    raise usage.UsageError(f"{value!r} is not true or false")
+                return 1 if value else 0
+        for parameter in self.optParameters:
+            if parameter[0] == name:
+                coerce: Optional[Callable[[str], Any]] = parameter[4] if len(parameter) > 4 else None
+                return coerce(str(value)) if coerce is not None else str(value)
+        raise usage.UsageError("no such option")
 
     def postOptions(self) -> None:
         remember_command_line(self)
@@ -182,176 +178,12 @@ class Options(usage.Options):
         raise SystemExit(0)
 
 
-def _pinger(reactor, timeout: float):
-    """
-    A health check: GET /ping on a new connection; any 2xx is healthy, as
-    for Immich's own availability check.
-    """
-    agent = make_agent(reactor, timeout, make_pool(reactor, persistent=False))
-
-    async def ping(backend) -> None:
-        d = agent.request(b"GET", backend.address.url(b"/ping"))
-        d.addTimeout(timeout, reactor)
-        try:
-            response = await d
-        except ResponseNeverReceived as e:
-            if any(f.check(CancelledError) for f in e.reasons):
-                raise TimeoutError() from None  # our timeout, not the host's doing
-            raise
-        body = Deferred()
-        response.deliverBody(_Drain(body))
-        body.addTimeout(timeout, reactor)
-        await body
-        if not 200 <= response.code < 300:
-            raise BadAnswer(f"status {response.code}")
-
-    return lambda backend: ensureDeferred(ping(backend))
-
-
-class _Drain(Protocol):
-    def __init__(self, done: Deferred) -> None:
-        self.done = done
-
-    def dataReceived(self, data: bytes) -> None:
-        pass
-
-    def connectionLost(self, reason) -> None:
-        self.done.callback(None)
-
-
-class _PoolCloser(service.Service):
-    def __init__(self, pool: HTTPConnectionPool) -> None:
-        self.pool = pool
-
-    def stopService(self):
-        super().stopService()
-        return self.pool.closeCachedConnections()
-
-
-class _DemoHosts(service.Service):
-    """
-    Local stand-in ML hosts for --demo, started before the balancer's
-    fleet is checked.
-    """
-
-    log = Logger()
-
-    def __init__(self, reactor, fleet: Fleet, checker: HealthChecker, count: int) -> None:
-        self.reactor, self.fleet, self.checker, self.count = reactor, fleet, checker, count
-        self.hosts = []
-
-    def startService(self) -> None:
-        super().startService()
-        from . import testing
-
-        d = ensureDeferred(testing.start_fake_hosts(self.reactor, testing.demo_specs(self.count)))
-
-        def started(hosts):
-            self.hosts = hosts
-            for host in hosts:
-                self.log.info("demo ML host {name} listens on {address}", name=host.name, address=host.address)
-            for host in hosts:
-                self.fleet.add(parse_backend(host.address))
-            self.checker.check_all()
-
-        d.addCallback(started)
-
-    def stopService(self):
-        super().stopService()
-        return gatherResults([h.stop() for h in self.hosts])
-
-
-class BalancerService(OffersLogObserver, OrderedStop):
-    """
-    The balancer's service tree (see L{build}); under twistd it brings its
-    own log observer (L{imml.logs}).
-    """
-
-
-def build(options, reactor, signals: bool = True) -> BalancerService:
-    """
-    The balancer's service tree for parsed C{options}.  Children stop one
-    after another in reverse order: the graceful stop first (the listener
-    closes, requests drain), then the reloader, the admin listener, the
-    health checker, the demo hosts, the waker and the connection pool.
-    """
-    top = BalancerService()
-    settings_of = dict(options["hosts"])
-    fleet = Fleet.from_addresses(
-        [address for address, _ in options["hosts"]],
-        reactor,
-        rise=options["rise"],
-        fall=options["fall"],
-        settings=settings_of.__getitem__,
-    )
-    settings = ProxySettings(
-        max_tries=options["max-tries"],
-        response_timeout=options["response-timeout"],
-        connect_timeout=options["connect-timeout"],
-        max_body=options["max-body"],
-    )
-    dispatcher = Dispatcher(
-        fleet,
-        strategy_named(options["strategy"]),
-        reactor,
-        queue_timeout=options["queue-timeout"],
-        max_queue=options["max-queue"],
-    )
-    pool = make_pool(reactor)
-    agent = make_agent(reactor, settings.connect_timeout, pool)
-    fresh = make_agent(reactor, settings.connect_timeout, make_pool(reactor, persistent=False))
-    window = RecentWindow(reactor)
-    metrics = Metrics(fleet, dispatcher, reactor)
-    forwarder = Forwarder(fleet, dispatcher, agent, reactor, settings, fresh_agent=fresh, reporters=[window, metrics])
-    resource = BalancerResource(fleet, forwarder)
-    site = BalancerSite(resource, settings.max_body)
-    listener = StreamServerEndpointService(serverFromString(reactor, options["listen"]), site)
-    checker = HealthChecker(fleet, _pinger(reactor, options["health-timeout"]), reactor, options["health-interval"])
-    status = Status(
-        fleet,
-        dispatcher,
-        window,
-        reactor,
-        started=reactor.seconds(),
-        actions=bool(options["admin-actions"]),
-        stopping=lambda: resource.stopping,
-        config=options["config"],
-    )
-
-    _PoolCloser(pool).setServiceParent(top)
-    Waker(
-        fleet, reactor, options["wol-broadcast"], options["wol-port"], options["wol-interval"]
-    ).service(dispatcher).setServiceParent(top)
-    demo = None
-    if options["demo"]:
-        demo = _DemoHosts(reactor, fleet, checker, options["demo"])
-        demo.setServiceParent(top)
-    checker.service().setServiceParent(top)
-    # The graceful stop, last started, stops the listener first of all.
-    listener.setServiceParent(top)
-    top.admin = None
-    if options["admin"] != "none":
-        admin = admin_site(status, checker, metrics_resource(metrics.registry))
-        top.admin = StreamServerEndpointService(serverFromString(reactor, options["admin"]), admin)
-        top.admin.setServiceParent(top)
-    top.reloader = Reloader(
-        top,
-        options,
-        reactor,
-        signals,
-        extra_hosts=lambda: [(parse_backend(h.address), BackendSettings()) for h in (demo.hosts if demo else [])],
-    )
-    top.reloader.setServiceParent(top)
-    top.stopper = GracefulStop(listener, resource, fleet, dispatcher, reactor, options["drain-timeout"])
-    top.stopper.setServiceParent(top)
-    top.fleet, top.dispatcher, top.checker, top.site, top.listener = fleet, dispatcher, checker, site, listener
-    top.forwarder, top.window, top.metrics, top.status, top.gate = forwarder, window, metrics, status, resource
-    return top
-
-
-def makeService(options) -> service.MultiService:
+def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
 
-    top = build(options, reactor)
+    from .logs import observer_for
+    from .wiring import build
+
+    top = build(options, reactor).service
     top.log_observer = observer_for(getattr(options, "parent", None))
     return top

@@ -9,8 +9,9 @@ import socket
 from typing import Callable, Optional
 
 from attrs import define, field
-from twisted.application.internet import TimerService
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import DatagramProtocol
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from .classify import RequestInfo
@@ -55,6 +56,7 @@ class Waker:
     log: Logger = field(factory=Logger)
     _sent: dict = field(factory=dict)
     _udp: Optional[object] = None
+    _loop: Optional[LoopingCall] = None
 
     def __attrs_post_init__(self) -> None:
         if self.send is None:
@@ -74,7 +76,7 @@ class Waker:
                 continue
             self._sent[backend.address] = now
             self.send(mac)
-            backend.woken = now
+            self.fleet.woken(backend)
             self.log.info(
                 "sent a Wake-on-LAN packet to ML host {backend} ({mac}) via {broadcast}:{port}",
                 backend=str(backend),
@@ -84,26 +86,31 @@ class Waker:
                 imml_event="wake",
             )
 
-    def service(self, dispatcher) -> TimerService:
+    def start(self, waiting_now: Callable[[], list[RequestInfo]]) -> None:
         """
-        A service that wakes hosts again for requests still waiting, and
-        closes the socket when stopped.
+        Every C{interval} seconds, wake hosts again for the requests
+        C{waiting_now()} returns.
         """
-        waker = self
 
         def again() -> None:
-            for info in {(i.task, i.interactive): i for i in dispatcher.waiting()}.values():
-                waker.waiting(info)
+            for info in {(i.task, i.interactive): i for i in waiting_now()}.values():
+                self.waiting(info)
 
-        class _WakeService(TimerService):
-            def stopService(self):
-                super().stopService()
-                return waker.stop()
+        self._loop = LoopingCall(again)
+        self._loop.clock = self.reactor
+        self._loop.start(self.interval, now=True)
 
-        dispatcher.on_wait.append(self.waiting)
-        service = _WakeService(self.interval, again)
-        service.clock = self.reactor
-        return service
+    def stop(self) -> Optional[Deferred]:
+        """
+        Stop waking, and close the socket.
+        """
+        loop, self._loop = self._loop, None
+        if loop is not None and loop.running:
+            loop.stop()
+        if self._udp is not None:
+            udp, self._udp = self._udp, None
+            return udp.stopListening()
+        return None
 
     def _send_udp(self, mac: str) -> None:
         try:
@@ -112,8 +119,3 @@ class Waker:
             self._udp.write(magic_packet(mac), (self.broadcast, self.port))
         except (OSError, socket.error) as e:
             self.log.warn("cannot send a Wake-on-LAN packet to {mac}: {error}", mac=mac, error=str(e))
-
-    def stop(self) -> None:
-        if self._udp is not None:
-            udp, self._udp = self._udp, None
-            return udp.stopListening()

@@ -14,7 +14,7 @@ from support import Rig
 
 
 def admin_url(r: Rig) -> str:
-    port = r.service.admin._waitingForPort.result.getHost().port
+    port = r.balancer.admin.port.getHost().port
     return f"http://127.0.0.1:{port}"
 
 

@@ -17,7 +17,8 @@ from twisted.internet.task import deferLater
 from twisted.logger import globalLogPublisher
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from imml.tap import Options, build
+from imml.tap import Options
+from imml.wiring import Balancer, build
 from imml.testing import ENTRIES, FakeMLHost, predict_body, start_fake_hosts
 
 
@@ -61,7 +62,7 @@ class Rig:
     """
 
     hosts: list[FakeMLHost]
-    service: object
+    balancer: Balancer
     url: str
     client: HTTPClient
     pool: HTTPConnectionPool
@@ -69,7 +70,11 @@ class Rig:
 
     @property
     def fleet(self):
-        return self.service.fleet
+        return self.balancer.fleet
+
+    @property
+    def service(self):
+        return self.balancer.service
 
     def request_events(self) -> list[dict]:
         return [e for e in self.events if e.get("imml_event") == "request"]
@@ -110,12 +115,12 @@ async def rig(specs: list[dict], *args: str, wait_up: bool = True) -> Rig:
         ["--listen", "tcp:0:interface=127.0.0.1", "--backends", ",".join(h.address for h in hosts),
          "--health-interval", "0.2", "--admin", "tcp:0:interface=127.0.0.1", *args]
     )
-    service = build(options, reactor)
-    r = Rig(hosts, service, "", None, HTTPConnectionPool(reactor))
+    balancer = build(options, reactor)
+    r = Rig(hosts, balancer, "", None, HTTPConnectionPool(reactor))
     globalLogPublisher.addObserver(r.events.append)
-    service.startService()
+    balancer.service.startService()
     try:
-        port = await service.listener._waitingForPort
+        port = await balancer.listener.listening()
     except BaseException:
         await r.stop()
         raise
@@ -123,7 +128,7 @@ async def rig(specs: list[dict], *args: str, wait_up: bool = True) -> Rig:
     r.client = HTTPClient(Agent(reactor, pool=r.pool))
     if wait_up:
         try:
-            await until(lambda: all(b.up for b in service.fleet.backends))
+            await until(lambda: all(b.up for b in balancer.fleet.backends))
         except BaseException:
             await r.stop()
             raise

@@ -9,7 +9,7 @@ from twisted.internet.defer import CancelledError
 from imml.backends import BackendAddress
 from imml.classify import RequestInfo
 from imml.dispatch import Dispatcher, NoBackendAvailable
-from imml.fleet import BackendSettings, Fleet
+from imml.fleet import BackendSettings, Fleet, Load
 from imml.strategies import LeastConnections
 
 BATCH = RequestInfo(b"POST", b"/predict", "clip-visual")
@@ -29,9 +29,24 @@ def make(n=2, slots=10, tasks=None, queue_timeout=10.0, max_queue=100):
     return clock, fleet, Dispatcher(fleet, LeastConnections(), clock, queue_timeout, max_queue)
 
 
+class Got(list):
+    """
+    What an acquire fired with: the host (or the failure), and the request's
+    load on it.
+    """
+
+    load = None
+
+
 def result(d):
-    box = []
-    d.addBoth(box.append)
+    box = Got()
+
+    def got(value):
+        if isinstance(value, Load):
+            box.load, value = value, value.backend
+        box.append(value)
+
+    d.addBoth(got)
     return box
 
 
@@ -49,7 +64,7 @@ def test_free_slot_is_bound_at_once_and_counted():
     got = result(dispatcher.acquire(BATCH))
     assert got == [fleet.backends[0]]
     assert fleet.backends[0].in_flight == 1
-    fleet.finished(fleet.backends[0], "clip-visual", 0.5)
+    fleet.finish(got.load, 0.5)
     assert fleet.backends[0].in_flight == 0
     assert fleet.backends[0].service_time("clip-visual") == 0.5
 
@@ -59,7 +74,7 @@ def test_waits_for_a_slot_and_binds_late():
     a, b = (result(dispatcher.acquire(BATCH)) for _ in range(2))
     c = result(dispatcher.acquire(BATCH))
     assert c == [] and dispatcher.queue_depth == 1
-    fleet.finished(b[0], "clip-visual", 0.1)
+    fleet.finish(b.load, 0.1)
     assert c == [b[0]] and dispatcher.queue_depth == 0
 
 
@@ -68,10 +83,10 @@ def test_interactive_requests_go_ahead_of_batch_work():
     first = result(dispatcher.acquire(BATCH))
     waiting = [result(dispatcher.acquire(BATCH)) for _ in range(3)]
     search = result(dispatcher.acquire(SEARCH))
-    fleet.finished(first[0], "clip-visual", 0.1)
+    fleet.finish(first.load, 0.1)
     assert search == [fleet.backends[0]]
     assert all(w == [] for w in waiting)
-    fleet.finished(search[0], "clip-textual", 0.01)
+    fleet.finish(search.load, 0.01)
     assert waiting[0] == [fleet.backends[0]] and waiting[1] == []
 
 
@@ -177,7 +192,7 @@ def test_tasks_go_only_to_hosts_that_serve_them():
 
 def test_draining_hosts_take_no_new_work():
     clock, fleet, dispatcher = make(n=2)
-    fleet.backends[0].draining = True
+    fleet.drain(fleet.backends[0])
     for _ in range(3):
         assert result(dispatcher.acquire(BATCH)) == [fleet.backends[1]]
 
@@ -191,7 +206,7 @@ class Broken:
 
 def test_a_broken_strategy_does_not_lose_requests():
     clock, fleet, dispatcher = make(n=2)
-    dispatcher.strategy = Broken()
+    dispatcher.set_strategy(Broken())
     assert result(dispatcher.acquire(BATCH)) == [fleet.backends[0]]
 
 
@@ -204,7 +219,7 @@ class Liar:
 
 def test_a_strategy_choosing_a_full_host_leaves_the_request_waiting():
     clock, fleet, dispatcher = make(n=1, slots=1)
-    dispatcher.strategy = Liar()
+    dispatcher.set_strategy(Liar())
     result(dispatcher.acquire(BATCH))
     got = result(dispatcher.acquire(BATCH))
     assert got == [] and fleet.backends[0].in_flight == 1
@@ -214,8 +229,7 @@ def warmed(n=1, slots=2, seconds=0.04):
     """A fleet whose hosts have each answered one batch request."""
     clock, fleet, dispatcher = make(n=n, slots=slots)
     for b in fleet.backends:
-        fleet.started(b)
-        fleet.finished(b, "clip-visual", seconds)
+        fleet.finish(fleet.start(b, "clip-visual"), seconds)
     return clock, fleet, dispatcher
 
 
@@ -224,7 +238,7 @@ def test_while_people_search_batch_starts_on_a_host_are_paced():
     clock, fleet, dispatcher = warmed()
     host = fleet.backends[0]
     search = result(dispatcher.acquire(SEARCH))
-    fleet.finished(search[0], "clip-textual", 0.01)
+    fleet.finish(search.load, 0.01)
     pace = host.slot_time / 2 / 2
     assert 0.005 < pace < 0.01
     clock.advance(1)
@@ -242,13 +256,13 @@ def test_searches_are_not_paced_and_nothing_is_paced_without_them():
     a, b = result(dispatcher.acquire(BATCH)), result(dispatcher.acquire(BATCH))
     assert a and b  # nobody searched: both start at once
     for got in (a, b):
-        fleet.finished(got[0], "clip-visual", 0.04)
+        fleet.finish(got.load, 0.04)
     clock.advance(1)
     batch = result(dispatcher.acquire(BATCH))
     search = result(dispatcher.acquire(SEARCH))
     assert batch and search  # a search right after a batch start is not held
-    fleet.finished(batch[0], "clip-visual", 0.04)
-    fleet.finished(search[0], "clip-textual", 0.01)
+    fleet.finish(batch.load, 0.04)
+    fleet.finish(search.load, 0.01)
     clock.advance(dispatcher.pace_while_searching + 1)
     a, b = result(dispatcher.acquire(BATCH)), result(dispatcher.acquire(BATCH))
     assert a and b  # the last search is long past
@@ -257,12 +271,12 @@ def test_searches_are_not_paced_and_nothing_is_paced_without_them():
 def test_pacing_leaves_single_slot_hosts_alone_and_no_timer_behind():
     # one slot: the next batch request starts as soon as the last one ends
     clock, fleet, dispatcher = warmed(slots=1)
-    fleet.finished(result(dispatcher.acquire(SEARCH))[0], "clip-textual", 0.01)
+    fleet.finish(result(dispatcher.acquire(SEARCH)).load, 0.01)
     a = result(dispatcher.acquire(BATCH))
-    fleet.finished(a[0], "clip-visual", 0.0)
+    fleet.finish(a.load, 0.0)
     assert result(dispatcher.acquire(BATCH)) == a
     clock, fleet, dispatcher = warmed()
-    fleet.finished(result(dispatcher.acquire(SEARCH))[0], "clip-textual", 0.01)
+    fleet.finish(result(dispatcher.acquire(SEARCH)).load, 0.01)
     clock.advance(1)
     assert result(dispatcher.acquire(BATCH))
     paced = dispatcher.acquire(BATCH)
@@ -275,9 +289,11 @@ def test_pacing_leaves_single_slot_hosts_alone_and_no_timer_behind():
 def test_a_clock_set_back_holds_batch_work_for_one_pace_at_most():
     clock, fleet, dispatcher = warmed()
     host = fleet.backends[0]
-    fleet.finished(result(dispatcher.acquire(SEARCH))[0], "clip-textual", 0.01)
+    fleet.finish(result(dispatcher.acquire(SEARCH)).load, 0.01)
+    clock.advance(1)
+    fleet.finish(result(dispatcher.acquire(BATCH)).load, 0.04)  # bound now...
+    clock.rightNow -= 3600  # ... and the clock goes back an hour
     pace = host.slot_time / 2 / 2
-    host.bound_at = clock.seconds() + 3600  # bound "an hour from now": the clock went back
     waiting = result(dispatcher.acquire(BATCH))
     assert waiting == []
     clock.advance(pace + 0.0001)

@@ -65,14 +65,14 @@ def test_checker_checks_on_an_interval_and_logs_transitions():
     events = []
     stop = collect(events)
     try:
-        service = HealthChecker(fleet, ping, clock, interval=5).service()
-        service.startService()
+        checker = HealthChecker(fleet, ping, clock, interval=5)
+        checker.start()
         assert [b.health.state for b in fleet.backends] == [UP, DOWN]
         answers.update(a=False, b=True)
         clock.advance(5)
         assert [b.health.state for b in fleet.backends] == [DOWN, UP]
         assert calls == ["a", "b", "a", "b"]
-        service.stopService()
+        checker.stop()
         clock.advance(50)
         assert len(calls) == 4
     finally:
@@ -93,8 +93,8 @@ def test_checker_survives_a_broken_ping_and_skips_overlapping_checks():
             return d
         raise RuntimeError("bug in the pinger")
 
-    service = HealthChecker(fleet, ping, clock, interval=1).service()
-    service.startService()
+    checker = HealthChecker(fleet, ping, clock, interval=1)
+    checker.start()
     clock.advance(1)  # still running: not checked again
     assert len(pending) == 1
     pending[0].callback(None)
@@ -103,5 +103,4 @@ def test_checker_survives_a_broken_ping_and_skips_overlapping_checks():
     assert fleet.backends[0].health._fails == 1
     clock.advance(1)
     assert fleet.backends[0].health._fails == 2
-    assert service.running
-    service.stopService()
+    checker.stop()

@@ -333,7 +333,7 @@ async def test_a_host_that_stalls_mid_request_has_it_redispatched_at_once():
         assert response.code == 200 and served_by(r, response) == "h1"
         # the first attempt was cancelled, not left to time out
         await until(lambda: r.fleet.backends[0].in_flight == 0)
-        assert r.fleet.backends[0].attempts == set()
+        assert r.fleet.backends[0].loads == set()
         [event] = [e for e in r.events if e.get("imml_event") == "redispatch"]
         assert event["backend"] == r.hosts[0].address
         [request] = r.request_events()
@@ -392,7 +392,7 @@ class _FailingResolver:
 @bounded(20)
 async def test_hosts_given_by_address_need_no_name_resolution():
     async with await rig(hosts(2), "--strategy", "round-robin") as r:
-        from imml.proxy import make_agent, make_pool
+        from imml.upstream import make_agent, make_pool
 
         client = treq.client.HTTPClient(make_agent(reactor, 5, make_pool(reactor, persistent=False)))
         old = reactor.installNameResolver(_FailingResolver())

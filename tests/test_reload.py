@@ -77,8 +77,8 @@ async def test_reload_adds_removes_and_keeps_hosts_under_load_losing_nothing(tmp
             await until(lambda: r.hosts[0].served >= 5 and r.hosts[1].served >= 5)
             served_before = kept.stats.served
             write(path, config_of(h1, h2, **({"strategy": strategy} if strategy else {})))
-            assert r.service.reloader.reload("test") is True
-            assert r.service.dispatcher.strategy.name == (strategy or "shortest-delay")
+            assert r.balancer.reloader.reload("test") is True
+            assert r.balancer.dispatcher.strategy.name == (strategy or "shortest-delay")
             if strategy == "round-robin":
                 await until(lambda: spare[0].served >= 5)
             await until(lambda: h0 not in [str(b.address) for b in r.fleet.backends])
@@ -120,13 +120,13 @@ async def test_a_bad_config_is_rejected_and_the_old_one_stays(tmp_path):
     async with await _rig_with_config(path) as r:
         before = list(r.fleet.backends)
         write(path, config_of(r.hosts[0].address) + "[[hosts]]\naddress = \"nas\"\nslots = 0\n")
-        assert r.service.reloader.reload("test") is False
+        assert r.balancer.reloader.reload("test") is False
         [event] = events(r, "reload-rejected")
         assert "line 6" in event["reason"] and "slots" in event["reason"]
         assert r.fleet.backends == before
         write(path, "[balancer]\nstrategy = \"no-such-strategy\"\n")
-        assert r.service.reloader.reload("test") is False
-        assert r.service.dispatcher.strategy.name == "round-robin"
+        assert r.balancer.reloader.reload("test") is False
+        assert r.balancer.dispatcher.strategy.name == "round-robin"
         response = await r.predict()
         assert response.code == 200
         await response.content()
@@ -144,10 +144,10 @@ async def test_a_changed_file_is_reloaded_by_itself(tmp_path, monkeypatch):
         [event] = events(r, "reload")
         assert event["trigger"] == "file changed"
         assert event["changed"] == ["max-tries", "queue-timeout", "strategy"]  # strategy: back to its default
-        assert r.service.dispatcher.max_queue == 5  # the command line wins over the file
+        assert r.balancer.dispatcher.max_queue == 5  # the command line wins over the file
         assert [str(b.address) for b in r.fleet.backends] == [h1, h0]
-        assert r.service.dispatcher.queue_timeout == 7.0
-        assert r.service.forwarder.settings.max_tries == 2
+        assert r.balancer.dispatcher.queue_timeout == 7.0
+        assert r.balancer.forwarder.settings.max_tries == 2
         # The same content again is no change; a broken file is refused once.
         write(path, config_of(h1, h0, queue_timeout=7, max_tries=2, max_queue=50))
         write(path, "[[hosts]\n")
@@ -157,18 +157,19 @@ async def test_a_changed_file_is_reloaded_by_itself(tmp_path, monkeypatch):
 
 
 @bounded(20)
-async def test_sighup_reloads(tmp_path):
+async def test_sighup_reloads(tmp_path, monkeypatch):
+    from imml.control import Reloader
+
+    monkeypatch.setattr(Reloader, "interval", 3600.0)  # only SIGHUP may notice the change
     path = str(tmp_path / "imml.toml")
     async with await _rig_with_config(path) as r:
         h0, h1 = (h.address for h in r.hosts)
         write(path, config_of(h0, strategy="failover"))
-        r.service.reloader._seen = None  # only SIGHUP may notice this change
-        r.service.reloader._loop.stop()
         os.kill(os.getpid(), signal.SIGHUP)
         await until(lambda: events(r, "reload"))
         [event] = events(r, "reload")
         assert event["trigger"] == "SIGHUP" and event["left"] == [h1]
-        assert r.service.dispatcher.strategy.name == "failover"
+        assert r.balancer.dispatcher.strategy.name == "failover"
         assert (await status(r))["balancer"]["strategy"] == "failover"
 
 
@@ -176,7 +177,58 @@ async def test_sighup_reloads(tmp_path):
 async def test_without_a_config_file_a_reload_keeps_the_hosts():
     async with await rig(hosts(2)) as r:
         before = list(r.fleet.backends)
-        assert r.service.reloader.reload("SIGHUP") is True
+        assert r.balancer.reloader.reload("SIGHUP") is True
         assert r.fleet.backends == before
         [event] = events(r, "reload")
         assert event["joined"] == [] and event["left"] == []
+
+
+def test_reloading_the_health_interval_leaves_the_wake_on_lan_timer_alone(tmp_path, monkeypatch):
+    """
+    A new C{health-interval} retimes the health checks, and only them: the
+    Wake-on-LAN timer keeps C{wol-interval}.
+    """
+    from twisted.internet.testing import MemoryReactorClock
+
+    from imml.classify import RequestInfo
+    from imml.dispatch import Dispatcher
+    from imml.tap import Options
+    from imml.wiring import build
+
+    packets = []
+
+    class Reactor(MemoryReactorClock):
+        def listenUDP(self, port, protocol, interface="", maxPacketSize=8192):
+            class Port:
+                def write(self, data, address):
+                    packets.append(clock.seconds())
+
+                def stopListening(self):
+                    pass
+
+            return Port()
+
+    clock = Reactor()
+    looked = []  # each time the Wake-on-LAN timer looks at the waiting requests
+    waiting = Dispatcher.waiting
+    monkeypatch.setattr(Dispatcher, "waiting", lambda self: looked.append(clock.seconds()) or waiting(self))
+    path = tmp_path / "imml.toml"
+    host = '[[hosts]]\naddress = "192.0.2.7"\nmac = "aa:bb:cc:dd:ee:01"\n'
+    path.write_text("[balancer]\nhealth-interval = 5\n\n" + host)
+    options = Options()
+    options.parseOptions(["--config", str(path), "--admin", "none", "--listen", "tcp:0", "--wol-interval", "30"])
+    balancer = build(options, clock, signals=False)
+    balancer.service.startService()
+    try:
+        balancer.dispatcher.acquire(RequestInfo(b"POST", b"/predict", "clip-visual"))  # waits for the host
+        clock.pump([1] * 10)
+        path.write_text("[balancer]\nhealth-interval = 1\n\n" + host)
+        assert balancer.reloader.reload("test") is True
+        checks = len(clock.tcpClients)
+        clock.pump([1] * 50)
+        assert balancer.checker.interval == 1
+        assert len(clock.tcpClients) - checks >= 15  # checked every second or two (a check times out in 2 s)
+        assert looked == [0, 30, 60]
+        assert packets == [0, 30, 60]
+    finally:
+        balancer.service.stopService()

@@ -5,7 +5,7 @@ The balancer's request class: bodies are kept byte for byte, never parsed.
 from twisted.web.resource import Resource
 from twisted.web.test.requesthelper import DummyChannel
 
-from imml.proxy import BalancerRequest, BalancerSite
+from imml.site import BalancerRequest, BalancerSite
 from imml.testing import ENTRIES, predict_body
 
 

@@ -1,0 +1,239 @@
+"""
+Wiring: the balancer's components, built once from its options into a
+typed record (L{Balancer}) and a service tree.
+
+Each component owns its state and its settings; a reload changes a setting
+through the component that owns it (L{appliers}).  The tree's children stop
+one after another, last started first: the graceful stop (the listener
+closes, requests drain), the reloader, the admin listener, the health
+checker, the demo hosts, the waker and the connection pool.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from attrs import frozen
+from twisted.application import service
+from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+
+from .admin import admin_site
+from .backends import parse_backend
+from .control import GracefulStop, OrderedStop, Reloader
+from .dispatch import Dispatcher
+from .fleet import BackendSettings, Fleet
+from .forward import ForwardSettings, Forwarder
+from .health import HealthChecker
+from .logs import OffersLogObserver
+from .metrics import Metrics
+from .metrics import resource as metrics_resource
+from .requestlog import RequestLog
+from .services import Listener, Running
+from .site import BalancerResource, BalancerSite
+from .status import Status
+from .strategies import strategy_named
+from .upstream import Upstream, make_agent, make_pinger, make_pool
+from .wake import Waker
+from .window import RecentWindow
+
+log = Logger()
+
+
+class BalancerService(OffersLogObserver, OrderedStop):
+    """
+    The balancer's service tree (see L{build}); under twistd it brings its
+    own log observer (L{imml.logs}).
+    """
+
+
+@frozen
+class Balancer:
+    """
+    A balancer's components, as L{build} wired them.
+    """
+
+    fleet: Fleet
+    dispatcher: Dispatcher
+    forwarder: Forwarder
+    checker: HealthChecker
+    waker: Waker
+    window: RecentWindow
+    metrics: Metrics
+    status: Status
+    front: BalancerResource
+    site: BalancerSite
+    listener: Listener
+    admin: Optional[Listener]
+    stopper: GracefulStop
+    reloader: Reloader
+    demo: Optional[_DemoHosts]
+    service: BalancerService
+
+
+class _DemoHosts(service.Service):
+    """
+    Local stand-in ML hosts for --demo, started before the balancer's
+    fleet is checked.
+    """
+
+    def __init__(self, reactor: Any, fleet: Fleet, checker: HealthChecker, count: int) -> None:
+        self.reactor, self.fleet, self.checker, self.count = reactor, fleet, checker, count
+        self.hosts: list = []
+
+    def startService(self) -> None:
+        super().startService()
+        from . import testing
+
+        d = ensureDeferred(testing.start_fake_hosts(self.reactor, testing.demo_specs(self.count)))
+
+        def started(hosts: list) -> None:
+            self.hosts = hosts
+            for host in hosts:
+                log.info("demo ML host {name} listens on {address}", name=host.name, address=host.address)
+            for host in hosts:
+                self.fleet.add(parse_backend(host.address))
+            self.checker.check_all()
+
+        d.addCallback(started)
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        return gatherResults([h.stop() for h in self.hosts])
+
+    def addresses(self) -> list:
+        return [(parse_backend(h.address), BackendSettings()) for h in self.hosts]
+
+
+def appliers(
+    dispatcher: Dispatcher,
+    forwarder: Forwarder,
+    site: BalancerSite,
+    fleet: Fleet,
+    checker: HealthChecker,
+    stopper: GracefulStop,
+    status: Status,
+) -> dict[str, Callable[[Any], None]]:
+    """
+    The options a reload applies to a running balancer, each through the
+    component that owns it.
+    """
+    return {
+        "strategy": lambda name: dispatcher.set_strategy(strategy_named(name)),
+        "queue-timeout": dispatcher.set_queue_timeout,
+        "max-queue": dispatcher.set_max_queue,
+        "max-tries": forwarder.set_max_tries,
+        "response-timeout": forwarder.set_response_timeout,
+        "max-body": site.set_max_body,
+        "rise": lambda rise: fleet.set_thresholds(rise, fleet.fall),
+        "fall": lambda fall: fleet.set_thresholds(fleet.rise, fall),
+        "health-interval": checker.set_interval,
+        "drain-timeout": stopper.set_timeout,
+        "admin-actions": lambda on: status.set_actions(bool(on)),
+    }
+
+
+def build(options: Any, reactor: Any, signals: bool = True) -> Balancer:
+    """
+    The balancer for parsed C{options} (L{imml.tap.Options}): its components
+    and their service tree, not yet started.
+    """
+    settings_of = dict(options["hosts"])
+    fleet = Fleet.from_addresses(
+        [address for address, _ in options["hosts"]],
+        reactor,
+        rise=options["rise"],
+        fall=options["fall"],
+        settings=settings_of.__getitem__,
+    )
+    dispatcher = Dispatcher(
+        fleet,
+        strategy_named(options["strategy"]),
+        reactor,
+        queue_timeout=options["queue-timeout"],
+        max_queue=options["max-queue"],
+    )
+    pool = make_pool(reactor)
+    connect_timeout = options["connect-timeout"]
+    upstream = Upstream(
+        make_agent(reactor, connect_timeout, pool),
+        fresh_agent=make_agent(reactor, connect_timeout, make_pool(reactor, persistent=False)),
+    )
+    window = RecentWindow(reactor)
+    metrics = Metrics(fleet, dispatcher, reactor)
+    forwarder = Forwarder(
+        fleet,
+        dispatcher,
+        upstream,
+        reactor,
+        ForwardSettings(options["max-tries"], options["response-timeout"]),
+        reporters=[RequestLog(), window, metrics],
+    )
+    front = BalancerResource(fleet, forwarder)
+    site = BalancerSite(front, options["max-body"])
+    listener = Listener(serverFromString(reactor, options["listen"]), site, options["listen"])
+    pinger_agent = make_agent(reactor, options["health-timeout"], make_pool(reactor, persistent=False))
+    checker = HealthChecker(
+        fleet, make_pinger(pinger_agent, reactor, options["health-timeout"]), reactor, options["health-interval"]
+    )
+    waker = Waker(fleet, reactor, options["wol-broadcast"], options["wol-port"], options["wol-interval"])
+    dispatcher.when_waiting(waker.waiting)
+    status = Status(
+        fleet,
+        dispatcher,
+        window,
+        reactor,
+        started=reactor.seconds(),
+        actions=bool(options["admin-actions"]),
+        stopping=lambda: front.stopping,
+        config=options["config"],
+    )
+    stopper = GracefulStop(listener, front, fleet, dispatcher, reactor, options["drain-timeout"])
+    demo = _DemoHosts(reactor, fleet, checker, options["demo"]) if options["demo"] else None
+    reloader = Reloader(
+        options,
+        reactor,
+        fleet,
+        appliers(dispatcher, forwarder, site, fleet, checker, stopper, status),
+        signals,
+        extra_hosts=demo.addresses if demo is not None else list,
+    )
+    admin = None
+    if options["admin"] != "none":
+        site_ = admin_site(status, checker, metrics_resource(metrics.registry))
+        admin = Listener(serverFromString(reactor, options["admin"]), site_, options["admin"])
+
+    top = BalancerService()
+    Running("pool", lambda: None, pool.closeCachedConnections).setServiceParent(top)
+    Running("waker", lambda: waker.start(dispatcher.waiting), waker.stop).setServiceParent(top)
+    if demo is not None:
+        demo.setServiceParent(top)
+    Running("health", checker.start, checker.stop).setServiceParent(top)
+    listener.setServiceParent(top)
+    if admin is not None:
+        admin.setServiceParent(top)
+    reloader.setServiceParent(top)
+    # The graceful stop, last started, stops the listener first of all.
+    stopper.setServiceParent(top)
+    return Balancer(
+        fleet=fleet,
+        dispatcher=dispatcher,
+        forwarder=forwarder,
+        checker=checker,
+        waker=waker,
+        window=window,
+        metrics=metrics,
+        status=status,
+        front=front,
+        site=site,
+        listener=listener,
+        admin=admin,
+        stopper=stopper,
+        reloader=reloader,
+        demo=demo,
+        service=top,
+    )
+
+
+__all__ = ["Balancer", "BalancerService", "appliers", "build"]
