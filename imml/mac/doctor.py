@@ -8,30 +8,33 @@ The model (``tiny.onnx``, made by ``tools/make_tiny_onnx.py``) computes
 the session and the answer is right.
 """
 
+from __future__ import annotations
+
 import pathlib
+from typing import Callable, Optional, Sequence
 
-import attr
+from attrs import frozen
 
-from imml.mac.interpreter import ProbeError
-from imml.mac.preflight import assess
+from imml.mac.interpreter import Interpreter, ProbeError
+from imml.mac.preflight import Verdict, assess
 
 MODEL = pathlib.Path(__file__).with_name("tiny.onnx")
 
 
-@attr.s(frozen=True)
+@frozen
 class ProviderRun:
     """
     How one provider did on the tiny model.
     """
 
-    provider: str = attr.ib()
-    ran: bool = attr.ib()
-    detail: str = attr.ib()
-    load_seconds: float = attr.ib(default=None)
-    run_seconds: float = attr.ib(default=None)
+    provider: str
+    ran: bool
+    detail: str
+    load_seconds: Optional[float] = None
+    run_seconds: Optional[float] = None
 
 
-def interpret(answer):
+def interpret(answer: dict) -> list[ProviderRun]:
     """
     Turn the probe script's doctor answer into L{ProviderRun}s.
     """
@@ -65,7 +68,7 @@ def interpret(answer):
     return runs
 
 
-def report_lines(verdict, runs):
+def report_lines(verdict: Verdict, runs: Sequence[ProviderRun]) -> list[str]:
     """
     The doctor's report, one line each, for a terminal.
     """
@@ -82,7 +85,12 @@ def report_lines(verdict, runs):
     return lines
 
 
-def run_doctor(interpreter, wanted, model=MODEL, out=print):
+def run_doctor(
+    interpreter: Interpreter,
+    wanted: Sequence[str],
+    model: pathlib.Path = MODEL,
+    out: Callable[[str], object] = print,
+) -> int:
     """
     Pre-flight and the model run; print the report with C{out}.
 

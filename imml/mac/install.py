@@ -14,6 +14,8 @@ ones stream their tool's output with a heartbeat, and a failure raises
 command-line step, not a service: it runs synchronously, before any reactor.
 """
 
+from __future__ import annotations
+
 import os
 import pathlib
 import queue
@@ -22,8 +24,9 @@ import shutil
 import subprocess
 import threading
 import time
+from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 
-import attr
+from attrs import field, frozen
 
 DEFAULT_REPO = "https://github.com/immich-app/immich.git"
 DEFAULT_TARGET = "~/immich-ml"
@@ -38,28 +41,32 @@ class SetupError(Exception):
     """
 
 
-@attr.s(frozen=True)
+def _expanded(path: Union[str, os.PathLike]) -> pathlib.Path:
+    return pathlib.Path(path).expanduser()
+
+
+@frozen
 class SetupPlan:
     """
     What ``imml-mac setup`` does, from its options.
     """
 
-    target: pathlib.Path = attr.ib(converter=lambda p: pathlib.Path(p).expanduser())
-    cache: pathlib.Path = attr.ib(converter=lambda p: pathlib.Path(p).expanduser())
-    repo: str = attr.ib(default=DEFAULT_REPO)
-    ref: str = attr.ib(default=None)
-    python: str = attr.ib(default=None)
+    target: pathlib.Path = field(converter=_expanded)
+    cache: pathlib.Path = field(converter=_expanded)
+    repo: str = DEFAULT_REPO
+    ref: Optional[str] = None
+    python: Optional[str] = None
 
     @property
-    def ml_dir(self):
+    def ml_dir(self) -> pathlib.Path:
         return self.target / SPARSE_FOLDER
 
     @property
-    def venv_python(self):
+    def venv_python(self) -> pathlib.Path:
         return self.ml_dir / ".venv" / "bin" / "python"
 
 
-def newest_release(tags):
+def newest_release(tags: Iterable[str]) -> Optional[str]:
     """
     The highest C{vX.Y.Z} among C{tags} (release candidates and other names
     are ignored), or C{None}.
@@ -68,7 +75,14 @@ def newest_release(tags):
     return max(releases)[1] if releases else None
 
 
-def stream(argv, out, cwd=None, env=None, label=None, heartbeat=15.0):
+def stream(
+    argv: Sequence[str],
+    out: Callable[[str], object],
+    cwd: Optional[pathlib.Path] = None,
+    env: Optional[Mapping[str, str]] = None,
+    label: Optional[str] = None,
+    heartbeat: float = 15.0,
+) -> int:
     """
     Run C{argv}, printing its output as it comes (progress updates that end
     in a carriage return at most once a second) and a heartbeat line when it
@@ -82,7 +96,7 @@ def stream(argv, out, cwd=None, env=None, label=None, heartbeat=15.0):
     )
     pieces = queue.Queue()
 
-    def read():
+    def read() -> None:
         buffer = b""
         while chunk := process.stdout.read1(4096):
             buffer += chunk
@@ -116,18 +130,22 @@ def stream(argv, out, cwd=None, env=None, label=None, heartbeat=15.0):
     return process.wait()
 
 
-def _quiet(argv, cwd=None, env=None):
+def _quiet(
+    argv: Sequence[str],
+    cwd: Optional[pathlib.Path] = None,
+    env: Optional[Mapping[str, str]] = None,
+) -> subprocess.CompletedProcess:
     return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
 
 
-def _tool(name, env, advice):
+def _tool(name: str, env: Mapping[str, str], advice: str) -> str:
     found = shutil.which(name, path=env.get("PATH"))
     if found is None:
         raise SetupError(f"{name} is not installed (not found on PATH). {advice}")
     return found
 
 
-def _release_tags(git, repo, env):
+def _release_tags(git: str, repo: str, env: Mapping[str, str]) -> list[str]:
     done = _quiet([git, "ls-remote", "--tags", "--refs", repo, "v*"], env=env)
     if done.returncode != 0:
         raise SetupError(
@@ -137,7 +155,9 @@ def _release_tags(git, repo, env):
     return [line.split("refs/tags/", 1)[1] for line in done.stdout.splitlines() if "refs/tags/" in line]
 
 
-def _checkout(plan, git, ref, env, out):
+def _checkout(
+    plan: SetupPlan, git: str, ref: str, env: Mapping[str, str], out: Callable[[str], object]
+) -> str:
     """
     Clone, or move an existing checkout to C{ref}; returns what was done.
     """
@@ -189,7 +209,9 @@ def _checkout(plan, git, ref, env, out):
     return f"cloned {plan.repo} at {ref} into {target} (only {SPARSE_FOLDER}/)"
 
 
-def _sync(plan, uv, env, out):
+def _sync(
+    plan: SetupPlan, uv: str, env: Mapping[str, str], out: Callable[[str], object]
+) -> str:
     uv_env = {k: v for k, v in env.items() if k != "VIRTUAL_ENV"}
     argv = [uv, "sync", "--extra", "cpu", "--no-dev"]
     if plan.python:
@@ -210,7 +232,11 @@ def _sync(plan, uv, env, out):
     return f"{'updated' if existed else 'created'} the environment {plan.venv_python.parent.parent}"
 
 
-def run_setup(plan, env=None, out=print):
+def run_setup(
+    plan: SetupPlan,
+    env: Optional[Mapping[str, str]] = None,
+    out: Callable[[str], object] = print,
+) -> list[str]:
     """
     Run every step; returns the list of what was done.  Raises L{SetupError}.
     """

@@ -9,11 +9,14 @@ working directory (Immich's ``machine-learning/`` folder) is first on the
 import path and nothing of imml's is.
 """
 
+from __future__ import annotations
+
 import json
 import pathlib
 import subprocess
+from typing import Any, Callable
 
-import attr
+from attrs import field, frozen
 
 SCRIPT = pathlib.Path(__file__).with_name("probe_script.py")
 
@@ -25,17 +28,22 @@ class ProbeError(Exception):
     """
 
 
-@attr.s(frozen=True)
+@frozen
 class Interpreter:
     """
     The interpreter, environment and folder the service will run with.
     """
 
-    python: str = attr.ib()
-    cwd: str = attr.ib()
-    env: dict = attr.ib(factory=dict, hash=False)
+    python: str
+    cwd: str
+    env: dict = field(factory=dict, hash=False)
 
-    def ask(self, *args, timeout=120.0, run=subprocess.run):
+    def ask(
+        self,
+        *args: str,
+        timeout: float = 120.0,
+        run: Callable[..., subprocess.CompletedProcess] = subprocess.run,
+    ) -> Any:
         """
         Run the probe script with C{args} and return its JSON answer.
         """

@@ -8,6 +8,8 @@ under ``~/Library/Logs``, then prints how to load it and the line that joins
 this Mac to a balancer's ``IMML_BACKENDS``.
 """
 
+from __future__ import annotations
+
 import os
 import pathlib
 import plistlib
@@ -15,13 +17,14 @@ import shutil
 import socket
 import subprocess
 import sys
+from typing import Callable, Optional, Sequence, Union
 
 LABEL = "app.imml.mac"
 # launchd starts agents with a bare PATH; caffeinate lives in /usr/bin.
 SYSTEM_PATH = "/usr/bin:/bin:/usr/sbin:/sbin"
 
 
-def twistd_path():
+def twistd_path() -> str:
     """
     The twistd beside this Python (the one imml is installed for), else on PATH.
     """
@@ -31,7 +34,12 @@ def twistd_path():
     return shutil.which("twistd") or str(beside)
 
 
-def plist_for(arguments, home, label=LABEL, twistd=None):
+def plist_for(
+    arguments: Sequence[str],
+    home: Union[str, os.PathLike],
+    label: str = LABEL,
+    twistd: Optional[str] = None,
+) -> dict:
     """
     The LaunchAgent as a dictionary.
 
@@ -57,7 +65,7 @@ def plist_for(arguments, home, label=LABEL, twistd=None):
     }
 
 
-def local_hostname(run=subprocess.run):
+def local_hostname(run: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> str:
     """
     This Mac's Bonjour name (``scutil --get LocalHostName``), else the host
     name without its domain.
@@ -71,7 +79,15 @@ def local_hostname(run=subprocess.run):
     return socket.gethostname().split(".")[0]
 
 
-def write_agent(arguments, home, port, label=LABEL, twistd=None, hostname=None, out=print):
+def write_agent(
+    arguments: Sequence[str],
+    home: Union[str, os.PathLike],
+    port: int,
+    label: str = LABEL,
+    twistd: Optional[str] = None,
+    hostname: Optional[str] = None,
+    out: Callable[[str], object] = print,
+) -> pathlib.Path:
     """
     Write the plist and print what to do next; returns its path.
     """

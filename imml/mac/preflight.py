@@ -7,7 +7,11 @@ of the providers the user wants.  It never refuses to start because Core ML
 is missing: it says so plainly and the service runs on the CPU.
 """
 
-import attr
+from __future__ import annotations
+
+from typing import Sequence
+
+from attrs import field, frozen
 
 CORE_ML = "CoreMLExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -15,7 +19,7 @@ DEFAULT_PROVIDERS = (CORE_ML, CPU)
 MIN_PYTHON = (3, 11)
 
 
-@attr.s(frozen=True)
+@frozen
 class Verdict:
     """
     The outcome of pre-flight.
@@ -28,17 +32,17 @@ class Verdict:
     @ivar providers: the providers the service will use, in order.
     """
 
-    problems: tuple = attr.ib(converter=tuple)
-    notes: tuple = attr.ib(converter=tuple)
-    coreml: bool = attr.ib()
-    providers: tuple = attr.ib(converter=tuple)
+    problems: tuple = field(converter=tuple)
+    notes: tuple = field(converter=tuple)
+    coreml: bool
+    providers: tuple = field(converter=tuple)
 
     @property
-    def ok(self):
+    def ok(self) -> bool:
         return not self.problems
 
 
-def parse_providers(text):
+def parse_providers(text: str) -> tuple[str, ...]:
     """
     Split a comma-separated provider list, accepting short names such as
     C{CoreML} or C{cpu} for C{CoreMLExecutionProvider} / C{CPUExecutionProvider}.
@@ -67,7 +71,7 @@ KNOWN_PROVIDERS = (
 )
 
 
-def _coreml_note(facts):
+def _coreml_note(facts: dict) -> str:
     where = facts.get("platform", "?")
     machine = facts.get("machine", "?")
     if where != "darwin":
@@ -87,7 +91,7 @@ def _coreml_note(facts):
     return f"Core ML is NOT available: {why}. The service will run on the CPU."
 
 
-def assess(facts, wanted=DEFAULT_PROVIDERS):
+def assess(facts: dict, wanted: Sequence[str] = DEFAULT_PROVIDERS) -> Verdict:
     """
     Judge the facts reported by the probe script.
 

@@ -10,6 +10,10 @@ document on stdout.  Everything that interprets the answer lives in
 :mod:`imml.mac.preflight` and :mod:`imml.mac.doctor`.
 """
 
+# No ``from __future__ import annotations``, and annotations that any Python 3
+# evaluates: this runs in an interpreter not yet checked, which may be too
+# old, and pre-flight must still hear from it.
+
 import json
 import platform
 import sys
@@ -17,11 +21,11 @@ import time
 import traceback
 
 
-def _error(exc):
+def _error(exc: BaseException) -> str:
     return "".join(traceback.format_exception_only(type(exc), exc)).strip()
 
 
-def facts():
+def facts() -> dict:
     """
     What this interpreter can do: its version, whether ``immich_ml`` and
     onnxruntime import, and onnxruntime's available providers.
@@ -53,7 +57,7 @@ def facts():
     return answer
 
 
-def doctor(model, providers):
+def doctor(model: str, providers: list) -> dict:
     """
     Run the tiny model once through each provider on its own and time it.
 
@@ -91,7 +95,7 @@ def doctor(model, providers):
     return {"onnxruntime": onnxruntime.__version__, "available": available, "results": results}
 
 
-def main(argv):
+def main(argv: list) -> int:
     if argv[1:2] == ["facts"]:
         answer = facts()
     elif argv[1:2] == ["doctor"] and len(argv) >= 3:

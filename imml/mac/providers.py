@@ -6,14 +6,17 @@ The provider choice travels as IMML_PROVIDERS to the start-up hook in
 ``imml/mac/hook/sitecustomize.py``, whose folder goes first on PYTHONPATH.
 """
 
+from __future__ import annotations
+
 import os
 import pathlib
+from typing import Iterable, Mapping, Optional, Sequence, Union
 
 HOOK_DIR = str(pathlib.Path(__file__).with_name("hook"))
 SETTING_PREFIX = "MACHINE_LEARNING_"
 
 
-def setting_name(name):
+def setting_name(name: str) -> str:
     """
     C{MODEL_TTL} and C{MACHINE_LEARNING_MODEL_TTL} both name the same setting.
     """
@@ -21,7 +24,15 @@ def setting_name(name):
     return name if name.startswith(SETTING_PREFIX) else SETTING_PREFIX + name
 
 
-def child_environment(base, python, host, port, cache, providers, settings=()):
+def child_environment(
+    base: Mapping[str, str],
+    python: str,
+    host: str,
+    port: Union[int, str],
+    cache: Union[str, os.PathLike],
+    providers: Optional[Sequence[str]],
+    settings: Iterable[tuple[str, object]] = (),
+) -> dict[str, str]:
     """
     The environment for C{python -m immich_ml}.
 

@@ -9,9 +9,12 @@ stopped, with a Deferred, when the service stops.  Anywhere else the step
 is skipped with a log line.
 """
 
+from __future__ import annotations
+
 import os
 import shutil
 import sys
+from typing import Any, Mapping, Optional
 
 from twisted.application import service
 from twisted.logger import Logger
@@ -21,14 +24,21 @@ from imml.mac.supervisor import Command, Supervisor
 log = Logger()
 
 
-def caffeinate_argv(pid, program="caffeinate"):
+def caffeinate_argv(pid: int, program: str = "caffeinate") -> tuple[str, ...]:
     """
     Prevent idle sleep (C{-i}) until process C{pid} exits (C{-w}).
     """
     return (program, "-i", "-w", str(pid))
 
 
-def sleep_guard(reactor, platform=sys.platform, env=None, pid=None, enabled=True, **kwargs):
+def sleep_guard(
+    reactor: Any,
+    platform: str = sys.platform,
+    env: Optional[Mapping[str, str]] = None,
+    pid: Optional[int] = None,
+    enabled: bool = True,
+    **kwargs: Any,
+) -> service.Service:
     """
     The service that keeps the Mac awake, or a do-nothing service (with a
     log line saying why) where there is nothing to do.
@@ -55,9 +65,9 @@ def sleep_guard(reactor, platform=sys.platform, env=None, pid=None, enabled=True
 class _Skipped(service.Service):
     name = "caffeinate"
 
-    def __init__(self, reason):
+    def __init__(self, reason: str) -> None:
         self.reason = reason
 
-    def startService(self):
+    def startService(self) -> None:
         service.Service.startService(self)
-        log.info("{reason}", kind="sleep-skipped", reason=self.reason)
+        log.info("{reason}", imml_event="sleep-skipped", reason=self.reason)

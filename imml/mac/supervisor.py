@@ -30,34 +30,39 @@ its group is terminated too before a new child starts.
 child has been reaped and its output pipes are closed.
 """
 
+from __future__ import annotations
+
 import os
 import signal
 import sys
+from typing import Any, Callable, Optional
 
-import attr
+from attrs import field, frozen
 from twisted.application import service
 from twisted.application.internet import backoffPolicy
 from twisted.internet import defer, error, protocol
+from twisted.internet.interfaces import IDelayedCall, IProcessTransport
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 log = Logger()
 
 SETSID_EXEC = "import os, sys; os.setsid(); os.execvp(sys.argv[1], sys.argv[1:])"
 
 
-@attr.s(frozen=True)
+@frozen
 class Command:
     """
     What to run: C{argv} (C{argv[0]} looked up on the environment's PATH),
     in C{cwd}, with exactly the environment C{env}.
     """
 
-    argv: tuple = attr.ib(converter=tuple)
-    env: dict = attr.ib(factory=dict, hash=False)
-    cwd: str = attr.ib(default=None)
-    launcher: str = attr.ib(default=sys.executable)
+    argv: tuple = field(converter=tuple)
+    env: dict = field(factory=dict, hash=False)
+    cwd: Optional[str] = None
+    launcher: str = sys.executable
 
-    def spawn_args(self):
+    def spawn_args(self) -> tuple[str, list[str]]:
         """
         The executable and arguments for C{spawnProcess}: the setsid wrapper
         run by C{launcher}, then the command.
@@ -71,40 +76,40 @@ class _LineLogger(protocol.ProcessProtocol):
     exit and end to the supervisor.
     """
 
-    def __init__(self, supervisor):
+    def __init__(self, supervisor: Supervisor) -> None:
         self.supervisor = supervisor
-        self.pid = None
+        self.pid: Optional[int] = None
         self._partial = {"stdout": b"", "stderr": b""}
 
-    def connectionMade(self):
+    def connectionMade(self) -> None:
         self.pid = self.transport.pid
 
-    def _received(self, stream, data):
+    def _received(self, stream: str, data: bytes) -> None:
         lines = (self._partial[stream] + data).split(b"\n")
         self._partial[stream] = lines.pop()
         for line in lines:
             self._emit(stream, line)
 
-    def _emit(self, stream, line):
+    def _emit(self, stream: str, line: bytes) -> None:
         log.info(
             "[{name} {pid} {stream}] {line}",
-            kind="child-output",
+            imml_event="child-output",
             name=self.supervisor.name,
             pid=self.pid,
             stream=stream,
             line=line.rstrip(b"\r").decode("utf-8", "replace"),
         )
 
-    def outReceived(self, data):
+    def outReceived(self, data: bytes) -> None:
         self._received("stdout", data)
 
-    def errReceived(self, data):
+    def errReceived(self, data: bytes) -> None:
         self._received("stderr", data)
 
-    def processExited(self, reason):
+    def processExited(self, reason: Failure) -> None:
         self.supervisor._leader_exited(self, reason)
 
-    def processEnded(self, reason):
+    def processEnded(self, reason: Failure) -> None:
         for stream, rest in self._partial.items():
             if rest:
                 self._emit(stream, rest)
@@ -112,7 +117,7 @@ class _LineLogger(protocol.ProcessProtocol):
         self.supervisor._ended(self, reason)
 
 
-def _exit_status(reason):
+def _exit_status(reason: Failure) -> tuple[Optional[int], Optional[int]]:
     value = reason.value
     return getattr(value, "exitCode", None), getattr(value, "signal", None)
 
@@ -132,19 +137,21 @@ class Supervisor(service.Service):
 
     def __init__(
         self,
-        reactor,
-        command,
-        name="child",
-        probe=None,
-        restart_delay=backoffPolicy(initialDelay=1.0, maxDelay=60.0, factor=2.0),
-        stable_after=60.0,
-        stop_timeout=10.0,
-        ready_interval=0.5,
-        ping_interval=10.0,
-        ping_failures=3,
-        start_timeout=300.0,
-        kill=os.killpg,
-    ):
+        reactor: Any,
+        command: Command,
+        name: str = "child",
+        probe: Optional[Callable[[], defer.Deferred]] = None,
+        restart_delay: Callable[[int], float] = backoffPolicy(
+            initialDelay=1.0, maxDelay=60.0, factor=2.0
+        ),
+        stable_after: float = 60.0,
+        stop_timeout: float = 10.0,
+        ready_interval: float = 0.5,
+        ping_interval: float = 10.0,
+        ping_failures: int = 3,
+        start_timeout: float = 300.0,
+        kill: Callable[[int, int], None] = os.killpg,
+    ) -> None:
         self.reactor = reactor
         self.command = command
         self.setName(name)
@@ -157,22 +164,22 @@ class Supervisor(service.Service):
         self.ping_failures = ping_failures
         self.start_timeout = start_timeout
         self._kill = kill
-        self.process = None
-        self._pid = None
+        self.process: Optional[IProcessTransport] = None
+        self._pid: Optional[int] = None
         self.attempt = 0
         self.ready = False
         self.failures = 0
-        self.started_at = None
+        self.started_at: Optional[float] = None
         self._terminating = False
         self._ending = False
-        self._restart_call = None
-        self._check_call = None
-        self._kill_call = None
-        self._ready_waiters = []
-        self._end_waiters = []
+        self._restart_call: Optional[IDelayedCall] = None
+        self._check_call: Optional[IDelayedCall] = None
+        self._kill_call: Optional[IDelayedCall] = None
+        self._ready_waiters: list[defer.Deferred] = []
+        self._end_waiters: list[defer.Deferred] = []
 
     @property
-    def pid(self):
+    def pid(self) -> Optional[int]:
         """
         The current child's pid, also its process group id (Twisted forgets
         C{process.pid} once it has reaped the process; we keep it until the
@@ -182,24 +189,24 @@ class Supervisor(service.Service):
 
     # Service
 
-    def startService(self):
+    def startService(self) -> None:
         service.Service.startService(self)
         self._spawn()
 
-    def stopService(self):
+    def stopService(self) -> defer.Deferred:
         service.Service.stopService(self)
         self._cancel("_restart_call")
         self._cancel("_check_call")
         if self.process is None:
             return defer.succeed(None)
         log.info(
-            "{name}: stopping pid {pid}", kind="child-stopping", name=self.name, pid=self.pid
+            "{name}: stopping pid {pid}", imml_event="child-stopping", name=self.name, pid=self.pid
         )
         ended = self.whenEnded()
         self._terminate()
         return ended
 
-    def whenReady(self):
+    def whenReady(self) -> defer.Deferred:
         """
         A Deferred that fires with the pid the next time a child becomes ready.
         """
@@ -207,7 +214,7 @@ class Supervisor(service.Service):
         self._ready_waiters.append(d)
         return d
 
-    def whenEnded(self):
+    def whenEnded(self) -> defer.Deferred:
         """
         A Deferred that fires with the pid when the current child has ended
         (at once if there is none).
@@ -220,7 +227,7 @@ class Supervisor(service.Service):
 
     # Starting
 
-    def _spawn(self):
+    def _spawn(self) -> None:
         self._restart_call = None
         executable, args = self.command.spawn_args()
         child = _LineLogger(self)
@@ -241,7 +248,7 @@ class Supervisor(service.Service):
         except Exception:
             log.failure(
                 "{name}: could not start {argv}",
-                kind="child-spawn-failed",
+                imml_event="child-spawn-failed",
                 name=self.name,
                 argv=list(self.command.argv),
             )
@@ -251,7 +258,7 @@ class Supervisor(service.Service):
         self._pid = self.process.pid
         log.info(
             "{name}: started pid {pid}: {argv}",
-            kind="child-started",
+            imml_event="child-started",
             name=self.name,
             pid=self.process.pid,
             argv=list(self.command.argv),
@@ -262,10 +269,10 @@ class Supervisor(service.Service):
 
     # Health
 
-    def _schedule_check(self, delay):
+    def _schedule_check(self, delay: float) -> None:
         self._check_call = self.reactor.callLater(delay, self._check)
 
-    def _check(self):
+    def _check(self) -> None:
         self._check_call = None
         process = self.process
         if process is None or self._terminating:
@@ -275,11 +282,11 @@ class Supervisor(service.Service):
         d.addCallback(self._checked, process)
         d.addErrback(
             lambda failure: log.failure(
-                "{name}: health check crashed", failure, kind="check-crashed", name=self.name
+                "{name}: health check crashed", failure, imml_event="check-crashed", name=self.name
             )
         )
 
-    def _checked(self, healthy, process):
+    def _checked(self, healthy: object, process: IProcessTransport) -> None:
         if process is not self.process or self._terminating or not self.running:
             return
         now = self.reactor.seconds()
@@ -289,7 +296,7 @@ class Supervisor(service.Service):
                 self.ready = True
                 log.info(
                     "{name}: pid {pid} is ready after {seconds:.1f} s",
-                    kind="child-ready",
+                    imml_event="child-ready",
                     name=self.name,
                     pid=self._pid,
                     seconds=now - self.started_at,
@@ -301,7 +308,7 @@ class Supervisor(service.Service):
             self.failures += 1
             log.warn(
                 "{name}: pid {pid} did not answer its health check ({failures} of {limit})",
-                kind="child-ping-failed",
+                imml_event="child-ping-failed",
                 name=self.name,
                 pid=self._pid,
                 failures=self.failures,
@@ -310,7 +317,7 @@ class Supervisor(service.Service):
             if self.failures >= self.ping_failures:
                 log.error(
                     "{name}: pid {pid} stopped answering: restarting it",
-                    kind="child-unresponsive",
+                    imml_event="child-unresponsive",
                     name=self.name,
                     pid=self._pid,
                     failures=self.failures,
@@ -320,7 +327,7 @@ class Supervisor(service.Service):
         elif now - self.started_at >= self.start_timeout:
             log.error(
                 "{name}: pid {pid} was not ready within {timeout:.0f} s: restarting it",
-                kind="child-start-timeout",
+                imml_event="child-start-timeout",
                 name=self.name,
                 pid=self._pid,
                 timeout=self.start_timeout,
@@ -331,7 +338,7 @@ class Supervisor(service.Service):
 
     # Stopping
 
-    def _signal(self, signum):
+    def _signal(self, signum: int) -> None:
         """
         Send C{signum} to the child's process group; to the pid alone if the
         group does not exist yet (the wrapper has not called setsid).
@@ -352,7 +359,7 @@ class Supervisor(service.Service):
         except (error.ProcessExitedAlready, OSError):
             pass
 
-    def _terminate(self):
+    def _terminate(self) -> None:
         if self.process is None or self._terminating:
             return
         self._terminating = True
@@ -360,25 +367,25 @@ class Supervisor(service.Service):
         self._signal(signal.SIGTERM)
         self._kill_call = self.reactor.callLater(self.stop_timeout, self._kill_group)
 
-    def _kill_group(self):
+    def _kill_group(self) -> None:
         self._kill_call = None
         log.warn(
             "{name}: pid {pid} still there {timeout:.0f} s after SIGTERM: sending SIGKILL",
-            kind="child-killed",
+            imml_event="child-killed",
             name=self.name,
             pid=self.pid,
             timeout=self.stop_timeout,
         )
         self._signal(signal.SIGKILL)
 
-    def _leader_exited(self, child, reason):
+    def _leader_exited(self, child: _LineLogger, reason: Failure) -> None:
         # The leader is gone; anything it left in its group (gunicorn,
         # workers) must go too, or processEnded never comes: they hold the
         # pipes.
         if child.transport is self.process and not self._terminating:
             self._terminate()
 
-    def _ended(self, child, reason):
+    def _ended(self, child: _LineLogger, reason: Failure) -> None:
         if child.transport is not self.process or self._ending:
             return
         self._ending = True
@@ -397,7 +404,7 @@ class Supervisor(service.Service):
         deadline = self.reactor.seconds() + self.stop_timeout
         self._await_group(pid, deadline, lambda: self._finish(pid, code, signum, runtime))
 
-    def _await_group(self, pgid, deadline, then):
+    def _await_group(self, pgid: int, deadline: float, then: Callable[[], None]) -> None:
         try:
             self._kill(pgid, 0)
         except OSError:
@@ -407,20 +414,22 @@ class Supervisor(service.Service):
         if self.reactor.seconds() >= deadline:
             log.warn(
                 "{name}: process group {pgid} still has members after SIGKILL",
-                kind="child-group-lingers",
+                imml_event="child-group-lingers",
                 name=self.name,
                 pgid=pgid,
             )
             return then()
         self.reactor.callLater(0.05, self._await_group, pgid, deadline, then)
 
-    def _finish(self, pid, code, signum, runtime):
+    def _finish(
+        self, pid: int, code: Optional[int], signum: Optional[int], runtime: float
+    ) -> None:
         self.process = None
         self.ready = False
         self._ending = False
         log.info(
             "{name}: pid {pid} ended (exit code {exit_code}, signal {signal}) after {runtime:.1f} s",
-            kind="child-ended",
+            imml_event="child-ended",
             name=self.name,
             pid=pid,
             exit_code=code,
@@ -436,19 +445,19 @@ class Supervisor(service.Service):
             self.attempt = 0
         self._restart_later()
 
-    def _restart_later(self):
+    def _restart_later(self) -> None:
         delay = self.restart_delay(self.attempt)
         self.attempt += 1
         log.info(
             "{name}: restarting in {delay:.2f} s",
-            kind="child-restart-scheduled",
+            imml_event="child-restart-scheduled",
             name=self.name,
             delay=delay,
             attempt=self.attempt - 1,
         )
         self._restart_call = self.reactor.callLater(delay, self._spawn)
 
-    def _cancel(self, attribute):
+    def _cancel(self, attribute: str) -> None:
         call = getattr(self, attribute)
         setattr(self, attribute, None)
         if call is not None and call.active():

@@ -15,9 +15,12 @@ The three commands run before twistd starts its reactor and exit with their
 status; only the service uses the reactor.
 """
 
+from __future__ import annotations
+
 import os
 import pathlib
 import sys
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from twisted.application import service
 from twisted.application.internet import backoffPolicy
@@ -27,7 +30,7 @@ from twisted.python import usage
 from imml.mac import install, launchagent
 from imml.mac.doctor import run_doctor
 from imml.mac.interpreter import Interpreter, ProbeError
-from imml.mac.preflight import DEFAULT_PROVIDERS, assess, parse_providers
+from imml.mac.preflight import DEFAULT_PROVIDERS, Verdict, assess, parse_providers
 from imml.mac.providers import child_environment, setting_name
 from imml.mac.readiness import PingProbe, ping_url
 from imml.mac.sleep import sleep_guard
@@ -36,7 +39,7 @@ from imml.mac.supervisor import Command, Supervisor
 log = Logger()
 
 
-def find_ml_dir(path):
+def find_ml_dir(path: Union[str, os.PathLike]) -> pathlib.Path:
     """
     The folder holding the ``immich_ml`` package: C{path} itself or its
     ``machine-learning/`` subfolder.
@@ -52,7 +55,7 @@ def find_ml_dir(path):
     )
 
 
-def _port(value):
+def _port(value: str) -> int:
     port = int(value)
     if not 0 < port < 65536:
         raise ValueError(f"{value} is not a TCP port")
@@ -93,11 +96,11 @@ class ServiceOptions(usage.Options):
         ["allow-sleep", None, "Do not keep the Mac awake while the service runs."],
     ]
 
-    def __init__(self):
+    def __init__(self) -> None:
         usage.Options.__init__(self)
         self["settings"] = []
 
-    def opt_set(self, value):
+    def opt_set(self, value: str) -> None:
         """
         A MACHINE_LEARNING_* setting, NAME=VALUE, prefix optional (e.g. PRELOAD__CLIP__TEXTUAL=ViT-B-32__openai); repeatable.
         """
@@ -106,7 +109,7 @@ class ServiceOptions(usage.Options):
             raise usage.UsageError(f"--set wants NAME=VALUE, not {value!r}")
         self["settings"].append((setting_name(name), setting))
 
-    def postOptions(self):
+    def postOptions(self) -> None:
         try:
             self["providers"] = parse_providers(self["providers"])
         except ValueError as exc:
@@ -119,10 +122,12 @@ class ServiceOptions(usage.Options):
             if self[option] is not None:
                 self["settings"].append((setting_name(name), str(self[option])))
 
-    def settings(self):
+    def settings(self) -> list[tuple[str, str]]:
         return list(self["settings"])
 
-    def interpreter(self, env=None, with_providers=False):
+    def interpreter(
+        self, env: Optional[Mapping[str, str]] = None, with_providers: bool = False
+    ) -> Interpreter:
         """
         The Immich interpreter with the child's environment (without the
         provider hook, for pre-flight, unless C{with_providers}).
@@ -135,7 +140,7 @@ class ServiceOptions(usage.Options):
         )
         return Interpreter(self["python"], str(self["ml_dir"]), env)
 
-    def arguments(self):
+    def arguments(self) -> list[str]:
         """
         Options that recreate this configuration (for the LaunchAgent).
         """
@@ -168,7 +173,7 @@ class SetupOptions(usage.Options):
         ["uv-python", None, None, "The Python version uv should use (uv sync --python)."],
     ]
 
-    def plan(self):
+    def plan(self) -> install.SetupPlan:
         return install.SetupPlan(
             target=self["immich"], cache=self["cache"], repo=self["repo"],
             ref=self["ref"], python=self["uv-python"],
@@ -197,13 +202,13 @@ class Options(ServiceOptions):
         ["launchagent", None, LaunchAgentOptions, "Write a LaunchAgent that starts the service at login."],
     ]
 
-    def postOptions(self):
+    def postOptions(self) -> None:
         # A command validates its own options; setup has no checkout yet.
         if not self.subCommand:
             ServiceOptions.postOptions(self)
 
 
-def _preflight(options, out):
+def _preflight(options: ServiceOptions, out: Callable[[str], object]) -> Verdict:
     """
     Pre-flight in the child's interpreter: log what it found; exit with the
     reasons if the service cannot start.
@@ -214,10 +219,10 @@ def _preflight(options, out):
         out(f"imml-mac: pre-flight failed: {exc}")
         raise SystemExit(1)
     for note in verdict.notes:
-        log.info("pre-flight: {note}", kind="preflight", note=note)
+        log.info("pre-flight: {note}", imml_event="preflight", note=note)
     if not verdict.coreml:
         log.warn("pre-flight: Core ML is not available, running on the CPU",
-                 kind="preflight-no-coreml")
+                 imml_event="preflight-no-coreml")
     if verdict.problems:
         for problem in verdict.problems:
             out(f"imml-mac: pre-flight failed: {problem}")
@@ -225,7 +230,14 @@ def _preflight(options, out):
     return verdict
 
 
-def build_service(options, reactor, platform=sys.platform, env=None, out=print, **supervision):
+def build_service(
+    options: ServiceOptions,
+    reactor: Any,
+    platform: str = sys.platform,
+    env: Optional[Mapping[str, str]] = None,
+    out: Callable[[str], object] = print,
+    **supervision: Any,
+) -> service.MultiService:
     """
     Pre-flight, then the service tree: caffeinate (or its skip line) and the
     supervised Immich ML.  C{supervision} overrides L{Supervisor} arguments
@@ -259,13 +271,15 @@ def build_service(options, reactor, platform=sys.platform, env=None, out=print, 
     Supervisor(reactor, command, **arguments).setServiceParent(top)
     log.info(
         "imml-mac: Immich ML from {ml_dir} on {host}:{port}, providers {providers}",
-        kind="service-configured", ml_dir=str(options["ml_dir"]), host=options["host"],
+        imml_event="service-configured", ml_dir=str(options["ml_dir"]), host=options["host"],
         port=options["port"], providers=list(verdict.providers),
     )
     return top
 
 
-def run_command(name, options, out=print):
+def run_command(
+    name: str, options: usage.Options, out: Callable[[str], object] = print
+) -> int:
     """
     Run C{setup}, C{doctor} or C{launchagent}; returns the exit status.
     """
@@ -311,7 +325,7 @@ def run_command(name, options, out=print):
     raise usage.UsageError(f"unknown command {name}")
 
 
-def makeService(options, reactor=None):
+def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     if options.subCommand:
         raise SystemExit(run_command(options.subCommand, options.subOptions))
     if reactor is None:
@@ -319,7 +333,7 @@ def makeService(options, reactor=None):
     return build_service(options, reactor)
 
 
-def main(argv=None):
+def main(argv: Optional[Sequence[str]] = None) -> int:
     """
     The ``imml-mac`` console script: the commands run here; without a
     command, twistd runs the service in the foreground.

@@ -34,13 +34,13 @@ def events():
     globalLogPublisher.removeObserver(seen.append)
 
 
-def kinds(events, kind, **match):
+def tagged(events, imml_event, **match):
     """
-    The events of one C{kind}, optionally with given field values.
+    The events tagged C{imml_event}, optionally with given field values.
     """
     return [
         e for e in events
-        if e.get("kind") == kind and all(e.get(k) == v for k, v in match.items())
+        if e.get("imml_event") == imml_event and all(e.get(k) == v for k, v in match.items())
     ]
 
 

@@ -190,3 +190,15 @@ def test_stream_shows_progress_updates_and_heartbeats():
     assert "    x: a 100%" in lines and "    x: late" in lines
     assert any("x still running" in line for line in lines)
 
+
+
+def test_a_plan_expands_its_folders_and_is_a_value():
+    plan = install.SetupPlan(target="~/immich-ml", cache="~/cache")
+    home = os.path.expanduser("~")
+    assert (str(plan.target), str(plan.cache)) == (f"{home}/immich-ml", f"{home}/cache")
+    assert (plan.repo, plan.ref, plan.python) == (install.DEFAULT_REPO, None, None)
+    assert str(plan.venv_python) == f"{home}/immich-ml/machine-learning/.venv/bin/python"
+    same = install.SetupPlan(target=plan.target, cache=plan.cache)
+    assert plan == same and hash(plan) == hash(same)
+    with pytest.raises(AttributeError):
+        plan.ref = "v1.0.0"

@@ -4,6 +4,8 @@ The /ping probe, in memory (treq's StubTreq): only 200 ``pong`` counts.
 
 import pytest
 from treq.testing import StubTreq
+from twisted.internet import defer
+from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
 from twisted.web.resource import Resource
 
@@ -52,3 +54,31 @@ def test_a_refused_connection_is_unhealthy():
 ])
 def test_wildcards_are_checked_on_loopback(host, url):
     assert ping_url(host, 3003) == url
+
+
+class Recording:
+    """
+    An endpoint that records the factories it is asked to connect.
+    """
+
+    def __init__(self):
+        self.factories = []
+
+    def connect(self, factory):
+        self.factories.append(factory)
+        return defer.Deferred()
+
+
+def test_the_probes_connections_do_not_log_starting_and_stopping():
+    probe = PingProbe(Clock(), "http://127.0.0.1:3003/ping")
+    assert not probe.pool.persistent
+    endpoint = Recording()
+    probe.pool.getConnection(("http", b"127.0.0.1", 3003), endpoint)
+    (factory,) = endpoint.factories
+    assert isinstance(factory, Factory) and factory.noisy is False
+    assert probe.close().called
+
+
+def test_a_given_client_means_no_pool():
+    probe = PingProbe(Clock(), "http://127.0.0.1:3003/ping", client=StubTreq(Ping(200, b"pong")))
+    assert probe.pool is None and probe.close() is None

@@ -12,7 +12,7 @@ from twisted.internet import defer, reactor
 
 from imml.mac.sleep import sleep_guard
 
-from mac_helpers import kill_left, kinds, wait_gone
+from mac_helpers import kill_left, tagged, wait_gone
 
 
 def fake_caffeinate(tmp_path):
@@ -56,8 +56,8 @@ def test_on_macos_caffeinate_waits_for_our_pid_and_stops_with_the_service(tmp_pa
     left = wait_gone([int(pid)], timeout=1.0)
     kill_left(left)
     assert left == []
-    assert kinds(events, "child-started", name="caffeinate")
-    assert not kinds(events, "sleep-skipped")
+    assert tagged(events, "child-started", name="caffeinate")
+    assert not tagged(events, "sleep-skipped")
 
 
 @pytest_twisted.inlineCallbacks
@@ -67,7 +67,7 @@ def test_elsewhere_caffeinate_is_skipped_with_a_log_line(tmp_path, events):
     guard.startService()
     yield guard.stopService()
     assert not record.exists()
-    (skipped,) = kinds(events, "sleep-skipped")
+    (skipped,) = tagged(events, "sleep-skipped")
     assert "not macOS (linux)" in skipped["reason"]
 
 
@@ -78,11 +78,11 @@ def test_switched_off_on_macos(tmp_path, events):
     guard.startService()
     yield guard.stopService()
     assert not record.exists()
-    assert "--allow-sleep" in kinds(events, "sleep-skipped")[0]["reason"]
+    assert "--allow-sleep" in tagged(events, "sleep-skipped")[0]["reason"]
 
 
 def test_missing_caffeinate_on_macos_is_said(tmp_path, events):
     guard = sleep_guard(reactor, platform="darwin", env={"PATH": str(tmp_path)})
     guard.startService()
     guard.stopService()
-    assert "caffeinate not found" in kinds(events, "sleep-skipped")[0]["reason"]
+    assert "caffeinate not found" in tagged(events, "sleep-skipped")[0]["reason"]

@@ -20,7 +20,7 @@ from imml.mac.providers import HOOK_DIR, child_environment
 from imml.mac.readiness import PingProbe, ping_url
 from imml.mac.supervisor import Command, Supervisor
 
-from mac_helpers import FAKE_ML, FAKE_ORT, PYTHON, free_port, gone, kill_left, kinds, read_pids
+from mac_helpers import FAKE_ML, FAKE_ORT, PYTHON, free_port, gone, kill_left, tagged, read_pids
 
 TIMEOUT = 20
 
@@ -139,9 +139,9 @@ def test_ready_once_ping_answers_and_output_is_logged(tmp_path, events):
     finally:
         yield run.stop()
     assert pid == read_pids(run.pids_file)[0][0]
-    (ready,) = kinds(events, "child-ready")
+    (ready,) = tagged(events, "child-ready")
     assert ready["pid"] == pid and ready["seconds"] > 0
-    output = {(e["stream"], e["line"]) for e in kinds(events, "child-output", pid=pid)}
+    output = {(e["stream"], e["line"]) for e in tagged(events, "child-output", pid=pid)}
     assert ("stdout", f"fake immich_ml listening on 127.0.0.1:{run.port}") in output
     assert ("stderr", "fake immich_ml: a line on stderr") in output
 
@@ -153,7 +153,7 @@ def test_a_crashing_child_is_restarted_with_growing_delays(tmp_path, events):
               restart_delay=lambda attempt: delays[min(attempt, 3)])
     run.supervisor.startService()
     try:
-        while len(kinds(events, "child-ended")) < 4:
+        while len(tagged(events, "child-ended")) < 4:
             yield run.supervisor.whenEnded().addTimeout(TIMEOUT, reactor)
             if run.supervisor.process is None:
                 # Wait for the restart, so whenEnded waits for that child.
@@ -162,13 +162,13 @@ def test_a_crashing_child_is_restarted_with_growing_delays(tmp_path, events):
                 yield d
     finally:
         yield run.stop()
-    ended = kinds(events, "child-ended")
+    ended = tagged(events, "child-ended")
     assert [e["exit_code"] for e in ended[:4]] == [3, 3, 3, 3]
-    scheduled = [e["delay"] for e in kinds(events, "child-restart-scheduled")]
+    scheduled = [e["delay"] for e in tagged(events, "child-restart-scheduled")]
     assert scheduled[:3] == [0.1, 0.3, 0.9]
-    crashes = [e["line"] for e in kinds(events, "child-output", stream="stderr")]
+    crashes = [e["line"] for e in tagged(events, "child-output", stream="stderr")]
     assert "fake immich_ml crashing with exit code 3" in crashes
-    started = kinds(events, "child-started")
+    started = tagged(events, "child-started")
     assert len({e["pid"] for e in started}) == len(started) >= 4
 
 
@@ -183,8 +183,8 @@ def test_a_hung_child_is_detected_and_restarted(tmp_path, events):
     finally:
         yield run.stop()
     assert second != first
-    assert kinds(events, "child-unresponsive", pid=first)
-    failed = kinds(events, "child-ping-failed", pid=first)
+    assert tagged(events, "child-unresponsive", pid=first)
+    failed = tagged(events, "child-ping-failed", pid=first)
     assert [e["failures"] for e in failed] == [1, 2, 3]
     # The hung server (a grandchild) went with its parent.
     assert len(run.all_pids()) == 4
@@ -199,10 +199,10 @@ def test_stop_kills_a_group_that_ignores_sigterm(tmp_path, events):
     finally:
         pids = yield run.stop()
     assert len(pids) == 2
-    assert kinds(events, "child-killed")
+    assert tagged(events, "child-killed")
     assert not run.supervisor.running
     # Nothing is restarted after a stop.
     d = defer.Deferred()
     reactor.callLater(0.5, d.callback, None)
     yield d
-    assert len(kinds(events, "child-started")) == 1
+    assert len(tagged(events, "child-started")) == 1

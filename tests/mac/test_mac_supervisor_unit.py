@@ -13,7 +13,7 @@ from twisted.python.failure import Failure
 
 from imml.mac.supervisor import SETSID_EXEC, Command, Supervisor
 
-from mac_helpers import kinds
+from mac_helpers import tagged
 
 
 class FakeProcess:
@@ -126,19 +126,19 @@ def test_quick_deaths_back_off_and_a_stable_run_resets(events):
     for _ in range(4):
         reactor.advance(1.0)  # dies after a second
         reactor.end(reactor.spawned[-1], code=3)
-        delays.append(kinds(events, "child-restart-scheduled")[-1]["delay"])
+        delays.append(tagged(events, "child-restart-scheduled")[-1]["delay"])
         count = len(reactor.spawned)
         reactor.advance(delays[-1] - 0.01)
         assert len(reactor.spawned) == count, "restarted before its delay"
         reactor.advance(0.01)
         assert len(reactor.spawned) == count + 1
     assert delays == [1.0, 2.0, 4.0, 8.0]
-    ended = kinds(events, "child-ended")
+    ended = tagged(events, "child-ended")
     assert [e["exit_code"] for e in ended] == [3, 3, 3, 3]
     # A run longer than stable_after: back to the first delay.
     reactor.advance(61.0)
     reactor.end(reactor.spawned[-1], code=1)
-    assert kinds(events, "child-restart-scheduled")[-1]["delay"] == 1.0
+    assert tagged(events, "child-restart-scheduled")[-1]["delay"] == 1.0
 
 
 def test_ready_then_hung_child_is_terminated_and_restarted(events):
@@ -148,17 +148,17 @@ def test_ready_then_hung_child_is_terminated_and_restarted(events):
     first = reactor.spawned[0]
     ready = sup.whenReady()
     reactor.advance(0.5)
-    assert not kinds(events, "child-ready"), "ready before answering"
+    assert not tagged(events, "child-ready"), "ready before answering"
     probe.healthy = True
     reactor.advance(0.5)
     assert ready.result == first.pid
-    assert kinds(events, "child-ready", pid=first.pid)
+    assert tagged(events, "child-ready", pid=first.pid)
     probe.healthy = False
     reactor.advance(5.0)
     reactor.advance(5.0)
     assert kills.sent == [], "restarted before ping_failures checks failed"
     reactor.advance(5.0)
-    assert kinds(events, "child-unresponsive", pid=first.pid)
+    assert tagged(events, "child-unresponsive", pid=first.pid)
     assert kills.sent == [(first.pid, signal.SIGTERM)]
     # It ignores TERM: KILL after stop_timeout.
     reactor.advance(10.0)
@@ -177,7 +177,7 @@ def test_a_failure_between_successes_does_not_count(events):
     for healthy in [False, False, True, False, False, True]:
         probe.healthy = healthy
         reactor.advance(5.0)
-    assert not kinds(events, "child-unresponsive")
+    assert not tagged(events, "child-unresponsive")
     assert kills.sent == []
 
 
@@ -188,7 +188,7 @@ def test_never_ready_within_start_timeout_is_restarted(events):
     reactor.advance(2.5)
     assert kills.sent == []
     reactor.advance(0.5)
-    assert kinds(events, "child-start-timeout")
+    assert tagged(events, "child-start-timeout")
     assert kills.sent == [(reactor.spawned[0].pid, signal.SIGTERM)]
 
 
@@ -226,7 +226,7 @@ def test_stop_waits_for_the_whole_group(events):
     kills.lingering.clear()
     reactor.advance(0.05)
     assert stopped.result == process.pid
-    assert kinds(events, "child-ended", pid=process.pid)
+    assert tagged(events, "child-ended", pid=process.pid)
 
 
 def test_stop_during_restart_delay_cancels_it():
@@ -267,14 +267,14 @@ def test_output_is_logged_line_by_line_with_the_stream(events):
     protocol.errReceived(b"oops {not a field}\r\n")
     protocol.outReceived(b"o\nthree")
     reactor.end(reactor.spawned[0], code=0)
-    lines = [(e["stream"], e["line"]) for e in kinds(events, "child-output")]
+    lines = [(e["stream"], e["line"]) for e in tagged(events, "child-output")]
     assert lines == [
         ("stdout", "one"),
         ("stderr", "oops {not a field}"),
         ("stdout", "two"),
         ("stdout", "three"),
     ]
-    assert all(e["pid"] == reactor.spawned[0].pid for e in kinds(events, "child-output"))
+    assert all(e["pid"] == reactor.spawned[0].pid for e in tagged(events, "child-output"))
 
 
 def test_a_spawn_that_raises_is_retried_with_backoff(events):
@@ -287,7 +287,7 @@ def test_a_spawn_that_raises_is_retried_with_backoff(events):
 
     reactor.spawnProcess = broken
     sup.startService()
-    assert kinds(events, "child-spawn-failed")
+    assert tagged(events, "child-spawn-failed")
     reactor.advance(1.0)
     assert len(calls) == 2
     reactor.advance(1.9)
@@ -295,3 +295,13 @@ def test_a_spawn_that_raises_is_retried_with_backoff(events):
     reactor.advance(0.1)
     assert len(calls) == 3
     assert sup.stopService().called
+
+
+def test_a_command_is_a_value_whose_hash_ignores_its_environment():
+    command = Command(["python", "-m", "immich_ml"], env={"A": "1"}, cwd="/ml")
+    assert command.argv == ("python", "-m", "immich_ml")
+    assert command == Command(("python", "-m", "immich_ml"), env={"A": "1"}, cwd="/ml")
+    other_env = Command(("python", "-m", "immich_ml"), env={"A": "2"}, cwd="/ml")
+    assert command != other_env and hash(command) == hash(other_env)
+    with pytest.raises(AttributeError):
+        command.cwd = "/elsewhere"

@@ -26,31 +26,35 @@ and immediately when the module is already imported.  A ``sitecustomize``
 that the environment had before this one is still run afterwards.
 """
 
+from __future__ import annotations
+
 import importlib.abc
 import importlib.machinery
 import os
 import sys
+import types
+from typing import Any, Callable
 
 _WANTED = [p.strip() for p in os.environ.get("IMML_PROVIDERS", "").split(",") if p.strip()]
 
 
-def _say(message):
+def _say(message: str) -> None:
     sys.stderr.write(f"imml provider hook [{os.getpid()}]: {message}\n")
 
 
-def _patch_constants(module):
+def _patch_constants(module: types.ModuleType) -> None:
     listed = getattr(module, "SUPPORTED_PROVIDERS", None)
     if isinstance(listed, list):
         listed[:] = list(_WANTED)
         _say(f"SUPPORTED_PROVIDERS set to {listed}")
 
 
-def _patch_onnxruntime(module):
+def _patch_onnxruntime(module: types.ModuleType) -> None:
     original = getattr(module, "get_available_providers", None)
     if original is None or getattr(original, "_imml_wrapped", False):
         return
 
-    def get_available_providers():
+    def get_available_providers() -> list[str]:
         available = list(original())
         return [p for p in _WANTED if p in available]
 
@@ -70,23 +74,30 @@ class _PatchingLoader(importlib.abc.Loader):
     Run the real loader, then the patch; delegate everything else.
     """
 
-    def __init__(self, loader, patch):
+    def __init__(
+        self, loader: importlib.abc.Loader, patch: Callable[[types.ModuleType], None]
+    ) -> None:
         self._loader = loader
         self._patch = patch
 
-    def create_module(self, spec):
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
         return self._loader.create_module(spec)
 
-    def exec_module(self, module):
+    def exec_module(self, module: types.ModuleType) -> None:
         self._loader.exec_module(module)
         self._patch(module)
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> Any:
         return getattr(self._loader, name)
 
 
 class _Finder(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
+    def find_spec(
+        self,
+        name: str,
+        path: Any,
+        target: types.ModuleType | None = None,
+    ) -> importlib.machinery.ModuleSpec | None:
         patch = _PATCHES.get(name)
         if patch is None:
             return None
@@ -103,7 +114,7 @@ class _Finder(importlib.abc.MetaPathFinder):
         return spec
 
 
-def _chain_previous_sitecustomize():
+def _chain_previous_sitecustomize() -> None:
     """
     Run the sitecustomize that this file hides, if the environment has one.
     """
@@ -119,7 +130,7 @@ def _chain_previous_sitecustomize():
         _say(f"the environment's own sitecustomize failed: {exc!r}")
 
 
-def _install():
+def _install() -> None:
     if not _WANTED:
         return
     for name, patch in _PATCHES.items():
