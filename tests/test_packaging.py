@@ -26,7 +26,7 @@ def test_the_wheel_carries_the_dropins(tmp_path):
     assert "twisted/plugins/imml_mac.py" in names
     assert "twisted/plugins/__init__.py" not in names
     assert not [n for n in names if n.endswith("dropin.cache")]
-    assert "imml/tap.py" in names and "imml/testing.py" in names
+    assert "imml/tap.py" in names and "imml/testing/__init__.py" in names
     assert not [n for n in names if n.startswith("tests/")]
 
 

@@ -7,10 +7,8 @@ from typing import Optional
 
 import pytest
 from attrs import define
-from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from imml.backends import BackendAddress
 from imml.classify import RequestInfo
 from imml.interfaces import IBackendView, IStrategy, IStrategyFactory
 from imml.strategies import (
@@ -21,43 +19,22 @@ from imml.strategies import (
     UnknownStrategy,
     strategy_named,
 )
+from imml.testing import FakeBackendView
 
 REQUEST = RequestInfo(b"POST", b"/predict", "clip-visual")
+UNLIMITED = 1000
 
 
-@implementer(IBackendView)
-@define(eq=False)
-class View:
-    index: int
-    in_flight: int = 0
-    limit: Optional[int] = None
-    weight: float = 1.0
-    tier: int = 0
-    error_rate: float = 0.0
-    slot_time: Optional[float] = None
-    throughput: Optional[float] = None
-    proven: Optional[int] = None
-
-    def next_answer_in(self):
-        return None
-
-    @property
-    def proven_limit(self):
-        return self.limit if self.proven is None else self.proven
-
-    @property
-    def address(self):
-        return BackendAddress(f"host{self.index}")
-
-    def has_free_slot(self):
-        return self.limit is None or self.in_flight < self.limit
-
-    def service_time(self, task):
-        return None
+def view(index, limit=UNLIMITED, proven=None, **kw):
+    """
+    Host C{index} (at C{host<index>:3003}), with room for any load unless
+    C{limit} is given.
+    """
+    return FakeBackendView(f"host{index}", index=index, limit=limit, proven_limit=proven, **kw)
 
 
 def fleet(n, **kw):
-    return [View(i, **kw) for i in range(n)]
+    return [view(i, **kw) for i in range(n)]
 
 
 def take(strategy, views, times):
@@ -80,7 +57,7 @@ def test_builtins_provide_the_interface(name):
     verifyObject(IStrategy, strategy)
     assert strategy.name == name
     verifyObject(IStrategyFactory, BUILTIN[name])
-    verifyObject(IBackendView, View(0))
+    verifyObject(IBackendView, view(0))
 
 
 @pytest.mark.parametrize("name", sorted(BUILTIN))
@@ -91,7 +68,7 @@ def test_no_free_slot_means_wait(name):
 
 @pytest.mark.parametrize("name", sorted(BUILTIN))
 def test_only_hosts_with_free_slots_are_chosen(name):
-    views = [View(0, limit=1, in_flight=1), View(1, limit=2, in_flight=1), View(2, limit=1, in_flight=1)]
+    views = [view(0, limit=1, in_flight=1), view(1, limit=2, in_flight=1), view(2, limit=1, in_flight=1)]
     assert strategy_named(name).choose(REQUEST, views) is views[1]
 
 
@@ -105,7 +82,7 @@ def test_round_robin_takes_turns_whatever_the_load():
 
 def test_round_robin_follows_weights_smoothly():
     strategy = RoundRobin()
-    views = [View(0, weight=3), View(1, weight=1)]
+    views = [view(0, weight=3), view(1, weight=1)]
     order = [strategy.choose(REQUEST, views).index for _ in range(8)]
     assert Counter(order) == {0: 6, 1: 2}
     # smooth: never three of the heavy host's turns... in a row twice over
@@ -128,7 +105,7 @@ def test_least_connections_spreads_ties():
 
 
 def test_least_connections_by_weight():
-    views = [View(0, weight=2), View(1, weight=1)]
+    views = [view(0, weight=2), view(1, weight=1)]
     take(LeastConnections(), views, 6)
     assert [v.in_flight for v in views] == [4, 2]
 
@@ -139,12 +116,12 @@ def test_failover_sends_everything_to_the_first_host():
 
 
 def test_failover_respects_tiers_then_order():
-    views = [View(0, tier=1), View(1, tier=0), View(2, tier=0)]
+    views = [view(0, tier=1), view(1, tier=0), view(2, tier=0)]
     assert Failover().choose(REQUEST, views) is views[1]
 
 
 def test_failover_spills_over_when_the_first_host_is_full():
-    views = [View(0, limit=2), View(1)]
+    views = [view(0, limit=2), view(1)]
     assert take(Failover(), views, 5) == {0: 2, 1: 3}
 
 
@@ -208,11 +185,19 @@ def test_a_twisted_plugin_selects_a_third_party_strategy(tmp_path, monkeypatch):
 
 
 @define(eq=False)
-class Timed(View):
+class TimedView(FakeBackendView):
+    """
+    A host with one service time, C{seconds}, for every task.
+    """
+
     seconds: Optional[float] = None
 
     def service_time(self, task):
         return self.seconds
+
+
+def timed(index, limit=UNLIMITED, proven=None, **kw):
+    return TimedView(f"host{index}", index=index, limit=limit, proven_limit=proven, **kw)
 
 
 def sed_request(ahead=0):
@@ -222,16 +207,16 @@ def sed_request(ahead=0):
 def test_shortest_delay_prefers_the_fastest_free_host():
     from imml.strategies import ShortestDelay
 
-    views = [Timed(0, limit=1, seconds=0.6), Timed(1, limit=1, seconds=0.04), Timed(2, limit=1, seconds=0.15)]
+    views = [timed(0, limit=1, seconds=0.6), timed(1, limit=1, seconds=0.04), timed(2, limit=1, seconds=0.15)]
     assert ShortestDelay().choose(sed_request(), views) is views[1]
 
 
 def test_shortest_delay_waits_for_a_fast_host_rather_than_take_a_slow_one():
     from imml.strategies import ShortestDelay
 
-    fast = Timed(0, limit=2, in_flight=2, seconds=0.04)
-    slow = Timed(1, limit=1, seconds=0.6)
-    medium = Timed(2, limit=1, seconds=0.15)
+    fast = timed(0, limit=2, in_flight=2, seconds=0.04)
+    slow = timed(1, limit=1, seconds=0.6)
+    medium = timed(2, limit=1, seconds=0.15)
     strategy = ShortestDelay()
     assert strategy.choose(sed_request(ahead=0), [fast, slow, medium]) is None
     # with enough requests queued ahead, the medium host is worth it ...
@@ -248,8 +233,8 @@ def test_shortest_delay_waits_for_a_slot_by_what_holds_the_slots():
     """
     from imml.strategies import ShortestDelay
 
-    fast = Timed(0, limit=2, in_flight=2, seconds=0.01, slot_time=0.04)
-    medium = Timed(1, limit=1, seconds=0.06, slot_time=0.15)
+    fast = timed(0, limit=2, in_flight=2, seconds=0.01, slot_time=0.04)
+    medium = timed(1, limit=1, seconds=0.06, slot_time=0.15)
     search = RequestInfo(b"POST", b"/predict", "clip-textual", interactive=True)
     # about 20 ms for a slot on the fast host, 10 ms there: 30 ms, against
     # 60 ms on the medium host
@@ -261,18 +246,18 @@ def test_shortest_delay_waits_for_a_slot_by_what_holds_the_slots():
 def test_shortest_delay_tries_hosts_it_knows_nothing_about():
     from imml.strategies import ShortestDelay
 
-    known = Timed(0, limit=4, seconds=0.05)
-    new = Timed(1, limit=1, seconds=None)
+    known = timed(0, limit=4, seconds=0.05)
+    new = timed(1, limit=1, seconds=None)
     assert ShortestDelay().choose(sed_request(), [known, new]) is new
 
 
 def test_shortest_delay_penalises_errors_and_follows_weights():
     from imml.strategies import ShortestDelay
 
-    a = Timed(0, limit=1, seconds=0.05, error_rate=0.5)
-    b = Timed(1, limit=1, seconds=0.1)
+    a = timed(0, limit=1, seconds=0.05, error_rate=0.5)
+    b = timed(1, limit=1, seconds=0.1)
     assert ShortestDelay().choose(sed_request(), [a, b]) is b
-    c = Timed(2, limit=1, seconds=0.1, weight=4.0)
+    c = timed(2, limit=1, seconds=0.1, weight=4.0)
     assert ShortestDelay().choose(sed_request(), [a, b, c]) is c
 
 
@@ -291,8 +276,8 @@ def test_shortest_delay_waits_by_the_hosts_measured_throughput():
     """
     from imml.strategies import ShortestDelay
 
-    fast = Timed(0, limit=3, in_flight=3, seconds=0.045, slot_time=0.05, throughput=50.0)
-    medium = Timed(1, limit=1, seconds=0.15, slot_time=0.15)
+    fast = timed(0, limit=3, in_flight=3, seconds=0.045, slot_time=0.05, throughput=50.0)
+    medium = timed(1, limit=1, seconds=0.15, slot_time=0.15)
     # 2 slots to free at 50/s, then 45 ms: 85 ms, against 150 ms
     assert ShortestDelay().choose(sed_request(ahead=1), [fast, medium]) is None
     # 4 slots to free: 125 ms, not clearly sooner than 150 ms: the free
@@ -303,13 +288,13 @@ def test_shortest_delay_waits_by_the_hosts_measured_throughput():
 def test_shortest_delay_keeps_a_free_host_busy_unless_waiting_is_clearly_sooner():
     from imml.strategies import ShortestDelay
 
-    busy = Timed(0, limit=2, in_flight=2, seconds=0.010, throughput=200.0)
-    free = Timed(1, limit=2, seconds=0.016)
+    busy = timed(0, limit=2, in_flight=2, seconds=0.010, throughput=200.0)
+    free = timed(1, limit=2, seconds=0.016)
     # waiting: 5 ms for a slot, then 10 ms; the free host: 16 ms
     assert ShortestDelay().choose(sed_request(), [busy, free]) is free
     free.seconds = 0.030
     assert ShortestDelay().choose(sed_request(), [busy, free]) is None
-    assert ShortestDelay(patience=1.0, slack=0.0).choose(sed_request(), [busy, Timed(1, limit=2, seconds=0.016)]) is None
+    assert ShortestDelay(patience=1.0, slack=0.0).choose(sed_request(), [busy, timed(1, limit=2, seconds=0.016)]) is None
 
 
 def test_a_search_takes_whatever_is_sooner_without_patience():
@@ -319,8 +304,8 @@ def test_a_search_takes_whatever_is_sooner_without_patience():
     """
     from imml.strategies import ShortestDelay
 
-    busy = Timed(0, limit=2, in_flight=2, seconds=0.010, throughput=100.0)
-    free = Timed(1, limit=1, seconds=0.030)
+    busy = timed(0, limit=2, in_flight=2, seconds=0.010, throughput=100.0)
+    free = timed(1, limit=1, seconds=0.030)
     search = RequestInfo(b"POST", b"/predict", "clip-textual", interactive=True)
     # waiting: 10 ms for a slot, then 10 ms; the free host: 30 ms
     assert ShortestDelay().choose(sed_request(), [busy, free]) is free
@@ -339,8 +324,8 @@ def test_a_search_counts_the_wait_inside_a_host_probing_its_limit():
 
     # the medium host's second slot is a probe: a search there would wait
     # about 150 ms behind an image
-    fast = Timed(0, limit=2, in_flight=2, seconds=0.01, slot_time=0.04, throughput=50.0)
-    medium = Timed(1, limit=2, proven=1, in_flight=1, seconds=0.0375, slot_time=0.15, throughput=6.7)
+    fast = timed(0, limit=2, in_flight=2, seconds=0.01, slot_time=0.04, throughput=50.0)
+    medium = timed(1, limit=2, proven=1, in_flight=1, seconds=0.0375, slot_time=0.15, throughput=6.7)
     search = RequestInfo(b"POST", b"/predict", "clip-textual", interactive=True)
     assert ShortestDelay().choose(search, [fast, medium]) is None
     assert ShortestDelay().choose(sed_request(ahead=6), [fast, medium]) is medium
@@ -352,7 +337,7 @@ def test_a_search_counts_the_wait_inside_a_host_probing_its_limit():
     medium.seconds = 0.0375
     # the fast host's third slot is a probe: about 20 ms inside it, then
     # 10 ms, beats 37.5 ms on the medium host
-    fast = Timed(0, limit=3, proven=2, in_flight=2, seconds=0.01, slot_time=0.04, throughput=50.0)
+    fast = timed(0, limit=3, proven=2, in_flight=2, seconds=0.01, slot_time=0.04, throughput=50.0)
     medium.in_flight = 0
     assert ShortestDelay().choose(search, [fast, medium]) is fast
 
@@ -361,9 +346,9 @@ def test_shortest_delay_guesses_a_new_tasks_time_from_the_hosts_other_work():
     from imml.strategies import ShortestDelay
 
     search = RequestInfo(b"POST", b"/predict", "clip-textual", interactive=True)
-    fast = Timed(0, limit=2, in_flight=2, seconds=0.01, slot_time=0.04, throughput=50.0)
-    medium = Timed(1, limit=1, seconds=0.0375, slot_time=0.15)
-    slow = Timed(2, limit=1, seconds=None, slot_time=0.6)  # never ran a text search
+    fast = timed(0, limit=2, in_flight=2, seconds=0.01, slot_time=0.04, throughput=50.0)
+    medium = timed(1, limit=1, seconds=0.0375, slot_time=0.15)
+    slow = timed(2, limit=1, seconds=None, slot_time=0.6)  # never ran a text search
     assert ShortestDelay().choose(search, [fast, slow]) is None  # not 10 ms on the slow host: 150
     fast.throughput = 10.0
     assert ShortestDelay().choose(search, [fast, medium, slow]) is medium
@@ -376,21 +361,14 @@ def test_shortest_delay_waits_for_the_slot_that_frees_first():
     """
     from imml.strategies import ShortestDelay
 
-    @define(eq=False)
-    class Running(Timed):
-        left: Optional[float] = None
-
-        def next_answer_in(self):
-            return self.left
-
     search = RequestInfo(b"POST", b"/predict", "clip-textual", interactive=True)
-    fast = Running(0, limit=2, in_flight=2, seconds=0.01, slot_time=0.04, throughput=50.0, left=0.039)
-    medium = Running(1, limit=1, in_flight=1, seconds=0.0375, slot_time=0.15, throughput=6.7, left=0.02)
-    slow = Running(2, limit=1, seconds=0.15, slot_time=0.6)
+    fast = timed(0, limit=2, in_flight=2, seconds=0.01, slot_time=0.04, throughput=50.0, answer_in=0.039)
+    medium = timed(1, limit=1, in_flight=1, seconds=0.0375, slot_time=0.15, throughput=6.7, answer_in=0.02)
+    slow = timed(2, limit=1, seconds=0.15, slot_time=0.6)
     assert ShortestDelay().choose(search, [fast, medium, slow]) is None
-    fast.left = 0.005  # ... unless the fast host is about to answer: 15 ms, not 57.5
+    fast.answer_in = 0.005  # ... unless the fast host is about to answer: 15 ms, not 57.5
     medium.in_flight = 0
-    medium.left = None
+    medium.answer_in = None
     assert ShortestDelay().choose(search, [fast, medium, slow]) is None
-    fast.left = 0.039
+    fast.answer_in = 0.039
     assert ShortestDelay().choose(search, [fast, medium, slow]) is medium

@@ -1,5 +1,5 @@
 """
-Tests for L{imml.testing}, the fake Immich ML host.
+Tests for L{imml.testing}: the fake Immich ML host and the fake host view.
 
 Two tiers: synchronous tests drive the host through treq's L{StubTreq}
 (in-memory HTTP) with a L{Clock}; a few tests cross a real loopback socket
@@ -24,10 +24,15 @@ from treq.testing import StubTreq
 from twisted.internet import defer, error, protocol
 from twisted.internet.task import Clock
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed
+from zope.interface.verify import verifyObject
 
+from imml import classify
+from imml.backends import BackendAddress, BackendListError
+from imml.interfaces import IBackendView
 from imml.testing import (
     ENTRIES,
     TASKS,
+    FakeBackendView,
     FakeMLHost,
     MultipartError,
     demo_specs,
@@ -121,6 +126,14 @@ def test_entries_are_immichs_compact_json() -> None:
     for value in ENTRIES.values():
         assert json.dumps(json.loads(value), separators=(",", ":")) == value
     assert json.loads(ENTRIES["ocr"])["ocr"]["detection"]["options"] == {"minScore": 0.5, "maxResolution": 736}
+
+
+def test_tasks_are_the_classifiers() -> None:
+    assert TASKS == tuple(t for t in classify.TASKS if t != "other")
+    for task, entries in ENTRIES.items():
+        assert classify.task_of(json.loads(entries)) == task
+        content_type, body = predict_body(entries, image=JPEG)
+        assert classify.classify(b"POST", b"/predict", content_type, body).task == task
 
 
 def test_predict_body_image_like_undici() -> None:
@@ -508,6 +521,23 @@ async def test_real_broken_connections(mode: str) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_real_die_mid_answer_sends_the_head_and_half_the_body() -> None:
+    host = await _listening(mode="die-mid-answer")
+    try:
+
+        async def test(http: HTTPClient) -> None:
+            content_type, body = predict_body(ENTRIES["faces"], image=JPEG)
+            response = await http.post(host.url + "/predict", data=body, headers={b"content-type": [content_type]})
+            assert response.code == 200
+            with pytest.raises(ResponseFailed):
+                await treq.content(response)
+
+        await _with_client(test)
+    finally:
+        await host.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_stop_aborts_hung_and_idle_connections() -> None:
     from twisted.internet import reactor
 
@@ -621,3 +651,43 @@ async def test_child_process_prints_listening_serves_and_exits_on_sigterm() -> N
     finally:
         if process.pid is not None:
             os.kill(process.pid, signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------
+# The fake host view, for strategy authors
+# --------------------------------------------------------------------------
+
+
+def test_fake_backend_view_provides_the_interface() -> None:
+    view = FakeBackendView("10.0.0.1:3003")
+    verifyObject(IBackendView, view)
+    assert view.address == BackendAddress("10.0.0.1", 3003)
+    assert (view.index, view.weight, view.tier, view.in_flight, view.limit, view.proven_limit) == (0, 1.0, 0, 0, 1, 1)
+    assert (view.error_rate, view.throughput, view.slot_time, view.next_answer_in()) == (0.0, None, None, None)
+    assert view.service_time("clip-visual") is None and view.has_free_slot()
+
+
+def test_fake_backend_view_addresses() -> None:
+    assert FakeBackendView("NAS").address == BackendAddress("nas", 3003)
+    assert str(FakeBackendView("[fd00::1]:8080")) == "[fd00::1]:8080"
+    assert FakeBackendView(BackendAddress("mac", 1)).address == BackendAddress("mac", 1)
+    with pytest.raises(BackendListError):
+        FakeBackendView("host:99999")
+
+
+def test_fake_backend_view_is_plain_settable_facts() -> None:
+    view = FakeBackendView("a", limit=2, service_times={"faces": 0.15, "other": 0.5}, answer_in=0.02)
+    assert view.has_free_slot()
+    view.in_flight = 2
+    assert not view.has_free_slot()
+    view.limit = 3
+    assert view.has_free_slot() and view.proven_limit == 3, "the proven limit follows the limit unless set"
+    view.proven_limit = 2
+    assert (view.limit, view.proven_limit) == (3, 2)
+    assert FakeBackendView("b", limit=4, proven_limit=3).proven_limit == 3
+    assert (view.service_time("faces"), view.service_time("ocr"), view.service_time(None)) == (0.15, None, 0.5)
+    view.service_times["ocr"] = 0.2
+    assert view.service_time("ocr") == 0.2
+    assert view.next_answer_in() == 0.02
+    view.answer_in = None
+    assert view.next_answer_in() is None

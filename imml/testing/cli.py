@@ -1,0 +1,112 @@
+"""
+The command line of a fake host: C{python -m imml.testing}.
+
+    python -m imml.testing --listen tcp:0:interface=127.0.0.1 --slots 2 \\
+        --service-ms 40 --service-ms-task clip-textual=10
+
+serves one L{FakeMLHost} on the global reactor, prints C{LISTENING host:port}
+on standard output once bound, logs warnings to standard error and exits with
+0 on SIGTERM or SIGINT (1 if it cannot listen).  Benchmarks and tests start
+it as a child process, one per host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from twisted.python.failure import Failure
+
+from .answers import TASKS
+from .fakehost import MODES, FakeMLHost
+
+__all__ = ["main"]
+
+
+def _task_ms(value: str) -> tuple[str, float]:
+    task, equals, ms = value.partition("=")
+    if not equals or task not in TASKS:
+        raise argparse.ArgumentTypeError(f"expected TASK=MS with TASK in {', '.join(TASKS)}")
+    return task, float(ms)
+
+
+def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m imml.testing",
+        description="Run a fake Immich ML host; prints 'LISTENING host:port' once bound.",
+    )
+    parser.add_argument("--listen", default="tcp:0:interface=127.0.0.1", help="server endpoint")
+    parser.add_argument("--name", default="fake-ml", help="value of the X-Fake-Host header")
+    parser.add_argument("--slots", type=int, default=1000, help="requests processed at once")
+    parser.add_argument("--service-ms", type=float, default=0.0, help="milliseconds per request")
+    parser.add_argument(
+        "--service-ms-task",
+        type=_task_ms,
+        action="append",
+        default=[],
+        metavar="TASK=MS",
+        help="milliseconds for one task (repeatable)",
+    )
+    parser.add_argument("--cold-ms", type=float, default=0.0, help="extra milliseconds on a model's first use")
+    parser.add_argument("--model-ttl-s", type=float, default=None, help="unload a model idle this long")
+    parser.add_argument("--keepalive-s", type=float, default=2.0, help="idle connection timeout")
+    parser.add_argument("--mode", choices=MODES, default="ok")
+    parser.add_argument("--failing-task", choices=TASKS, action="append", default=[])
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """
+    Serve one fake host on the global reactor until SIGTERM or SIGINT.
+
+    @return: The exit code: 0 after a signal, 1 if the port could not be bound.
+    """
+    args = _arguments(argv)
+    from twisted.internet import reactor
+    from twisted.logger import (
+        FilteringLogObserver,
+        LogLevel,
+        LogLevelFilterPredicate,
+        globalLogBeginner,
+        textFileLogObserver,
+    )
+
+    globalLogBeginner.beginLoggingTo(
+        [
+            FilteringLogObserver(
+                textFileLogObserver(sys.stderr),
+                [LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)],
+            )
+        ],
+        redirectStandardIO=False,
+    )
+    times: dict[str, float] = {"*": args.service_ms / 1000}
+    times.update((task, ms / 1000) for task, ms in args.service_ms_task)
+    host = FakeMLHost(
+        reactor,
+        name=args.name,
+        slots=args.slots,
+        service_time=times,
+        cold_start=args.cold_ms / 1000,
+        mode=args.mode,
+        failing_tasks=set(args.failing_task),
+        model_ttl=args.model_ttl_s,
+        keepalive_timeout=args.keepalive_s or None,
+    )
+    exit_code = [0]
+
+    def listening(_: object) -> None:
+        sys.stdout.write(f"LISTENING {host.address}\n")
+        sys.stdout.flush()
+        reactor.addSystemEventTrigger("before", "shutdown", host.stop)
+
+    def failed(failure: Failure) -> None:
+        sys.stderr.write(f"cannot listen on {args.listen}: {failure.getErrorMessage()}\n")
+        exit_code[0] = 1
+        reactor.stop()
+
+    reactor.callWhenRunning(lambda: host.listen(args.listen).addCallbacks(listening, failed))
+    reactor.run()
+    return exit_code[0]
+

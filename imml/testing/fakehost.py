@@ -1,0 +1,346 @@
+"""
+A fake Immich ML host: its capacity, its timing, its failure modes.
+
+L{FakeMLHost} models what a balancer sees of a real host: a bounded number of
+slots, per-task service times, models that load on first use and unload when
+idle, and switchable failures.  It owns its state and counters; what it says
+over HTTP is L{imml.testing.fakesite}'s job.  It serves on a real port
+(L{FakeMLHost.listen}), as a resource (L{FakeMLHost.resource}, for treq's
+C{StubTreq}) or behind L{imml.testing.MemoryAgent}.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping
+from typing import Any
+
+from attrs import Attribute, define, field, validators
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from .answers import KNOWN_MODELS
+from .fakesite import JSON, FakeMLResource, FakeMLSite, Received, hang_up
+
+__all__ = ["MODES", "FakeMLHost"]
+
+log = Logger()
+
+MODES: tuple[str, ...] = (
+    "ok",
+    "error500",
+    "error503",
+    "hang",
+    "die-mid-answer",
+    "reset",
+    "ping-fail",
+)
+"""The values L{FakeMLHost.mode} accepts."""
+
+
+_QUEUED, _RUNNING, _DONE = "queued", "running", "done"
+
+
+@define(eq=False)
+class _Job:
+    """A valid /predict waiting for or occupying a slot."""
+
+    request: Request
+    task: str
+    models: tuple[str, ...]
+    answer: bytes
+    die: bool
+    state: str = _QUEUED
+    call: IDelayedCall | None = None
+
+
+def _check_mode(instance: object, attribute: Attribute[str], value: str) -> None:
+    if value not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, not {value!r}")
+
+
+@define(eq=False)
+class FakeMLHost:
+    """
+    A fake Immich ML host.
+
+    Every answer carries C{X-Fake-Host: <name>}.  Valid C{/predict}
+    requests take a slot for C{service_time} seconds (plus C{cold_start} the
+    first time a model is used); requests beyond C{slots} wait in FIFO order.
+    Error answers and the answers to C{/} and C{/ping} are immediate.
+
+    C{mode} and C{failing_tasks} may be changed at any time; they apply to
+    requests that arrive afterwards:
+
+        - C{"ok"}: normal service;
+        - C{"error500"} / C{"error503"}: C{/predict} answers 500 (plain text
+          C{Internal Server Error}) / 503 at once;
+        - C{"hang"}: every request is accepted and never answered;
+        - C{"die-mid-answer"}: C{/predict} is processed, then the status line,
+          headers and half the body are sent and the connection is closed
+          (as by a process that dies);
+        - C{"reset"}: the connection is aborted as soon as a C{/predict}
+          arrives;
+        - C{"ping-fail"}: C{/ping} answers 503, C{/predict} works.
+
+    @ivar reactor: Provides C{callLater} and C{seconds} (a L{task.Clock} in
+        tests); L{listen} needs a real reactor.
+    @ivar service_time: Seconds a request occupies a slot: one number for
+        every task, or a mapping task key -> seconds (key C{"*"} for the
+        rest, else 0).
+    @ivar models: Model names that load; others answer 500.
+    @ivar failing_tasks: Task keys whose model fails to load (500).
+    @ivar model_ttl: Seconds a model may stay unused before it is unloaded
+        (the host turns cold again), or L{None} for never.
+    @ivar keepalive_timeout: Idle seconds before a connection is closed (the
+        real service: 2), or L{None}.
+    @ivar received: Every C{/predict} received, in order.
+    @ivar in_flight: Requests occupying a slot now.
+    @ivar max_in_flight: Peak of C{in_flight}.
+    @ivar served: C{/predict} answered 200 (a C{die-mid-answer} is not).
+    @ivar pings: C{/ping} requests received.
+    @ivar cancelled: Requests whose client went away before the answer.
+    @ivar cold_starts: Model loads (each paid C{cold_start}).
+    @ivar connections: Connections accepted, by L{listen}'s port or from a
+        L{imml.testing.MemoryAgent}.
+    @ivar port: The listening port number, once L{listen} has fired.
+    @ivar address: C{"127.0.0.1:PORT"}, once L{listen} has fired.
+    """
+
+    reactor: IReactorTime
+    name: str = "fake-ml"
+    slots: int = field(default=1000, validator=validators.ge(1))
+    service_time: float | Mapping[str, float] = 0.0
+    cold_start: float = 0.0
+    mode: str = field(default="ok", validator=_check_mode)
+    failing_tasks: set[str] = field(factory=set, converter=set)
+    models: frozenset[str] = KNOWN_MODELS
+    model_ttl: float | None = None
+    keepalive_timeout: float | None = 2.0
+
+    received: list[Received] = field(init=False, factory=list)
+    in_flight: int = field(init=False, default=0)
+    max_in_flight: int = field(init=False, default=0)
+    served: int = field(init=False, default=0)
+    pings: int = field(init=False, default=0)
+    cancelled: int = field(init=False, default=0)
+    cold_starts: int = field(init=False, default=0)
+    connections: int = field(init=False, default=0)
+    port: int | None = field(init=False, default=None)
+    address: str | None = field(init=False, default=None)
+
+    _queue: deque[_Job] = field(init=False, factory=deque)
+    _running: set[_Job] = field(init=False, factory=set)
+    _parked: set[Request] = field(init=False, factory=set)
+    _draining: bool = field(init=False, default=False)
+    _ready_at: dict[str, float] = field(init=False, factory=dict)
+    _last_used: dict[str, float] = field(init=False, factory=dict)
+    _listening: IListeningPort | None = field(init=False, default=None)
+    _channels: set[HTTPChannel] = field(init=False, factory=set)
+    _all_closed: list[Deferred[None]] = field(init=False, factory=list)
+    _resource: Resource | None = field(init=False, default=None)
+
+    # ---- public API -------------------------------------------------------
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a slot."""
+        return len(self._queue)
+
+    @property
+    def url(self) -> str:
+        """C{http://address}, once L{listen} has fired."""
+        if self.address is None:
+            raise RuntimeError(f"{self.name} is not listening")
+        return f"http://{self.address}"
+
+    def resource(self) -> Resource:
+        """The host as a L{twisted.web.resource.IResource} (one per host)."""
+        if self._resource is None:
+            self._resource = FakeMLResource(self)
+        return self._resource
+
+    def unload_models(self) -> None:
+        """Forget every loaded model: the next requests pay C{cold_start}."""
+        self._ready_at.clear()
+        self._last_used.clear()
+
+    def listen(self, endpoint_string: str = "tcp:0:interface=127.0.0.1") -> Deferred[IListeningPort]:
+        """
+        Serve on a server endpoint; sets L{port} and L{address} when bound.
+
+        @param endpoint_string: A L{serverFromString} description.
+        @return: A Deferred firing with the L{IListeningPort}.
+        """
+        if self._listening is not None:
+            raise RuntimeError(f"{self.name} is already listening")
+        endpoint = serverFromString(self.reactor, endpoint_string)
+
+        def bound(listening: IListeningPort) -> IListeningPort:
+            self._listening = listening
+            where = listening.getHost()
+            self.port = getattr(where, "port", None)
+            host = getattr(where, "host", None)
+            self.address = f"{host}:{self.port}" if host is not None else str(where)
+            log.info("fake ML host {name} listening on {address}", name=self.name, address=self.address)
+            return listening
+
+        return endpoint.listen(FakeMLSite(self)).addCallback(bound)
+
+    def stop(self) -> Deferred[None]:
+        """
+        Stop listening, abort every open connection and drop every pending
+        request.
+
+        @return: A Deferred firing when the port is closed and every
+            connection is gone (for in-memory connections: once the
+            L{imml.testing.MemoryAgent} is flushed).
+        """
+        waits: list[Deferred[Any]] = []
+        if self._listening is not None:
+            waits.append(maybeDeferred(self._listening.stopListening))
+            self._listening = None
+        if self._channels:
+            gone: Deferred[None] = Deferred()
+            self._all_closed.append(gone)
+            waits.append(gone)
+            for channel in list(self._channels):
+                channel.transport.abortConnection()
+        for job in list(self._running):
+            if job.call is not None and job.call.active():
+                job.call.cancel()
+        return gatherResults(waits, consumeErrors=True).addCallback(lambda _: None)
+
+    # ---- what the web face reports (see fakesite) ----------------------------
+
+    def _pinged(self) -> None:
+        self.pings += 1
+
+    def _arrived(self, received: Received) -> None:
+        """Record a C{/predict}, valid or not."""
+        self.received.append(received)
+
+    def _park(self, request: Request) -> object:
+        """Accept a request and never answer it (mode C{hang})."""
+        self._parked.add(request)
+
+        def gone(failure: Failure) -> None:
+            self._parked.discard(request)
+            self.cancelled += 1
+
+        request.notifyFinish().addErrback(gone)
+        return NOT_DONE_YET
+
+    def _submit(self, request: Request, task: str, models: tuple[str, ...], answer: bytes, die: bool) -> None:
+        """Take a valid C{/predict}: into a free slot, or into the queue."""
+        job = _Job(request, task, models, answer, die)
+        request.notifyFinish().addErrback(self._client_gone, job)
+        if self.in_flight < self.slots and not self._queue:
+            self._start(job)
+        else:
+            self._queue.append(job)
+
+    # ---- slots, service times, cold starts --------------------------------
+
+    def _service_seconds(self, task: str) -> float:
+        times = self.service_time
+        if isinstance(times, (int, float)):
+            return float(times)
+        default = times.get("*", 0.0)
+        return sum(times.get(key, default) for key in task.split("+"))
+
+    def _load_wait(self, models: tuple[str, ...], now: float) -> float:
+        """Seconds until every model of a request is loaded; loads the cold ones."""
+        wait = 0.0
+        ttl = self.model_ttl
+        for model in models:
+            ready = self._ready_at.get(model)
+            if ready is not None and ttl is not None and ready <= now:
+                if now - self._last_used.get(model, ready) > ttl:
+                    ready = None
+            if ready is None:
+                ready = self._ready_at[model] = now + self.cold_start
+                self.cold_starts += 1
+            wait = max(wait, ready - now)
+        return wait
+
+    def _start(self, job: _Job) -> None:
+        job.state = _RUNNING
+        self._running.add(job)
+        self.in_flight += 1
+        if self.in_flight > self.max_in_flight:
+            self.max_in_flight = self.in_flight
+        now = self.reactor.seconds()
+        delay = self._service_seconds(job.task) + self._load_wait(job.models, now)
+        if delay > 0:
+            job.call = self.reactor.callLater(delay, self._finish, job)
+        else:
+            self._finish(job)
+
+    def _release(self, job: _Job) -> None:
+        job.state = _DONE
+        self._running.discard(job)
+        self.in_flight -= 1
+        now = self.reactor.seconds()
+        for model in job.models:
+            self._last_used[model] = now
+
+    def _finish(self, job: _Job) -> None:
+        self._release(job)
+        request = job.request
+        request.setResponseCode(200)
+        request.setHeader(b"content-type", JSON)
+        request.setHeader(b"content-length", b"%d" % len(job.answer))
+        if job.die:
+            request.write(job.answer[: len(job.answer) // 2])
+            hang_up(request)
+        else:
+            request.write(job.answer)
+            request.finish()
+            self.served += 1
+        self._drain()
+
+    def _drain(self) -> None:
+        """Start queued requests while slots are free (iteratively)."""
+        if self._draining:
+            return
+        self._draining = True
+        try:
+            while self._queue and self.in_flight < self.slots:
+                self._start(self._queue.popleft())
+        finally:
+            self._draining = False
+
+    def _client_gone(self, failure: Failure, job: _Job) -> None:
+        if job.state == _QUEUED:
+            self._queue.remove(job)
+        elif job.state == _RUNNING:
+            if job.call is not None and job.call.active():
+                job.call.cancel()
+            job.state = _DONE
+            self._running.discard(job)
+            self.in_flight -= 1
+            self._drain()
+        else:
+            return
+        job.state = _DONE
+        self.cancelled += 1
+
+    # ---- connection tracking (for stop) ------------------------------------
+
+    def _connected(self, channel: HTTPChannel) -> None:
+        self.connections += 1
+        self._channels.add(channel)
+
+    def _disconnected(self, channel: HTTPChannel) -> None:
+        self._channels.discard(channel)
+        if not self._channels:
+            waiting, self._all_closed = self._all_closed, []
+            for d in waiting:
+                d.callback(None)
