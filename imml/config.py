@@ -35,7 +35,7 @@ from attrs import frozen
 
 from .backends import BackendAddress, BackendListError, parse_backend
 from .classify import TASKS
-from .fleet import BackendSettings
+from .host import BackendSettings
 
 _MAC = re.compile(r"^[0-9a-f]{2}([:-]?)[0-9a-f]{2}(\1[0-9a-f]{2}){4}$", re.I)
 _HOST_KEYS = {"address", "slots", "weight", "tier", "tasks", "mac"}

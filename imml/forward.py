@@ -19,7 +19,8 @@ from .classify import RequestInfo
 from .dispatch import Dispatcher
 from .fleet import Fleet, Load
 from .interfaces import IReporter
-from .job import Attempt, AttemptState, Job
+from .attempt import Attempt, AttemptState
+from .job import Job
 from .records import AttemptRecord, RequestRecord
 from .site import BalancerRequest
 from .upstream import Upstream

@@ -25,24 +25,56 @@ from __future__ import annotations
 
 from enum import Enum
 from functools import partial
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Protocol
 
 from attrs import define, field
 from twisted.internet import error as ierror
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from .classify import RequestInfo
-from .dispatch import NoBackendAvailable
-from .fleet import Backend, Load
+from .attempt import Attempt, AttemptState
+from .dispatch import Dispatcher, NoBackendAvailable
+from .fleet import Backend, Fleet, Load
 from .health import describe_failure
 from .records import ANSWERED, CANCELLED, FAILED, RETRIED, RequestRecord
-from .upstream import Answer, Committed, Sink
+from .upstream import Answer, Committed, Sink, Upstream
 
 if TYPE_CHECKING:
-    from .forward import Forwarder
     from .site import BalancerRequest
+
+
+class Runner(Protocol):
+    """
+    What a job runs on (the L{imml.forward.Forwarder}).
+    """
+
+    settings: Any  # max_tries, response_timeout
+    clock: Any
+    dispatcher: Dispatcher
+    upstream: Upstream
+    fleet: Fleet
+    log: Logger
+
+    def watch(self, attempt: Attempt) -> None:
+        """Hold C{attempt} to the response timeout; hedge it when overdue."""
+
+    def over(
+        self,
+        attempt: Attempt,
+        seconds: float,
+        status: Optional[int] = None,
+        error: Optional[str] = None,
+        service_time: Optional[float] = None,
+        *,
+        outcome: str,
+    ) -> None:
+        """C{attempt} is over (see L{imml.forward.Forwarder.over})."""
+
+    def report(self, record: RequestRecord) -> None:
+        """A client request is over."""
 
 #: However many connections are refused, a request is sent at most this many
 #: times max-tries.
@@ -56,22 +88,6 @@ class JobState(Enum):
     STREAMING = "streaming"
     #: Answered, or the client went away.
     DONE = "done"
-
-
-class AttemptState(Enum):
-    RUNNING = "running"
-    #: Running, and sent to another host too (its host went down, or it is
-    #: far slower than usual).
-    HEDGED = "hedged"
-    #: The balancer gave up on it: another attempt answered, or the client
-    #: went away.  However it then fails is no fault of the host's.
-    CANCELLED = "cancelled"
-    #: No complete answer within the response timeout: cancelled for that.
-    TIMED_OUT = "timed out"
-    OVER = "over"
-
-
-_LIVE = (AttemptState.RUNNING, AttemptState.HEDGED)
 
 
 class NoAnswerInTime(Exception):
@@ -92,43 +108,6 @@ def retry_status(info: RequestInfo, answer: Answer, had_500: bool) -> bool:
 
 
 @define(eq=False)
-class Attempt:
-    """
-    One try of a job on one host.
-    """
-
-    job: Job
-    load: Load
-    deferred: Optional[Deferred[Answer]] = None
-    state: AttemptState = AttemptState.RUNNING
-
-    @property
-    def backend(self) -> Backend:
-        return self.load.backend
-
-    @property
-    def sent(self) -> float:
-        return self.load.sent
-
-    def hedge(self) -> bool:
-        """
-        Mark the attempt as sent elsewhere too; whether it could be.
-        """
-        if self.state is not AttemptState.RUNNING:
-            return False
-        self.state = AttemptState.HEDGED
-        return True
-
-    def cancel(self, state: AttemptState = AttemptState.CANCELLED) -> None:
-        """
-        Give up on the attempt (C{TIMED_OUT}: for the response timeout).
-        """
-        if self.state in _LIVE:
-            self.state = state
-            self.deferred.cancel()
-
-
-@define(eq=False)
 class Job:
     """
     One client request, until it is answered.
@@ -140,7 +119,7 @@ class Job:
         fails.
     """
 
-    runner: Forwarder
+    runner: Runner
     request: BalancerRequest
     info: RequestInfo
     body: bytes
@@ -405,4 +384,4 @@ class Job:
         self.finish(None, "cancelled")
 
 
-__all__ = ["Attempt", "AttemptState", "Job", "JobState", "NoAnswerInTime", "retry_status"]
+__all__ = ["Job", "JobState", "NoAnswerInTime", "Runner", "retry_status"]

@@ -274,6 +274,21 @@ def make_pinger(agent: IAgent, clock: Any, timeout: float) -> Callable[[Any], De
     return lambda backend: ensureDeferred(ping(backend))
 
 
+@implementer(IStreamClientEndpoint)
+class _QuietEndpoint:
+    """
+    An endpoint whose connections' factories log nothing of their own: one
+    line per connection would drown the one line per request.
+    """
+
+    def __init__(self, endpoint: IStreamClientEndpoint) -> None:
+        self._endpoint = endpoint
+
+    def connect(self, factory: Any) -> Deferred:
+        factory.noisy = False
+        return self._endpoint.connect(factory)
+
+
 @implementer(IAgentEndpointFactory)
 class _Endpoints:
     """
@@ -302,7 +317,7 @@ class _Endpoints:
                 endpoint = TCP6ClientEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
             else:
                 endpoint = HostnameEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
-            self._endpoints[key] = endpoint
+            endpoint = self._endpoints[key] = _QuietEndpoint(endpoint)
         return endpoint
 
 

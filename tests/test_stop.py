@@ -31,7 +31,7 @@ async def test_stopping_under_load_answers_every_accepted_request():
             response = await idle.get(r.url + "/ping")
             assert response.code == 200 and await response.content() == b"pong"
             pending = [r.predict() for _ in range(8)]
-            await until(lambda: r.service.dispatcher.queue_depth == 6)
+            await until(lambda: r.balancer.dispatcher.queue_depth == 6)
             stopped = r.service.stopService()
             assert not stopped.called
             response = await idle.get(r.url + "/ping")
@@ -80,4 +80,4 @@ async def test_an_idle_balancer_stops_at_once():
         assert reactor.seconds() - started < 1
         assert len(events(r, "stop-drained")) == 1
         # The admin listener stopped after the requests were answered.
-        assert not r.service.admin.running and not r.service.listener.running
+        assert not r.balancer.admin.running and not r.balancer.listener.running

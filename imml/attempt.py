@@ -1,0 +1,68 @@
+"""
+An attempt: one try of a client request on one host, and its state.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any, Optional
+
+from attrs import define
+from twisted.internet.defer import Deferred
+
+from .fleet import Backend, Load
+from .upstream import Answer
+
+
+class AttemptState(Enum):
+    RUNNING = "running"
+    #: Running, and sent to another host too (its host went down, or it is
+    #: far slower than usual).
+    HEDGED = "hedged"
+    #: The balancer gave up on it: another attempt answered, or the client
+    #: went away.  However it then fails is no fault of the host's.
+    CANCELLED = "cancelled"
+    #: No complete answer within the response timeout: cancelled for that.
+    TIMED_OUT = "timed out"
+    OVER = "over"
+
+
+_LIVE = (AttemptState.RUNNING, AttemptState.HEDGED)
+
+
+@define(eq=False)
+class Attempt:
+    """
+    One try of a job on one host.
+    """
+
+    #: The L{imml.job.Job} it is a try of.
+    job: Any
+    load: Load
+    deferred: Optional[Deferred[Answer]] = None
+    state: AttemptState = AttemptState.RUNNING
+
+    @property
+    def backend(self) -> Backend:
+        return self.load.backend
+
+    @property
+    def sent(self) -> float:
+        return self.load.sent
+
+    def hedge(self) -> bool:
+        """
+        Mark the attempt as sent elsewhere too; whether it could be.
+        """
+        if self.state is not AttemptState.RUNNING:
+            return False
+        self.state = AttemptState.HEDGED
+        return True
+
+    def cancel(self, state: AttemptState = AttemptState.CANCELLED) -> None:
+        """
+        Give up on the attempt (C{TIMED_OUT}: for the response timeout).
+        """
+        if self.state in _LIVE:
+            self.state = state
+            self.deferred.cancel()

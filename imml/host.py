@@ -1,0 +1,284 @@
+"""
+One ML host as the balancer sees it: its settings (L{BackendSettings}),
+what was observed of its answers (L{Stats}, L{TaskHealth}), the requests on
+it (L{Load}), and L{Backend}, which holds all of that and is what
+strategies see (L{imml.interfaces.IBackendView}).  Only the L{imml.fleet.Fleet}
+changes a backend.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Callable, Optional
+
+from attrs import define, field, frozen
+from zope.interface import implementer
+
+from .backends import BackendAddress
+from .health import Health
+from .interfaces import IBackendView
+from .limits import Limit
+
+#: Weight of the newest sample in a host's moving averages.
+EWMA_ALPHA = 0.2
+#: A service-time average older than this many seconds is not trusted: the
+#: host may have warmed up (or gone cold) since.
+STALE_AFTER = 60.0
+#: Immich ML unloads a model after this many idle seconds (its default
+#: MACHINE_LEARNING_MODEL_TTL): a host that answered nothing for longer is
+#: cold, and its next answer will be slow.
+MODEL_TTL = 300.0
+#: A task that failed on a host but then succeeded elsewhere, this many times
+#: in a row, is not sent to that host for a while.
+TASK_FALL = 3
+#: How long, at first, in seconds; doubled each time, up to TASK_MAX_BLOCK.
+TASK_BLOCK = 30.0
+TASK_MAX_BLOCK = 600.0
+
+
+@frozen
+class BackendSettings:
+    """
+    Per-host settings.  The defaults are those of a host named only in
+    C{IMML_BACKENDS}.
+
+    @ivar slots: the most requests in flight on the host, or None for no
+        fixed limit.
+    @ivar tasks: the tasks the host serves, or None for all.
+    """
+
+    weight: float = 1.0
+    slots: Optional[int] = None
+    tasks: Optional[frozenset] = None
+    tier: int = 0
+    mac: Optional[str] = None
+
+
+@define
+class Stats:
+    """
+    Counters and moving averages of one host's answers.
+
+    @ivar service_time: per task, a moving average of service times, in
+        seconds.
+    @ivar updated: per task, when the average last took a sample.
+    @ivar error_rate: a moving average of failures (0: none, 1: all).
+    """
+
+    served: int = 0
+    errors: Counter = field(factory=Counter)
+    service_time: dict = field(factory=dict)
+    updated: dict = field(factory=dict)
+    error_rate: float = 0.0
+    #: A moving average of the service times of all tasks together: how long
+    #: a request holds a slot on this host.
+    slot_time: Optional[float] = None
+    #: A moving average of the time between two answers while the host is
+    #: kept at its limit: its throughput is the inverse.
+    gap: Optional[float] = None
+    _last_busy_answer: Optional[float] = None
+
+    @property
+    def throughput(self) -> Optional[float]:
+        return 1.0 / self.gap if self.gap else None
+
+    def record_answer(self, now: float, busy: bool) -> None:
+        """
+        An answer came at C{now}; C{busy}: the host was at its limit.
+        """
+        if not busy:
+            self._last_busy_answer = None
+            return
+        last, self._last_busy_answer = self._last_busy_answer, now
+        if last is not None and now >= last:  # (not across a clock set back)
+            gap = now - last
+            self.gap = gap if self.gap is None else self.gap + EWMA_ALPHA * (gap - self.gap)
+
+    def record_time(self, task: Optional[str], seconds: float, now: float = 0.0) -> None:
+        """
+        Take a sample.  One slow answer (a model loading) moves the average
+        at most to three times what it was.
+        """
+        key = task or "other"
+        old = self.service_time.get(key)
+        if old is None:
+            self.service_time[key] = seconds
+        else:
+            self.service_time[key] = old + EWMA_ALPHA * (min(seconds, 3 * old + 0.001) - old)
+        self.updated[key] = now
+        slot = self.slot_time
+        self.slot_time = seconds if slot is None else slot + EWMA_ALPHA * (min(seconds, 3 * slot + 0.001) - slot)
+
+    def record_outcome(self, failed: bool) -> None:
+        self.error_rate += EWMA_ALPHA * ((1.0 if failed else 0.0) - self.error_rate)
+
+
+@define
+class TaskHealth:
+    """
+    Whether one task works on one host: failures of that task that another
+    host then answered, and the block they earned.
+    """
+
+    failures: int = 0
+    blocked_until: float = 0.0
+    block: float = TASK_BLOCK
+
+
+@define(eq=False)
+class Load:
+    """
+    One request on one host, as the fleet counts it (L{Fleet.start}).
+
+    @ivar task: the request's task.
+    @ivar sent: when it was sent.
+    @ivar in_flight: requests on the host once it was sent, itself included.
+    @ivar starts: when the host started serving it, or None while it waits
+        inside the host for a slot (sent past the host's proven limit).
+    @ivar owner: whoever sent it (the balancer's attempt), for the
+        subscribers of L{Fleet.when_down}.
+    """
+
+    backend: Backend
+    task: Optional[str]
+    sent: float
+    in_flight: int
+    starts: Optional[float]
+    owner: object = None
+
+
+@implementer(IBackendView)
+@define(eq=False)
+class Backend:
+    """
+    One ML host and what the balancer has observed of it.
+
+    Only the L{Fleet} changes it; strategies and the status page read it.
+
+    @ivar loads: the requests now on this host (L{Fleet.start}).
+    @ivar woken: when a Wake-on-LAN packet was last sent to it, or None.
+    """
+
+    address: BackendAddress
+    index: int
+    settings: BackendSettings = field(factory=BackendSettings)
+    health: Health = field(factory=Health)
+    in_flight: int = 0
+    draining: bool = False
+    #: Removed from the configuration: leaves once its last request is answered.
+    leaving: bool = False
+    stats: Stats = field(factory=Stats)
+    limiter: Limit = field()
+    tasks: dict = field(factory=dict)
+    loads: set[Load] = field(factory=set)
+    woken: Optional[float] = None
+    #: Requests expected to wait inside the host for one of its slots.
+    queued_inside: int = 0
+    #: The time now, as the fleet's clock says (for staleness).
+    _now: Callable[[], float] = field(default=lambda: 0.0, repr=False)
+
+    #: C{host:port}, as logs, records and headers name the host.
+    name: str = field(init=False)
+    #: The same, as bytes, for the C{X-Imml-Backend} header.
+    header: bytes = field(init=False, repr=False)
+
+    @limiter.default
+    def _limiter(self) -> Limit:
+        return Limit(self.settings.slots)
+
+    def __attrs_post_init__(self) -> None:
+        self.name = str(self.address)
+        self.header = self.name.encode("ascii")
+
+    @property
+    def weight(self) -> float:
+        return self.settings.weight
+
+    @property
+    def tier(self) -> int:
+        return self.settings.tier
+
+    @property
+    def limit(self) -> int:
+        return self.limiter.value
+
+    @property
+    def proven_limit(self) -> int:
+        return self.limiter.proven
+
+    @property
+    def up(self) -> bool:
+        return self.health.up
+
+    @property
+    def waking(self) -> bool:
+        return self.woken is not None and not self.health.up
+
+    @property
+    def error_rate(self) -> float:
+        return self.stats.error_rate
+
+    @property
+    def cold(self) -> bool:
+        """
+        Up, but no answer for longer than Immich ML keeps its models loaded
+        (or none yet): the next request pays for loading a model.
+        """
+        updated = self.stats.updated
+        return self.health.up and (not updated or self._now() - max(updated.values()) > MODEL_TTL)
+
+    def has_free_slot(self) -> bool:
+        return self.in_flight < self.limiter.value
+
+    def service_time(self, task: Optional[str]) -> Optional[float]:
+        key = task or "other"
+        updated = self.stats.updated.get(key)
+        if updated is None or self._now() - updated > STALE_AFTER:
+            return None
+        return self.stats.service_time.get(key)
+
+    def next_answer_in(self) -> Optional[float]:
+        """
+        Seconds until the first request in flight on the host is expected
+        to be answered: each one's recent service time for its task (or the
+        host's slot time), less how long it has been served (those waiting
+        inside the host for a slot are not first); 0 when one is overdue;
+        None when none is in flight or nothing is known.
+        """
+        soonest = None
+        if self.loads:
+            now = self._now()
+            for load in self.loads:
+                if load.starts is None:
+                    continue  # waiting inside the host: not the first to end
+                expected = self.service_time(load.task) or self.stats.slot_time
+                if expected is not None:
+                    left = load.starts + expected - now
+                    if soonest is None or left < soonest:
+                        soonest = left
+        return None if soonest is None else max(soonest, 0.0)
+
+    @property
+    def slot_time(self) -> Optional[float]:
+        return self.stats.slot_time
+
+    @property
+    def throughput(self) -> Optional[float]:
+        return self.stats.throughput
+
+    def serves(self, task: Optional[str]) -> bool:
+        tasks = self.settings.tasks
+        return tasks is None or task is None or task in tasks
+
+    def task_blocked(self, task: Optional[str], now: float) -> bool:
+        health = self.tasks.get(task)
+        return health is not None and health.blocked_until > now
+
+    def usable_for(self, task: Optional[str]) -> bool:
+        """
+        Whether the host may be given a new request of C{task}.
+        """
+        return self.health.up and not self.draining and self.serves(task)
+
+    def __str__(self) -> str:
+        return self.name

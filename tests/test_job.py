@@ -1,0 +1,170 @@
+"""
+One client request's tries, retries, hedges and timeouts, through the
+balancer's request path in memory (L{memory.memory_balancer}): raw HTTP in,
+fake ML hosts behind an in-memory agent, time on a Clock, no socket.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from twisted.logger import (
+    FilteringLogObserver,
+    Logger,
+    LogLevel,
+    LogLevelFilterPredicate,
+    formatEvent,
+)
+
+from imml.forward import HEDGE_FACTOR, HEDGE_MIN
+from imml.records import ANSWERED, CANCELLED, RETRIED, RequestRecord
+from imml.requestlog import RequestLog
+from memory import memory_balancer
+
+
+def test_an_answer_comes_from_the_first_host_and_names_it():
+    b = memory_balancer({"name": "a", "service_time": 0.05}, {"name": "b"})
+    client = b.predict()
+    assert client.answer() is None
+    b.advance(0.05)
+    status, headers, body = client.answer()
+    assert status == 200 and headers[b"x-imml-backend"] == b"10.0.0.1:3003"
+    assert headers[b"x-fake-host"] == b"a" and "clip" in json.loads(body)
+    [record] = b.records.requests
+    assert (record.status, record.backend, record.tried) == (200, "10.0.0.1:3003", ("10.0.0.1:3003",))
+    assert [a.outcome for a in b.records.attempts] == [ANSWERED]
+    assert all(h.in_flight == 0 and h.loads == set() for h in b.fleet.backends)
+
+
+def test_a_failing_status_is_retried_on_another_host_and_blamed_on_the_first():
+    b = memory_balancer({"name": "a", "mode": "error503"}, {"name": "b"})
+    status, headers, _ = b.predict().answer()
+    assert status == 200 and headers[b"x-fake-host"] == b"b"
+    assert [(a.backend, a.status, a.outcome) for a in b.records.attempts] == [
+        ("10.0.0.1:3003", 503, RETRIED),
+        ("10.0.0.2:3003", 200, ANSWERED),
+    ]
+    assert b.fleet.backends[0].stats.errors["status 503"] == 1
+
+
+def test_a_refused_connection_takes_the_host_down_and_uses_up_no_try():
+    b = memory_balancer({"name": "a", "listening": False}, {"name": "b"}, max_tries=1)
+    status, headers, _ = b.predict().answer()
+    assert status == 200 and headers[b"x-fake-host"] == b"b"
+    assert not b.fleet.backends[0].up
+    assert b.records.attempts[0].error == "connection refused"
+
+
+def test_a_host_dying_mid_answer_is_retried_and_the_body_arrives_byte_identical():
+    picture = bytes(range(256)) * 64
+    b = memory_balancer({"name": "a", "mode": "die-mid-answer"}, {"name": "b"})
+    client = b.predict(image=picture)
+    status, headers, _ = client.answer()
+    assert status == 200 and headers[b"x-fake-host"] == b"b"
+    [first], [second] = b.host("a").received, b.host("b").received
+    assert first.sha256 == second.sha256 == hashlib.sha256(client.body).hexdigest()
+    assert b.records.attempts[0].error == "connection lost mid-answer"
+
+
+def test_a_host_that_does_not_answer_in_time_is_left_for_another():
+    b = memory_balancer({"name": "a", "mode": "hang"}, {"name": "b"}, response_timeout=2.0)
+    client = b.predict()
+    b.advance(1.9)
+    assert client.answer() is None
+    b.advance(0.2)
+    status, headers, _ = client.answer()
+    assert status == 200 and headers[b"x-fake-host"] == b"b"
+    assert b.records.attempts[0].error == "timed out" and b.records.attempts[0].outcome == RETRIED
+    assert b.host("a").cancelled == 1  # the timed-out request was cancelled at the host
+
+
+def test_an_attempt_far_slower_than_its_host_is_hedged_and_the_first_answer_wins():
+    b = memory_balancer({"name": "a", "service_time": 0.05}, {"name": "b"})
+    b.predict()
+    b.advance(0.1)  # the host's usual: 50 ms
+    b.host("a").mode = "hang"  # then it stalls, before a health check can tell
+    client = b.predict()
+    expected = max(HEDGE_MIN, HEDGE_FACTOR * b.fleet.backends[0].service_time("clip-visual"))
+    b.advance(expected - 0.2)
+    assert client.answer() is None and not b.host("b").received
+    b.advance(0.4)
+    status, headers, _ = client.answer()
+    assert status == 200 and headers[b"x-fake-host"] == b"b"
+    assert b.host("a").cancelled == 1  # the stalled attempt is given up
+    assert b.records.attempts[-1].outcome == CANCELLED
+    assert all(h.in_flight == 0 for h in b.fleet.backends)
+
+
+def test_a_request_on_a_host_that_goes_down_is_sent_elsewhere_at_once():
+    b = memory_balancer({"name": "a", "mode": "hang"}, {"name": "b"})
+    client = b.predict()
+    for _ in range(3):  # fall: 3 failed checks
+        b.fleet.check_failed(b.fleet.backends[0], "timed out")
+    b.agent.flush()
+    status, headers, _ = client.answer()
+    assert status == 200 and headers[b"x-fake-host"] == b"b"
+    assert b.host("a").cancelled == 1
+
+
+def test_a_client_going_away_cancels_the_host_request_without_blaming_the_host():
+    b = memory_balancer({"name": "a", "service_time": 10.0}, {"name": "b"})
+    client = b.predict()
+    b.advance(1)
+    client.go_away()
+    b.agent.flush()
+    assert b.host("a").cancelled == 1 and not b.host("b").received
+    host = b.fleet.backends[0]
+    assert host.up and host.in_flight == 0 and not host.stats.errors
+    [record] = b.records.requests
+    assert record.status == "cancelled"
+
+
+def test_a_client_going_away_while_a_host_is_being_connected_to_is_not_held_against_it():
+    b = memory_balancer({"name": "a"}, {"name": "b"})
+    b.agent.unreachable("10.0.0.1:3003")  # asleep: connecting hangs
+    client = b.predict()
+    b.advance(1)
+    client.go_away()
+    host = b.fleet.backends[0]
+    assert host.up and host.in_flight == 0 and not host.stats.errors
+    assert not b.host("b").received  # and nothing was sent elsewhere
+
+
+def test_a_500_is_retried_once_then_passed_through():
+    b = memory_balancer({"name": "a", "mode": "error500"}, {"name": "b", "mode": "error500"}, {"name": "c"})
+    status, headers, body = b.predict().answer()
+    assert status == 500 and headers[b"x-fake-host"] == b"b" and body == b"Internal Server Error"
+    assert not b.host("c").received
+
+
+def test_with_no_host_up_a_request_waits_then_gets_one_503_saying_why():
+    b = memory_balancer({"name": "a", "listening": False}, queue_timeout=5.0)
+    client = b.predict()
+    b.advance(4.9)
+    assert client.answer() is None
+    b.advance(0.2)
+    status, _, body = client.answer()
+    assert status == 503 and "no ML host came up within 5 s" in json.loads(body)["detail"]
+    assert len(b.records.requests) == 1
+
+
+def test_each_request_is_one_info_event_of_the_request_log():
+    """
+    The event a request makes is what C{Logger.info} would make: observers
+    filtering by level or namespace, and twistd's formatting, treat it as
+    any other.
+    """
+    events, quiet = [], []
+    log = RequestLog(Logger(namespace="imml.forward", observer=events.append))
+    record = RequestRecord("POST", "/predict", "clip-textual", 200, "127.0.0.1:3003", ("127.0.0.1:3003",), 0.0123)
+    log.request_finished(record)
+    [event] = events
+    assert event["log_level"] is LogLevel.info and event["log_namespace"] == "imml.forward"
+    assert event["log_logger"] is log.log and isinstance(event["log_time"], float)
+    assert formatEvent(event) == "POST /predict (clip-textual) -> 200 via 127.0.0.1:3003 in 0.012 s, 1 tries"
+    assert (event["status"], event["tries"], event["imml_event"]) == (200, 1, "request")
+    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)
+    log = RequestLog(Logger(namespace="imml.forward", observer=FilteringLogObserver(quiet.append, [predicate])))
+    log.request_finished(record)
+    assert quiet == []
