@@ -90,13 +90,15 @@ def ensure_tools(install: bool, wanted: dict[str, list[str]] = DEFAULT_TOOLS) ->
         elif shutil.which("apt-get"):
             say(f"# installing {', '.join(missing)} from Debian (apt-get)...")
             env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-            subprocess.run(["apt-get", "update", "-qq"], env=env, timeout=600, check=False,
-                           stdout=subprocess.DEVNULL)
+            subprocess.run(["apt-get", "update", "-qq"], env=env, timeout=600, check=False, stdout=subprocess.DEVNULL)
             for name in missing:
                 for package in wanted[name]:
                     r = subprocess.run(
                         ["apt-get", "install", "-y", "-qq", "--no-install-recommends", package],
-                        env=env, timeout=600, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                        env=env,
+                        timeout=600,
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.PIPE,
                     )
                     if r.returncode == 0:
                         break
@@ -160,8 +162,13 @@ class Processes:
             cmd = ["taskset", "-c", cpu] + cmd
         log = open(self.workdir / f"{name}.out", "wb")
         proc = subprocess.Popen(
-            cmd, stdout=kw.pop("stdout", log), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, cwd=str(self.workdir), **kw,
+            cmd,
+            stdout=kw.pop("stdout", log),
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=str(self.workdir),
+            **kw,
         )
         self.children.append((name, proc))
         return proc
@@ -236,7 +243,9 @@ def wait_http(port: int, path: str, expect: bytes, proc: subprocess.Popen, timeo
 
 def check_predict(port: int, content_type: bytes, body: bytes) -> None:
     req = urllib.request.Request(
-        f"http://127.0.0.1:{port}/predict", data=body, method="POST",
+        f"http://127.0.0.1:{port}/predict",
+        data=body,
+        method="POST",
         headers={"Content-Type": content_type.decode()},
     )
     with urllib.request.urlopen(req, timeout=5) as r:
@@ -252,7 +261,7 @@ def check_predict(port: int, content_type: bytes, body: bytes) -> None:
 
 def nginx_upstream_conf(workdir: Path, ports: list[int], answer: str) -> str:
     # nginx caps one config token at 4 KB: the answer is set in pieces.
-    pieces = [answer[i:i + 2000] for i in range(0, len(answer), 2000)]
+    pieces = [answer[i : i + 2000] for i in range(0, len(answer), 2000)]
     sets = " ".join(f"set $a{i} '{piece}';" for i, piece in enumerate(pieces))
     joined = "".join(f"$a{i}" for i in range(len(pieces)))
     servers = "\n".join(
@@ -317,8 +326,16 @@ http {{
 """
 
 
-def haproxy_conf(workdir: Path, port: int, backends: list[int], *, check: str = "check inter 5s",
-                 client_timeout: str = "60s", server_timeout: str = "300s", reuse: bool = True) -> str:
+def haproxy_conf(
+    workdir: Path,
+    port: int,
+    backends: list[int],
+    *,
+    check: str = "check inter 5s",
+    client_timeout: str = "60s",
+    server_timeout: str = "300s",
+    reuse: bool = True,
+) -> str:
     """
     HAProxy, one thread, leastconn with /ping checks: the figures of both
     benchmarks (the fleet one passes its own check and timeouts).
@@ -355,14 +372,25 @@ def start_upstreams(procs: Processes, args, tools, answer: str, cpu: str | None)
     workdir = procs.workdir
     if args.upstream == "nginx":
         if not tools.get("nginx"):
-            raise SystemExit("--upstream nginx needs nginx (installed by this script as root), "
-                             "or use --upstream fake")
+            raise SystemExit("--upstream nginx needs nginx (installed by this script as root), or use --upstream fake")
         ports = [free_port(), free_port()]
         conf = workdir / "upstream.conf"
         conf.write_text(nginx_upstream_conf(workdir, ports, answer))
-        proc = procs.start("upstream", [tools["nginx"], "-p", str(workdir), "-c", str(conf),
-                                        "-e", str(workdir / "upstream-error.log"),
-                                        "-g", "daemon off;"], cpu=cpu)
+        proc = procs.start(
+            "upstream",
+            [
+                tools["nginx"],
+                "-p",
+                str(workdir),
+                "-c",
+                str(conf),
+                "-e",
+                str(workdir / "upstream-error.log"),
+                "-g",
+                "daemon off;",
+            ],
+            cpu=cpu,
+        )
         for p in ports:
             wait_http(p, "/ping", b"pong", proc)
         return ports
@@ -370,9 +398,21 @@ def start_upstreams(procs: Processes, args, tools, answer: str, cpu: str | None)
     for i in (1, 2):
         proc = procs.start(
             f"fake{i}",
-            [PYTHON, "-m", "imml.testing", "--listen", "tcp:0:interface=127.0.0.1",
-             "--name", f"fake{i}", "--slots", "1000", "--service-ms", "0"],
-            cpu=cpu, stdout=subprocess.PIPE,
+            [
+                PYTHON,
+                "-m",
+                "imml.testing",
+                "--listen",
+                "tcp:0:interface=127.0.0.1",
+                "--name",
+                f"fake{i}",
+                "--slots",
+                "1000",
+                "--service-ms",
+                "0",
+            ],
+            cpu=cpu,
+            stdout=subprocess.PIPE,
         )
         line = proc.stdout.readline().decode().strip()  # bounded: the host prints it or exits
         if not line.startswith("LISTENING "):
@@ -383,8 +423,9 @@ def start_upstreams(procs: Processes, args, tools, answer: str, cpu: str | None)
     return ports
 
 
-def start_target(procs: Processes, name: str, backends: list[int], tools, cpu: str | None,
-                 profile: Path | None = None) -> int | None:
+def start_target(
+    procs: Processes, name: str, backends: list[int], tools, cpu: str | None, profile: Path | None = None
+) -> int | None:
     """Start one target; returns its port, or None when it is not available."""
     workdir = procs.workdir
     if name == "direct":
@@ -398,8 +439,15 @@ def start_target(procs: Processes, name: str, backends: list[int], tools, cpu: s
             cmd += [f"--profile={profile}", "--profiler=cprofile", "--savestats"]
         # The admin listener runs as in production, on a free port (two
         # imml processes may be up at once: the measured one and the profiled).
-        cmd += ["imml-balancer", "--listen", f"tcp:{port}:interface=127.0.0.1",
-                "--admin", "tcp:0:interface=127.0.0.1", "--backends", addrs]
+        cmd += [
+            "imml-balancer",
+            "--listen",
+            f"tcp:{port}:interface=127.0.0.1",
+            "--admin",
+            "tcp:0:interface=127.0.0.1",
+            "--backends",
+            addrs,
+        ]
         if name.startswith("imml:"):
             cmd += ["--strategy", name.split(":", 1)[1]]
         proc = procs.start("imml-profile" if profile else name, cmd, cpu=cpu)
@@ -410,8 +458,21 @@ def start_target(procs: Processes, name: str, backends: list[int], tools, cpu: s
             return None
         conf = workdir / "nginx.conf"
         conf.write_text(nginx_balancer_conf(workdir, port, backends))
-        proc = procs.start("nginx", [tools["nginx"], "-p", str(workdir), "-c", str(conf),
-                                     "-e", str(workdir / "nginx-error.log"), "-g", "daemon off;"], cpu=cpu)
+        proc = procs.start(
+            "nginx",
+            [
+                tools["nginx"],
+                "-p",
+                str(workdir),
+                "-c",
+                str(conf),
+                "-e",
+                str(workdir / "nginx-error.log"),
+                "-g",
+                "daemon off;",
+            ],
+            cpu=cpu,
+        )
     elif name == "haproxy":
         if not tools.get("haproxy"):
             return None
@@ -462,19 +523,41 @@ class Load:
     def run(self, port: int, connections: int, seconds: float) -> dict:
         if self.wrk:
             threads = 1 if (connections == 1 or self.cpu is not None) else 2
-            cmd = [self.wrk, "-t", str(threads), "-c", str(connections), "-d", f"{max(1, round(seconds))}s",
-                   "--timeout", "10s", "-s", str(self.lua), f"http://127.0.0.1:{port}/predict"]
+            cmd = [
+                self.wrk,
+                "-t",
+                str(threads),
+                "-c",
+                str(connections),
+                "-d",
+                f"{max(1, round(seconds))}s",
+                "--timeout",
+                "10s",
+                "-s",
+                str(self.lua),
+                f"http://127.0.0.1:{port}/predict",
+            ]
         else:
-            cmd = [PYTHON, str(HERE / "loadgen.py"), "--port", str(port), "--connections", str(connections),
-                   "--seconds", str(seconds), "--body", str(self.procs.workdir / "body.bin"),
-                   "--content-type", self.content_type.decode()]
+            cmd = [
+                PYTHON,
+                str(HERE / "loadgen.py"),
+                "--port",
+                str(port),
+                "--connections",
+                str(connections),
+                "--seconds",
+                str(seconds),
+                "--body",
+                str(self.procs.workdir / "body.bin"),
+                "--content-type",
+                self.content_type.decode(),
+            ]
         if self.cpu is not None and shutil.which("taskset"):
             cmd = ["taskset", "-c", self.cpu] + cmd
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30,
-                           start_new_session=True)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30, start_new_session=True)
         for line in r.stdout.splitlines():
             if line.startswith("WRKJSON "):
-                data = json.loads(line[len("WRKJSON "):])
+                data = json.loads(line[len("WRKJSON ") :])
                 data["rps"] = data["requests"] / (data["duration_us"] / 1e6) if data["duration_us"] else 0.0
                 return data
         raise RuntimeError(f"load generator failed ({r.returncode}): {r.stdout[-500:]} {r.stderr[-500:]}")
@@ -492,8 +575,10 @@ def measure(args) -> dict:
         tools["wrk"] = None
     info = versions(tools)
     if not tools.get("wrk"):
-        say("# wrk not available: using the Python load generator (bench/loadgen.py); "
-            "it saturates far earlier than wrk, so throughput figures are a lower bound")
+        say(
+            "# wrk not available: using the Python load generator (bench/loadgen.py); "
+            "it saturates far earlier than wrk, so throughput figures are a lower bound"
+        )
     ncpu = os.cpu_count() or 1
     pin = ncpu >= 2 and args.taskset and shutil.which("taskset") is not None
     proxy_cpu, load_cpu = ("1", "0") if pin else (None, None)
@@ -529,13 +614,15 @@ def measure(args) -> dict:
         load = Load(procs, tools, content_type, body, load_cpu)
         order = list(ports)
         say(f"# targets: {', '.join(order)}" + (f"; skipped (not installed): {', '.join(skipped)}" if skipped else ""))
-        say(f"# {args.rounds} rounds x {len(order)} targets: warm-up {args.warmup:g} s, "
+        say(
+            f"# {args.rounds} rounds x {len(order)} targets: warm-up {args.warmup:g} s, "
             f"latency 1 conn {args.latency_seconds:g} s, throughput {args.connections} conns "
             f"{args.seconds:g} s; upstream: {args.upstream}; pinning: "
-            + (f"proxies on CPU {proxy_cpu}, load generator and upstream on CPU {load_cpu}" if pin else "none"))
+            + (f"proxies on CPU {proxy_cpu}, load generator and upstream on CPU {load_cpu}" if pin else "none")
+        )
         for rnd in range(args.rounds):
             # Interleave: each round starts one target later.
-            rotated = order[rnd % len(order):] + order[: rnd % len(order)]
+            rotated = order[rnd % len(order) :] + order[: rnd % len(order)]
             for name in rotated:
                 if time.monotonic() - started > HARD_DEADLINE_S:
                     raise RuntimeError("hard deadline reached")
@@ -555,13 +642,19 @@ def measure(args) -> dict:
                     "loaded_p50_ms": thr["p50_us"] / 1000,
                     "loaded_p99_ms": thr["p99_us"] / 1000,
                     "requests": lat["requests"] + thr["requests"],
-                    "errors": lat["errors"] + thr["errors"] + lat["status_errors"] + thr["status_errors"]
-                    + lat["timeouts"] + thr["timeouts"],
+                    "errors": lat["errors"]
+                    + thr["errors"]
+                    + lat["status_errors"]
+                    + thr["status_errors"]
+                    + lat["timeouts"]
+                    + thr["timeouts"],
                 }
                 results.setdefault(name, []).append(row)
-                say(f"  round {rnd + 1} {name:24} {row['rps']:9.0f} req/s  p50 {row['p50_ms']:.3f} ms  "
+                say(
+                    f"  round {rnd + 1} {name:24} {row['rps']:9.0f} req/s  p50 {row['p50_ms']:.3f} ms  "
                     f"p99 {row['p99_ms']:.3f} ms  cpu {row['cpu_us_per_request']:.0f} us/req "
-                    f"({row['cpu_share']:.0%} of a core)  ({row['requests']} requests, {row['errors']} errors)")
+                    f"({row['cpu_share']:.0%} of a core)  ({row['requests']} requests, {row['errors']} errors)"
+                )
         summary = summarize(results)
         ratios = summary["ratios"]
         if "imml" in ports and "minimal" in ports:
@@ -573,16 +666,18 @@ def measure(args) -> dict:
                 estimates["pairs"] = summary["pairs"]["ratio"]
             if args.together and ncpu >= 2 and shutil.which("taskset"):
                 summary["together"] = together(
-                    load, {n: (ports[n], sorted(groups[n])) for n in ("imml", "minimal")}, args, ncpu)
+                    load, {n: (ports[n], sorted(groups[n])) for n in ("imml", "minimal")}, args, ncpu
+                )
                 estimates["together"] = summary["together"]["ratio"]
             estimates = {k: v for k, v in estimates.items() if v is not None}
             for how, value in estimates.items():
                 ratios[f"imml_vs_minimal_rps_{how}"] = value
             if estimates:
                 ratios["imml_vs_minimal_rps"] = statistics.median(estimates.values())
-        missed = ("imml" in summary["targets"] and (
+        missed = "imml" in summary["targets"] and (
             summary["ratios"].get("imml_vs_minimal_rps", 1) < TARGET_THROUGHPUT_RATIO
-            or summary["ratios"].get("imml_added_p50_ms", 0) > TARGET_ADDED_P50_MS))
+            or summary["ratios"].get("imml_added_p50_ms", 0) > TARGET_ADDED_P50_MS
+        )
         if args.profile == "always" or (args.profile == "auto" and missed):
             profile_report = profile_imml(procs, backends, tools, load, args, proxy_cpu)
     finally:
@@ -594,9 +689,15 @@ def measure(args) -> dict:
     return {
         "versions": info,
         "settings": {
-            "rounds": args.rounds, "seconds": args.seconds, "latency_seconds": args.latency_seconds,
-            "connections": args.connections, "upstream": args.upstream, "payload": args.payload,
-            "request_bytes": len(body), "answer_bytes": len(answer), "pinned": pin,
+            "rounds": args.rounds,
+            "seconds": args.seconds,
+            "latency_seconds": args.latency_seconds,
+            "connections": args.connections,
+            "upstream": args.upstream,
+            "payload": args.payload,
+            "request_bytes": len(body),
+            "answer_bytes": len(answer),
+            "pinned": pin,
             "load_generator": "wrk" if tools.get("wrk") else "python",
         },
         "rounds": results,
@@ -618,7 +719,7 @@ def paired_slices(load: Load, imml_port: int, minimal_port: int, args) -> dict:
     for i in range(args.pairs):
         pair = [("imml", imml_port), ("minimal", minimal_port)]
         rps = {}
-        for name, port in (pair if i % 2 == 0 else pair[::-1]):
+        for name, port in pair if i % 2 == 0 else pair[::-1]:
             rps[name] = load.run(port, args.connections, 1.0)["rps"]
         if rps["minimal"]:
             ratios.append(rps["imml"] / rps["minimal"])
@@ -667,8 +768,10 @@ def together(load: Load, targets: dict, args, ncpu: int) -> dict:
     medians = [statistics.median(v) for v in by_place.values() if v]
     ratio = statistics.geometric_mean(medians) if len(medians) == 2 and all(medians) else None
     if ratio is not None:
-        say(f"  imml/minimal with imml on CPU 0: {medians[0]:.2f}, on CPU 1: {medians[1]:.2f}; "
-            f"geometric mean {ratio:.2f}")
+        say(
+            f"  imml/minimal with imml on CPU 0: {medians[0]:.2f}, on CPU 1: {medians[1]:.2f}; "
+            f"geometric mean {ratio:.2f}"
+        )
     return {"imml_on_cpu0": by_place[0], "imml_on_cpu1": by_place[1], "ratio": ratio}
 
 
@@ -707,7 +810,8 @@ def summarize(results: dict[str, list[dict]]) -> dict:
         for other in ("nginx", "haproxy", "minimal"):
             if other in targets and "added_p50_ms" in targets[other]:
                 ratios[f"imml_minus_{other}_added_p50_ms"] = (
-                    targets["imml"]["added_p50_ms"] - targets[other]["added_p50_ms"])
+                    targets["imml"]["added_p50_ms"] - targets[other]["added_p50_ms"]
+                )
     return {"targets": targets, "ratios": ratios}
 
 
@@ -725,8 +829,16 @@ def profile_imml(procs: Processes, backends, tools, load: Load, args, cpu) -> di
     total = st.total_tt or 1.0
     rows = []
     for (file, line, func), (cc, nc, tt, ct, _) in st.stats.items():
-        rows.append({"function": f"{Path(file).name}:{line}({func})", "file": file, "calls": nc,
-                     "tottime_s": tt, "cumtime_s": ct, "tottime_pct": 100 * tt / total})
+        rows.append(
+            {
+                "function": f"{Path(file).name}:{line}({func})",
+                "file": file,
+                "calls": nc,
+                "tottime_s": tt,
+                "cumtime_s": ct,
+                "tottime_pct": 100 * tt / total,
+            }
+        )
     requests = thr["requests"] or 1
     by_tot = sorted(rows, key=lambda r: -r["tottime_s"])[:25]
     ours = sorted((r for r in rows if "/imml/" in r["file"]), key=lambda r: -r["cumtime_s"])[:20]
@@ -753,9 +865,15 @@ def profile_imml(procs: Processes, backends, tools, load: Load, args, cpu) -> di
     for r in by_tot + ours + selected:
         r["us_per_request"] = 1e6 * r["cumtime_s"] / requests
     selected.sort(key=lambda r: -r["cumtime_s"])
-    return {"requests": thr["requests"], "rps_under_profiler": thr["rps"], "total_s": total,
-            "top_tottime": by_tot, "imml_cumtime": ours, "known_costs": selected,
-            "stats_file": str(stats_file)}
+    return {
+        "requests": thr["requests"],
+        "rps_under_profiler": thr["rps"],
+        "total_s": total,
+        "top_tottime": by_tot,
+        "imml_cumtime": ours,
+        "known_costs": selected,
+        "stats_file": str(stats_file),
+    }
 
 
 # --------------------------------------------------------------------------
@@ -769,12 +887,16 @@ def report(data: dict) -> None:
     say("Versions: " + "; ".join(f"{k}: {v[k]}" for k in ("twisted", "python", "nginx", "haproxy", "wrk") if k in v))
     say(f"Machine: nproc {v['nproc']}, {v['cpu']}, kernel {v['kernel']}")
     s = data["settings"]
-    say(f"Request: POST /predict, {s['payload']} ({s['request_bytes']} B), answer {s['answer_bytes']} B; "
+    say(
+        f"Request: POST /predict, {s['payload']} ({s['request_bytes']} B), answer {s['answer_bytes']} B; "
         f"upstream {s['upstream']}; load {s['load_generator']}; {s['rounds']} rounds, medians; "
-        f"pinned: {'yes' if s['pinned'] else 'no'}")
+        f"pinned: {'yes' if s['pinned'] else 'no'}"
+    )
     say("")
-    header = (f"{'target':22} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'added p50':>10} {'p50@load':>9} "
-              f"{'CPU us/req':>10} {'CPU':>5} {'errors':>7}")
+    header = (
+        f"{'target':22} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'added p50':>10} {'p50@load':>9} "
+        f"{'CPU us/req':>10} {'CPU':>5} {'errors':>7}"
+    )
     say(header)
     say("-" * len(header))
     extra = [n for n in data["targets"] if n not in TARGETS]
@@ -785,8 +907,10 @@ def report(data: dict) -> None:
             continue
         label = TARGET_LABELS.get(name, name)
         added = f"{t['added_p50_ms']:+.3f}" if "added_p50_ms" in t else "-"
-        say(f"{label:22} {t['rps']:9.0f} {t['p50_ms']:8.3f} {t['p99_ms']:8.3f} {added:>10} "
-            f"{t['loaded_p50_ms']:9.3f} {t['cpu_us_per_request']:10.0f} {t['cpu_share']:5.0%} {t['errors']:7d}")
+        say(
+            f"{label:22} {t['rps']:9.0f} {t['p50_ms']:8.3f} {t['p99_ms']:8.3f} {added:>10} "
+            f"{t['loaded_p50_ms']:9.3f} {t['cpu_us_per_request']:10.0f} {t['cpu_share']:5.0%} {t['errors']:7d}"
+        )
     say("")
     r = data["ratios"]
 
@@ -804,12 +928,16 @@ def report(data: dict) -> None:
     if "imml_vs_minimal_rps" in r:
         x = r["imml_vs_minimal_rps"]
         how = f", median of the {len(shown)} estimates" if len(shown) > 1 else ""
-        say(f"imml / minimal Agent proxy throughput{how}: {x:.2f}  (target >= {TARGET_THROUGHPUT_RATIO}) "
-            f"{verdict(x >= TARGET_THROUGHPUT_RATIO)}")
+        say(
+            f"imml / minimal Agent proxy throughput{how}: {x:.2f}  (target >= {TARGET_THROUGHPUT_RATIO}) "
+            f"{verdict(x >= TARGET_THROUGHPUT_RATIO)}"
+        )
     if "imml_added_p50_ms" in r:
         x = r["imml_added_p50_ms"]
-        say(f"imml added median latency: {x:.3f} ms  (target <= {TARGET_ADDED_P50_MS} ms) "
-            f"{verdict(x <= TARGET_ADDED_P50_MS)}")
+        say(
+            f"imml added median latency: {x:.3f} ms  (target <= {TARGET_ADDED_P50_MS} ms) "
+            f"{verdict(x <= TARGET_ADDED_P50_MS)}"
+        )
     for other in ("nginx", "haproxy", "direct"):
         if f"imml_vs_{other}_rps" in r:
             line = f"imml / {other} throughput: {r[f'imml_vs_{other}_rps']:.2f}"
@@ -820,13 +948,17 @@ def report(data: dict) -> None:
     if direct:
         for name, t in data["targets"].items():
             if name != "direct" and t["rps"] > 0.8 * direct["rps"]:
-                say(f"note: {name} reaches {t['rps'] / direct['rps']:.0%} of the direct rate: "
-                    "it may be bound by the upstream or the load generator, not by itself")
+                say(
+                    f"note: {name} reaches {t['rps'] / direct['rps']:.0%} of the direct rate: "
+                    "it may be bound by the upstream or the load generator, not by itself"
+                )
     p = data.get("profile")
     if p and "top_tottime" in p:
         say("")
-        say(f"Profile of imml under load (cProfile; {p['requests']} requests at {p['rps_under_profiler']:.0f} req/s; "
-            f"{p['total_s']:.1f} s CPU in Python functions)")
+        say(
+            f"Profile of imml under load (cProfile; {p['requests']} requests at {p['rps_under_profiler']:.0f} req/s; "
+            f"{p['total_s']:.1f} s CPU in Python functions)"
+        )
         say(f"  {'tottime %':>9} {'cum us/req':>10} {'calls':>9}  function")
         for row in p["top_tottime"][:15]:
             say(f"  {row['tottime_pct']:9.1f} {row['us_per_request']:10.1f} {row['calls']:9d}  {row['function']}")
@@ -836,8 +968,10 @@ def report(data: dict) -> None:
         if p.get("known_costs"):
             say("  known avoidable costs, by cumulative time (nested: Logger.emit includes the observers):")
             for row in p["known_costs"][:10]:
-                say(f"  {100 * row['cumtime_s'] / p['total_s']:8.1f}% {row['us_per_request']:10.1f} "
-                    f"{row['calls']:9d}  {row['function']}: {row['note']}")
+                say(
+                    f"  {100 * row['cumtime_s'] / p['total_s']:8.1f}% {row['us_per_request']:10.1f} "
+                    f"{row['calls']:9d}  {row['function']}: {row['note']}"
+                )
     elif p:
         say(f"profile failed: {p}")
     say("")
@@ -847,34 +981,70 @@ def report(data: dict) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
-    parser.add_argument("--pairs", type=int, default=20,
-                        help="after the rounds, this many pairs of 1 s throughput runs of imml and minimal, "
-                             "back to back; their median ratio is the one judged (0: the rounds' ratio)")
-    parser.add_argument("--together", type=int, default=12,
-                        help="after the pairs, this many 2 s runs with imml and minimal loaded at the same "
-                             "time on swapped CPUs, as a check (0: none; needs 2 CPUs and taskset)")
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        default=20,
+        help="after the rounds, this many pairs of 1 s throughput runs of imml and minimal, "
+        "back to back; their median ratio is the one judged (0: the rounds' ratio)",
+    )
+    parser.add_argument(
+        "--together",
+        type=int,
+        default=12,
+        help="after the pairs, this many 2 s runs with imml and minimal loaded at the same "
+        "time on swapped CPUs, as a check (0: none; needs 2 CPUs and taskset)",
+    )
     parser.add_argument("--seconds", type=float, default=5.0, help="throughput run per target and round")
-    parser.add_argument("--latency-seconds", type=float, default=4.0,
-                        help="sequential (1 connection) run per target and round, for p50/p99")
-    parser.add_argument("--warmup", type=float, default=1.0, help="warm-up before each target's runs (wrk takes whole seconds)")
+    parser.add_argument(
+        "--latency-seconds",
+        type=float,
+        default=4.0,
+        help="sequential (1 connection) run per target and round, for p50/p99",
+    )
+    parser.add_argument(
+        "--warmup", type=float, default=1.0, help="warm-up before each target's runs (wrk takes whole seconds)"
+    )
     parser.add_argument("--connections", type=int, default=16, help="connections for the throughput run")
-    parser.add_argument("--upstream", choices=("nginx", "fake"), default="nginx",
-                        help="the two ML hosts: a fast nginx stand-in (default) or imml.testing fakes")
-    parser.add_argument("--payload", choices=("text", "image"), default="text",
-                        help="CLIP textual query (default) or a small CLIP visual image")
+    parser.add_argument(
+        "--upstream",
+        choices=("nginx", "fake"),
+        default="nginx",
+        help="the two ML hosts: a fast nginx stand-in (default) or imml.testing fakes",
+    )
+    parser.add_argument(
+        "--payload",
+        choices=("text", "image"),
+        default="text",
+        help="CLIP textual query (default) or a small CLIP visual image",
+    )
     parser.add_argument("--image-kb", type=int, default=4, help="image size for --payload image")
     parser.add_argument("--targets", default=",".join(TARGETS), help="comma separated subset of " + ",".join(TARGETS))
-    parser.add_argument("--imml-strategies", default="",
-                        help="also measure imml with these strategies (comma separated), as extra rows "
-                        "named imml:STRATEGY; the targets' ratios stay those of imml's default")
-    parser.add_argument("--load", choices=("wrk", "python"), default="wrk",
-                        help="load generator: wrk (default; the Python one is used when wrk is missing)")
+    parser.add_argument(
+        "--imml-strategies",
+        default="",
+        help="also measure imml with these strategies (comma separated), as extra rows "
+        "named imml:STRATEGY; the targets' ratios stay those of imml's default",
+    )
+    parser.add_argument(
+        "--load",
+        choices=("wrk", "python"),
+        default="wrk",
+        help="load generator: wrk (default; the Python one is used when wrk is missing)",
+    )
     parser.add_argument("--no-install", action="store_true", help="never apt-get install wrk, nginx, haproxy")
-    parser.add_argument("--taskset", action="store_true",
-                        help="pin the proxy under test to CPU 1, the load generator and upstream to CPU 0 "
-                        "(off by default: on a shared machine a busy neighbour on CPU 1 then halves the proxy)")
-    parser.add_argument("--profile", choices=("auto", "always", "never"), default="auto",
-                        help="profile imml after the rounds: when it misses a target (auto), always, never")
+    parser.add_argument(
+        "--taskset",
+        action="store_true",
+        help="pin the proxy under test to CPU 1, the load generator and upstream to CPU 0 "
+        "(off by default: on a shared machine a busy neighbour on CPU 1 then halves the proxy)",
+    )
+    parser.add_argument(
+        "--profile",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="profile imml after the rounds: when it misses a target (auto), always, never",
+    )
     parser.add_argument("--json", metavar="FILE", help="write every figure to FILE")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs, profile)")
     parser.add_argument("--quick", action="store_true", help="1 round of 2 s runs, for a smoke test")
@@ -890,8 +1060,14 @@ def main(argv=None) -> int:
         parser.error(f"unknown targets: {', '.join(sorted(unknown))}")
     if "direct" not in args.targets:
         args.targets.insert(0, "direct")
-    if not (1 <= args.rounds <= 20 and 0 < args.seconds <= 120 and 0 < args.latency_seconds <= 120
-            and 1 <= args.connections <= 256 and 0 <= args.pairs <= 200 and 0 <= args.together <= 200):
+    if not (
+        1 <= args.rounds <= 20
+        and 0 < args.seconds <= 120
+        and 0 < args.latency_seconds <= 120
+        and 1 <= args.connections <= 256
+        and 0 <= args.pairs <= 200
+        and 0 <= args.together <= 200
+    ):
         parser.error("rounds 1-20, seconds 0-120, connections 1-256, pairs 0-200, together 0-200")
 
     def interrupted(signum, frame):

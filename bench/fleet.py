@@ -35,7 +35,6 @@ import re
 import select
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -62,6 +61,7 @@ from balancer import (  # noqa: E402
     versions,
     wait_http,
 )
+
 from imml.testing import ENTRIES, predict_body  # noqa: E402
 
 HARD_DEADLINE_S = 1500  # the run stops past this, whatever the options
@@ -125,14 +125,27 @@ class Fake:
 
     def start(self, timeout: float = 15.0) -> None:
         self.starts += 1
-        cmd = [PYTHON, "-m", "imml.testing", "--listen", f"tcp:{self.port}:interface=127.0.0.1",
-               "--name", self.name, "--slots", str(self.slots), "--service-ms", f"{self.image_ms:g}",
-               "--service-ms-task", f"clip-textual={self.text_ms:g}"]
+        cmd = [
+            PYTHON,
+            "-m",
+            "imml.testing",
+            "--listen",
+            f"tcp:{self.port}:interface=127.0.0.1",
+            "--name",
+            self.name,
+            "--slots",
+            str(self.slots),
+            "--service-ms",
+            f"{self.image_ms:g}",
+            "--service-ms-task",
+            f"clip-textual={self.text_ms:g}",
+        ]
         log = open(self.procs.workdir / f"fake-{self.name}-{self.starts}.err", "wb")
         deadline = time.monotonic() + timeout
         while True:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
-                                    start_new_session=True, cwd=str(ROOT))
+            proc = subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True, cwd=str(ROOT)
+            )
             self.procs.children.append((f"fake-{self.name}", proc))
             line = _read_line(proc, deadline)
             if line.startswith("LISTENING "):
@@ -193,14 +206,28 @@ def resume_all(procs: Processes) -> None:
 
 def haproxy_conf(workdir: Path, port: int, backends: list[int]) -> str:
     return balancer.haproxy_conf(
-        workdir, port, backends,
-        check="check inter 2s fall 3 rise 2", client_timeout="120s", server_timeout="60s", reuse=False,
+        workdir,
+        port,
+        backends,
+        check="check inter 2s fall 3 rise 2",
+        client_timeout="120s",
+        server_timeout="60s",
+        reuse=False,
     )
 
 
 def imml_command(workdir: Path, port: int, fakes: list, strategy: str, extra: list[str]) -> list[str]:
-    cmd = [TWISTD, "-n", "--pidfile=", f"--logfile={workdir}/imml.log", "imml-balancer",
-           "--listen", f"tcp:{port}:interface=127.0.0.1", "--admin", "tcp:0:interface=127.0.0.1"]
+    cmd = [
+        TWISTD,
+        "-n",
+        "--pidfile=",
+        f"--logfile={workdir}/imml.log",
+        "imml-balancer",
+        "--listen",
+        f"tcp:{port}:interface=127.0.0.1",
+        "--admin",
+        "tcp:0:interface=127.0.0.1",
+    ]
     if strategy.endswith("+slots"):
         # Diagnostic only (the issue's targets must hold without it): each
         # host's true slots in a --config file, so no limit is learned.
@@ -219,16 +246,27 @@ PROBES = {
 }
 
 
-def start_proxy(procs: Processes, target: str, fakes: list, tools, imml_extra: list[str],
-                probe: bool = False) -> int:
+def start_proxy(procs: Processes, target: str, fakes: list, tools, imml_extra: list[str], probe: bool = False) -> int:
     workdir = procs.workdir
     backends = [f.port for f in fakes]
     port = free_port()
     if target == "nginx":
         conf = workdir / "nginx.conf"
         conf.write_text(nginx_balancer_conf(workdir, port, backends))
-        proc = procs.start("nginx", [tools["nginx"], "-p", str(workdir), "-c", str(conf),
-                                     "-e", str(workdir / "nginx-error.log"), "-g", "daemon off;"])
+        proc = procs.start(
+            "nginx",
+            [
+                tools["nginx"],
+                "-p",
+                str(workdir),
+                "-c",
+                str(conf),
+                "-e",
+                str(workdir / "nginx-error.log"),
+                "-g",
+                "daemon off;",
+            ],
+        )
     elif target == "haproxy":
         conf = workdir / "haproxy.cfg"
         conf.write_text(haproxy_conf(workdir, port, backends))
@@ -258,8 +296,12 @@ def ready(port: int, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/predict", data=body, method="POST",
-                                     headers={"Content-Type": content_type.decode()})
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/predict",
+            data=body,
+            method="POST",
+            headers={"Content-Type": content_type.decode()},
+        )
         try:
             with urllib.request.urlopen(req, timeout=5) as r:
                 r.read()
@@ -291,9 +333,22 @@ def run_case(scenario: str, target: str, tools, args, root: Path, live: list) ->
         clients = 8 if scenario in ("heterogeneous", "mixed") else 4
         out = casedir / "requests.json"
         start_at = time.monotonic() + 0.3
-        cmd = [PYTHON, str(HERE / "fleet_client.py"), "--port", str(port), "--start-at", repr(start_at),
-               "--seconds", str(t["end"]), "--clients", str(clients), "--timeout", str(args.request_timeout),
-               "--out", str(out)]
+        cmd = [
+            PYTHON,
+            str(HERE / "fleet_client.py"),
+            "--port",
+            str(port),
+            "--start-at",
+            repr(start_at),
+            "--seconds",
+            str(t["end"]),
+            "--clients",
+            str(clients),
+            "--timeout",
+            str(args.request_timeout),
+            "--out",
+            str(out),
+        ]
         if scenario == "mixed":
             cmd += ["--text-interval", "0.25"]
         client = procs.start("client", cmd)
@@ -351,8 +406,9 @@ def probe_summary(probe: dict, fakes: list) -> dict:
         "decisions": probe["decisions"],
         "waited_with_free_host": probe["waited_with_free_host"],
         "chosen": {name(k): v for k, v in sorted(probe["chosen"].items())},
-        "limit_share": {name(a): {k: round(v / max(1, sum(c.values())), 3) for k, v in c.items()}
-                        for a, c in probe["limit"].items()},
+        "limit_share": {
+            name(a): {k: round(v / max(1, sum(c.values())), 3) for k, v in c.items()} for a, c in probe["limit"].items()
+        },
         "limit_changes": {name(a): n for a, n in probe["limit_changes"].items()},
         "estimate_ms": {name(k): v for k, v in probe["estimate_ms"].items()},
         "series": [[t, {name(a): v for a, v in hosts.items()}] for t, hosts in probe["series"]],
@@ -409,8 +465,9 @@ def analyse(scenario: str, log: list[dict], t: dict) -> dict:
     }
     images = [r for r in ok if r["kind"] == "image"]
     lat = latency_ms(images)
-    res["image_rps"] = sum(1 for r in log if r["kind"] == "image" and "error" not in r
-                           and warm <= r["end"] <= end) / window
+    res["image_rps"] = (
+        sum(1 for r in log if r["kind"] == "image" and "error" not in r and warm <= r["end"] <= end) / window
+    )
     res["image_p50_ms"] = pct(lat, 50)
     res["image_p99_ms"] = pct(lat, 99)
     res["image_max_ms"] = max(lat, default=None)
@@ -454,17 +511,35 @@ def fmt(value, spec: str = ".0f") -> str:
 
 
 ROWS = {
-    "heterogeneous": [("req/s", "image_rps", ".1f"), ("p50 ms", "image_p50_ms", ".0f"),
-                      ("p99 ms", "image_p99_ms", ".0f"), ("max ms", "image_max_ms", ".0f"),
-                      ("errors", "errors", "d")],
-    "mixed": [("text p50 ms", "text_p50_ms", ".0f"), ("text p99 ms", "text_p99_ms", ".0f"),
-              ("text max ms", "text_max_ms", ".0f"), ("image req/s", "image_rps", ".1f"),
-              ("image p99 ms", "image_p99_ms", ".0f"), ("errors", "errors", "d")],
-    "sporadic": [("requests", "requests", "d"), ("errors", "errors", "d"), ("max ms", "max_ms", ".0f"),
-                 ("p99 ms", "p99_ms", ".0f"), ("> 3 s", "over_3s", "d")],
-    "all-down": [("answered", "answered", "d"), ("failed", "errors", "d"),
-                 ("sent while down", "down_sent", "d"), ("  answered", "down_answered", "d"),
-                 ("max ms", "max_ms", ".0f")],
+    "heterogeneous": [
+        ("req/s", "image_rps", ".1f"),
+        ("p50 ms", "image_p50_ms", ".0f"),
+        ("p99 ms", "image_p99_ms", ".0f"),
+        ("max ms", "image_max_ms", ".0f"),
+        ("errors", "errors", "d"),
+    ],
+    "mixed": [
+        ("text p50 ms", "text_p50_ms", ".0f"),
+        ("text p99 ms", "text_p99_ms", ".0f"),
+        ("text max ms", "text_max_ms", ".0f"),
+        ("image req/s", "image_rps", ".1f"),
+        ("image p99 ms", "image_p99_ms", ".0f"),
+        ("errors", "errors", "d"),
+    ],
+    "sporadic": [
+        ("requests", "requests", "d"),
+        ("errors", "errors", "d"),
+        ("max ms", "max_ms", ".0f"),
+        ("p99 ms", "p99_ms", ".0f"),
+        ("> 3 s", "over_3s", "d"),
+    ],
+    "all-down": [
+        ("answered", "answered", "d"),
+        ("failed", "errors", "d"),
+        ("sent while down", "down_sent", "d"),
+        ("  answered", "down_answered", "d"),
+        ("max ms", "max_ms", ".0f"),
+    ],
 }
 
 
@@ -478,13 +553,22 @@ def verdicts(results: dict, targets: list[str]) -> dict:
         v = out.setdefault(target, {})
         h = results.get("heterogeneous", {}).get(target)
         if h:
-            best = max((results["heterogeneous"][p]["image_rps"] for p in peers
-                        if p in results["heterogeneous"]), default=None)
+            best = max(
+                (results["heterogeneous"][p]["image_rps"] for p in peers if p in results["heterogeneous"]), default=None
+            )
             ratio = h["image_rps"] / best if best else None
-            ok = (h["image_p99_ms"] is not None and h["image_p99_ms"] <= TARGET_HETERO_P99_MS
-                  and h["errors"] == 0 and (ratio is None or ratio >= TARGET_HETERO_RATIO))
-            v["heterogeneous"] = (f"p99 {fmt(h['image_p99_ms'])} ms (<= {TARGET_HETERO_P99_MS:g}), "
-                                  f"{fmt(ratio, '.2f')} x best peer req/s (>= {TARGET_HETERO_RATIO})", ok, ratio)
+            ok = (
+                h["image_p99_ms"] is not None
+                and h["image_p99_ms"] <= TARGET_HETERO_P99_MS
+                and h["errors"] == 0
+                and (ratio is None or ratio >= TARGET_HETERO_RATIO)
+            )
+            v["heterogeneous"] = (
+                f"p99 {fmt(h['image_p99_ms'])} ms (<= {TARGET_HETERO_P99_MS:g}), "
+                f"{fmt(ratio, '.2f')} x best peer req/s (>= {TARGET_HETERO_RATIO})",
+                ok,
+                ratio,
+            )
         m = results.get("mixed", {}).get(target)
         if m:
             ok = m["text_p99_ms"] is not None and m["text_p99_ms"] <= TARGET_TEXT_P99_MS and m["errors"] == 0
@@ -492,8 +576,11 @@ def verdicts(results: dict, targets: list[str]) -> dict:
         s = results.get("sporadic", {}).get(target)
         if s:
             ok = s["errors"] == 0 and (s["max_ms"] or 0) <= TARGET_SPORADIC_MAX_MS
-            v["sporadic"] = (f"{s['errors']} errors, max {fmt(s['max_ms'])} ms (0, <= {TARGET_SPORADIC_MAX_MS:g})",
-                             ok, None)
+            v["sporadic"] = (
+                f"{s['errors']} errors, max {fmt(s['max_ms'])} ms (0, <= {TARGET_SPORADIC_MAX_MS:g})",
+                ok,
+                None,
+            )
         a = results.get("all-down", {}).get(target)
         if a:
             v["all-down"] = (f"{a['errors']} failed of {a['requests']} (0)", a["errors"] == 0, None)
@@ -506,10 +593,11 @@ def report(data: dict) -> None:
     v = data["versions"]
     say("")
     say("Versions: " + "; ".join(f"{k}: {v[k]}" for k in ("twisted", "python", "nginx", "haproxy") if k in v))
-    say(f"Machine: nproc {v['nproc']}, {v['cpu']}, kernel {v['kernel']}; load average at start "
-        f"{data['loadavg']}")
-    say(f"imml: {' '.join(IMML_HEALTH + data['settings']['imml_extra'])} (otherwise defaults, plain --backends); "
-        f"durations: {'quick' if data['settings']['quick'] else 'full'} {json.dumps(data['settings']['timings'])}")
+    say(f"Machine: nproc {v['nproc']}, {v['cpu']}, kernel {v['kernel']}; load average at start {data['loadavg']}")
+    say(
+        f"imml: {' '.join(IMML_HEALTH + data['settings']['imml_extra'])} (otherwise defaults, plain --backends); "
+        f"durations: {'quick' if data['settings']['quick'] else 'full'} {json.dumps(data['settings']['timings'])}"
+    )
     width = max(11, *(len(label(t)) for t in targets))
     for scenario in data["scenarios"]:
         say("")
@@ -526,27 +614,41 @@ def report(data: dict) -> None:
         for kind in ("image", "text"):
             key = f"{kind}_hosts"
             if any(key in (per.get(t) or {}) for t in targets):
-                say(f"{kind + ' hosts':16}" + "".join(
-                    f"{' '.join(f'{h[:1]}{100 * s:.0f}' for h, s in (per.get(t) or {}).get(key, {}).items()):>{width + 1}}"
-                    for t in targets))
+                say(
+                    f"{kind + ' hosts':16}"
+                    + "".join(
+                        f"{' '.join(f'{h[:1]}{100 * s:.0f}' for h, s in (per.get(t) or {}).get(key, {}).items()):>{width + 1}}"
+                        for t in targets
+                    )
+                )
         kinds = {t: (per.get(t) or {}).get("error_kinds") for t in targets}
         if any(kinds.values()):
             say("error kinds: " + "; ".join(f"{label(t)}: {k}" for t, k in kinds.items() if k))
         logs = {t: (per.get(t) or {}).get("imml_log") for t in targets}
         if scenario in ("sporadic", "all-down") and any(logs.values()):
-            say("imml log: " + "; ".join(
-                f"{label(t)}: {l['went_down']} down, {l['came_up']} up, {l['redispatches']} re-dispatched, "
-                f"{l.get('task_blocked', 0)} task blocks"
-                + (f", {l['tracebacks']} tracebacks" if l.get("tracebacks") else "")
-                for t, l in logs.items() if l))
+            say(
+                "imml log: "
+                + "; ".join(
+                    f"{label(t)}: {l['went_down']} down, {l['came_up']} up, {l['redispatches']} re-dispatched, "
+                    f"{l.get('task_blocked', 0)} task blocks"
+                    + (f", {l['tracebacks']} tracebacks" if l.get("tracebacks") else "")
+                    for t, l in logs.items()
+                    if l
+                )
+            )
         for t in targets:
             pr = (per.get(t) or {}).get("probe")
             if pr:
-                say(f"probe {label(t)}: {pr['decisions']} decisions, waited with a free host "
-                    f"{pr['waited_with_free_host']}; limit changes {pr['limit_changes']}")
+                say(
+                    f"probe {label(t)}: {pr['decisions']} decisions, waited with a free host "
+                    f"{pr['waited_with_free_host']}; limit changes {pr['limit_changes']}"
+                )
                 for host, share in pr["limit_share"].items():
-                    say(f"    limit of {host}: " + ", ".join(f"{k}: {100 * v:.0f}%" for k, v in share.items())
-                        + " of decisions")
+                    say(
+                        f"    limit of {host}: "
+                        + ", ".join(f"{k}: {100 * v:.0f}%" for k, v in share.items())
+                        + " of decisions"
+                    )
                 for key, e in pr["estimate_ms"].items():
                     say(f"    service-time estimate {key}: median {e['median']} ms (min {e['min']}, max {e['max']})")
         if data["failures"].get(scenario):
@@ -555,8 +657,10 @@ def report(data: dict) -> None:
     say("")
     say("hosts: share of 2xx answers per fake host (f fast, m medium, s slow; a, b), %")
     if any(t.endswith("+slots") for t in targets):
-        say("+slots: diagnostic, imml told each host's true slots in a --config file (no learned limit); "
-            "not a target of the issue, which demands a plain --backends list")
+        say(
+            "+slots: diagnostic, imml told each host's true slots in a --config file (no learned limit); "
+            "not a target of the issue, which demands a plain --backends list"
+        )
     say("")
     peers = [p for p in ("nginx", "haproxy") if p in targets]
     h = results.get("heterogeneous", {})
@@ -577,23 +681,40 @@ def report(data: dict) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--strategies", default="shortest-delay,least-connections",
-                        help="imml strategies to run, comma separated (each is one target)")
-    parser.add_argument("--targets", default="nginx,haproxy,imml",
-                        help="comma separated subset of nginx,haproxy,imml")
-    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma separated subset of "
-                        + ",".join(SCENARIOS))
-    parser.add_argument("--imml-args", default="",
-                        help="extra imml-balancer options, e.g. '--health-timeout 1' (default: none beyond "
-                        + " ".join(IMML_HEALTH) + ")")
-    parser.add_argument("--request-timeout", type=float, default=60.0,
-                        help="seconds a client waits for one answer (a timeout is an error)")
-    parser.add_argument("--probe", action="store_true",
-                        help="run imml's strategies through bench/fleet_probe.py, which records each host's "
-                        "learned limit and service-time estimate at every decision, and print them")
-    parser.add_argument("--slots-diagnostic", action="store_true",
-                        help="also run imml with each host's true slots in a --config file (no learned "
-                        "limits): a diagnostic, not one of the issue's targets")
+    parser.add_argument(
+        "--strategies",
+        default="shortest-delay,least-connections",
+        help="imml strategies to run, comma separated (each is one target)",
+    )
+    parser.add_argument("--targets", default="nginx,haproxy,imml", help="comma separated subset of nginx,haproxy,imml")
+    parser.add_argument(
+        "--scenarios", default=",".join(SCENARIOS), help="comma separated subset of " + ",".join(SCENARIOS)
+    )
+    parser.add_argument(
+        "--imml-args",
+        default="",
+        help="extra imml-balancer options, e.g. '--health-timeout 1' (default: none beyond "
+        + " ".join(IMML_HEALTH)
+        + ")",
+    )
+    parser.add_argument(
+        "--request-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a client waits for one answer (a timeout is an error)",
+    )
+    parser.add_argument(
+        "--probe",
+        action="store_true",
+        help="run imml's strategies through bench/fleet_probe.py, which records each host's "
+        "learned limit and service-time estimate at every decision, and print them",
+    )
+    parser.add_argument(
+        "--slots-diagnostic",
+        action="store_true",
+        help="also run imml with each host's true slots in a --config file (no learned "
+        "limits): a diagnostic, not one of the issue's targets",
+    )
     parser.add_argument("--quick", action="store_true", help="shorter runs (about 4 minutes instead of 10)")
     parser.add_argument("--no-install", action="store_true", help="never apt-get; nginx/haproxy skipped if missing")
     parser.add_argument("--json", metavar="FILE", help="write every figure to FILE")
@@ -633,12 +754,11 @@ def main(argv=None) -> int:
     live: list[Processes] = []
     results: dict = {}
     failures: dict = {}
-    say(f"# {len(scenarios)} scenarios x {len(targets)} targets ({', '.join(map(label, targets))}); "
-        f"temp dir {root}")
+    say(f"# {len(scenarios)} scenarios x {len(targets)} targets ({', '.join(map(label, targets))}); temp dir {root}")
     try:
         for i, scenario in enumerate(scenarios):
             # Interleave: each scenario starts one target later.
-            order = targets[i % len(targets):] + targets[: i % len(targets)]
+            order = targets[i % len(targets) :] + targets[: i % len(targets)]
             for target in order:
                 if time.monotonic() - started > HARD_DEADLINE_S:
                     raise RuntimeError("hard deadline reached")
@@ -651,15 +771,17 @@ def main(argv=None) -> int:
                     continue
                 results.setdefault(scenario, {})[target] = r
                 brief = {
-                    "heterogeneous": lambda: f"{r['image_rps']:.1f} req/s p50 {fmt(r['image_p50_ms'])} "
-                                             f"p99 {fmt(r['image_p99_ms'])} ms",
-                    "mixed": lambda: f"text p50 {fmt(r['text_p50_ms'])} p99 {fmt(r['text_p99_ms'])} ms, "
-                                     f"images {r['image_rps']:.1f} req/s",
+                    "heterogeneous": lambda: (
+                        f"{r['image_rps']:.1f} req/s p50 {fmt(r['image_p50_ms'])} p99 {fmt(r['image_p99_ms'])} ms"
+                    ),
+                    "mixed": lambda: (
+                        f"text p50 {fmt(r['text_p50_ms'])} p99 {fmt(r['text_p99_ms'])} ms, "
+                        f"images {r['image_rps']:.1f} req/s"
+                    ),
                     "sporadic": lambda: f"max {fmt(r['max_ms'])} ms",
                     "all-down": lambda: f"{r['answered']} answered",
                 }[scenario]()
-                say(f"  {scenario:14} {label(target):28} {brief}, {r['errors']} errors "
-                    f"({time.monotonic() - t0:.0f} s)")
+                say(f"  {scenario:14} {label(target):28} {brief}, {r['errors']} errors ({time.monotonic() - t0:.0f} s)")
     finally:
         for procs in list(live):
             resume_all(procs)
@@ -671,9 +793,15 @@ def main(argv=None) -> int:
     data = {
         "versions": versions(tools),
         "loadavg": loadavg,
-        "settings": {"quick": args.quick, "probe": args.probe, "timings": args.timings, "imml_extra": args.imml_extra,
-                     "imml_health": IMML_HEALTH, "request_timeout": args.request_timeout,
-                     "fleets": {"heterogeneous": HETEROGENEOUS, "pair": PAIR}},
+        "settings": {
+            "quick": args.quick,
+            "probe": args.probe,
+            "timings": args.timings,
+            "imml_extra": args.imml_extra,
+            "imml_health": IMML_HEALTH,
+            "request_timeout": args.request_timeout,
+            "fleets": {"heterogeneous": HETEROGENEOUS, "pair": PAIR},
+        },
         "scenarios": scenarios,
         "targets": targets,
         "results": results,

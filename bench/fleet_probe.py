@@ -23,23 +23,44 @@ from imml.strategies import LeastConnections, ShortestDelay
 class _Probe:
     def _record(self, request, candidates, chosen) -> None:
         now = time.monotonic()
-        state = self.__dict__.setdefault("_probe", {
-            "decisions": 0, "waited_with_free_host": 0, "chosen": Counter(), "limit": {},
-            "limit_changes": Counter(), "last_limit": {}, "over_limit": Counter(),
-            "estimate_ms": {}, "last_dump": 0.0, "series": [],
-        })
+        state = self.__dict__.setdefault(
+            "_probe",
+            {
+                "decisions": 0,
+                "waited_with_free_host": 0,
+                "chosen": Counter(),
+                "limit": {},
+                "limit_changes": Counter(),
+                "last_limit": {},
+                "over_limit": Counter(),
+                "estimate_ms": {},
+                "last_dump": 0.0,
+                "series": [],
+            },
+        )
         state["decisions"] += 1
         if chosen is None and any(c.has_free_slot() for c in candidates):
             state["waited_with_free_host"] += 1
         if request.interactive and len(state.setdefault("interactive", [])) < 300:
             # every search's decision, with what each host looked like
-            state["interactive"].append([
-                round(now, 3), str(chosen) if chosen is not None else "(wait)", request.ahead,
-                {str(c): [c.in_flight, c.limit, c.proven_limit, c.throughput and round(c.throughput, 1),
-                          c.service_time(request.task) and round(1000 * c.service_time(request.task), 1),
-                          c.next_answer_in() is not None and round(1000 * c.next_answer_in(), 1)]
-                 for c in candidates},
-            ])
+            state["interactive"].append(
+                [
+                    round(now, 3),
+                    str(chosen) if chosen is not None else "(wait)",
+                    request.ahead,
+                    {
+                        str(c): [
+                            c.in_flight,
+                            c.limit,
+                            c.proven_limit,
+                            c.throughput and round(c.throughput, 1),
+                            c.service_time(request.task) and round(1000 * c.service_time(request.task), 1),
+                            c.next_answer_in() is not None and round(1000 * c.next_answer_in(), 1),
+                        ]
+                        for c in candidates
+                    },
+                ]
+            )
         key = str(chosen) if chosen is not None else "(wait)"
         state["chosen"][f"{request.task}->{key}"] += 1
         for c in candidates:

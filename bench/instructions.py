@@ -39,6 +39,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import balancer as B  # noqa: E402  (the benchmark's helpers)
+
 from imml.testing import ENTRIES, predict_body  # noqa: E402
 
 
@@ -59,8 +60,19 @@ def count(procs: B.Processes, target: str, backends: list[int], warm: int, reque
     out = workdir / f"callgrind-{target}.out"
     valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
     if target == "imml":
-        cmd = valgrind + [B.TWISTD, "-n", "--pidfile=", f"--logfile={workdir}/imml.log", "imml-balancer",
-                          "--listen", f"tcp:{port}:interface=127.0.0.1", "--admin", "none", "--backends", addrs]
+        cmd = valgrind + [
+            B.TWISTD,
+            "-n",
+            "--pidfile=",
+            f"--logfile={workdir}/imml.log",
+            "imml-balancer",
+            "--listen",
+            f"tcp:{port}:interface=127.0.0.1",
+            "--admin",
+            "none",
+            "--backends",
+            addrs,
+        ]
         ready = "/ping"
     else:
         cmd = valgrind + [B.PYTHON, str(HERE / "minimal_proxy.py"), str(port), addrs]
@@ -88,8 +100,10 @@ def count(procs: B.Processes, target: str, backends: list[int], warm: int, reque
     def send(n: int) -> None:
         # n requests over `connections` keep-alive connections at once
         errors: list = []
-        threads = [threading.Thread(target=one_connection, args=(n // connections + (i < n % connections), errors))
-                   for i in range(connections)]
+        threads = [
+            threading.Thread(target=one_connection, args=(n // connections + (i < n % connections), errors))
+            for i in range(connections)
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -113,8 +127,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=1000, help="requests counted per target (default 1000)")
     parser.add_argument("--warm-up", type=int, default=300, help="requests before counting (default 300)")
-    parser.add_argument("--connections", type=int, default=1,
-                        help="requests at once, each connection sending one after another (default 1)")
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=1,
+        help="requests at once, each connection sending one after another (default 1)",
+    )
     parser.add_argument("--targets", default="imml,minimal", help="comma separated: imml, minimal")
     parser.add_argument("--upstream", choices=("nginx", "fake"), default="nginx")
     parser.add_argument("--no-install", action="store_true", help="never apt-get")
@@ -127,6 +145,7 @@ def main(argv=None) -> int:
         B.say("valgrind is not installed (Debian package valgrind): nothing measured")
         return 1
     tools = B.ensure_tools(not args.no_install) if args.upstream == "nginx" else {}
+
     def interrupted(signum, frame):
         raise KeyboardInterrupt
 
@@ -152,9 +171,11 @@ def main(argv=None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     if "imml" in figures and "minimal" in figures:
         ratio = figures["minimal"] / figures["imml"]
-        B.say(f"minimal / imml instructions per request: {ratio:.2f} "
-              f"(the throughput ratio imml / minimal that these counts predict; target >= "
-              f"{B.TARGET_THROUGHPUT_RATIO})")
+        B.say(
+            f"minimal / imml instructions per request: {ratio:.2f} "
+            f"(the throughput ratio imml / minimal that these counts predict; target >= "
+            f"{B.TARGET_THROUGHPUT_RATIO})"
+        )
         figures["ratio"] = ratio
     B.say(f"Run took {time.monotonic() - started:.0f} s")
     B.write_figures(args.json, figures)

@@ -41,7 +41,14 @@ async def worker(port, request, deadline, latencies, counts):
             if b"connection: close" in head.lower():
                 writer.close()
                 reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError, ValueError, IndexError):
+    except (
+        OSError,
+        asyncio.IncompleteReadError,
+        asyncio.LimitOverrunError,
+        asyncio.TimeoutError,
+        ValueError,
+        IndexError,
+    ):
         counts["errors"] += 1
     finally:
         writer.close()
@@ -64,11 +71,22 @@ async def run(args):
     def pct(p):
         return 1e6 * latencies[min(n - 1, int(p / 100 * n))] if latencies else 0
 
-    print("WRKJSON " + json.dumps({
-        "requests": len(latencies), "duration_us": duration * 1e6, "p50_us": pct(50), "p99_us": pct(99),
-        "mean_us": 1e6 * sum(latencies) / n, "max_us": 1e6 * max(latencies, default=0),
-        "errors": counts["errors"], "status_errors": counts["status"], "timeouts": 0,
-    }))
+    print(
+        "WRKJSON "
+        + json.dumps(
+            {
+                "requests": len(latencies),
+                "duration_us": duration * 1e6,
+                "p50_us": pct(50),
+                "p99_us": pct(99),
+                "mean_us": 1e6 * sum(latencies) / n,
+                "max_us": 1e6 * max(latencies, default=0),
+                "errors": counts["errors"],
+                "status_errors": counts["status"],
+                "timeouts": 0,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -16,10 +16,10 @@ import warnings
 from twisted.internet import defer, reactor
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 from zope.interface import implementer
-from twisted.web.iweb import IBodyProducer
 
 SKIP = {b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"host", b"te", b"upgrade"}
 
@@ -33,9 +33,14 @@ class Body:
         consumer.write(self.data)
         return defer.succeed(None)
 
-    def pauseProducing(self): pass
-    def resumeProducing(self): pass
-    def stopProducing(self): pass
+    def pauseProducing(self):
+        pass
+
+    def resumeProducing(self):
+        pass
+
+    def stopProducing(self):
+        pass
 
 
 class Forward(Resource):

@@ -77,9 +77,7 @@ def parse_backend(entry: str) -> BackendAddress:
     scheme, sep, rest = text.partition("://")
     if sep:
         if scheme.lower() != "http":
-            raise BackendListError(
-                f"backend {original!r}: only http:// is supported (Immich ML speaks plain HTTP)"
-            )
+            raise BackendListError(f"backend {original!r}: only http:// is supported (Immich ML speaks plain HTTP)")
         text = rest.rstrip("/")
         if "/" in text:
             raise BackendListError(f"backend {original!r}: a backend is a host and port, not a path")
@@ -132,7 +130,6 @@ def parse_backends(text: str) -> list[BackendAddress]:
         addresses.append(address)
     if not addresses:
         raise BackendListError(
-            "no backends: set IMML_BACKENDS or --backends to a comma-separated "
-            "list of host[:port] entries"
+            "no backends: set IMML_BACKENDS or --backends to a comma-separated list of host[:port] entries"
         )
     return addresses

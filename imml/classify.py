@@ -12,7 +12,7 @@ import functools
 import json
 from typing import Optional
 
-from attrs import evolve, frozen
+from attrs import frozen
 from zope.interface import implementer
 
 from .interfaces import IRequestInfo
@@ -35,9 +35,7 @@ class RequestInfo:
         Whether the request may be sent again to another host: Immich ML's
         C{/predict} is a pure function of its input, and reads are safe.
         """
-        return self.method in (b"GET", b"HEAD", b"OPTIONS") or (
-            self.method == b"POST" and self.task is not None
-        )
+        return self.method in (b"GET", b"HEAD", b"OPTIONS") or (self.method == b"POST" and self.task is not None)
 
 
 def _boundary(content_type: bytes) -> Optional[bytes]:

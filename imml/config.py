@@ -99,11 +99,13 @@ def _host(raw: dict, index: int, text: str, path: str) -> HostConfig:
         raise fail(None, "each [[hosts]] entry must be a table")
     unknown = set(raw) - _HOST_KEYS
     if unknown:
-        raise fail(sorted(unknown)[0], f"unknown host setting {sorted(unknown)[0]!r}; known: {', '.join(sorted(_HOST_KEYS))}")
+        raise fail(
+            sorted(unknown)[0], f"unknown host setting {sorted(unknown)[0]!r}; known: {', '.join(sorted(_HOST_KEYS))}"
+        )
     if "address" not in raw:
-        raise fail(None, "a host needs an address, e.g. address = \"nas:3003\"")
+        raise fail(None, 'a host needs an address, e.g. address = "nas:3003"')
     if not isinstance(raw["address"], str):
-        raise fail("address", "address must be a string such as \"nas:3003\"")
+        raise fail("address", 'address must be a string such as "nas:3003"')
     try:
         address = parse_backend(raw["address"])
     except BackendListError as e:
@@ -127,7 +129,7 @@ def _host(raw: dict, index: int, text: str, path: str) -> HostConfig:
         tasks = frozenset(tasks)
     mac = raw.get("mac")
     if mac is not None and (not isinstance(mac, str) or not _MAC.match(mac)):
-        raise fail("mac", f"mac must be a MAC address such as \"aa:bb:cc:dd:ee:ff\", not {mac!r}")
+        raise fail("mac", f'mac must be a MAC address such as "aa:bb:cc:dd:ee:ff", not {mac!r}')
     return HostConfig(address, BackendSettings(float(weight), slots, tasks, tier, mac.lower() if mac else None))
 
 
@@ -146,7 +148,9 @@ def parse_config(text: str, path: str = "<config>", known_options: Optional[set]
     unknown = set(data) - {"hosts", "balancer"}
     if unknown:
         name = sorted(unknown)[0]
-        raise ConfigError(f"{_where(path, _line_of(text, name))}: unknown section {name!r}; use [balancer] and [[hosts]]")
+        raise ConfigError(
+            f"{_where(path, _line_of(text, name))}: unknown section {name!r}; use [balancer] and [[hosts]]"
+        )
     raw_hosts = data.get("hosts", [])
     if not isinstance(raw_hosts, list):
         raise ConfigError(f"{_where(path, _line_of(text, 'hosts'))}: hosts must be written as [[hosts]] tables")

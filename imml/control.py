@@ -38,7 +38,7 @@ log = Logger()
 _HOSTS = {"backends", "hosts", "config", "given", "config-digest"}
 
 
-def _defaults(options) -> dict:
+def _defaults(options: usage.Options) -> dict:
     values = {p[0]: p[2] for p in options.optParameters}
     values.update({f[0]: 0 for f in getattr(options, "optFlags", [])})
     return values
@@ -52,7 +52,7 @@ def _digest(path: str) -> Optional[str]:
         return None
 
 
-def remember_command_line(options) -> None:
+def remember_command_line(options: usage.Options) -> None:
     """
     Keep, before the options are checked and C{--config} is merged in, what
     the command line set (C{options["given"]}) and a digest of the
@@ -65,7 +65,7 @@ def remember_command_line(options) -> None:
     options["config-digest"] = _digest(options["config"]) if options.get("config") else None
 
 
-def reparse(options):
+def reparse(options: usage.Options) -> usage.Options:
     """
     The options as they would be parsed now: the same command line, the
     configuration file as it is now.
@@ -108,7 +108,9 @@ class GracefulStop(service.Service):
     #: Seconds between looks at whether the requests are answered.
     poll = 0.05
 
-    def __init__(self, listener, gate, fleet, dispatcher, clock, timeout: float) -> None:
+    def __init__(
+        self, listener: service.Service, gate: Any, fleet: Any, dispatcher: Any, clock: Any, timeout: float
+    ) -> None:
         """
         @param gate: the balancer's resource: it counts requests being
             answered (C{active}) and answers C{/ping} with 503 once
@@ -151,7 +153,8 @@ class GracefulStop(service.Service):
             if self.clock.seconds() >= deadline:
                 active, in_flight, queued = self.busy()
                 log.warn(
-                    "stopping after {timeout} s with {active} requests unanswered ({in_flight} in flight, {queued} queued)",
+                    "stopping after {timeout} s with {active} requests unanswered "
+                    "({in_flight} in flight, {queued} queued)",
                     timeout=self.timeout,
                     active=active,
                     in_flight=in_flight,
@@ -220,7 +223,7 @@ class Reloader(service.Service):
         if self._loop is not None and self._loop.running:
             self._loop.stop()
 
-    def _sighup(self, signum, frame) -> None:
+    def _sighup(self, signum: int, frame: Any) -> None:
         self.clock.callFromThread(self.reload, "SIGHUP")
 
     def _poll(self) -> None:
@@ -252,10 +255,10 @@ class Reloader(service.Service):
             return False
         return True
 
-    def _hosts(self, options) -> list:
+    def _hosts(self, options: usage.Options) -> list:
         return list(options["hosts"]) + list(self.extra_hosts())
 
-    def _apply(self, new, trigger: str) -> None:
+    def _apply(self, new: usage.Options, trigger: str) -> None:
         fleet = self.fleet
         before = {str(b.address) for b in fleet.backends if not b.leaving}
         fleet.reconfigure(self._hosts(new))

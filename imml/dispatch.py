@@ -28,13 +28,12 @@ from typing import Callable, Collection, Optional
 from weakref import WeakKeyDictionary
 
 from attrs import define, evolve, field
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from .classify import RequestInfo
 from .fleet import Backend, Fleet, Load
 from .interfaces import IStrategy
-
 
 #: Batch starts on a host are at least this share of its slot interval apart
 #: while people search.
@@ -288,7 +287,9 @@ class Dispatcher:
         if self.candidates(waiter.info, waiter.avoid):
             return f"every ML host stayed busy for {self.queue_timeout:g} s"
         if any(b.up for b in self.fleet.backends):
-            return f"no ML host that serves {waiter.info.task or 'this request'} came up within {self.queue_timeout:g} s"
+            return (
+                f"no ML host that serves {waiter.info.task or 'this request'} came up within {self.queue_timeout:g} s"
+            )
         return f"no ML host came up within {self.queue_timeout:g} s"
 
     def pump(self) -> None:

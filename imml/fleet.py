@@ -10,7 +10,7 @@ forwarder) that a host went down with requests on it.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from attrs import define, field
 from twisted.logger import Logger
@@ -40,7 +40,7 @@ class Fleet:
     def from_addresses(
         cls,
         addresses: Iterable[BackendAddress],
-        clock,
+        clock: Any,
         rise: int = 2,
         fall: int = 3,
         settings: Callable[[BackendAddress], BackendSettings] = lambda a: BackendSettings(),
@@ -54,11 +54,11 @@ class Fleet:
         health = Health(rise=self.rise, fall=self.fall, since=self.clock.seconds())
         return Backend(address, index, settings, health, now=self.clock.seconds)
 
-    def add(self, address: BackendAddress, settings: BackendSettings = BackendSettings()) -> Backend:
+    def add(self, address: BackendAddress, settings: Optional[BackendSettings] = None) -> Backend:
         """
         Add a host at the end of the list (it is unknown until checked).
         """
-        backend = self._new(address, len(self.backends), settings)
+        backend = self._new(address, len(self.backends), settings or BackendSettings())
         self.backends.append(backend)
         self.log.info("ML host {backend} joins", backend=str(address), imml_event="join")
         self.changed()
@@ -259,8 +259,7 @@ class Fleet:
             now = self.clock.seconds()
             health.blocked_until = now + health.block
             self.log.warn(
-                "ML host {backend} fails {task} requests that other hosts answer; "
-                "sending it none for {seconds:g} s",
+                "ML host {backend} fails {task} requests that other hosts answer; sending it none for {seconds:g} s",
                 backend=str(backend),
                 task=task,
                 seconds=health.block,

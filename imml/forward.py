@@ -15,11 +15,11 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
+from .attempt import Attempt, AttemptState
 from .classify import RequestInfo
 from .dispatch import Dispatcher
 from .fleet import Fleet, Load
 from .interfaces import IReporter
-from .attempt import Attempt, AttemptState
 from .job import Job
 from .records import AttemptRecord, RequestRecord
 from .site import BalancerRequest

@@ -6,7 +6,7 @@ every host on an interval.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+from typing import Any, Callable, Optional
 
 from attrs import define, field, frozen
 from twisted.internet import error as ierror
@@ -141,7 +141,7 @@ class HealthChecker:
         """
         return DeferredList([self.check(backend) for backend in self.fleet.backends])
 
-    def check(self, backend) -> Deferred:
+    def check(self, backend: Any) -> Deferred:
         """
         Check one host now, unless a check of it is already under way.
         """
@@ -150,7 +150,7 @@ class HealthChecker:
         self._running.add(backend)
         return ensureDeferred(self._check(backend))
 
-    async def _check(self, backend) -> None:
+    async def _check(self, backend: Any) -> None:
         try:
             try:
                 await self.ping(backend)

@@ -16,7 +16,13 @@ path and select it by its C{name}.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from .records import AttemptRecord, RequestRecord
 
 
 class IRequestInfo(Interface):
@@ -32,8 +38,7 @@ class IRequestInfo(Interface):
         "unrecognised /predict, or None for a request that is not a /predict."
     )
     interactive = Attribute(
-        "True when a person waits for the answer (a CLIP text search); such "
-        "requests go ahead of batch work."
+        "True when a person waits for the answer (a CLIP text search); such requests go ahead of batch work."
     )
     ahead = Attribute(
         "How many requests wait in the balancer's queue ahead of this one; "
@@ -103,7 +108,7 @@ class IStrategy(Interface):
 
     name = Attribute("The name the strategy is selected by, e.g. 'round-robin'.")
 
-    def choose(request, candidates):
+    def choose(request: IRequestInfo, candidates: Sequence[IBackendView]) -> IBackendView | None:
         """
         Choose a host for C{request}.
 
@@ -139,12 +144,12 @@ class IReporter(Interface):
     quick and must not raise.
     """
 
-    def attempt_finished(record):
+    def attempt_finished(record: AttemptRecord) -> None:
         """
         An L{imml.records.AttemptRecord}: one try on one host is over.
         """
 
-    def request_finished(record):
+    def request_finished(record: RequestRecord) -> None:
         """
         An L{imml.records.RequestRecord}: a client request is answered.
         """

@@ -34,8 +34,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
-from .classify import RequestInfo
 from .attempt import Attempt, AttemptState
+from .classify import RequestInfo
 from .dispatch import Dispatcher, NoBackendAvailable
 from .fleet import Backend, Fleet, Load
 from .health import describe_failure
@@ -75,6 +75,7 @@ class Runner(Protocol):
 
     def report(self, record: RequestRecord) -> None:
         """A client request is over."""
+
 
 #: However many connections are refused, a request is sent at most this many
 #: times max-tries.
@@ -352,9 +353,7 @@ class Job:
         if self.last is not None:
             self.answer(*self.last)
         else:
-            self.answer_error(
-                503, f"no ML host answered after {len(self.tried)} tries: " + "; ".join(self.reasons)
-            )
+            self.answer_error(503, f"no ML host answered after {len(self.tried)} tries: " + "; ".join(self.reasons))
 
     def finish(self, backend: Optional[Backend], status: Any, reason: Optional[str] = None) -> None:
         if self.state is JobState.DONE:

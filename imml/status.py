@@ -14,6 +14,7 @@ from attrs import define, field
 
 from . import __version__
 from .health import DOWN, UNKNOWN
+from .host import Backend
 from .window import RecentWindow
 
 #: A host's state: the first whose test holds.
@@ -28,7 +29,7 @@ STATES: tuple[tuple[str, Callable[[object], bool]], ...] = (
 STATE_NAMES = tuple(name for name, _ in STATES)
 
 
-def host_state(backend) -> str:
+def host_state(backend: Backend) -> str:
     return next(name for name, test in STATES if test(backend))
 
 
@@ -58,7 +59,7 @@ class Status:
         """
         self.actions = on
 
-    def find(self, address: str):
+    def find(self, address: str) -> Optional[Backend]:
         """
         The host whose address reads C{address} (C{host:port}), or None.
         """
@@ -67,7 +68,7 @@ class Status:
                 return backend
         return None
 
-    def host(self, backend) -> dict:
+    def host(self, backend: Backend) -> dict:
         health, settings, address = backend.health, backend.settings, str(backend.address)
         return {
             "address": address,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import re
-
 from typing import Any, Callable, Optional
 
 from twisted.application import service
@@ -103,8 +102,19 @@ class Options(usage.Options):
         ["wol-interval", None, 30.0, "Least seconds between two wake-up packets to one host.", _positive(float)],
         ["demo", None, 0, "Start this many local stand-in ML hosts and balance over them.", int],
         # Seeing and steering the fleet (imml.control, imml.admin; docs/admin.md).
-        ["admin", None, "tcp:8080:interface=127.0.0.1", "Where the status page, /api/status and /metrics listen: a Twisted server endpoint string, or none."],
-        ["drain-timeout", None, 30.0, "Seconds a stopping balancer waits for the requests it accepted.", _positive(float)],
+        [
+            "admin",
+            None,
+            "tcp:8080:interface=127.0.0.1",
+            "Where the status page, /api/status and /metrics listen: a Twisted server endpoint string, or none.",
+        ],
+        [
+            "drain-timeout",
+            None,
+            30.0,
+            "Seconds a stopping balancer waits for the requests it accepted.",
+            _positive(float),
+        ],
     ]
     optFlags = [["admin-actions", None, "Allow drain, enable and check from the admin page and API."]]
 

@@ -15,7 +15,8 @@ The hosts are reached through one L{Agent} with its own connection pool
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Protocol as TypingProtocol
+from typing import Any, Callable, Optional
+from typing import Protocol as TypingProtocol
 
 from attrs import define, field
 from twisted.internet import error as ierror

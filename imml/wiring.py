@@ -24,7 +24,7 @@ from .backends import parse_backend
 from .control import GracefulStop, OrderedStop, Reloader
 from .dispatch import Dispatcher
 from .fleet import BackendSettings, Fleet
-from .forward import ForwardSettings, Forwarder
+from .forward import Forwarder, ForwardSettings
 from .health import HealthChecker
 from .logs import OffersLogObserver
 from .metrics import Metrics

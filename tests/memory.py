@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 from imml.backends import parse_backend
 from imml.dispatch import Dispatcher
 from imml.fleet import Fleet
-from imml.forward import ForwardSettings, Forwarder
+from imml.forward import Forwarder, ForwardSettings
 from imml.records import AttemptRecord, RequestRecord
 from imml.site import BalancerResource, BalancerSite
 from imml.strategies import strategy_named
@@ -106,12 +106,14 @@ class MemoryBalancer:
     site: BalancerSite
     records: Records
 
-    def send(self, method: bytes, path: bytes, body: bytes = b"", headers: dict[bytes, bytes] = {}) -> Client:
+    def send(
+        self, method: bytes, path: bytes, body: bytes = b"", headers: Optional[dict[bytes, bytes]] = None
+    ) -> Client:
         transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.50", 40000))
         channel = self.site.buildProtocol(None)
         channel.makeConnection(transport)
         lines = [method + b" " + path + b" HTTP/1.1", b"Host: balancer"]
-        lines += [name + b": " + value for name, value in headers.items()]
+        lines += [name + b": " + value for name, value in (headers or {}).items()]
         lines.append(b"Content-Length: %d" % len(body))
         channel.dataReceived(b"\r\n".join(lines) + b"\r\n\r\n" + body)
         self.agent.flush()

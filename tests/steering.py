@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import json
 
-import treq
 from prometheus_client.parser import text_string_to_metric_families
-
 from support import Rig
 
 

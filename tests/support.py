@@ -9,8 +9,8 @@ import functools
 from typing import Callable
 
 import pytest_twisted
-from treq.client import HTTPClient
 from attrs import define, field
+from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import deferLater
@@ -18,8 +18,8 @@ from twisted.logger import globalLogPublisher
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from imml.tap import Options
-from imml.wiring import Balancer, build
 from imml.testing import ENTRIES, FakeMLHost, predict_body, start_fake_hosts
+from imml.wiring import Balancer, build
 
 
 def bounded(seconds: float):
@@ -112,8 +112,17 @@ async def rig(specs: list[dict], *args: str, wait_up: bool = True) -> Rig:
     hosts = await start_fake_hosts(reactor, specs)
     options = Options()
     options.parseOptions(
-        ["--listen", "tcp:0:interface=127.0.0.1", "--backends", ",".join(h.address for h in hosts),
-         "--health-interval", "0.2", "--admin", "tcp:0:interface=127.0.0.1", *args]
+        [
+            "--listen",
+            "tcp:0:interface=127.0.0.1",
+            "--backends",
+            ",".join(h.address for h in hosts),
+            "--health-interval",
+            "0.2",
+            "--admin",
+            "tcp:0:interface=127.0.0.1",
+            *args,
+        ]
     )
     balancer = build(options, reactor)
     r = Rig(hosts, balancer, "", None, HTTPConnectionPool(reactor))

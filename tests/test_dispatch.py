@@ -2,7 +2,6 @@
 The dispatcher with a task.Clock: late binding, priorities, bounds.
 """
 
-import pytest
 from twisted.internet import task
 from twisted.internet.defer import CancelledError
 

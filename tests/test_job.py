@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+from memory import memory_balancer
 from twisted.logger import (
     FilteringLogObserver,
     Logger,
@@ -20,7 +21,6 @@ from twisted.logger import (
 from imml.forward import HEDGE_FACTOR, HEDGE_MIN
 from imml.records import ANSWERED, CANCELLED, RETRIED, RequestRecord
 from imml.requestlog import RequestLog
-from memory import memory_balancer
 
 
 def test_an_answer_comes_from_the_first_host_and_names_it():

@@ -50,23 +50,45 @@ def test_twistd_lists_both_plugins():
 def test_balancer_help_names_every_option():
     result = twistd("imml-balancer", "--help")
     for option in [
-        "--listen", "--backends", "--strategy", "--health-interval", "--health-timeout", "--rise", "--fall",
-        "--connect-timeout", "--response-timeout", "--max-body", "--max-tries",
+        "--listen",
+        "--backends",
+        "--strategy",
+        "--health-interval",
+        "--health-timeout",
+        "--rise",
+        "--fall",
+        "--connect-timeout",
+        "--response-timeout",
+        "--max-body",
+        "--max-tries",
     ]:
         assert option in result.stdout
 
 
 def test_a_bad_backend_list_stops_start_up_with_a_message_naming_the_entry():
-    result = twistd("-n", "--pidfile=", "imml-balancer", "--listen", "tcp:0:interface=127.0.0.1",
-                    "--backends", "nas:3003,desktop.local:99999")
+    result = twistd(
+        "-n",
+        "--pidfile=",
+        "imml-balancer",
+        "--listen",
+        "tcp:0:interface=127.0.0.1",
+        "--backends",
+        "nas:3003,desktop.local:99999",
+    )
     assert result.returncode != 0
     assert "'desktop.local:99999'" in result.stdout + result.stderr
     assert "65535" in result.stdout + result.stderr
 
 
 def test_imml_backends_is_read_from_the_environment():
-    result = twistd("-n", "--pidfile=", "imml-balancer", "--listen", "tcp:0:interface=127.0.0.1",
-                    env={"IMML_BACKENDS": "http://ok:3003,https://nope"})
+    result = twistd(
+        "-n",
+        "--pidfile=",
+        "imml-balancer",
+        "--listen",
+        "tcp:0:interface=127.0.0.1",
+        env={"IMML_BACKENDS": "http://ok:3003,https://nope"},
+    )
     assert result.returncode != 0
     assert "'https://nope'" in result.stdout + result.stderr
 

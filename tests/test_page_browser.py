@@ -12,10 +12,9 @@ test fails, it does not skip.
 import shutil
 from pathlib import Path
 
-from twisted.internet.threads import deferToThread
-
 from steering import admin_url, events
 from support import bounded, rig
+from twisted.internet.threads import deferToThread
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 
@@ -29,9 +28,18 @@ def browser(tmp_path):
     assert chromium and driver, "the browser test needs Debian's chromium and chromium-driver (.ci/run installs them)"
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for argument in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                     "--window-size=1400,500", f"--user-data-dir={tmp_path / 'chromium'}"):
+    for argument in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1400,500",
+        f"--user-data-dir={tmp_path / 'chromium'}",
+    ):
         options.add_argument(argument)
     return webdriver.Chrome(service=Service(executable_path=driver), options=options)
 

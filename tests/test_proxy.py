@@ -2,22 +2,21 @@
 The balancer over real loopback sockets, in front of fake Immich ML hosts.
 """
 
-import hashlib
 import json
 from collections import Counter
 
 import treq
 import treq.client
+from support import bounded, rig, sleep, until
 from twisted.internet import reactor
-from twisted.internet.defer import ensureDeferred, gatherResults
-from twisted.internet.protocol import Protocol, ClientFactory
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet._resolver import HostResolution
+from twisted.internet.defer import ensureDeferred, gatherResults
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IHostnameResolver
+from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
 from imml.testing import ENTRIES, predict_body
-from support import bounded, rig, sleep, until
 
 
 def served_by(rig_, response):
@@ -253,8 +252,9 @@ async def test_a_client_going_away_cancels_the_upstream_request():
 
 @bounded(20)
 async def test_a_hung_host_times_out_and_the_request_goes_elsewhere():
-    async with await rig(hosts(2), "--strategy", "failover", "--response-timeout", "0.5",
-                         "--health-interval", "60") as r:
+    async with await rig(
+        hosts(2), "--strategy", "failover", "--response-timeout", "0.5", "--health-interval", "60"
+    ) as r:
         r.hosts[0].mode = "hang"
         response = await r.predict()
         assert response.code == 200 and served_by(r, response) == "h1"
@@ -326,8 +326,19 @@ async def raw_request(port: int, data: bytes) -> bytes:
 
 @bounded(20)
 async def test_a_host_that_stalls_mid_request_has_it_redispatched_at_once():
-    async with await rig(hosts(2), "--strategy", "failover", "--fall", "1", "--health-interval", "0.2",
-                         "--health-timeout", "0.3", "--response-timeout", "60") as r:
+    async with await rig(
+        hosts(2),
+        "--strategy",
+        "failover",
+        "--fall",
+        "1",
+        "--health-interval",
+        "0.2",
+        "--health-timeout",
+        "0.3",
+        "--response-timeout",
+        "60",
+    ) as r:
         r.hosts[0].mode = "hang"  # a laptop falling asleep: nothing answers, nothing is refused
         response = await r.predict()
         assert response.code == 200 and served_by(r, response) == "h1"

@@ -7,14 +7,13 @@ import os
 import signal
 
 import pytest
-
+from steering import events, host, status
+from support import bounded, rig, sleep, until
+from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred, gatherResults
 
 from imml.control import Reloader
-from steering import events, host, status
-from support import bounded, rig, sleep, until
 from imml.testing import start_fake_hosts
-from twisted.internet import reactor
 
 
 def hosts(n, **kw):
@@ -30,7 +29,7 @@ def write(path, text):
 
 
 def config_of(*addresses, **balancer):
-    lines = ["[balancer]"] + [f'{k.replace("_", "-")} = {v!r}'.replace("'", '"') for k, v in balancer.items()]
+    lines = ["[balancer]"] + [f"{k.replace('_', '-')} = {v!r}".replace("'", '"') for k, v in balancer.items()]
     for address in addresses:
         lines += ["[[hosts]]", f'address = "{address}"']
     return "\n".join(lines) + "\n"
@@ -119,12 +118,12 @@ async def test_a_bad_config_is_rejected_and_the_old_one_stays(tmp_path):
     path = str(tmp_path / "imml.toml")
     async with await _rig_with_config(path) as r:
         before = list(r.fleet.backends)
-        write(path, config_of(r.hosts[0].address) + "[[hosts]]\naddress = \"nas\"\nslots = 0\n")
+        write(path, config_of(r.hosts[0].address) + '[[hosts]]\naddress = "nas"\nslots = 0\n')
         assert r.balancer.reloader.reload("test") is False
         [event] = events(r, "reload-rejected")
         assert "line 6" in event["reason"] and "slots" in event["reason"]
         assert r.fleet.backends == before
-        write(path, "[balancer]\nstrategy = \"no-such-strategy\"\n")
+        write(path, '[balancer]\nstrategy = "no-such-strategy"\n')
         assert r.balancer.reloader.reload("test") is False
         assert r.balancer.dispatcher.strategy.name == "round-robin"
         response = await r.predict()

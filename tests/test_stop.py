@@ -5,13 +5,12 @@ before the stop completes, up to --drain-timeout.
 """
 
 import pytest
+from steering import events
+from support import bounded, rig, until
+from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.error import ConnectionRefusedError
 from twisted.web.client import Agent, HTTPConnectionPool
-from treq.client import HTTPClient
-
-from steering import events
-from support import bounded, rig, until
 
 
 def hosts(n, **kw):

@@ -157,7 +157,7 @@ def test_unknown_names_list_the_choices():
     assert "IStrategy" in str(e.value)
 
 
-PLUGIN = '''
+PLUGIN = """
 from imml.strategies import StrategyFactory, Failover
 
 class Backwards(Failover):
@@ -166,7 +166,7 @@ class Backwards(Failover):
         return max(candidates, key=lambda c: c.index)
 
 backwards = StrategyFactory("backwards", Backwards, "last host first")
-'''
+"""
 
 
 def test_a_twisted_plugin_selects_a_third_party_strategy(tmp_path, monkeypatch):
@@ -294,7 +294,9 @@ def test_shortest_delay_keeps_a_free_host_busy_unless_waiting_is_clearly_sooner(
     assert ShortestDelay().choose(sed_request(), [busy, free]) is free
     free.seconds = 0.030
     assert ShortestDelay().choose(sed_request(), [busy, free]) is None
-    assert ShortestDelay(patience=1.0, slack=0.0).choose(sed_request(), [busy, timed(1, limit=2, seconds=0.016)]) is None
+    assert (
+        ShortestDelay(patience=1.0, slack=0.0).choose(sed_request(), [busy, timed(1, limit=2, seconds=0.016)]) is None
+    )
 
 
 def test_a_search_takes_whatever_is_sooner_without_patience():

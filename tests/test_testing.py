@@ -163,7 +163,7 @@ def test_predict_body_text_and_explicit_boundary() -> None:
 
 
 def test_parse_predict_accepts_quoted_boundary_preamble_and_epilogue() -> None:
-    body = b"preamble\r\n--b\r\ncontent-disposition: form-data; name=\"text\"\r\n\r\nhi\r\n--b--\r\nepilogue"
+    body = b'preamble\r\n--b\r\ncontent-disposition: form-data; name="text"\r\n\r\nhi\r\n--b--\r\nepilogue'
     assert parse_predict(b'Multipart/Form-Data; boundary="b"', body)["text"] == "hi"
 
 
@@ -176,7 +176,10 @@ def test_parse_predict_accepts_quoted_boundary_preamble_and_epilogue() -> None:
         (b"multipart/form-data; boundary=b", b'--b\r\nContent-Disposition: form-data; name="text"\r\n\r\nhi'),
         (b"multipart/form-data; boundary=b", b"--b\r\nContent-Type: text/plain\r\n\r\nhi\r\n--b--\r\n"),
         (b"multipart/form-data; boundary=b", b"--b junk\r\n\r\nhi\r\n--b--\r\n"),
-        (b"multipart/form-data; boundary=b", b'--b\r\nContent-Disposition: form-data; name="text"\r\n\r\n\xff\r\n--b--'),
+        (
+            b"multipart/form-data; boundary=b",
+            b'--b\r\nContent-Disposition: form-data; name="text"\r\n\r\n\xff\r\n--b--',
+        ),
     ],
     ids=["not-multipart", "no-boundary", "no-delimiter", "unterminated", "no-disposition", "garbage", "not-utf8"],
 )
@@ -274,7 +277,16 @@ def test_received_records_each_predict() -> None:
         ('{"clip":{"visual":{"modelName":"ViT-Nope"}}}', {"image": JPEG}, 500, "Failed to load model 'ViT-Nope'"),
         ('{"clip":{"audio":{"modelName":"ViT-B-32__openai"}}}', {"image": JPEG}, 500, None),
     ],
-    ids=["missing", "bad-json", "no-model-name", "not-an-object", "no-input", "empty-image", "unknown-model", "unknown-type"],
+    ids=[
+        "missing",
+        "bad-json",
+        "no-model-name",
+        "not-an-object",
+        "no-input",
+        "empty-image",
+        "unknown-model",
+        "unknown-type",
+    ],
 )
 def test_predict_validation(entries: str | None, kwargs: dict[str, Any], status: int, detail: str | None) -> None:
     f = fake()
@@ -595,7 +607,10 @@ async def test_start_fake_hosts_for_the_demo() -> None:
         async def test(http: HTTPClient) -> None:
             for h in hosts:
                 response = await http.get(h.url + "/ping")
-                assert (await response.text(), response.headers.getRawHeaders(b"x-fake-host")) == ("pong", [h.name.encode()])
+                assert (await response.text(), response.headers.getRawHeaders(b"x-fake-host")) == (
+                    "pong",
+                    [h.name.encode()],
+                )
 
         await _with_client(test)
     finally:
@@ -628,8 +643,19 @@ async def test_child_process_prints_listening_serves_and_exits_on_sigterm() -> N
     from twisted.internet import reactor
 
     child = _ChildProtocol()
-    args = [sys.executable, "-m", "imml.testing", "--name", "child", "--slots", "2", "--service-ms", "5",
-            "--service-ms-task", "clip-textual=1"]
+    args = [
+        sys.executable,
+        "-m",
+        "imml.testing",
+        "--name",
+        "child",
+        "--slots",
+        "2",
+        "--service-ms",
+        "5",
+        "--service-ms-task",
+        "clip-textual=1",
+    ]
     process = reactor.spawnProcess(child, sys.executable, args, env=dict(os.environ))
     try:
         line = await child.first_line.addTimeout(TIMEOUT, reactor)
@@ -641,7 +667,9 @@ async def test_child_process_prints_listening_serves_and_exits_on_sigterm() -> N
             assert await response.text() == "pong"
             assert response.headers.getRawHeaders(b"x-fake-host") == [b"child"]
             content_type, body = predict_body(ENTRIES["clip-textual"], text="a dog")
-            response = await http.post(f"http://{address}/predict", data=body, headers={b"content-type": [content_type]})
+            response = await http.post(
+                f"http://{address}/predict", data=body, headers={b"content-type": [content_type]}
+            )
             assert response.code == 200 and "clip" in await response.json()
 
         await _with_client(test)

@@ -2,15 +2,14 @@
 Wake-on-LAN: packets go out while requests wait for a sleeping host.
 """
 
+from support import bounded, until
 from twisted.internet import reactor, task
-from twisted.internet.defer import Deferred
 from twisted.internet.protocol import DatagramProtocol
 
 from imml.backends import BackendAddress
 from imml.classify import RequestInfo
 from imml.fleet import BackendSettings, Fleet
 from imml.wake import Waker, magic_packet
-from support import bounded, until
 
 OCR = RequestInfo(b"POST", b"/predict", "ocr")
 

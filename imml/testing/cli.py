@@ -109,4 +109,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     reactor.callWhenRunning(lambda: host.listen(args.listen).addCallbacks(listening, failed))
     reactor.run()
     return exit_code[0]
-

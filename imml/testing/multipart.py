@@ -21,10 +21,7 @@ __all__ = ["ENTRIES", "MultipartError", "parse_predict", "predict_body"]
 
 ENTRIES: dict[str, str] = {
     "clip-visual": '{"clip":{"visual":{"modelName":"ViT-B-32__openai"}}}',
-    "clip-textual": (
-        '{"clip":{"textual":{"modelName":"ViT-B-32__openai",'
-        '"options":{"language":"en"}}}}'
-    ),
+    "clip-textual": ('{"clip":{"textual":{"modelName":"ViT-B-32__openai","options":{"language":"en"}}}}'),
     "faces": (
         '{"facial-recognition":{"detection":{"modelName":"buffalo_l",'
         '"options":{"minScore":0.7}},"recognition":{"modelName":"buffalo_l"}}}'
@@ -115,9 +112,7 @@ def predict_body(
     return b"multipart/form-data; boundary=" + boundary, b"".join(chunks)
 
 
-_PARAM = re.compile(
-    rb"""\s*;\s*([!#$%&'*+.^_`|~0-9A-Za-z-]+)\s*=\s*("(?:[^"\\\r\n]|\\.)*"|[^;\s"]*)\s*"""
-)
+_PARAM = re.compile(rb"""\s*;\s*([!#$%&'*+.^_`|~0-9A-Za-z-]+)\s*=\s*("(?:[^"\\\r\n]|\\.)*"|[^;\s"]*)\s*""")
 _QUOTED_PAIR = re.compile(rb"\\(.)")
 
 
@@ -224,4 +219,3 @@ def parse_predict(content_type: bytes, body: bytes) -> dict[str, Any]:
             except UnicodeDecodeError as e:
                 raise MultipartError(f"field {key!r} is not UTF-8") from e
     return fields
-
