@@ -91,7 +91,11 @@ def stream(
     label = label or os.path.basename(argv[0])
     started = time.monotonic()
     process = subprocess.Popen(
-        argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        argv,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
     )
     pieces = queue.Queue()
@@ -155,9 +159,7 @@ def _release_tags(git: str, repo: str, env: Mapping[str, str]) -> list[str]:
     return [line.split("refs/tags/", 1)[1] for line in done.stdout.splitlines() if "refs/tags/" in line]
 
 
-def _checkout(
-    plan: SetupPlan, git: str, ref: str, env: Mapping[str, str], out: Callable[[str], object]
-) -> str:
+def _checkout(plan: SetupPlan, git: str, ref: str, env: Mapping[str, str], out: Callable[[str], object]) -> str:
     """
     Clone, or move an existing checkout to C{ref}; returns what was done.
     """
@@ -170,14 +172,21 @@ def _checkout(
         out(f"    fetching {ref} into the existing checkout {target}")
         code = stream(
             [git, "fetch", "--progress", "--depth", "1", "origin", "tag", ref],
-            out, cwd=target, env=env, label="git",
+            out,
+            cwd=target,
+            env=env,
+            label="git",
         )
         if code != 0:
             raise SetupError(
                 f"git fetch of {ref} failed (exit code {code}): check that the release "
                 f"exists (`git ls-remote --tags {plan.repo}`) and the network."
             )
-        done = _quiet([git, "-c", "advice.detachedHead=false", "checkout", "--quiet", "--detach", f"refs/tags/{ref}"], cwd=target, env=env)
+        done = _quiet(
+            [git, "-c", "advice.detachedHead=false", "checkout", "--quiet", "--detach", f"refs/tags/{ref}"],
+            cwd=target,
+            env=env,
+        )
         if done.returncode != 0:
             raise SetupError(
                 f"could not check out {ref} in {target}: {done.stderr.strip()}. Local "
@@ -185,14 +194,27 @@ def _checkout(
             )
         return f"moved {target} to {ref}"
     if target.exists() and any(target.iterdir()):
-        raise SetupError(
-            f"{target} exists and is not a git checkout: remove it or choose another --immich."
-        )
+        raise SetupError(f"{target} exists and is not a git checkout: remove it or choose another --immich.")
     target.parent.mkdir(parents=True, exist_ok=True)
     code = stream(
-        [git, "-c", "advice.detachedHead=false", "clone", "--progress", "--depth", "1", "--branch", ref, "--filter=blob:none",
-         "--sparse", plan.repo, str(target)],
-        out, env=env, label="git",
+        [
+            git,
+            "-c",
+            "advice.detachedHead=false",
+            "clone",
+            "--progress",
+            "--depth",
+            "1",
+            "--branch",
+            ref,
+            "--filter=blob:none",
+            "--sparse",
+            plan.repo,
+            str(target),
+        ],
+        out,
+        env=env,
+        label="git",
     )
     if code != 0:
         raise SetupError(
@@ -209,9 +231,7 @@ def _checkout(
     return f"cloned {plan.repo} at {ref} into {target} (only {SPARSE_FOLDER}/)"
 
 
-def _sync(
-    plan: SetupPlan, uv: str, env: Mapping[str, str], out: Callable[[str], object]
-) -> str:
+def _sync(plan: SetupPlan, uv: str, env: Mapping[str, str], out: Callable[[str], object]) -> str:
     uv_env = {k: v for k, v in env.items() if k != "VIRTUAL_ENV"}
     argv = [uv, "sync", "--extra", "cpu", "--no-dev"]
     if plan.python:
@@ -226,8 +246,7 @@ def _sync(
         )
     if not plan.venv_python.exists():
         raise SetupError(
-            f"uv finished but {plan.venv_python} does not exist: is UV_PROJECT_ENVIRONMENT "
-            f"set? Unset it and re-run."
+            f"uv finished but {plan.venv_python} does not exist: is UV_PROJECT_ENVIRONMENT set? Unset it and re-run."
         )
     return f"{'updated' if existed else 'created'} the environment {plan.venv_python.parent.parent}"
 
@@ -245,7 +264,9 @@ def run_setup(
     steps = 4
     out(f"[1/{steps}] Checking tools")
     git = _tool("git", env, "Install Apple's command line tools: `xcode-select --install` (or `brew install git`).")
-    uv = _tool("uv", env, "Install it: `brew install uv`, or see https://docs.astral.sh/uv/getting-started/installation/.")
+    uv = _tool(
+        "uv", env, "Install it: `brew install uv`, or see https://docs.astral.sh/uv/getting-started/installation/."
+    )
     done.append(f"found git ({git}) and uv ({uv})")
     ref = plan.ref
     if ref is None:
@@ -273,6 +294,8 @@ def run_setup(
         try:
             plan.cache.mkdir(parents=True)
         except OSError as exc:
-            raise SetupError(f"could not create the model cache {plan.cache}: {exc.strerror}. Choose another --cache.")
+            raise SetupError(
+                f"could not create the model cache {plan.cache}: {exc.strerror}. Choose another --cache."
+            ) from None
         done.append(f"created the model cache {plan.cache}")
     return done

@@ -62,18 +62,17 @@ class Interpreter:
                 f"the Python interpreter {self.python} does not exist: run "
                 f"`imml-mac setup` to create Immich's virtual environment, or "
                 f"pass --python"
-            )
+            ) from None
         except PermissionError:
-            raise ProbeError(f"{self.python} is not executable: pass --python")
+            raise ProbeError(f"{self.python} is not executable: pass --python") from None
         except subprocess.TimeoutExpired:
-            raise ProbeError(f"{self.python} did not answer within {timeout:.0f} s")
+            raise ProbeError(f"{self.python} did not answer within {timeout:.0f} s") from None
         lines = done.stdout.strip().splitlines()
         if done.returncode != 0 or not lines:
             raise ProbeError(
-                f"{self.python} failed (exit code {done.returncode}): "
-                f"{done.stderr.strip()[-2000:] or 'no output'}"
+                f"{self.python} failed (exit code {done.returncode}): {done.stderr.strip()[-2000:] or 'no output'}"
             )
         try:
             return json.loads(lines[-1])
         except ValueError:
-            raise ProbeError(f"{self.python} gave an answer that is not JSON: {lines[-1]!r}")
+            raise ProbeError(f"{self.python} gave an answer that is not JSON: {lines[-1]!r}") from None

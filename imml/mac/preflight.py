@@ -126,9 +126,7 @@ def assess(facts: dict, wanted: Sequence[str] = DEFAULT_PROVIDERS) -> Verdict:
             f"Install Immich's dependencies: `uv sync --extra cpu --no-dev`."
         )
     else:
-        notes.append(
-            f"onnxruntime {facts.get('onnxruntime')} offers: {', '.join(available) or 'nothing'}"
-        )
+        notes.append(f"onnxruntime {facts.get('onnxruntime')} offers: {', '.join(available) or 'nothing'}")
     coreml = CORE_ML in available
     if coreml:
         notes.append("Core ML is available: models can run on the Neural Engine and GPU.")
@@ -141,15 +139,9 @@ def assess(facts: dict, wanted: Sequence[str] = DEFAULT_PROVIDERS) -> Verdict:
     if not chosen and available:
         if CPU in available:
             chosen = [CPU]
-            notes.append(
-                f"None of the wanted providers ({', '.join(wanted)}) is available: "
-                f"using {CPU}."
-            )
+            notes.append(f"None of the wanted providers ({', '.join(wanted)}) is available: using {CPU}.")
         else:
-            problems.append(
-                f"None of the wanted providers ({', '.join(wanted)}) is available "
-                f"and there is no {CPU}."
-            )
+            problems.append(f"None of the wanted providers ({', '.join(wanted)}) is available and there is no {CPU}.")
     if chosen:
         notes.append(f"The service will use: {', '.join(chosen)}")
     return Verdict(problems=problems, notes=notes, coreml=coreml, providers=chosen)

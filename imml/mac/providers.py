@@ -55,7 +55,5 @@ def child_environment(
         env[setting_name(name)] = str(value)
     if providers:
         env["IMML_PROVIDERS"] = ",".join(providers)
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (HOOK_DIR, base.get("PYTHONPATH", "")) if p
-        )
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (HOOK_DIR, base.get("PYTHONPATH", "")) if p)
     return env

@@ -19,7 +19,8 @@ from typing import Any, Mapping, Optional
 from twisted.application import service
 from twisted.logger import Logger
 
-from imml.mac.supervisor import Command, Supervisor
+from imml.mac.process_group import Command
+from imml.mac.supervisor import Supervisor
 
 log = Logger()
 
@@ -52,9 +53,7 @@ def sleep_guard(
     if not enabled:
         return _Skipped("sleep prevention switched off (--allow-sleep): the Mac may sleep")
     if platform != "darwin":
-        return _Skipped(
-            f"not macOS ({platform}): skipping caffeinate, nothing keeps this machine awake"
-        )
+        return _Skipped(f"not macOS ({platform}): skipping caffeinate, nothing keeps this machine awake")
     program = shutil.which("caffeinate", path=env.get("PATH"))
     if program is None:
         return _Skipped("caffeinate not found on PATH (it is /usr/bin/caffeinate on macOS)")

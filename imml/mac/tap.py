@@ -31,10 +31,11 @@ from imml.mac import install, launchagent
 from imml.mac.doctor import run_doctor
 from imml.mac.interpreter import Interpreter, ProbeError
 from imml.mac.preflight import DEFAULT_PROVIDERS, Verdict, assess, parse_providers
+from imml.mac.process_group import Command
 from imml.mac.providers import child_environment, setting_name
 from imml.mac.readiness import PingProbe, ping_url
 from imml.mac.sleep import sleep_guard
-from imml.mac.supervisor import Command, Supervisor
+from imml.mac.supervisor import Supervisor
 
 log = Logger()
 
@@ -71,25 +72,23 @@ class ServiceOptions(usage.Options):
     """
 
     optParameters = [
-        ["immich", None, install.DEFAULT_TARGET,
-         "The Immich checkout or its machine-learning/ folder."],
-        ["python", None, None,
-         "The interpreter to run Immich ML with [default: the folder's .venv/bin/python]."],
+        ["immich", None, install.DEFAULT_TARGET, "The Immich checkout or its machine-learning/ folder."],
+        ["python", None, None, "The interpreter to run Immich ML with [default: the folder's .venv/bin/python]."],
         ["host", None, "0.0.0.0", "The address Immich ML listens on (IMMICH_HOST)."],
         ["port", None, 3003, "The port Immich ML listens on (IMMICH_PORT).", _port],
-        ["cache", None, install.DEFAULT_CACHE,
-         "The model cache folder (MACHINE_LEARNING_CACHE_FOLDER)."],
-        ["providers", None, ",".join(DEFAULT_PROVIDERS),
-         "The execution providers Immich ML may use, most preferred first "
-         "(short names such as CoreML,CPU work too)."],
-        ["model-ttl", None, None,
-         "Seconds before an idle model is unloaded (MACHINE_LEARNING_MODEL_TTL).", int],
+        ["cache", None, install.DEFAULT_CACHE, "The model cache folder (MACHINE_LEARNING_CACHE_FOLDER)."],
+        [
+            "providers",
+            None,
+            ",".join(DEFAULT_PROVIDERS),
+            "The execution providers Immich ML may use, most preferred first "
+            "(short names such as CoreML,CPU work too).",
+        ],
+        ["model-ttl", None, None, "Seconds before an idle model is unloaded (MACHINE_LEARNING_MODEL_TTL).", int],
         ["workers", None, None, "Gunicorn workers (MACHINE_LEARNING_WORKERS).", int],
         ["ping-interval", None, 10.0, "Seconds between health checks of /ping.", float],
-        ["ping-failures", None, 3,
-         "Failed health checks in a row after which Immich ML is restarted.", int],
-        ["start-timeout", None, 300.0,
-         "Seconds Immich ML may take to answer its first /ping.", float],
+        ["ping-failures", None, 3, "Failed health checks in a row after which Immich ML is restarted.", int],
+        ["start-timeout", None, 300.0, "Seconds Immich ML may take to answer its first /ping.", float],
         ["stop-timeout", None, 10.0, "Seconds between SIGTERM and SIGKILL on stop.", float],
     ]
     optFlags = [
@@ -103,7 +102,7 @@ class ServiceOptions(usage.Options):
     def opt_set(self, value: str) -> None:
         """
         A MACHINE_LEARNING_* setting, NAME=VALUE, prefix optional (e.g. PRELOAD__CLIP__TEXTUAL=ViT-B-32__openai); repeatable.
-        """
+        """  # noqa: E501 (the docstring is --set's help, one line)
         name, sep, setting = value.partition("=")
         if not sep or not name.strip():
             raise usage.UsageError(f"--set wants NAME=VALUE, not {value!r}")
@@ -113,7 +112,7 @@ class ServiceOptions(usage.Options):
         try:
             self["providers"] = parse_providers(self["providers"])
         except ValueError as exc:
-            raise usage.UsageError(f"--providers: {exc}")
+            raise usage.UsageError(f"--providers: {exc}") from None
         self["ml_dir"] = find_ml_dir(self["immich"])
         if self["python"] is None:
             self["python"] = str(self["ml_dir"] / ".venv" / "bin" / "python")
@@ -125,16 +124,17 @@ class ServiceOptions(usage.Options):
     def settings(self) -> list[tuple[str, str]]:
         return list(self["settings"])
 
-    def interpreter(
-        self, env: Optional[Mapping[str, str]] = None, with_providers: bool = False
-    ) -> Interpreter:
+    def interpreter(self, env: Optional[Mapping[str, str]] = None, with_providers: bool = False) -> Interpreter:
         """
         The Immich interpreter with the child's environment (without the
         provider hook, for pre-flight, unless C{with_providers}).
         """
         env = child_environment(
             os.environ if env is None else env,
-            self["python"], self["host"], self["port"], self["cache"],
+            self["python"],
+            self["host"],
+            self["port"],
+            self["cache"],
             self["providers"] if with_providers else None,
             self.settings(),
         )
@@ -165,8 +165,12 @@ class ServiceOptions(usage.Options):
 class SetupOptions(usage.Options):
     synopsis = "[--immich DIR] [--ref vX.Y.Z] [--cache DIR]"
     optParameters = [
-        ["immich", None, install.DEFAULT_TARGET,
-         "Where to put the Immich checkout (only machine-learning/ is fetched)."],
+        [
+            "immich",
+            None,
+            install.DEFAULT_TARGET,
+            "Where to put the Immich checkout (only machine-learning/ is fetched).",
+        ],
         ["ref", None, None, "The Immich release tag [default: the newest vX.Y.Z]."],
         ["repo", None, install.DEFAULT_REPO, "The Immich git repository."],
         ["cache", None, install.DEFAULT_CACHE, "The model cache folder to create."],
@@ -175,8 +179,11 @@ class SetupOptions(usage.Options):
 
     def plan(self) -> install.SetupPlan:
         return install.SetupPlan(
-            target=self["immich"], cache=self["cache"], repo=self["repo"],
-            ref=self["ref"], python=self["uv-python"],
+            target=self["immich"],
+            cache=self["cache"],
+            repo=self["repo"],
+            ref=self["ref"],
+            python=self["uv-python"],
         )
 
 
@@ -217,12 +224,11 @@ def _preflight(options: ServiceOptions, out: Callable[[str], object]) -> Verdict
         verdict = assess(options.interpreter().ask("facts"), options["providers"])
     except ProbeError as exc:
         out(f"imml-mac: pre-flight failed: {exc}")
-        raise SystemExit(1)
+        raise SystemExit(1) from None
     for note in verdict.notes:
         log.info("pre-flight: {note}", imml_event="preflight", note=note)
     if not verdict.coreml:
-        log.warn("pre-flight: Core ML is not available, running on the CPU",
-                 imml_event="preflight-no-coreml")
+        log.warn("pre-flight: Core ML is not available, running on the CPU", imml_event="preflight-no-coreml")
     if verdict.problems:
         for problem in verdict.problems:
             out(f"imml-mac: pre-flight failed: {problem}")
@@ -247,14 +253,19 @@ def build_service(
     pathlib.Path(options["cache"]).mkdir(parents=True, exist_ok=True)
     env = child_environment(
         os.environ if env is None else env,
-        options["python"], options["host"], options["port"], options["cache"],
-        verdict.providers, options.settings(),
+        options["python"],
+        options["host"],
+        options["port"],
+        options["cache"],
+        verdict.providers,
+        options.settings(),
     )
     top = service.MultiService()
     top.setName("imml-mac")
     sleep_guard(reactor, platform=platform, env=env, enabled=not options["allow-sleep"]).setServiceParent(top)
     probe = PingProbe(
-        reactor, ping_url(options["host"], options["port"]),
+        reactor,
+        ping_url(options["host"], options["port"]),
         timeout=max(1.0, min(5.0, options["ping-interval"])),
     )
     arguments = dict(
@@ -271,15 +282,16 @@ def build_service(
     Supervisor(reactor, command, **arguments).setServiceParent(top)
     log.info(
         "imml-mac: Immich ML from {ml_dir} on {host}:{port}, providers {providers}",
-        imml_event="service-configured", ml_dir=str(options["ml_dir"]), host=options["host"],
-        port=options["port"], providers=list(verdict.providers),
+        imml_event="service-configured",
+        ml_dir=str(options["ml_dir"]),
+        host=options["host"],
+        port=options["port"],
+        providers=list(verdict.providers),
     )
     return top
 
 
-def run_command(
-    name: str, options: usage.Options, out: Callable[[str], object] = print
-) -> int:
+def run_command(name: str, options: usage.Options, out: Callable[[str], object] = print) -> int:
     """
     Run C{setup}, C{doctor} or C{launchagent}; returns the exit status.
     """
@@ -297,7 +309,8 @@ def run_command(
         out("")
         out("Pre-flight in the new environment:")
         interpreter = Interpreter(
-            str(plan.venv_python), str(plan.ml_dir),
+            str(plan.venv_python),
+            str(plan.ml_dir),
             child_environment(os.environ, str(plan.venv_python), "0.0.0.0", 3003, plan.cache, None),
         )
         try:
@@ -318,8 +331,11 @@ def run_command(
         return run_doctor(options.interpreter(), options["providers"], out=out)
     if name == "launchagent":
         launchagent.write_agent(
-            options.arguments(), pathlib.Path.home(), options["port"],
-            label=options["label"], out=out,
+            options.arguments(),
+            pathlib.Path.home(),
+            options["port"],
+            label=options["label"],
+            out=out,
         )
         return 0
     raise usage.UsageError(f"unknown command {name}")

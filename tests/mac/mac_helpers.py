@@ -38,10 +38,7 @@ def tagged(events, imml_event, **match):
     """
     The events tagged C{imml_event}, optionally with given field values.
     """
-    return [
-        e for e in events
-        if e.get("imml_event") == imml_event and all(e.get(k) == v for k, v in match.items())
-    ]
+    return [e for e in events if e.get("imml_event") == imml_event and all(e.get(k) == v for k, v in match.items())]
 
 
 def free_port():

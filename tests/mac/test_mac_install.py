@@ -10,16 +10,18 @@ import stat
 import subprocess
 
 import pytest
+from mac_helpers import FAKE_ML, PYTHON
 
 from imml.mac import install
 from imml.mac.tap import Options, run_command
 
-from mac_helpers import FAKE_ML, PYTHON
-
 GIT_ENV = {
-    "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid",
-    "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.invalid",
-    "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1",
+    "GIT_AUTHOR_NAME": "t",
+    "GIT_AUTHOR_EMAIL": "t@example.invalid",
+    "GIT_COMMITTER_NAME": "t",
+    "GIT_COMMITTER_EMAIL": "t@example.invalid",
+    "GIT_CONFIG_GLOBAL": os.devnull,
+    "GIT_CONFIG_NOSYSTEM": "1",
 }
 
 
@@ -85,8 +87,7 @@ def tools(tmp_path, monkeypatch):
 
 def setup(tmp_path, *args):
     options = Options()
-    options.parseOptions(["setup", "--immich", str(tmp_path / "immich-ml"),
-                          "--cache", str(tmp_path / "cache"), *args])
+    options.parseOptions(["setup", "--immich", str(tmp_path / "immich-ml"), "--cache", str(tmp_path / "cache"), *args])
     lines = []
     code = run_command("setup", options.subOptions, out=lines.append)
     return code, "\n".join(lines)
@@ -180,16 +181,21 @@ def test_newest_release():
 def test_stream_shows_progress_updates_and_heartbeats():
     lines = []
     code = install.stream(
-        [PYTHON, "-c", "import sys, time; sys.stdout.write('a 1%\\ra 50%\\ra 100%\\n'); sys.stdout.flush(); "
-                       "time.sleep(0.5); print('late')"],
-        lines.append, label="x", heartbeat=0.2,
+        [
+            PYTHON,
+            "-c",
+            "import sys, time; sys.stdout.write('a 1%\\ra 50%\\ra 100%\\n'); sys.stdout.flush(); "
+            "time.sleep(0.5); print('late')",
+        ],
+        lines.append,
+        label="x",
+        heartbeat=0.2,
     )
     assert code == 0
     assert lines[0] == "    x: a 1%"  # the first update is shown...
     assert "    x: a 50%" not in lines  # ...then at most one a second
     assert "    x: a 100%" in lines and "    x: late" in lines
     assert any("x still running" in line for line in lines)
-
 
 
 def test_a_plan_expands_its_folders_and_is_a_value():

@@ -8,12 +8,11 @@ import os
 import sys
 
 import pytest
+from mac_helpers import FAKE_ML, FAKE_ORT, PYTHON
 
 from imml.mac.doctor import MODEL, interpret, run_doctor
 from imml.mac.interpreter import Interpreter, ProbeError
 from imml.mac.preflight import CORE_ML, CPU, assess, parse_providers
-
-from mac_helpers import FAKE_ML, FAKE_ORT, PYTHON
 
 MAC_FACTS = {
     "python": [3, 11, 9],
@@ -125,12 +124,22 @@ def test_doctor_runs_the_tiny_model_on_the_cpu_for_real():
 
 
 def test_doctor_answer_interpretation():
-    runs = interpret({"results": [
-        {"provider": CORE_ML, "available": True, "session_providers": [CPU]},
-        {"provider": CPU, "available": True, "session_providers": [CPU], "correct": False,
-         "load_seconds": 0.01, "run_seconds": 0.001},
-        {"provider": "X", "available": True, "error": "boom"},
-    ]})
+    runs = interpret(
+        {
+            "results": [
+                {"provider": CORE_ML, "available": True, "session_providers": [CPU]},
+                {
+                    "provider": CPU,
+                    "available": True,
+                    "session_providers": [CPU],
+                    "correct": False,
+                    "load_seconds": 0.01,
+                    "run_seconds": 0.001,
+                },
+                {"provider": "X", "available": True, "error": "boom"},
+            ]
+        }
+    )
     assert [(r.provider, r.ran) for r in runs] == [(CORE_ML, False), (CPU, False), ("X", False)]
     assert "dropped" in runs[0].detail and "wrong answer" in runs[1].detail and "boom" in runs[2].detail
 

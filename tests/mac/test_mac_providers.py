@@ -9,10 +9,9 @@ import os
 import subprocess
 
 import pytest
+from mac_helpers import FAKE_ML, FAKE_ORT, PYTHON
 
 from imml.mac.providers import HOOK_DIR, child_environment, setting_name
-
-from mac_helpers import FAKE_ML, FAKE_ORT, PYTHON
 
 IMMICH_ORDER = "import immich_ml.models.constants; from immich_ml.sessions.ort import default_providers"
 ORT_FIRST = "import onnxruntime; " + IMMICH_ORDER
@@ -24,7 +23,11 @@ def providers_seen(wanted, code, tmp_path, extra_path=()):
     env = child_environment(base, PYTHON, "127.0.0.1", 1, tmp_path, wanted)
     done = subprocess.run(
         [PYTHON, "-c", code + "; import json; print(json.dumps(default_providers()))"],
-        cwd=FAKE_ML, env=env, capture_output=True, text=True, check=True,
+        cwd=FAKE_ML,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return json.loads(done.stdout), done.stderr
 
@@ -59,7 +62,12 @@ def test_an_existing_sitecustomize_still_runs(tmp_path):
 def test_child_environment(tmp_path):
     base = {"PATH": "/usr/bin", "PYTHONPATH": "/x", "MACHINE_LEARNING_PRELOAD__CLIP": "keep"}
     env = child_environment(
-        base, "/venv/bin/python", "0.0.0.0", 3003, "/cache", ("CPUExecutionProvider",),
+        base,
+        "/venv/bin/python",
+        "0.0.0.0",
+        3003,
+        "/cache",
+        ("CPUExecutionProvider",),
         [("MACHINE_LEARNING_MODEL_TTL", "0")],
     )
     assert env["PATH"] == "/venv/bin:/usr/bin"

@@ -24,12 +24,15 @@ class Ping(Resource):
         return self.body
 
 
-@pytest.mark.parametrize("code, body, healthy", [
-    (200, b"pong", True),
-    (200, b"pong\n", True),
-    (200, b"starting", False),
-    (503, b"pong", False),
-])
+@pytest.mark.parametrize(
+    "code, body, healthy",
+    [
+        (200, b"pong", True),
+        (200, b"pong\n", True),
+        (200, b"starting", False),
+        (503, b"pong", False),
+    ],
+)
 def test_only_pong_is_healthy(code, body, healthy):
     probe = PingProbe(Clock(), "http://127.0.0.1:3003/ping", client=StubTreq(Ping(code, body)))
     assert probe().result is healthy
@@ -45,13 +48,16 @@ def test_a_refused_connection_is_unhealthy():
     assert PingProbe(Clock(), "http://127.0.0.1:1/ping", client=Refusing())().result is False
 
 
-@pytest.mark.parametrize("host, url", [
-    ("0.0.0.0", "http://127.0.0.1:3003/ping"),
-    ("::", "http://[::1]:3003/ping"),
-    ("[::]", "http://[::1]:3003/ping"),
-    ("192.0.2.7", "http://192.0.2.7:3003/ping"),
-    ("fe80::1", "http://[fe80::1]:3003/ping"),
-])
+@pytest.mark.parametrize(
+    "host, url",
+    [
+        ("0.0.0.0", "http://127.0.0.1:3003/ping"),
+        ("::", "http://[::1]:3003/ping"),
+        ("[::]", "http://[::1]:3003/ping"),
+        ("192.0.2.7", "http://192.0.2.7:3003/ping"),
+        ("fe80::1", "http://[fe80::1]:3003/ping"),
+    ],
+)
 def test_wildcards_are_checked_on_loopback(host, url):
     assert ping_url(host, 3003) == url
 

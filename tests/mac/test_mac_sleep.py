@@ -8,11 +8,10 @@ import os
 import stat
 
 import pytest_twisted
+from mac_helpers import kill_left, tagged, wait_gone
 from twisted.internet import defer, reactor
 
 from imml.mac.sleep import sleep_guard
-
-from mac_helpers import kill_left, tagged, wait_gone
 
 
 def fake_caffeinate(tmp_path):

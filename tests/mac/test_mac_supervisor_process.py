@@ -7,20 +7,18 @@ Every test stops its supervisor and checks that neither the child nor the
 grandchild is left running.
 """
 
-import json
 import os
 
-import pytest
 import pytest_twisted
 import treq
+from mac_helpers import FAKE_ML, FAKE_ORT, PYTHON, free_port, gone, kill_left, read_pids, tagged
 from twisted.internet import defer, reactor
 from twisted.web.client import Agent, HTTPConnectionPool
 
+from imml.mac.process_group import Command
 from imml.mac.providers import HOOK_DIR, child_environment
 from imml.mac.readiness import PingProbe, ping_url
-from imml.mac.supervisor import Command, Supervisor
-
-from mac_helpers import FAKE_ML, FAKE_ORT, PYTHON, free_port, gone, kill_left, tagged, read_pids
+from imml.mac.supervisor import Supervisor
 
 TIMEOUT = 20
 
@@ -38,16 +36,15 @@ class Run:
     A supervisor of the fake Immich, and the bookkeeping to clean it up.
     """
 
-    def __init__(self, tmp_path, providers=("CPUExecutionProvider",), base=None, extra=None,
-                 settings=(), **supervision):
+    def __init__(
+        self, tmp_path, providers=("CPUExecutionProvider",), base=None, extra=None, settings=(), **supervision
+    ):
         self.port = free_port()
         self.pids_file = tmp_path / "pids"
         base = dict(os.environ if base is None else base)
         base.update(extra or {})
         base["FAKE_IMMICH_PIDS"] = str(self.pids_file)
-        self.env = child_environment(
-            base, PYTHON, "127.0.0.1", self.port, str(tmp_path / "cache"), providers, settings
-        )
+        self.env = child_environment(base, PYTHON, "127.0.0.1", self.port, str(tmp_path / "cache"), providers, settings)
         self.probe = PingProbe(reactor, ping_url("127.0.0.1", self.port), timeout=1.0)
         arguments = dict(
             name="immich-ml",
@@ -149,8 +146,9 @@ def test_ready_once_ping_answers_and_output_is_logged(tmp_path, events):
 @pytest_twisted.inlineCallbacks
 def test_a_crashing_child_is_restarted_with_growing_delays(tmp_path, events):
     delays = [0.1, 0.3, 0.9, 2.7]
-    run = Run(tmp_path, extra={"FAKE_IMMICH_CRASH": "3"}, probe=None,
-              restart_delay=lambda attempt: delays[min(attempt, 3)])
+    run = Run(
+        tmp_path, extra={"FAKE_IMMICH_CRASH": "3"}, probe=None, restart_delay=lambda attempt: delays[min(attempt, 3)]
+    )
     run.supervisor.startService()
     try:
         while len(tagged(events, "child-ended")) < 4:

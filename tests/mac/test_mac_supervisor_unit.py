@@ -7,13 +7,13 @@ Deferred that waits for the child to be gone.
 import signal
 
 import pytest
+from mac_helpers import tagged
 from twisted.internet import defer, error
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from imml.mac.supervisor import SETSID_EXEC, Command, Supervisor
-
-from mac_helpers import tagged
+from imml.mac.process_group import SETSID_EXEC, Command
+from imml.mac.supervisor import Supervisor
 
 
 class FakeProcess:

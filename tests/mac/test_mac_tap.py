@@ -14,13 +14,12 @@ import time
 import urllib.request
 
 import pytest
+from mac_helpers import FAKE_CHECKOUT, FAKE_ML, PYTHON, free_port, kill_left, read_pids, wait_gone
 from twisted.plugin import IPlugin, getPlugins
 from twisted.python import usage
 
 from imml.mac import tap
 from imml.mac.preflight import CORE_ML, CPU
-
-from mac_helpers import FAKE_CHECKOUT, FAKE_ML, PYTHON, free_port, kill_left, read_pids, wait_gone
 
 TWISTD = str(pathlib.Path(sys.executable).with_name("twistd"))
 
@@ -43,9 +42,18 @@ def test_defaults_and_the_checkout_or_its_folder():
 
 
 def test_settings_pass_through():
-    options = parse("--immich", str(FAKE_ML), "--model-ttl", "0", "--workers", "2",
-                    "--set", "PRELOAD__CLIP__TEXTUAL=ViT-B-32__openai",
-                    "--set", "MACHINE_LEARNING_REQUEST_THREADS=4")
+    options = parse(
+        "--immich",
+        str(FAKE_ML),
+        "--model-ttl",
+        "0",
+        "--workers",
+        "2",
+        "--set",
+        "PRELOAD__CLIP__TEXTUAL=ViT-B-32__openai",
+        "--set",
+        "MACHINE_LEARNING_REQUEST_THREADS=4",
+    )
     assert dict(options.settings()) == {
         "MACHINE_LEARNING_PRELOAD__CLIP__TEXTUAL": "ViT-B-32__openai",
         "MACHINE_LEARNING_REQUEST_THREADS": "4",
@@ -54,12 +62,15 @@ def test_settings_pass_through():
     }
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--immich", "/nonexistent"], "neither an Immich checkout"),
-    (["--immich", str(FAKE_ML), "--port", "70000"], "port"),
-    (["--immich", str(FAKE_ML), "--providers", ","], "provider list is empty"),
-    (["--immich", str(FAKE_ML), "--set", "TTL"], "NAME=VALUE"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--immich", "/nonexistent"], "neither an Immich checkout"),
+        (["--immich", str(FAKE_ML), "--port", "70000"], "port"),
+        (["--immich", str(FAKE_ML), "--providers", ","], "provider list is empty"),
+        (["--immich", str(FAKE_ML), "--set", "TTL"], "NAME=VALUE"),
+    ],
+)
 def test_bad_options_say_what_is_wrong(args, message):
     with pytest.raises(usage.UsageError, match=message):
         parse(*args)
@@ -83,8 +94,20 @@ def test_commands_exit_from_makeService(tmp_path, monkeypatch, capsys):
 
 def test_launchagent(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
-    options = parse("launchagent", "--immich", str(FAKE_CHECKOUT), "--python", PYTHON,
-                    "--port", "3004", "--providers", "CPU,CoreML", "--set", "MODEL_TTL=0", "--allow-sleep")
+    options = parse(
+        "launchagent",
+        "--immich",
+        str(FAKE_CHECKOUT),
+        "--python",
+        PYTHON,
+        "--port",
+        "3004",
+        "--providers",
+        "CPU,CoreML",
+        "--set",
+        "MODEL_TTL=0",
+        "--allow-sleep",
+    )
     lines = []
     assert tap.run_command("launchagent", options.subOptions, out=lines.append) == 0
     path = tmp_path / "Library" / "LaunchAgents" / "app.imml.mac.plist"
@@ -112,9 +135,24 @@ def test_the_plugin_is_found():
 
 def test_python_dash_m_runs_commands(tmp_path):
     env = dict(os.environ, HOME=str(tmp_path))
-    done = subprocess.run([sys.executable, "-m", "imml.mac", "doctor", "--immich", str(FAKE_ML),
-                           "--python", PYTHON, "--providers", "CPU"],
-                          env=env, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "imml.mac",
+            "doctor",
+            "--immich",
+            str(FAKE_ML),
+            "--python",
+            PYTHON,
+            "--providers",
+            "CPU",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "ok    CPUExecutionProvider: ran the test model" in done.stdout
 
@@ -133,10 +171,33 @@ def test_twistd_runs_supervises_and_stops_without_orphans(tmp_path):
     env = dict(os.environ, FAKE_IMMICH_PIDS=str(pids_file))
     env.pop("PYTHONPATH", None)
     twistd = subprocess.Popen(
-        [TWISTD, "-n", "--pidfile=", "imml-mac", "--immich", str(FAKE_CHECKOUT), "--python", PYTHON,
-         "--host", "127.0.0.1", "--port", str(port), "--cache", str(tmp_path / "cache"),
-         "--providers", "CoreML,CPU", "--ping-interval", "0.5", "--stop-timeout", "2"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            TWISTD,
+            "-n",
+            "--pidfile=",
+            "imml-mac",
+            "--immich",
+            str(FAKE_CHECKOUT),
+            "--python",
+            PYTHON,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--cache",
+            str(tmp_path / "cache"),
+            "--providers",
+            "CoreML,CPU",
+            "--ping-interval",
+            "0.5",
+            "--stop-timeout",
+            "2",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 30
@@ -144,7 +205,7 @@ def test_twistd_runs_supervises_and_stops_without_orphans(tmp_path):
             time.sleep(0.1)
         assert ping(port), "never answered /ping"
         # A crash of the service: the supervisor starts it again.
-        (first_main, first_server), = read_pids(pids_file)
+        ((first_main, first_server),) = read_pids(pids_file)
         os.kill(first_server, signal.SIGKILL)
         deadline = time.monotonic() + 30
         while len(read_pids(pids_file)) < 2 and time.monotonic() < deadline:
@@ -170,7 +231,7 @@ def test_twistd_runs_supervises_and_stops_without_orphans(tmp_path):
     assert "pre-flight: Core ML is NOT available: this is linux" in output
     assert "The service will use: CPUExecutionProvider" in output
     assert "not macOS (linux): skipping caffeinate" in output
-    assert f"is ready after" in output
+    assert "is ready after" in output
     assert f"fake immich_ml listening on 127.0.0.1:{port}" in output
     assert "restarting in" in output
     assert "Starting factory" not in output, "the health checks log every connection"
@@ -180,7 +241,10 @@ def test_twistd_refuses_to_start_without_immich_ml(tmp_path):
     (tmp_path / "immich_ml").mkdir()  # looks like the folder, but cannot be imported
     done = subprocess.run(
         [TWISTD, "-n", "--pidfile=", "imml-mac", "--immich", str(tmp_path), "--python", str(tmp_path / "nope")],
-        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == 1
     assert "pre-flight failed" in done.stdout + done.stderr

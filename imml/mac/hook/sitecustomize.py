@@ -74,9 +74,7 @@ class _PatchingLoader(importlib.abc.Loader):
     Run the real loader, then the patch; delegate everything else.
     """
 
-    def __init__(
-        self, loader: importlib.abc.Loader, patch: Callable[[types.ModuleType], None]
-    ) -> None:
+    def __init__(self, loader: importlib.abc.Loader, patch: Callable[[types.ModuleType], None]) -> None:
         self._loader = loader
         self._patch = patch
 

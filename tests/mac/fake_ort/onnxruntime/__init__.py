@@ -9,7 +9,5 @@ __version__ = "0.0-fake"
 
 
 def get_available_providers():
-    listed = os.environ.get(
-        "FAKE_ORT_PROVIDERS", "CoreMLExecutionProvider,AzureExecutionProvider,CPUExecutionProvider"
-    )
+    listed = os.environ.get("FAKE_ORT_PROVIDERS", "CoreMLExecutionProvider,AzureExecutionProvider,CPUExecutionProvider")
     return [p for p in listed.split(",") if p]

@@ -43,15 +43,21 @@ class Handler(BaseHTTPRequestHandler):
         elif self.path == "/":
             self._send(200, {"message": "Immich ML"})
         elif self.path == "/env":
-            self._send(200, {
-                "pid": os.getpid(),
-                "ppid": os.getppid(),
-                "pgid": os.getpgid(0),
-                "executable": sys.executable,
-                "providers": default_providers(),
-                "env": {k: v for k, v in os.environ.items()
-                        if k.startswith(("IMMICH_", "MACHINE_LEARNING_", "IMML_")) or k in ("PATH", "PYTHONPATH")},
-            })
+            self._send(
+                200,
+                {
+                    "pid": os.getpid(),
+                    "ppid": os.getppid(),
+                    "pgid": os.getpgid(0),
+                    "executable": sys.executable,
+                    "providers": default_providers(),
+                    "env": {
+                        k: v
+                        for k, v in os.environ.items()
+                        if k.startswith(("IMMICH_", "MACHINE_LEARNING_", "IMML_")) or k in ("PATH", "PYTHONPATH")
+                    },
+                },
+            )
         else:
             self._send(404, {"detail": "Not Found"})
 

@@ -1,0 +1,89 @@
+"""
+The child's process protocol: its output logged line by line, its exit and
+end handed to whoever supervises it.
+
+Each line of the child's stdout and stderr becomes one ``child-output``
+event naming the child, its pid and the stream; a last line without a
+newline is logged when the child has ended.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from twisted.internet import protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+# The supervisor's namespace, as before this was split out of it: the
+# child's output keeps the system it is logged under.
+log = Logger(namespace="imml.mac.supervisor")
+
+
+class LineLogger(protocol.ProcessProtocol):
+    """
+    Log the child's output line by line, naming the stream, and report its
+    exit and end.
+
+    @param name: the child's name, for the log lines.
+    @param exited: called with this protocol and the reason when the child
+        (the group's leader) has exited; its group may still have members.
+    @param ended: called with this protocol and the reason when the child
+        has exited and its output pipes are closed.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        exited: Callable[[LineLogger, Failure], None],
+        ended: Callable[[LineLogger, Failure], None],
+    ) -> None:
+        self.name = name
+        self._exited = exited
+        self._ended = ended
+        self.pid: Optional[int] = None
+        self._partial = {"stdout": b"", "stderr": b""}
+
+    def connectionMade(self) -> None:
+        self.pid = self.transport.pid
+
+    def _received(self, stream: str, data: bytes) -> None:
+        lines = (self._partial[stream] + data).split(b"\n")
+        self._partial[stream] = lines.pop()
+        for line in lines:
+            self._emit(stream, line)
+
+    def _emit(self, stream: str, line: bytes) -> None:
+        log.info(
+            "[{name} {pid} {stream}] {line}",
+            imml_event="child-output",
+            name=self.name,
+            pid=self.pid,
+            stream=stream,
+            line=line.rstrip(b"\r").decode("utf-8", "replace"),
+        )
+
+    def outReceived(self, data: bytes) -> None:
+        self._received("stdout", data)
+
+    def errReceived(self, data: bytes) -> None:
+        self._received("stderr", data)
+
+    def processExited(self, reason: Failure) -> None:
+        self._exited(self, reason)
+
+    def processEnded(self, reason: Failure) -> None:
+        for stream, rest in self._partial.items():
+            if rest:
+                self._emit(stream, rest)
+        self._partial = {"stdout": b"", "stderr": b""}
+        self._ended(self, reason)
+
+
+def exit_status(reason: Failure) -> tuple[Optional[int], Optional[int]]:
+    """
+    The exit code and the signal (either may be C{None}) that a process's
+    end C{reason} carries.
+    """
+    value = reason.value
+    return getattr(value, "exitCode", None), getattr(value, "signal", None)
