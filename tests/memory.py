@@ -14,6 +14,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from imml.backends import parse_backend
@@ -105,6 +106,8 @@ class MemoryBalancer:
     forwarder: Forwarder
     site: BalancerSite
     records: Records
+    #: The forwarder's log events.
+    events: list[dict[str, Any]]
 
     def send(
         self, method: bytes, path: bytes, body: bytes = b"", headers: Optional[dict[bytes, bytes]] = None
@@ -168,6 +171,7 @@ def memory_balancer(
         fleet.check_passed(backend)
     dispatcher = Dispatcher(fleet, strategy_named(strategy), clock, queue_timeout=queue_timeout)
     records = Records()
+    events: list[dict[str, Any]] = []
     forwarder = Forwarder(
         fleet,
         dispatcher,
@@ -175,6 +179,7 @@ def memory_balancer(
         clock,
         ForwardSettings(max_tries, response_timeout),
         reporters=[records],
+        log=Logger(namespace="imml.forward", observer=events.append),
     )
     site = BalancerSite(BalancerResource(fleet, forwarder), 100 * 1024 * 1024, reactor=clock)
-    return MemoryBalancer(clock, agent, hosts, fleet, dispatcher, forwarder, site, records)
+    return MemoryBalancer(clock, agent, hosts, fleet, dispatcher, forwarder, site, records, events)

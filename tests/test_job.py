@@ -54,6 +54,16 @@ def test_a_refused_connection_takes_the_host_down_and_uses_up_no_try():
     assert status == 200 and headers[b"x-fake-host"] == b"b"
     assert not b.fleet.backends[0].up
     assert b.records.attempts[0].error == "connection refused"
+    # a host that is gone has not failed the task: nothing is held against it
+    assert b.fleet.backends[0].tasks == {}
+
+
+def test_a_reset_connection_is_retried_and_takes_the_host_down():
+    b = memory_balancer({"name": "a", "mode": "reset"}, {"name": "b"})
+    status, headers, _ = b.predict().answer()
+    assert status == 200 and headers[b"x-fake-host"] == b"b"
+    assert not b.fleet.backends[0].up
+    assert b.records.attempts[0].error == "connection lost before an answer"
 
 
 def test_a_host_dying_mid_answer_is_retried_and_the_body_arrives_byte_identical():
@@ -77,6 +87,7 @@ def test_a_host_that_does_not_answer_in_time_is_left_for_another():
     assert status == 200 and headers[b"x-fake-host"] == b"b"
     assert b.records.attempts[0].error == "timed out" and b.records.attempts[0].outcome == RETRIED
     assert b.host("a").cancelled == 1  # the timed-out request was cancelled at the host
+    assert not b.fleet.backends[0].up
 
 
 def test_an_attempt_far_slower_than_its_host_is_hedged_and_the_first_answer_wins():
@@ -94,6 +105,9 @@ def test_an_attempt_far_slower_than_its_host_is_hedged_and_the_first_answer_wins
     assert b.host("a").cancelled == 1  # the stalled attempt is given up
     assert b.records.attempts[-1].outcome == CANCELLED
     assert all(h.in_flight == 0 for h in b.fleet.backends)
+    assert b.fleet.backends[0].up  # hedging is not a health verdict
+    [event] = [e for e in b.events if e.get("imml_event") == "redispatch"]
+    assert event["backend"] == "10.0.0.1:3003" and "slower" in event["why"]
 
 
 def test_a_request_on_a_host_that_goes_down_is_sent_elsewhere_at_once():
@@ -104,7 +118,12 @@ def test_a_request_on_a_host_that_goes_down_is_sent_elsewhere_at_once():
     b.agent.flush()
     status, headers, _ = client.answer()
     assert status == 200 and headers[b"x-fake-host"] == b"b"
-    assert b.host("a").cancelled == 1
+    assert b.host("a").cancelled == 1  # given up at once, not left to time out
+    assert b.fleet.backends[0].loads == set()
+    [record] = b.records.requests
+    assert record.tried == ("10.0.0.1:3003", "10.0.0.2:3003")
+    [event] = [e for e in b.events if e.get("imml_event") == "redispatch"]
+    assert event["backend"] == "10.0.0.1:3003" and event["why"] == "went down with it"
 
 
 def test_a_client_going_away_cancels_the_host_request_without_blaming_the_host():
@@ -135,7 +154,8 @@ def test_a_500_is_retried_once_then_passed_through():
     b = memory_balancer({"name": "a", "mode": "error500"}, {"name": "b", "mode": "error500"}, {"name": "c"})
     status, headers, body = b.predict().answer()
     assert status == 500 and headers[b"x-fake-host"] == b"b" and body == b"Internal Server Error"
-    assert not b.host("c").received
+    assert [len(b.host(name).received) for name in "abc"] == [1, 1, 0]
+    assert all(h.up for h in b.fleet.backends)  # a 500 is about the request, not the host
 
 
 def test_with_no_host_up_a_request_waits_then_gets_one_503_saying_why():

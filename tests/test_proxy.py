@@ -110,35 +110,6 @@ async def test_a_retried_post_arrives_byte_identical():
 
 
 @bounded(20)
-async def test_a_host_dying_mid_answer_is_retried():
-    async with await rig(hosts(2), "--strategy", "failover") as r:
-        r.hosts[0].mode = "die-mid-answer"
-        response = await r.predict()
-        assert response.code == 200 and served_by(r, response) == "h1"
-        assert json.loads(await response.content())["clip"]
-
-
-@bounded(20)
-async def test_a_reset_connection_is_retried_and_marks_the_host_down():
-    async with await rig(hosts(2), "--strategy", "failover", "--health-interval", "60") as r:
-        r.hosts[0].mode = "reset"
-        response = await r.predict()
-        assert response.code == 200 and served_by(r, response) == "h1"
-        assert not r.fleet.backends[0].up
-
-
-@bounded(20)
-async def test_a_500_is_retried_once_then_passed_through():
-    async with await rig(hosts(3), "--strategy", "failover") as r:
-        for h in r.hosts:
-            h.mode = "error500"
-        response = await r.predict()
-        assert response.code == 500
-        assert [len(h.received) for h in r.hosts] == [1, 1, 0]
-        assert all(b.up for b in r.fleet.backends)
-
-
-@bounded(20)
 async def test_4xx_pass_through_untouched_and_do_not_mark_the_host_down():
     async with await rig(hosts(2), "--strategy", "failover") as r:
         ctype, body = predict_body("{not json", image=b"x")
@@ -240,28 +211,6 @@ async def test_an_oversized_body_gets_413_and_no_host_is_contacted():
 
 
 @bounded(20)
-async def test_a_client_going_away_cancels_the_upstream_request():
-    async with await rig(hosts(1, service_time=30)) as r:
-        d = r.predict()
-        await until(lambda: r.hosts[0].in_flight == 1)
-        d.cancel()
-        await until(lambda: r.hosts[0].cancelled == 1)
-        await until(lambda: r.fleet.backends[0].in_flight == 0)
-        assert r.fleet.backends[0].up
-
-
-@bounded(20)
-async def test_a_hung_host_times_out_and_the_request_goes_elsewhere():
-    async with await rig(
-        hosts(2), "--strategy", "failover", "--response-timeout", "0.5", "--health-interval", "60"
-    ) as r:
-        r.hosts[0].mode = "hang"
-        response = await r.predict()
-        assert response.code == 200 and served_by(r, response) == "h1"
-        assert not r.fleet.backends[0].up
-
-
-@bounded(20)
 async def test_a_pooled_connection_closed_by_the_host_is_retried_not_failed():
     # The host closes idle connections after 0.05 s, well inside the pool's
     # own idle timeout, so the second request is sent on a dead connection.
@@ -324,33 +273,6 @@ async def raw_request(port: int, data: bytes) -> bytes:
     return protocol.data
 
 
-@bounded(20)
-async def test_a_host_that_stalls_mid_request_has_it_redispatched_at_once():
-    async with await rig(
-        hosts(2),
-        "--strategy",
-        "failover",
-        "--fall",
-        "1",
-        "--health-interval",
-        "0.2",
-        "--health-timeout",
-        "0.3",
-        "--response-timeout",
-        "60",
-    ) as r:
-        r.hosts[0].mode = "hang"  # a laptop falling asleep: nothing answers, nothing is refused
-        response = await r.predict()
-        assert response.code == 200 and served_by(r, response) == "h1"
-        # the first attempt was cancelled, not left to time out
-        await until(lambda: r.fleet.backends[0].in_flight == 0)
-        assert r.fleet.backends[0].loads == set()
-        [event] = [e for e in r.events if e.get("imml_event") == "redispatch"]
-        assert event["backend"] == r.hosts[0].address
-        [request] = r.request_events()
-        assert request["tried"] == [r.hosts[0].address, r.hosts[1].address]
-
-
 @bounded(30)
 async def test_a_host_failing_one_task_stops_getting_that_task_only():
     async with await rig(hosts(2), "--strategy", "failover") as r:
@@ -365,30 +287,6 @@ async def test_a_host_failing_one_task_stops_getting_that_task_only():
         assert r.fleet.backends[0].up
         [blocked] = [e for e in r.events if e.get("imml_event") == "task-blocked"]
         assert (blocked["backend"], blocked["task"]) == (r.hosts[0].address, "ocr")
-
-
-@bounded(20)
-async def test_an_overdue_request_is_also_sent_elsewhere_before_health_checks_tell():
-    async with await rig(hosts(2, service_time=0.05), "--strategy", "failover", "--health-interval", "60") as r:
-        for _ in range(3):
-            assert served_by(r, await r.predict()) == "h0"
-        r.hosts[0].mode = "hang"  # stalled, but nothing has checked it yet
-        response = await r.predict()
-        assert response.code == 200 and served_by(r, response) == "h1"
-        [event] = [e for e in r.events if e.get("imml_event") == "redispatch"]
-        assert event["backend"] == r.hosts[0].address and "slower" in event["why"]
-        assert r.fleet.backends[0].up  # hedging is not a health verdict
-
-
-@bounded(20)
-async def test_a_refused_connection_does_not_use_up_a_try():
-    async with await rig(hosts(2), "--strategy", "failover", "--max-tries", "1", "--health-interval", "60") as r:
-        await r.hosts[0].stop()  # gone, and no health check has noticed yet
-        response = await r.predict()
-        assert response.code == 200 and served_by(r, response) == "h1"
-        assert not r.fleet.backends[0].up
-        # a host that is gone has not failed the task: nothing is held against it
-        assert r.fleet.backends[0].tasks == {}
 
 
 @implementer(IHostnameResolver)
