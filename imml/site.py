@@ -68,10 +68,9 @@ class BalancerRequest(server.Request):
     _received = 0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
         # Never parse a body as a form (Twisted would, with the email
         # package, on every multipart /predict).
-        self._parsePOSTFormSubmission = False
+        super().__init__(*args, parsePOSTFormSubmission=False, **kwargs)
 
     def gotLength(self, length: Optional[int]) -> None:
         if length is not None and length > self.channel.site.max_body:

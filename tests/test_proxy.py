@@ -9,10 +9,9 @@ import treq
 import treq.client
 from support import bounded, rig, sleep, until
 from twisted.internet import reactor
-from twisted.internet._resolver import HostResolution
 from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.interfaces import IHostnameResolver
+from twisted.internet.interfaces import IHostnameResolver, IHostResolution
 from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
@@ -289,12 +288,21 @@ async def test_a_host_failing_one_task_stops_getting_that_task_only():
         assert (blocked["backend"], blocked["task"]) == (r.hosts[0].address, "ocr")
 
 
+@implementer(IHostResolution)
+class _Resolution:
+    def __init__(self, name):
+        self.name = name
+
+    def cancel(self):
+        pass
+
+
 @implementer(IHostnameResolver)
 class _FailingResolver:
     """A name resolver that never resolves anything (getaddrinfo failing)."""
 
     def resolveHostName(self, receiver, hostName, portNumber=0, addressTypes=None, transportSemantics="TCP"):
-        receiver.resolutionBegan(HostResolution(hostName))
+        receiver.resolutionBegan(_Resolution(hostName))
         receiver.resolutionComplete()
 
 
