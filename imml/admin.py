@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import json
 from importlib import resources as package_files
+from typing import Any, Callable, Optional
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.resource import Resource
 
+from .fleet import Backend
+from .health import HealthChecker
 from .status import Status
 
 log = Logger()
@@ -27,15 +31,27 @@ log = Logger()
 ACTIONS = ("drain", "enable", "check")
 
 
-def _json(request, value, code: int = 200) -> bytes:
+def _json(request: server.Request, value: Any, code: int = 200) -> bytes:
     request.setResponseCode(code)
     request.setHeader(b"content-type", b"application/json")
     request.setHeader(b"cache-control", b"no-store")
     return json.dumps(value, indent=1).encode("utf-8")
 
 
-def _error(request, code: int, detail: str) -> bytes:
+def _error(request: server.Request, code: int, detail: str) -> bytes:
     return _json(request, {"detail": detail}, code)
+
+
+def _answerable(request: server.Request) -> Callable[[], bool]:
+    """
+    A test of whether C{request} may still be answered: nobody answered it
+    yet and its client has not gone away (which fails
+    L{Request.notifyFinish<twisted.web.server.Request.notifyFinish>}).
+    Call this before the request is answered.
+    """
+    gone: list[Failure] = []
+    request.notifyFinish().addErrback(gone.append)
+    return lambda: not gone and not request.finished
 
 
 class _Page(Resource):
@@ -45,7 +61,7 @@ class _Page(Resource):
         super().__init__()
         self.html = package_files.files("imml").joinpath("status.html").read_bytes()
 
-    def render_GET(self, request) -> bytes:
+    def render_GET(self, request: server.Request) -> bytes:
         if request.postpath not in ([], [b""]):
             return _error(request, 404, "no such page")
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
@@ -66,7 +82,7 @@ class _StatusDocument(Resource):
         super().__init__()
         self.status = status
 
-    def render_GET(self, request) -> bytes:
+    def render_GET(self, request: server.Request) -> bytes:
         return _json(request, self.status.snapshot())
 
 
@@ -77,23 +93,23 @@ class _HostActions(Resource):
 
     isLeaf = True
 
-    def __init__(self, status: Status, checker) -> None:
+    def __init__(self, status: Status, checker: HealthChecker) -> None:
         super().__init__()
         self.status = status
         self.checker = checker
 
-    def render_GET(self, request) -> bytes:
+    def render_GET(self, request: server.Request) -> bytes:
         request.setHeader(b"allow", b"POST")
         return _error(request, 405, "the host actions take POST")
 
-    def _foreign(self, request) -> bool:
+    def _foreign(self, request: server.Request) -> bool:
         origin = request.getHeader(b"origin")
         if origin is None:
             return False
         host = request.getHeader(b"host") or b""
         return origin not in (b"http://" + host, b"https://" + host)
 
-    def render_POST(self, request):
+    def render_POST(self, request: server.Request) -> bytes | int:
         if len(request.postpath) != 2 or request.postpath[1].decode("ascii", "replace") not in ACTIONS:
             return _error(request, 404, "use POST /api/hosts/<host:port>/drain, enable or check")
         address, action = (part.decode("utf-8", "replace") for part in request.postpath)
@@ -106,8 +122,7 @@ class _HostActions(Resource):
             return _error(request, 404, f"no ML host {address}")
         peer = getattr(request.getClientAddress(), "host", None)
         if action == "check":
-            d = Deferred.fromCoroutine(self._check(request, backend, peer))
-            request.notifyFinish().addErrback(lambda _: None)
+            d = Deferred.fromCoroutine(self._check(request, _answerable(request), backend, peer))
             d.addErrback(lambda f: log.failure("check of {backend} failed", f, backend=address))
             return server.NOT_DONE_YET
         if action == "drain":
@@ -119,15 +134,17 @@ class _HostActions(Resource):
         self._log(action, backend, peer)
         return _json(request, {"action": action, "host": self.status.host(backend)})
 
-    async def _check(self, request, backend, peer) -> None:
+    async def _check(
+        self, request: server.Request, answerable: Callable[[], bool], backend: Backend, peer: Optional[str]
+    ) -> None:
         await self.checker.check(backend)
         self._log("check", backend, peer, result=backend.health.last_result)
-        if not request.finished and not request._disconnected:
+        if answerable():
             request.write(_json(request, {"action": "check", "host": self.status.host(backend)}))
             request.finish()
 
     @staticmethod
-    def _log(action: str, backend, peer, result=None) -> None:
+    def _log(action: str, backend: Backend, peer: Optional[str], result: Optional[str] = None) -> None:
         log.info(
             "admin: {action} {backend} (asked from {peer})" + (": {result}" if result is not None else ""),
             action=action,
@@ -146,11 +163,11 @@ class AdminSite(server.Site):
 
     noisy = False
 
-    def log(self, request) -> None:
+    def log(self, request: server.Request) -> None:
         pass
 
 
-def admin_site(status: Status, checker, metrics_resource: Resource) -> AdminSite:
+def admin_site(status: Status, checker: HealthChecker, metrics_resource: Resource) -> AdminSite:
     """
     The admin listener's site: the page, the JSON API and the metrics.
     """

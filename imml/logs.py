@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import signal
 import sys
-from typing import Any, Optional
+from types import FrameType
+from typing import IO, Any, Optional
 
+from twisted.application.service import IServiceCollection
 from twisted.logger import (
     FileLogObserver,
     ILogObserver,
+    LogEvent,
     formatEvent,
     formatTime,
 )
@@ -64,7 +67,8 @@ class _ClassicLine:
     def __init__(self) -> None:
         self._time = _SecondClock()
 
-    def __call__(self, event: dict) -> Optional[str]:
+    def __call__(self, event: LogEvent) -> Optional[str]:
+        namespace = event.get("log_namespace", "-")
         text = event.get("log_format")
         if text is None or text.__class__ is not str or "{" in text or "}" in text:
             text = formatEvent(event)
@@ -79,7 +83,7 @@ class _ClassicLine:
         system = event.get("log_system")
         if system is None:
             level = event.get("log_level")
-            system = f"{event.get('log_namespace', '-')}#{'-' if level is None else level.name}"
+            system = f"{namespace}#{'-' if level is None else level.name}"
         else:
             try:
                 system = str(system)
@@ -89,7 +93,7 @@ class _ClassicLine:
         return line.replace("\n", "\n\t") + "\n"
 
 
-def line_observer(out) -> FileLogObserver:
+def line_observer(out: IO[Any]) -> FileLogObserver:
     """
     An observer writing each event to the text file C{out} as one line in
     Twisted's classic format, flushed at once.
@@ -118,7 +122,7 @@ def observer_for(twistd_options: Any) -> Optional[FileLogObserver]:
     log_file = LogFile.fromFullPath(name or "twistd.log", rotateLength=ROTATE_BYTES, maxRotatedFiles=KEEP_ROTATED)
     if not signal.getsignal(signal.SIGUSR1):
 
-        def rotate(signum, frame) -> None:
+        def rotate(signum: int, frame: Optional[FrameType]) -> None:
             from twisted.internet import reactor
 
             reactor.callFromThread(log_file.rotate)
@@ -137,7 +141,7 @@ class OffersLogObserver:
 
     log_observer: Optional[FileLogObserver] = None
 
-    def setServiceParent(self, parent) -> None:
+    def setServiceParent(self, parent: IServiceCollection) -> None:
         observer = self.log_observer
         if observer is not None and isinstance(parent, Componentized):
             if parent.getComponent(ILogObserver, None) is None:

@@ -9,18 +9,28 @@ C{prometheus_client}'s own counters take a lock and validate on each
 update), and turns them into metric families when Prometheus scrapes.  What
 is a level rather than a count (requests in flight, health state, queue
 depth) is read from the fleet at scrape time by L{FleetCollector}.
-C{/metrics} on the admin listener is C{prometheus_client}'s own Twisted
-resource (L{resource}).
+C{/metrics} on the admin listener is L{MetricsPage} (made by L{resource}):
+it renders on the reactor thread, so a scrape reads the fleet and the
+counts between two of the reactor's events, never while they change.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
+from typing import Iterator, Optional
 
 from attrs import define, field
-from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
 from prometheus_client.utils import floatToGoString
+from twisted.web.iweb import IRequest
+from twisted.web.resource import Resource
 from zope.interface import implementer
 
 from . import __version__
@@ -34,7 +44,7 @@ from .window import task_label
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
-def _status_label(status) -> str:
+def _status_label(status: Optional[int]) -> str:
     return str(status) if status is not None else "none"
 
 
@@ -55,8 +65,7 @@ class _Counts:
 
     def family(self) -> CounterMetricFamily:
         family = CounterMetricFamily(self.name, self.documentation, labels=self.labels)
-        # A copy in one step: scrapes run in a thread while the reactor counts.
-        for key, value in self.values.copy().items():
+        for key, value in self.values.items():
             family.add_metric(key, value)
         return family
 
@@ -85,8 +94,7 @@ class _Histograms:
     def family(self) -> HistogramMetricFamily:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labels)
         names = [floatToGoString(b) for b in self.bounds] + ["+Inf"]
-        for key, counts in self.values.copy().items():
-            counts = list(counts)
+        for key, counts in self.values.items():
             buckets, total = [], 0
             for name, count in zip(names, counts):
                 total += count
@@ -163,10 +171,10 @@ class Metrics:
 
     # -- a collector of the registry ----------------------------------------
 
-    def describe(self):
+    def describe(self) -> list[Metric]:
         return []
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         for counts in (self.backend_requests, self.backend_errors, self.backend_retries, self.requests):
             yield counts.family()
         yield self.backend_latency.family()
@@ -176,23 +184,24 @@ class Metrics:
 @define(eq=False)
 class FleetCollector:
     """
-    Levels read from the fleet when Prometheus scrapes.  It runs in the web
-    server's thread pool: it only reads, from a copy of the host list.
+    Levels read from the fleet when Prometheus scrapes (on the reactor
+    thread, as everything that reads the fleet).
     """
 
     fleet: object
     dispatcher: object
     started: float
 
-    def describe(self):
+    def describe(self) -> list[Metric]:
         # Nothing to check at registration; collect() needs the live fleet.
         return []
 
-    def collect(self):
-        backends = list(self.fleet.backends)
+    def collect(self) -> Iterator[Metric]:
         in_flight = GaugeMetricFamily("imml_backend_in_flight", "Requests in flight on an ML host.", labels=["backend"])
         slots = GaugeMetricFamily(
-            "imml_backend_slots", "Most requests kept in flight on an ML host (hosts with a limit only).", labels=["backend"]
+            "imml_backend_slots",
+            "Most requests kept in flight on an ML host (hosts with a limit only).",
+            labels=["backend"],
         )
         up = GaugeMetricFamily("imml_backend_up", "1 while an ML host passes its health checks.", labels=["backend"])
         state = GaugeMetricFamily(
@@ -200,7 +209,7 @@ class FleetCollector:
             f"1 for an ML host's state ({', '.join(STATE_NAMES)}), 0 for the others.",
             labels=["backend", "state"],
         )
-        for backend in backends:
+        for backend in self.fleet.backends:
             name = str(backend.address)
             in_flight.add_metric([name], backend.in_flight)
             if backend.limit is not None:
@@ -221,10 +230,45 @@ class FleetCollector:
         yield info
 
 
-def resource(registry: CollectorRegistry):
+class MetricsPage(Resource):
     """
-    C{prometheus_client}'s Twisted resource for C{registry}.
+    C{/metrics}: the samples of C{registry} in Prometheus' text format,
+    rendered synchronously on the reactor thread (C{prometheus_client}'s
+    own Twisted resource collects in a thread pool, while the reactor
+    changes what it reads).  GET and HEAD; any other method is answered
+    405.
     """
-    from prometheus_client.twisted import MetricsResource
 
-    return MetricsResource(registry=registry)
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()
+        self.registry = registry
+
+    def render(self, request: IRequest) -> bytes:
+        if request.method not in (b"GET", b"HEAD"):
+            # Answered here: Twisted's own answer to a method it does not
+            # know (PUT, ...) is 501.
+            request.setResponseCode(405)
+            request.setHeader(b"allow", b"GET, HEAD")
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"/metrics takes GET or HEAD\n"
+        return super().render(request)
+
+    def render_GET(self, request: IRequest) -> bytes:
+        body = generate_latest(self.registry)
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+        request.setHeader(b"cache-control", b"no-store")
+        return body
+
+    def render_HEAD(self, request: IRequest) -> bytes:
+        # The headers GET would send, the length included, and no body.
+        request.setHeader(b"content-length", b"%d" % len(self.render_GET(request)))
+        return b""
+
+
+def resource(registry: CollectorRegistry) -> MetricsPage:
+    """
+    The C{/metrics} resource for C{registry}.
+    """
+    return MetricsPage(registry)

@@ -4,23 +4,29 @@ document, the page, and the actions.
 """
 
 import json
-
-from twisted.internet.defer import gatherResults
+from typing import Any
 
 from steering import act, admin_url, events, host, status
 from support import bounded, rig, until
+from twisted.internet import reactor
+from twisted.internet.defer import gatherResults
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.protocol import Factory, Protocol
+from twisted.web.iweb import IResponse
+
+from imml.backends import parse_backend
 
 
-def hosts(n, **kw):
+def hosts(n: int, **kw: Any) -> list[dict[str, Any]]:
     return [dict(name=f"h{i}", **kw) for i in range(n)]
 
 
-def served_by(response):
+def served_by(response: IResponse) -> bytes:
     return response.headers.getRawHeaders(b"x-fake-host")[0]
 
 
 @bounded(20)
-async def test_status_shows_each_host_and_the_balancer():
+async def test_status_shows_each_host_and_the_balancer() -> None:
     async with await rig(hosts(2), "--strategy", "failover") as r:
         r.hosts[0].mode = "error503"
         for task in ("clip-visual", "ocr"):
@@ -49,7 +55,7 @@ async def test_status_shows_each_host_and_the_balancer():
 
 
 @bounded(20)
-async def test_a_down_host_shows_as_down_with_its_check_result():
+async def test_a_down_host_shows_as_down_with_its_check_result() -> None:
     async with await rig(hosts(2), "--fall", "1") as r:
         r.hosts[1].mode = "ping-fail"
         await until(lambda: not r.fleet.backends[1].up)
@@ -59,7 +65,7 @@ async def test_a_down_host_shows_as_down_with_its_check_result():
 
 
 @bounded(20)
-async def test_the_page_is_one_self_contained_document():
+async def test_the_page_is_one_self_contained_document() -> None:
     async with await rig(hosts(1)) as r:
         response = await r.client.get(admin_url(r) + "/")
         page = (await response.content()).decode()
@@ -71,7 +77,7 @@ async def test_the_page_is_one_self_contained_document():
 
 
 @bounded(20)
-async def test_actions_are_off_by_default():
+async def test_actions_are_off_by_default() -> None:
     async with await rig(hosts(1)) as r:
         code, body = await act(r, r.hosts[0].address, "drain")
         assert code == 403 and "--admin-actions" in body["detail"]
@@ -79,7 +85,7 @@ async def test_actions_are_off_by_default():
 
 
 @bounded(30)
-async def test_drain_lets_requests_in_flight_finish_and_sends_new_ones_elsewhere():
+async def test_drain_lets_requests_in_flight_finish_and_sends_new_ones_elsewhere() -> None:
     async with await rig(hosts(2, service_time=0.3), "--admin-actions", "--strategy", "round-robin") as r:
         first = r.hosts[0].address
         for backend in r.fleet.backends:
@@ -108,7 +114,7 @@ async def test_drain_lets_requests_in_flight_finish_and_sends_new_ones_elsewhere
 
 
 @bounded(20)
-async def test_check_runs_a_health_check_now():
+async def test_check_runs_a_health_check_now() -> None:
     async with await rig(hosts(1), "--admin-actions", "--health-interval", "60", "--fall", "1") as r:
         pings = r.hosts[0].pings
         r.hosts[0].mode = "ping-fail"
@@ -120,8 +126,51 @@ async def test_check_runs_a_health_check_now():
         assert event["action"] == "check" and event["result"] == "status 503"
 
 
+class _Silent(Protocol):
+    """
+    Takes the connection and never answers.
+    """
+
+    def connectionMade(self) -> None:
+        self.factory.connections.append(self)
+
+
 @bounded(20)
-async def test_actions_refuse_what_they_cannot_do():
+async def test_a_check_whose_client_went_away_runs_to_its_end_unanswered() -> None:
+    """
+    The client that asked for a check goes away before the host answers:
+    the check still takes effect and is logged, and nothing fails trying to
+    answer it.
+    """
+    factory = Factory.forProtocol(_Silent)
+    factory.connections = []
+    port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(factory)
+    try:
+        async with await rig(
+            hosts(1), "--admin-actions", "--health-interval", "60", "--health-timeout", "0.3", "--fall", "1"
+        ) as r:
+            address = f"127.0.0.1:{port.getHost().port}"
+            r.fleet.add(parse_backend(address))
+            answered, failed = [], []
+            asked = r.client.post(f"{admin_url(r)}/api/hosts/{address}/check")
+            asked.addCallbacks(answered.append, failed.append)
+            await until(lambda: factory.connections)  # the check is under way
+            assert not answered and not failed
+            asked.cancel()  # the client goes away
+            assert failed and not answered
+            await until(lambda: events(r, "admin-action"))
+            [event] = events(r, "admin-action")
+            assert (event["action"], event["backend"], event["result"]) == ("check", address, "timed out")
+            [added] = [b for b in r.fleet.backends if str(b.address) == address]
+            assert added.health.state == "down"
+            await until(lambda: not factory.connections[0].transport.connected)
+            assert [e for e in r.events if "log_failure" in e] == []
+    finally:
+        await port.stopListening()
+
+
+@bounded(20)
+async def test_actions_refuse_what_they_cannot_do() -> None:
     async with await rig(hosts(1), "--admin-actions") as r:
         address = r.hosts[0].address
         assert (await act(r, "nas:3003", "drain"))[0] == 404
@@ -140,7 +189,7 @@ async def test_actions_refuse_what_they_cannot_do():
 
 
 @bounded(20)
-async def test_the_proxy_port_forwards_admin_paths_and_never_acts_on_them():
+async def test_the_proxy_port_forwards_admin_paths_and_never_acts_on_them() -> None:
     async with await rig(hosts(1), "--admin-actions") as r:
         address = r.hosts[0].address
         response = await r.client.post(f"{r.url}/api/hosts/{address}/drain")
@@ -152,15 +201,15 @@ async def test_the_proxy_port_forwards_admin_paths_and_never_acts_on_them():
 
 
 @bounded(20)
-async def test_admin_none_opens_no_listener():
+async def test_admin_none_opens_no_listener() -> None:
     async with await rig(hosts(1), "--admin", "none") as r:
-        assert r.service.admin is None
+        assert r.balancer.admin is None
         response = await r.predict()
         assert response.code == 200
         await response.content()
 
 
-def test_the_admin_listener_is_on_localhost_by_default():
+def test_the_admin_listener_is_on_localhost_by_default() -> None:
     from imml.tap import Options
 
     options = Options()
@@ -169,7 +218,7 @@ def test_the_admin_listener_is_on_localhost_by_default():
     assert options["admin-actions"] == 0
 
 
-def test_status_json_is_documented():
+def test_status_json_is_documented() -> None:
     """
     Every field of /api/status is named in docs/admin.md.
     """

@@ -1,13 +1,18 @@
-from twisted.internet import task
+from typing import Callable
+
+import pytest
+from twisted.internet import error, task
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.logger import globalLogPublisher
+from twisted.logger import LogEvent, globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.web.client import RequestTransmissionFailed, ResponseFailed, ResponseNeverReceived
 
 from imml.backends import BackendAddress
-from imml.fleet import Fleet
-from imml.health import DOWN, UNKNOWN, UP, Health, HealthChecker
+from imml.fleet import Backend, Fleet
+from imml.health import DOWN, UNKNOWN, UP, BadAnswer, Health, HealthChecker, describe_failure
 
 
-def test_first_check_decides_at_once():
+def test_first_check_decides_at_once() -> None:
     h = Health(rise=3, fall=3)
     assert h.state == UNKNOWN and not h.up
     assert h.check_passed(1.0).new == UP
@@ -15,7 +20,7 @@ def test_first_check_decides_at_once():
     assert h.check_failed(1.0, "connection refused").new == DOWN
 
 
-def test_rise_and_fall():
+def test_rise_and_fall() -> None:
     h = Health(rise=2, fall=3)
     h.check_passed(0)
     assert h.check_failed(1, "x") is None
@@ -29,7 +34,7 @@ def test_rise_and_fall():
     assert h.check_passed(7).new == UP
 
 
-def test_a_pass_resets_the_fall_count():
+def test_a_pass_resets_the_fall_count() -> None:
     h = Health(rise=1, fall=2)
     h.check_passed(0)
     h.check_failed(1, "x")
@@ -38,25 +43,25 @@ def test_a_pass_resets_the_fall_count():
     assert h.up
 
 
-def test_a_failed_request_takes_a_host_down_at_once():
+def test_a_failed_request_takes_a_host_down_at_once() -> None:
     h = Health(rise=2, fall=3)
     h.check_passed(0)
     assert h.request_failed(1, "connection refused").new == DOWN
 
 
-def collect(events):
+def collect(events: list[LogEvent]) -> Callable[[], None]:
     observer = events.append
     globalLogPublisher.addObserver(observer)
     return lambda: globalLogPublisher.removeObserver(observer)
 
 
-def test_checker_checks_on_an_interval_and_logs_transitions():
+def test_checker_checks_on_an_interval_and_logs_transitions() -> None:
     clock = task.Clock()
     fleet = Fleet.from_addresses([BackendAddress("a"), BackendAddress("b")], clock, rise=1, fall=1)
     answers = {"a": True, "b": False}
     calls = []
 
-    def ping(backend):
+    def ping(backend: Backend) -> Deferred[None]:
         calls.append(backend.address.host)
         if answers[backend.address.host]:
             return succeed(None)
@@ -81,12 +86,12 @@ def test_checker_checks_on_an_interval_and_logs_transitions():
     assert health == [("a:3003", UNKNOWN, UP), ("b:3003", UNKNOWN, DOWN), ("a:3003", UP, DOWN), ("b:3003", DOWN, UP)]
 
 
-def test_checker_survives_a_broken_ping_and_skips_overlapping_checks():
+def test_checker_survives_a_broken_ping_and_skips_overlapping_checks() -> None:
     clock = task.Clock()
     fleet = Fleet.from_addresses([BackendAddress("a")], clock)
     pending = []
 
-    def ping(backend):
+    def ping(backend: Backend) -> Deferred[None]:
         if not pending:
             d = Deferred()
             pending.append(d)
@@ -104,3 +109,29 @@ def test_checker_survives_a_broken_ping_and_skips_overlapping_checks():
     clock.advance(1)
     assert fleet.backends[0].health._fails == 2
     checker.stop()
+
+
+_LOST = [Failure(error.ConnectionLost())]
+
+
+@pytest.mark.parametrize(
+    "exception, phrase",
+    [
+        (error.ConnectionRefusedError(), "connection refused"),
+        (error.DNSLookupError(), "name does not resolve"),
+        (error.TimeoutError(), "timed out"),
+        (error.ConnectingCancelledError(None), "timed out"),
+        (error.NoRouteError(), "cannot connect"),
+        (ResponseNeverReceived(_LOST), "connection lost before an answer"),
+        (RequestTransmissionFailed(_LOST), "connection lost before an answer"),
+        (ResponseFailed(_LOST), "connection lost mid-answer"),
+        (BadAnswer("status 503"), "status 503"),
+        (ValueError("x"), "ValueError"),
+    ],
+)
+def test_failures_are_described_in_a_few_stable_words(exception: Exception, phrase: str) -> None:
+    """
+    The HTTP client's failures, as C{twisted.web.client} names them, and
+    the connection's.
+    """
+    assert describe_failure(exception) == phrase

@@ -5,27 +5,40 @@ options say.
 
 import io
 import signal
+from pathlib import Path
+from typing import Iterator, Optional
 
 import pytest
+from support import bounded
+from treq.client import HTTPClient
 from twisted.application import service
-from twisted.logger import ILogObserver, LogLevel, textFileLogObserver
+from twisted.internet import reactor
+from twisted.logger import (
+    ILogObserver,
+    LogEvent,
+    LogLevel,
+    globalLogPublisher,
+    textFileLogObserver,
+)
 from twisted.python.failure import Failure
 from twisted.scripts.twistd import ServerOptions
 
 from imml import logs, tap
+from imml.testing import start_fake_hosts
+from imml.upstream import make_agent, make_pool
 
 
 @pytest.fixture(autouse=True)
-def _keep_sigusr1():
+def _keep_sigusr1() -> Iterator[None]:
     # A --logfile observer rotates on SIGUSR1, as twistd's does.
     before = signal.getsignal(signal.SIGUSR1)
     yield
     signal.signal(signal.SIGUSR1, before)
 
 
-def _events():
+def _events() -> list[LogEvent]:
     try:
-        1 / 0
+        raise ZeroDivisionError("division by zero")
     except ZeroDivisionError:
         failure = Failure()
     base = {"log_namespace": "imml.forward.Forwarder", "log_level": LogLevel.info, "log_time": 1764284567.25}
@@ -46,7 +59,7 @@ def _events():
     ]
 
 
-def test_lines_are_twisteds_classic_lines():
+def test_lines_are_twisteds_classic_lines() -> None:
     """
     Every kind of event (plain, with fields, escaped braces, several lines,
     a traceback, a system, missing keys) reads exactly as twistd's own text
@@ -62,7 +75,7 @@ def test_lines_are_twisteds_classic_lines():
     assert "ZeroDivisionError" in ours.getvalue()
 
 
-def test_time_changes_with_the_second():
+def test_time_changes_with_the_second() -> None:
     """
     The time is formatted once a second, and still shows each second.
     """
@@ -77,21 +90,31 @@ def test_time_changes_with_the_second():
     assert out.getvalue() == reference.getvalue()
 
 
-def _twistd(*args):
+def _twistd(*args: str) -> ServerOptions:
     options = ServerOptions()
-    options.parseOptions([*args, "imml-balancer", "--listen", "tcp:0:interface=127.0.0.1", "--admin", "none",
-                          "--backends", "127.0.0.1:9"])
+    options.parseOptions(
+        [
+            *args,
+            "imml-balancer",
+            "--listen",
+            "tcp:0:interface=127.0.0.1",
+            "--admin",
+            "none",
+            "--backends",
+            "127.0.0.1:9",
+        ]
+    )
     return options
 
 
-def _application_observer(options):
+def _application_observer(options: ServerOptions) -> Optional[ILogObserver]:
     top = tap.makeService(options.subOptions)
     application = service.Application("imml-balancer")
     top.setServiceParent(application)
     return application.getComponent(ILogObserver, None)
 
 
-def test_logfile_rotates_and_keeps_a_few(tmp_path, monkeypatch):
+def test_logfile_rotates_and_keeps_a_few(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """
     With --logfile, twistd is given the balancer's observer: it writes to
     that file, rotates it by size and keeps only the last few rotated files.
@@ -109,14 +132,14 @@ def test_logfile_rotates_and_keeps_a_few(tmp_path, monkeypatch):
     assert signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, None)
 
 
-def test_stdout_when_not_a_daemon(capsys):
+def test_stdout_when_not_a_daemon(capsys: pytest.CaptureFixture[str]) -> None:
     observer = _application_observer(_twistd("-n"))
     observer({"log_namespace": "imml", "log_level": LogLevel.info, "log_time": 1.0, "log_format": "hello"})
     assert "[imml#info] hello" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args", [("-n", "--syslog"), ("-n", "--logger", "twisted.logger.textFileLogObserver")])
-def test_other_loggers_are_left_to_twistd(args):
+def test_other_loggers_are_left_to_twistd(args: tuple[str, ...]) -> None:
     """
     --syslog and --logger are twistd's to honour: the balancer offers no
     observer then.
@@ -124,7 +147,7 @@ def test_other_loggers_are_left_to_twistd(args):
     assert _application_observer(_twistd(*args)) is None
 
 
-def test_an_application_observer_is_kept():
+def test_an_application_observer_is_kept() -> None:
     """
     An application that already has an observer keeps it.
     """
@@ -135,3 +158,26 @@ def test_an_application_observer_is_kept():
     application.setComponent(ILogObserver, mine)
     top.setServiceParent(application)
     assert application.getComponent(ILogObserver) is mine
+
+
+@bounded(10)
+async def test_the_balancers_connections_to_its_hosts_log_nothing_of_their_own() -> None:
+    """
+    Twisted's HTTP client factories log C{Starting factory} and C{Stopping
+    factory} for every connection, more lines than the requests' own; the
+    agents the balancer makes for its hosts (requests and health checks)
+    are quiet.
+    """
+    [host] = await start_fake_hosts(reactor, [{"name": "h0"}])
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        for pool in (make_pool(reactor), make_pool(reactor, persistent=False)):
+            client = HTTPClient(make_agent(reactor, 5.0, pool))
+            response = await client.get(f"http://{host.address}/ping")
+            assert await response.content() == b"pong"
+            await pool.closeCachedConnections()
+        await host.stop()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert [e for e in events if "factory" in str(e.get("log_format", ""))] == []

@@ -1,41 +1,57 @@
 """
 Prometheus metrics: counted from the forwarder's records, levels read from
-the fleet at scrape time, served by prometheus_client on the admin listener.
+the fleet at scrape time, served on the admin listener from the reactor
+thread.
 """
 
-from twisted.internet.task import Clock
+import sys
+from typing import Any, Iterator, Optional
+
+from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from steering import admin_url, metrics, sample
+from support import bounded, rig, until
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.task import Clock, LoopingCall
+from twisted.python.threadable import isInIOThread
 from zope.interface.verify import verifyObject
 
-from imml.backends import parse_backends
+from imml.backends import parse_backend, parse_backends
 from imml.dispatch import Dispatcher
-from imml.fleet import Fleet
+from imml.fleet import BackendSettings, Fleet
 from imml.interfaces import IReporter
 from imml.metrics import Metrics
 from imml.records import ANSWERED, RETRIED, AttemptRecord, RequestRecord
+from imml.status import STATE_NAMES
 from imml.strategies import strategy_named
-from steering import admin_url, metrics, sample
-from support import bounded, rig, until
+from imml.testing import start_fake_hosts
 
 
-def fleet_metrics():
+def fleet_metrics() -> tuple[Fleet, Dispatcher, Metrics]:
     clock = Clock()
     fleet = Fleet.from_addresses(parse_backends("a,b"), clock)
     dispatcher = Dispatcher(fleet, strategy_named("round-robin"), clock)
     return fleet, dispatcher, Metrics(fleet, dispatcher, clock)
 
 
-def test_each_balancer_has_its_own_registry():
+def test_each_balancer_has_its_own_registry() -> None:
     _, _, one = fleet_metrics()
     _, _, two = fleet_metrics()
     assert verifyObject(IReporter, one)
     one.attempt_finished(AttemptRecord("a:3003", "ocr", 200, None, 0.3, ANSWERED))
     value = one.registry.get_sample_value
     assert value("imml_backend_requests_total", {"backend": "a:3003", "task": "ocr", "status": "200"}) == 1
-    assert two.registry.get_sample_value(
-        "imml_backend_requests_total", {"backend": "a:3003", "task": "ocr", "status": "200"}) is None
+    assert (
+        two.registry.get_sample_value(
+            "imml_backend_requests_total", {"backend": "a:3003", "task": "ocr", "status": "200"}
+        )
+        is None
+    )
 
 
-def test_attempts_count_by_status_and_task_errors_by_kind_and_retries():
+def test_attempts_count_by_status_and_task_errors_by_kind_and_retries() -> None:
     _, _, m = fleet_metrics()
     m.attempt_finished(AttemptRecord("a:3003", "faces", 503, "status 503", 0.01, RETRIED))
     m.attempt_finished(AttemptRecord("a:3003", "faces", None, "connection refused", 0.0, RETRIED))
@@ -49,28 +65,38 @@ def test_attempts_count_by_status_and_task_errors_by_kind_and_retries():
     assert value("imml_backend_retries_total", {"backend": "b:3003"}) is None
     # Only answers are latency samples: b's 0.2 s, in the 0.25 s bucket.
     assert value("imml_backend_request_duration_seconds_count", {"backend": "b:3003", "task": "faces"}) == 1
-    assert value("imml_backend_request_duration_seconds_bucket", {"backend": "b:3003", "task": "faces", "le": "0.1"}) == 0
-    assert value("imml_backend_request_duration_seconds_bucket", {"backend": "b:3003", "task": "faces", "le": "0.25"}) == 1
+    assert (
+        value("imml_backend_request_duration_seconds_bucket", {"backend": "b:3003", "task": "faces", "le": "0.1"}) == 0
+    )
+    assert (
+        value("imml_backend_request_duration_seconds_bucket", {"backend": "b:3003", "task": "faces", "le": "0.25"}) == 1
+    )
     assert value("imml_backend_request_duration_seconds_count", {"backend": "a:3003", "task": "faces"}) is None
     assert value("imml_requests_total", {"status": "200", "task": "faces"}) == 1
 
 
-def test_latency_buckets_are_cumulative_and_a_bound_is_inside_its_bucket():
+def test_latency_buckets_are_cumulative_and_a_bound_is_inside_its_bucket() -> None:
     _, _, m = fleet_metrics()
     for seconds in (0.25, 0.25, 0.02, 400.0):
         m.request_finished(RequestRecord("POST", "/predict", "ocr", 200, "a:3003", ("a:3003",), seconds))
     value = m.registry.get_sample_value
 
-    def bucket(le):
+    def bucket(le: str) -> Optional[float]:
         return value("imml_request_duration_seconds_bucket", {"task": "ocr", "le": le})
 
     assert [bucket("0.01"), bucket("0.025"), bucket("0.1"), bucket("0.25"), bucket("300.0"), bucket("+Inf")] == [
-        0, 1, 1, 3, 3, 4]
+        0,
+        1,
+        1,
+        3,
+        3,
+        4,
+    ]
     assert value("imml_request_duration_seconds_count", {"task": "ocr"}) == 4
     assert value("imml_request_duration_seconds_sum", {"task": "ocr"}) == 400.52
 
 
-def test_levels_are_read_from_the_fleet_when_scraped():
+def test_levels_are_read_from_the_fleet_when_scraped() -> None:
     fleet, dispatcher, m = fleet_metrics()
     a, b = fleet.backends
     fleet.check_passed(a)
@@ -88,12 +114,12 @@ def test_levels_are_read_from_the_fleet_when_scraped():
     assert value("imml_build_info", {"version": __import__("imml").__version__, "strategy": "round-robin"}) == 1
 
 
-def hosts(n, **kw):
+def hosts(n: int, **kw: Any) -> list[dict[str, Any]]:
     return [dict(name=f"h{i}", **kw) for i in range(n)]
 
 
 @bounded(20)
-async def test_metrics_over_loopback_count_what_the_hosts_did():
+async def test_metrics_over_loopback_count_what_the_hosts_did() -> None:
     async with await rig(hosts(2), "--strategy", "failover") as r:
         r.hosts[0].mode = "error503"
         for task in ("clip-visual", "ocr", "ocr"):
@@ -114,24 +140,161 @@ async def test_metrics_over_loopback_count_what_the_hosts_did():
 
 
 @bounded(20)
-async def test_in_flight_and_queue_depth_while_requests_wait():
+async def test_in_flight_and_queue_depth_while_requests_wait() -> None:
     async with await rig(hosts(1, service_time=30)) as r:
         r.fleet.backends[0].limiter.slots = 1  # one request at a time: the others wait
         pending = [r.predict() for _ in range(3)]
-        await until(lambda: r.hosts[0].in_flight == 1 and r.service.dispatcher.queue_depth == 2)
+        await until(lambda: r.hosts[0].in_flight == 1 and r.balancer.dispatcher.queue_depth == 2)
         s = await metrics(r)
         assert sample(s, "imml_backend_in_flight", backend=r.hosts[0].address) == 1
         assert sample(s, "imml_queue_depth") == 2
         for d in pending:
             d.addErrback(lambda f: None)
             d.cancel()
-        await until(lambda: r.fleet.backends[0].in_flight == 0 and r.service.dispatcher.queue_depth == 0)
+        await until(lambda: r.fleet.backends[0].in_flight == 0 and r.balancer.dispatcher.queue_depth == 0)
 
 
 @bounded(20)
-async def test_the_proxy_port_does_not_serve_metrics():
+async def test_the_proxy_port_does_not_serve_metrics() -> None:
     async with await rig(hosts(1)) as r:
         response = await r.client.get(r.url + "/metrics")
         await response.content()
         assert response.code == 404  # forwarded to the ML host, which has no such page
         assert r.url != admin_url(r)
+
+
+class _ThreadProbe:
+    """
+    A collector that notes, at each scrape, whether it runs on the reactor
+    thread.
+    """
+
+    def __init__(self) -> None:
+        self.threads: list[bool] = []
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        self.threads.append(isInIOThread())
+        return iter([])
+
+
+@bounded(20)
+async def test_a_scrape_collects_on_the_reactor_thread() -> None:
+    """
+    The registry's collectors run on the reactor thread, the one that
+    changes what they read (prometheus_client's own Twisted resource ran
+    them in a thread pool).
+    """
+    async with await rig(hosts(1)) as r:
+        probe = _ThreadProbe()
+        r.balancer.metrics.registry.register(probe)
+        assert isInIOThread()
+        s = await metrics(r)
+        assert sample(s, "imml_backend_up", backend=r.hosts[0].address) == 1
+        assert probe.threads == [True]
+
+
+@bounded(20)
+async def test_metrics_answers_get_and_head_only() -> None:
+    async with await rig(hosts(1)) as r:
+        url = admin_url(r) + "/metrics"
+        response = await r.client.get(url)
+        body = await response.content()
+        assert response.code == 200
+        assert response.headers.getRawHeaders(b"content-type") == [CONTENT_TYPE_LATEST.encode()]
+        assert b"imml_backend_up{" in body
+        response = await r.client.head(url)
+        assert response.code == 200 and await response.content() == b""
+        assert response.headers.getRawHeaders(b"content-type") == [CONTENT_TYPE_LATEST.encode()]
+        for method in ("post", "put", "delete"):
+            response = await getattr(r.client, method)(url)
+            await response.content()
+            assert response.code == 405, method
+            assert response.headers.getRawHeaders(b"allow") == [b"GET, HEAD"]
+
+
+@bounded(10)
+async def test_scrapes_while_hosts_join_and_leave_all_answer() -> None:
+    """
+    Scraped 300 times while hosts join and leave and requests are answered
+    (new hosts make new label values): every answer is 200 and parses, and
+    each is one moment's snapshot: a host listed is in exactly one state,
+    and each task's count of requests is its latency histogram's count.
+    """
+    extra = await start_fake_hosts(reactor, hosts(4))
+    # Switch threads as often as possible: a scrape that read the counts
+    # on another thread than the reactor's would catch them mid-change.
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        async with await rig(hosts(2), "--health-interval", "0.05", "--rise", "1") as r:
+            base = [(parse_backend(h.address), BackendSettings()) for h in r.hosts]
+            others = [parse_backend(h.address) for h in extra]
+            step = 0
+
+            def churn() -> None:
+                # At each step, one of the extra hosts joins or leaves.
+                nonlocal step
+                step += 1
+                present = [a for i, a in enumerate(others) if (step >> i) & 1]
+                r.fleet.reconfigure(base + [(a, BackendSettings()) for a in present])
+
+            churning = LoopingCall(churn)
+            churning.clock = reactor
+            churning.start(0.01)
+            codes, problems, stop = [], [], []
+
+            async def traffic() -> None:
+                tasks = ("clip-visual", "clip-textual", "ocr", "faces")
+                i = 0
+                while not stop:
+                    response = await r.predict(task=tasks[i % len(tasks)])
+                    await response.content()
+                    i += 1
+
+            def check(code: int, text: str) -> None:
+                assert code == 200, text
+                states, requests, observed = {}, {}, {}
+                for family in text_string_to_metric_families(text):
+                    for s in family.samples:
+                        if s.name == "imml_backend_state":
+                            states.setdefault(s.labels["backend"], []).append(s.value)
+                        elif s.name == "imml_requests_total":
+                            requests[s.labels["task"]] = requests.get(s.labels["task"], 0) + s.value
+                        elif s.name == "imml_request_duration_seconds_count":
+                            observed[s.labels["task"]] = s.value
+                one_state = [0.0] * (len(STATE_NAMES) - 1) + [1.0]
+                assert states and all(sorted(v) == one_state for v in states.values()), states
+                assert requests == observed
+
+            async def scrape(n: int) -> None:
+                # Every loop stops at the first problem, so that no scrape is
+                # left running when the balancer stops.
+                for _ in range(n):
+                    if problems:
+                        return
+                    response = await r.client.get(admin_url(r) + "/metrics")
+                    text = (await response.content()).decode()
+                    codes.append(response.code)
+                    try:
+                        check(response.code, text)
+                    except AssertionError as e:
+                        problems.append(e)
+
+            running = [Deferred.fromCoroutine(traffic()) for _ in range(4)]
+            try:
+                await gatherResults([Deferred.fromCoroutine(scrape(75)) for _ in range(4)])
+            finally:
+                stop.append(True)
+                churning.stop()
+                await gatherResults(running, consumeErrors=True)
+            if problems:
+                raise problems[0]
+            assert codes == [200] * 300
+            # Hosts did join and leave, and the new ones served requests.
+            assert step > 20 and sum(h.served for h in extra) > 0
+    finally:
+        sys.setswitchinterval(interval)
+        await gatherResults([h.stop() for h in extra], consumeErrors=True)
