@@ -1,5 +1,6 @@
 # Two entry points: `make run` (set up, then start the balancer) and
-# `make test` (set up, then run the whole test suite).  Only python3 and make
+# `make test` (set up, then lint, check the formatting, and run the whole
+# test suite).  Only python3 and make
 # are needed; everything else is installed into .venv.
 PYTHON ?= python3
 VENV   ?= .venv
@@ -22,6 +23,8 @@ run: $(STAMP)
 	$(BIN)/twistd -n --pidfile= imml-balancer $(if $(IMML_BACKENDS),,--demo 3) $(ARGS)
 
 test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	tools/ensure-browser.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
