@@ -59,6 +59,13 @@ class Attempt:
         self.state = AttemptState.HEDGED
         return True
 
+    def over(self) -> AttemptState:
+        """
+        The attempt has its outcome; the state it had until then.
+        """
+        state, self.state = self.state, AttemptState.OVER
+        return state
+
     def cancel(self, state: AttemptState = AttemptState.CANCELLED) -> None:
         """
         Give up on the attempt (C{TIMED_OUT}: for the response timeout).

@@ -46,6 +46,15 @@ if TYPE_CHECKING:
     from .site import BalancerRequest
 
 
+class _Discard:
+    """
+    A sink for an answer nobody waits for.
+    """
+
+    def write(self, data: bytes) -> None:
+        pass
+
+
 class Runner(Protocol):
     """
     What a job runs on (the L{imml.forward.Forwarder}).
@@ -89,6 +98,14 @@ class JobState(Enum):
     STREAMING = "streaming"
     #: Answered, or the client went away.
     DONE = "done"
+
+
+#: The moves a job may make, and the only ones (L{Job._enter}).
+_MOVES = {
+    JobState.TRYING: frozenset({JobState.STREAMING, JobState.DONE}),
+    JobState.STREAMING: frozenset({JobState.DONE}),
+    JobState.DONE: frozenset(),
+}
 
 
 class NoAnswerInTime(Exception):
@@ -162,37 +179,45 @@ class Job:
             if not self.pending:
                 self.give_up()
             return
-        clock = self.runner.clock
-        since = clock.seconds()
         d = self.runner.dispatcher.acquire(self.info, self.tried, self.started, owner=self)
+        since = None
         if not d.called:
             self.seeking = d
+            since = self.runner.clock.seconds()
         d.addCallbacks(self._acquired, self._no_host, callbackArgs=(since,), errbackArgs=(since,))
         d.addErrback(self.bug)
 
-    def _waited(self, since: float) -> None:
+    def _waited(self, since: Optional[float]) -> None:
         self.seeking = None
-        self.waited += self.runner.clock.seconds() - since
+        if since is not None:
+            self.waited += self.runner.clock.seconds() - since
 
-    def _acquired(self, load: Load, since: float) -> None:
+    def _acquired(self, load: Load, since: Optional[float]) -> None:
         self._waited(since)
         attempt = Attempt(self, load)
         self.tried.append(load.backend)
         self.tries += 1
+        request = self.request
+        try:
+            attempt.deferred = self.runner.upstream.exchange(
+                request.method,
+                load.backend.address.url(request.uri),
+                self.headers,
+                self.body,
+                partial(self._commit, attempt),
+                hold=self.info.retryable,
+            )
+        except Exception:
+            # A fault of the balancer's own, not of the host: the request
+            # leaves the host, and the caller's errback answers the client.
+            attempt.over()
+            self.runner.over(attempt, 0.0, outcome=FAILED)
+            raise
         self.pending.add(attempt)
         self.runner.watch(attempt)
-        request = self.request
-        attempt.deferred = self.runner.upstream.exchange(
-            request.method,
-            load.backend.address.url(request.uri),
-            self.headers,
-            self.body,
-            partial(self._commit, attempt),
-            hold=self.info.retryable,
-        )
         attempt.deferred.addBoth(self._attempt_over, attempt).addErrback(self.bug)
 
-    def _no_host(self, failure: Failure, since: float) -> None:
+    def _no_host(self, failure: Failure, since: Optional[float]) -> None:
         self._waited(since)
         if failure.check(CancelledError):
             return
@@ -212,10 +237,9 @@ class Job:
         The host of one of this job's attempts went down with the request
         on it.
         """
-        for attempt in self.pending:
+        for attempt in list(self.pending):
             if attempt.load is load:
                 self.hedge(attempt, "went down with it")
-                return
 
     def hedge(self, attempt: Attempt, why: str) -> None:
         """
@@ -238,7 +262,7 @@ class Job:
     # -- judging attempts ---------------------------------------------------
 
     def _attempt_over(self, result: Any, attempt: Attempt) -> None:
-        state, attempt.state = attempt.state, AttemptState.OVER
+        state = attempt.over()
         self.pending.discard(attempt)
         backend = attempt.backend
         seconds = self.runner.clock.seconds() - attempt.sent
@@ -315,8 +339,10 @@ class Job:
         C{attempt}'s answer is to stream to the client: past this point it
         is the client's, and no other try may follow.
         """
-        answer.committed = True
-        self.state = JobState.STREAMING
+        if not self._enter(JobState.STREAMING):
+            # Nobody waits for it any more (the client went away).
+            attempt.cancel()
+            return _Discard()
         self._stop_others(keep=attempt)
         request = self.request
         request.start_answer(answer, attempt.backend.header)
@@ -355,10 +381,19 @@ class Job:
         else:
             self.answer_error(503, f"no ML host answered after {len(self.tried)} tries: " + "; ".join(self.reasons))
 
+    def _enter(self, new: JobState) -> bool:
+        """
+        Move to C{new}, if it may be from where the job stands: the one
+        guard of its life.
+        """
+        if new not in _MOVES[self.state]:
+            return False
+        self.state = new
+        return True
+
     def finish(self, backend: Optional[Backend], status: Any, reason: Optional[str] = None) -> None:
-        if self.state is JobState.DONE:
+        if not self._enter(JobState.DONE):
             return
-        self.state = JobState.DONE
         self._stop_others()
         info = self.info
         clock = self.runner.clock

@@ -82,7 +82,12 @@ class Committed(Exception):
 
 
 @implementer(IBodyProducer)
-class _BytesProducer:
+class BytesProducer:
+    """
+    A request body held in memory, written at once: no reactor or
+    cooperator needed (so it also works under a task.Clock).
+    """
+
     def __init__(self, body: bytes) -> None:
         self.body = body
         self.length = len(body)
@@ -127,6 +132,7 @@ class _Collector(Protocol):
         answer.chunks.append(data)
         answer.size += len(data)
         if answer.size > self.limit:
+            answer.committed = True
             self.sink = self.commit(answer)
 
     def connectionLost(self, reason: Failure) -> None:
@@ -201,7 +207,7 @@ class Upstream:
 
     @staticmethod
     def _send(agent: IAgent, method: bytes, url: bytes, headers: Headers, body: bytes) -> Deferred[IResponse]:
-        producer = _BytesProducer(body) if body or method not in _BODILESS else None
+        producer = BytesProducer(body) if body or method not in _BODILESS else None
         return agent.request(method, url, headers, producer)
 
     def _resend(
@@ -232,6 +238,7 @@ class Upstream:
         answer = Answer(response.code, response.phrase, response.headers, response.length)
         collector = _Collector(answer, self.hold_limit, commit)
         if not hold:
+            answer.committed = True
             collector.sink = commit(answer)
         response.deliverBody(collector)
         return collector.done.addErrback(_mid_answer, answer)
@@ -342,4 +349,4 @@ def make_agent(reactor: Any, connect_timeout: float, pool: HTTPConnectionPool) -
     return Agent.usingEndpointFactory(reactor, _Endpoints(reactor, connect_timeout), pool)
 
 
-__all__ = ["Answer", "Committed", "Sink", "Upstream", "make_agent", "make_pinger", "make_pool"]
+__all__ = ["Answer", "BytesProducer", "Committed", "Sink", "Upstream", "make_agent", "make_pinger", "make_pool"]

@@ -80,6 +80,10 @@ class Client:
         """Whether the balancer aborted the connection."""
         return self.transport.disconnecting
 
+    def partial(self) -> bytes:
+        """What arrived of the answer's body so far."""
+        return self.transport.value().partition(b"\r\n\r\n")[2]
+
     def go_away(self) -> None:
         self.channel.connectionLost(Failure(ConnectionDone()))
 
@@ -147,6 +151,7 @@ def memory_balancer(
     response_timeout: float = 300.0,
     max_tries: int = 3,
     queue_timeout: float = 120.0,
+    hold_limit: int = 8 * 1024 * 1024,
 ) -> MemoryBalancer:
     """
     A balancer over one fake host per spec (FakeMLHost's arguments; C{name}
@@ -175,7 +180,7 @@ def memory_balancer(
     forwarder = Forwarder(
         fleet,
         dispatcher,
-        Upstream(agent, fresh_agent=agent),
+        Upstream(agent, fresh_agent=agent, hold_limit=hold_limit),
         clock,
         ForwardSettings(max_tries, response_timeout),
         reporters=[records],

@@ -19,8 +19,9 @@ from twisted.logger import (
 )
 
 from imml.forward import HEDGE_FACTOR, HEDGE_MIN
-from imml.records import ANSWERED, CANCELLED, RETRIED, RequestRecord
+from imml.records import ANSWERED, CANCELLED, FAILED, RETRIED, RequestRecord
 from imml.requestlog import RequestLog
+from imml.upstream import Upstream
 
 
 def test_an_answer_comes_from_the_first_host_and_names_it():
@@ -148,6 +149,8 @@ def test_a_client_going_away_while_a_host_is_being_connected_to_is_not_held_agai
     host = b.fleet.backends[0]
     assert host.up and host.in_flight == 0 and not host.stats.errors
     assert not b.host("b").received  # and nothing was sent elsewhere
+    assert [a.outcome for a in b.records.attempts] == [CANCELLED]
+    assert [r.status for r in b.records.requests] == ["cancelled"]
 
 
 def test_a_500_is_retried_once_then_passed_through():
@@ -188,3 +191,81 @@ def test_each_request_is_one_info_event_of_the_request_log():
     log = RequestLog(Logger(namespace="imml.forward", observer=FilteringLogObserver(quiet.append, [predicate])))
     log.request_finished(record)
     assert quiet == []
+
+
+# -- answers that stream (past the hold limit, or not retryable) -------------
+
+
+def test_an_answer_past_the_hold_limit_streams_to_the_client_whole():
+    b = memory_balancer({"name": "a", "service_time": 0.05}, {"name": "b"}, hold_limit=100)
+    client = b.predict()
+    b.advance(0.1)
+    status, headers, body = client.answer()
+    assert status == 200 and headers[b"x-fake-host"] == b"a" and len(body) > 100
+    assert "clip" in json.loads(body) and not client.cut
+    assert [a.outcome for a in b.records.attempts] == [ANSWERED]
+    assert b.site.resource.active == 0
+
+
+def test_a_host_dying_while_its_answer_streams_cuts_the_client_once():
+    b = memory_balancer({"name": "a", "mode": "die-mid-answer"}, {"name": "b"}, hold_limit=100)
+    client = b.predict()
+    b.advance(0.1)
+    assert client.cut and client.answer() is None  # seen as incomplete, never as whole
+    assert len(client.partial()) > 100
+    assert not b.host("b").received  # part of it went out: nothing is tried again
+    [attempt] = b.records.attempts
+    assert attempt.outcome == FAILED and attempt.error == "connection lost mid-answer"
+    [record] = b.records.requests
+    assert record.status == 200 and b.site.resource.active == 0
+
+
+def test_a_client_leaving_while_the_answer_streams_cancels_the_attempt():
+    b = memory_balancer({"name": "a", "service_time": 0.05}, hold_limit=100)
+    client = b.predict()
+    b.advance(0.02)
+    client.go_away()
+    b.advance(0.1)
+    assert [a.outcome for a in b.records.attempts] == [CANCELLED]
+    assert [r.status for r in b.records.requests] == ["cancelled"]
+    assert b.fleet.backends[0].in_flight == 0 and b.site.resource.active == 0
+
+
+def test_a_request_that_may_not_be_repeated_is_not_sent_elsewhere():
+    b = memory_balancer({"name": "a", "mode": "hang"}, {"name": "b"}, response_timeout=2.0)
+    client = b.send(b"POST", b"/upload", b"once only")
+    b.advance(2.1)
+    status, _, body = client.answer()
+    assert status == 503 and "timed out" in json.loads(body)["detail"]
+    assert b.host("b").connections == 0
+    assert [a.outcome for a in b.records.attempts] == [FAILED]
+
+
+def test_a_hedged_request_answered_first_by_its_own_host_cancels_the_hedge():
+    b = memory_balancer({"name": "a", "service_time": 0.05}, {"name": "b", "service_time": 10.0})
+    b.predict()
+    b.advance(0.1)
+    b.host("a").service_time = 3.0  # slow this once, not stalled
+    client = b.predict()
+    b.advance(max(HEDGE_MIN, HEDGE_FACTOR * 0.05) + 0.2)  # hedged on b...
+    assert len(b.host("b").received) == 1
+    b.advance(2.0)  # ... and a answers first
+    status, headers, _ = client.answer()
+    assert status == 200 and headers[b"x-fake-host"] == b"a"
+    assert b.host("b").cancelled == 1
+    assert sorted(a.outcome for a in b.records.attempts[1:]) == [ANSWERED, CANCELLED]
+
+
+def test_a_fault_of_the_balancers_own_still_answers_the_client(monkeypatch):
+    b = memory_balancer({"name": "a"})
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Upstream, "exchange", broken)
+    status, _, body = b.predict().answer()
+    assert status == 500 and json.loads(body) == {"detail": "internal error in the balancer"}
+    assert [e for e in b.events if e.get("log_failure") is not None]
+    assert b.site.resource.active == 0
+    host = b.fleet.backends[0]  # not the host's fault
+    assert host.up and host.in_flight == 0 and not host.stats.errors
