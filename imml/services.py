@@ -34,10 +34,23 @@ class Listener(service.Service):
         self._opening: Optional[Deferred[None]] = None
         self._waiting: list[Deferred[IListeningPort]] = []
 
+    def privilegedStartService(self) -> None:
+        """
+        Open the port while twistd may still bind privileged ports (before
+        it drops to C{--uid}).
+        """
+        super().privilegedStartService()
+        self._open()
+
     def startService(self) -> None:
         super().startService()
+        if self._opening is None and self.port is None:
+            self._open()
+
+    def _open(self) -> None:
         self.failure = None
-        self._opening = self.endpoint.listen(self.factory).addCallbacks(self._listening, self._failed)
+        self._opening = d = self.endpoint.listen(self.factory)
+        d.addCallbacks(self._listening, self._failed)
 
     def _listening(self, port: IListeningPort) -> None:
         self._opening = None
