@@ -107,32 +107,40 @@ class HealthChecker:
     clock: object
     interval: float = 5.0
     log: Logger = field(factory=Logger)
-    _running: set = field(factory=set)
+    #: The checks under way, by host.
+    _checks: dict[Any, Deferred] = field(factory=dict)
     _loop: Optional[LoopingCall] = None
 
     def start(self) -> None:
         """
         Check every host now, and then every C{interval} seconds.
         """
+        self._start(now=True)
+
+    def _start(self, now: bool) -> None:
         self._loop = LoopingCall(self.check_all)
         self._loop.clock = self.clock
-        self._loop.start(self.interval, now=True)
+        self._loop.start(self.interval, now=now).addErrback(
+            lambda failure: self.log.failure("the health check timer stopped", failure)
+        )
 
-    def stop(self) -> None:
+    def stop(self) -> Deferred:
+        """
+        Check no more; fires once the checks under way are over.
+        """
         loop, self._loop = self._loop, None
         if loop is not None and loop.running:
             loop.stop()
+        return DeferredList([self._checks[b] for b in list(self._checks)])
 
     def set_interval(self, seconds: float) -> None:
         """
-        Check every C{seconds} from now on.
+        Check every C{seconds} from now on (the next check after C{seconds}).
         """
         self.interval = seconds
         if self._loop is not None and self._loop.running:
             self._loop.stop()
-            self._loop = LoopingCall(self.check_all)
-            self._loop.clock = self.clock
-            self._loop.start(seconds, now=False)
+            self._start(now=False)
 
     def check_all(self) -> Deferred:
         """
@@ -145,10 +153,12 @@ class HealthChecker:
         """
         Check one host now, unless a check of it is already under way.
         """
-        if backend in self._running:
+        if backend in self._checks:
             return succeed(None)
-        self._running.add(backend)
-        return ensureDeferred(self._check(backend))
+        d = self._checks[backend] = ensureDeferred(self._check(backend))
+        if d.called:
+            del self._checks[backend]
+        return d
 
     async def _check(self, backend: Any) -> None:
         try:
@@ -161,7 +171,7 @@ class HealthChecker:
         except Exception:
             self.log.failure("health check of {backend} failed unexpectedly", backend=str(backend.address))
         finally:
-            self._running.discard(backend)
+            self._checks.pop(backend, None)
 
 
 def describe_failure(error: BaseException) -> str:

@@ -98,7 +98,9 @@ class Waker:
 
         self._loop = LoopingCall(again)
         self._loop.clock = self.reactor
-        self._loop.start(self.interval, now=True)
+        self._loop.start(self.interval, now=True).addErrback(
+            lambda failure: self.log.failure("the Wake-on-LAN timer stopped", failure)
+        )
 
     def stop(self) -> Optional[Deferred]:
         """
