@@ -25,7 +25,6 @@ import itertools
 from bisect import bisect_left
 from collections import deque
 from typing import Callable, Collection, Optional
-from weakref import WeakKeyDictionary
 
 from attrs import define, evolve, field
 from twisted.internet.defer import Deferred
@@ -95,8 +94,6 @@ class Dispatcher:
     _searched: float = float("-inf")
     #: Calls L{pump} when paced batch work may start.
     _pace_timer: object = None
-    #: When a request was last bound to each host.
-    _bound_at: WeakKeyDictionary[Backend, float] = field(factory=WeakKeyDictionary)
 
     def __attrs_post_init__(self) -> None:
         self.fleet.observe(self.pump)
@@ -170,17 +167,17 @@ class Dispatcher:
                 return None
         return chosen
 
-    def _paced_until(self, backend: Backend, now: float) -> float:
+    @staticmethod
+    def _paced_until(backend: Backend, now: float) -> float:
         """
         When paced batch work may next start on C{backend}.
         """
-        slot, limit = backend.slot_time, backend.limit
-        if not slot or limit < 2:
-            return now  # one slot: its last request has ended
-        bound_at = self._bound_at.get(backend, float("-inf"))
-        if bound_at > now:
-            bound_at = self._bound_at[backend] = now  # the clock was set back: one pace at most
-        return bound_at + PACE * slot / limit
+        slot, limit, last = backend.slot_time, backend.limit, backend.last_start
+        if not slot or limit < 2 or last > now:
+            # one slot: its last request has ended; or the clock was set
+            # back since the last start, which then says nothing
+            return now
+        return last + PACE * slot / limit
 
     def _pump_at(self, when: float, now: float) -> None:
         timer = self._pace_timer
@@ -194,8 +191,7 @@ class Dispatcher:
         self._pace_timer = None
         self.pump()
 
-    def _bind(self, backend: Backend, now: float, info: RequestInfo, owner: object) -> Load:
-        self._bound_at[backend] = now
+    def _bind(self, backend: Backend, info: RequestInfo, owner: object) -> Load:
         return self.fleet.start(backend, info.task, owner)
 
     def acquire(
@@ -236,7 +232,7 @@ class Dispatcher:
             chosen = self._choose(info, candidates, ahead, now)
             if chosen is not None:
                 d = Deferred()
-                d.callback(self._bind(chosen, now, info, owner))
+                d.callback(self._bind(chosen, info, owner))
                 return d
         if len(self._waiting) >= self.max_queue:
             d = Deferred()
@@ -321,6 +317,6 @@ class Dispatcher:
                         ahead += 1
                         continue
                     self._leave(waiter)
-                    waiter.deferred.callback(self._bind(chosen, now, waiter.info, waiter.owner))
+                    waiter.deferred.callback(self._bind(chosen, waiter.info, waiter.owner))
         finally:
             self._pumping = False

@@ -195,7 +195,7 @@ class Fleet:
         probing for more): then it waits inside the host until one ends.
         """
         backend.in_flight += 1
-        now = self.clock.seconds()
+        now = backend.last_start = self.clock.seconds()
         starts: Optional[float] = now
         if backend.in_flight > backend.limiter.proven:
             starts = None

@@ -135,7 +135,7 @@ class Load:
     @ivar in_flight: requests on the host once it was sent, itself included.
     @ivar starts: when the host started serving it, or None while it waits
         inside the host for a slot (sent past the host's proven limit).
-    @ivar owner: whoever sent it (the balancer's attempt), for the
+    @ivar owner: whoever sent it (the balancer's job), for the
         subscribers of L{Fleet.when_down}.
     """
 
@@ -172,6 +172,8 @@ class Backend:
     tasks: dict = field(factory=dict)
     loads: set[Load] = field(factory=set)
     woken: Optional[float] = None
+    #: When the last request was started on it.
+    last_start: float = float("-inf")
     #: Requests expected to wait inside the host for one of its slots.
     queued_inside: int = 0
     #: The time now, as the fleet's clock says (for staleness).
