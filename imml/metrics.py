@@ -16,11 +16,12 @@ counts between two of the reactor's events, never while they change.
 
 from __future__ import annotations
 
+import gzip
 from bisect import bisect_left
 from typing import Iterator, Optional
 
 from attrs import define, field
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -28,6 +29,7 @@ from prometheus_client.core import (
     InfoMetricFamily,
     Metric,
 )
+from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.utils import floatToGoString
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
@@ -172,7 +174,8 @@ class Metrics:
     # -- a collector of the registry ----------------------------------------
 
     def describe(self) -> list[Metric]:
-        return []
+        # The families, so that a scrape may name them (name[]).
+        return list(self.collect())
 
     def collect(self) -> Iterator[Metric]:
         for counts in (self.backend_requests, self.backend_errors, self.backend_retries, self.requests):
@@ -193,8 +196,8 @@ class FleetCollector:
     started: float
 
     def describe(self) -> list[Metric]:
-        # Nothing to check at registration; collect() needs the live fleet.
-        return []
+        # The families, so that a scrape may name them (name[]).
+        return list(self.collect())
 
     def collect(self) -> Iterator[Metric]:
         in_flight = GaugeMetricFamily("imml_backend_in_flight", "Requests in flight on an ML host.", labels=["backend"])
@@ -232,11 +235,10 @@ class FleetCollector:
 
 class MetricsPage(Resource):
     """
-    C{/metrics}: the samples of C{registry} in Prometheus' text format,
-    rendered synchronously on the reactor thread (C{prometheus_client}'s
-    own Twisted resource collects in a thread pool, while the reactor
-    changes what it reads).  GET and HEAD; any other method is answered
-    405.
+    C{/metrics}: the samples of C{registry}, rendered synchronously on the
+    reactor thread (C{prometheus_client}'s own Twisted resource collects in
+    a thread pool, while the reactor changes what it reads), in the format
+    the scraper accepts.  GET and HEAD; any other method is answered 405.
     """
 
     isLeaf = True
@@ -256,8 +258,21 @@ class MetricsPage(Resource):
         return super().render(request)
 
     def render_GET(self, request: IRequest) -> bytes:
-        body = generate_latest(self.registry)
-        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+        # As prometheus_client's own exposition does: the format the scraper
+        # accepts (OpenMetrics or text), gzipped if it accepts that, and
+        # only the families named in name[] when it names any.
+        accept = request.getHeader(b"accept")
+        encoder, content_type = choose_encoder(accept.decode("latin-1") if accept else None)
+        registry = self.registry
+        names = request.args.get(b"name[]")
+        if names:
+            registry = registry.restricted_registry([n.decode("utf-8", "replace") for n in names])
+        body = encoder(registry)
+        encoding = request.getHeader(b"accept-encoding")
+        if encoding and gzip_accepted(encoding.decode("latin-1")):
+            body = gzip.compress(body)
+            request.setHeader(b"content-encoding", b"gzip")
+        request.setHeader(b"content-type", content_type.encode("ascii"))
         request.setHeader(b"cache-control", b"no-store")
         return body
 

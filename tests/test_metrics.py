@@ -4,10 +4,10 @@ the fleet at scrape time, served on the admin listener from the reactor
 thread.
 """
 
+import gzip
 import sys
 from typing import Any, Iterator, Optional
 
-from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from steering import admin_url, metrics, sample
@@ -16,6 +16,8 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import Clock, LoopingCall
 from twisted.python.threadable import isInIOThread
+from twisted.web.client import Agent, readBody
+from twisted.web.http_headers import Headers
 from zope.interface.verify import verifyObject
 
 from imml.backends import parse_backend, parse_backends
@@ -196,6 +198,11 @@ async def test_a_scrape_collects_on_the_reactor_thread() -> None:
         assert probe.threads == [True]
 
 
+#: What a scraper that names no format gets, as from prometheus_client's own
+#: exposition.
+TEXT = b"text/plain; version=0.0.4; charset=utf-8"
+
+
 @bounded(20)
 async def test_metrics_answers_get_and_head_only() -> None:
     async with await rig(hosts(1)) as r:
@@ -203,16 +210,40 @@ async def test_metrics_answers_get_and_head_only() -> None:
         response = await r.client.get(url)
         body = await response.content()
         assert response.code == 200
-        assert response.headers.getRawHeaders(b"content-type") == [CONTENT_TYPE_LATEST.encode()]
+        assert response.headers.getRawHeaders(b"content-type") == [TEXT]
         assert b"imml_backend_up{" in body
         response = await r.client.head(url)
         assert response.code == 200 and await response.content() == b""
-        assert response.headers.getRawHeaders(b"content-type") == [CONTENT_TYPE_LATEST.encode()]
+        assert response.headers.getRawHeaders(b"content-type") == [TEXT]
         for method in ("post", "put", "delete"):
             response = await getattr(r.client, method)(url)
             await response.content()
             assert response.code == 405, method
             assert response.headers.getRawHeaders(b"allow") == [b"GET, HEAD"]
+
+
+@bounded(20)
+async def test_metrics_are_served_as_the_scraper_asks() -> None:
+    """
+    As prometheus_client's own exposition: OpenMetrics when the scraper
+    accepts it, gzip when it accepts that, and only the families named in
+    C{name[]}.
+    """
+    async with await rig(hosts(1)) as r:
+        url = admin_url(r) + "/metrics"
+        openmetrics = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+        response = await r.client.get(url, headers={"accept": openmetrics})
+        body = await response.content()
+        assert response.headers.getRawHeaders(b"content-type")[0].startswith(b"application/openmetrics-text")
+        assert body.endswith(b"# EOF\n")
+        # (treq would decode gzip itself: ask with a plain Agent)
+        headers = Headers({b"accept-encoding": [b"gzip"]})
+        response = await Agent(reactor, pool=r.pool).request(b"GET", url.encode(), headers)
+        assert response.headers.getRawHeaders(b"content-encoding") == [b"gzip"]
+        assert b"imml_backend_up{" in gzip.decompress(await readBody(response))
+        response = await r.client.get(url + "?name[]=imml_queue_depth")
+        body = await response.content()
+        assert b"imml_queue_depth " in body and b"imml_backend_up" not in body
 
 
 @bounded(10)
