@@ -1,6 +1,6 @@
 """
-Steering a running balancer: the configuration file and its reload, the
-graceful stop, and the wiring of the admin listener into the service tree.
+Steering a running balancer: the configuration file and its reload, and
+the graceful stop.
 
 - L{remember_command_line} (called by the options) keeps what the command
   line said, so that L{reparse} can merge the file, as it is then, again.

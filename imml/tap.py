@@ -16,7 +16,7 @@ from . import __version__
 from .backends import BackendListError, parse_backends
 from .config import ConfigError, load_config
 from .control import remember_command_line
-from .fleet import BackendSettings
+from .host import BackendSettings
 from .strategies import UnknownStrategy, available, strategy_named
 
 DEFAULT_STRATEGY = "shortest-delay"

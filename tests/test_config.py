@@ -101,3 +101,15 @@ def test_a_bad_option_value_in_the_file(tmp_path):
     with pytest.raises(usage.UsageError) as e:
         options("--config", str(path), "--backends", "a")
     assert "max-tries" in str(e.value) and "greater than zero" in str(e.value)
+
+
+def test_a_flag_in_the_file_is_true_or_false(tmp_path):
+    path = tmp_path / "imml.toml"
+    path.write_text("[balancer]\nadmin-actions = true\n")
+    assert options("--config", str(path), "--backends", "a")["admin-actions"] == 1
+    path.write_text("[balancer]\nadmin-actions = false\n")
+    assert options("--config", str(path), "--backends", "a")["admin-actions"] == 0
+    path.write_text('[balancer]\nadmin-actions = "yes"\n')
+    with pytest.raises(usage.UsageError) as e:
+        options("--config", str(path), "--backends", "a")
+    assert "admin-actions" in str(e.value) and "true or false" in str(e.value)

@@ -2,10 +2,11 @@
 The balancer's request class: bodies are kept byte for byte, never parsed.
 """
 
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
 from twisted.web.resource import Resource
-from twisted.web.test.requesthelper import DummyChannel
 
-from imml.site import BalancerRequest, BalancerSite
+from imml.site import BalancerSite
 from imml.testing import ENTRIES, predict_body
 
 
@@ -20,15 +21,24 @@ class Seen(Resource):
 
 
 def receive(body: bytes, content_type: bytes, limit: int = 10_000, length=True):
+    """
+    Feed a POST over an in-memory connection to a site with a body limit,
+    in pieces; what the resource saw.
+    """
     seen = Seen()
-    channel = DummyChannel()
-    channel.site = BalancerSite(seen, limit)
-    request = BalancerRequest(channel)
-    request.requestHeaders.setRawHeaders(b"content-type", [content_type])
-    request.gotLength(len(body) if length else None)
-    for i in range(0, len(body), 1000):
-        request.handleContentChunk(body[i : i + 1000])
-    request.requestReceived(b"POST", b"/predict", b"HTTP/1.1")
+    channel = BalancerSite(seen, limit).buildProtocol(None)
+    channel.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.50", 40000)))
+    head = [b"POST /predict HTTP/1.1", b"Host: balancer", b"Content-Type: " + content_type]
+    if length:
+        head.append(b"Content-Length: %d" % len(body))
+        data = body
+    else:
+        head.append(b"Transfer-Encoding: chunked")
+        data = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in (body[i : i + 1000] for i in range(0, len(body), 1000)))
+        data += b"0\r\n\r\n"
+    raw = b"\r\n".join(head) + b"\r\n\r\n" + data
+    for i in range(0, len(raw), 1000):
+        channel.dataReceived(raw[i : i + 1000])
     return seen
 
 
