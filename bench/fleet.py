@@ -21,6 +21,17 @@ Scenarios (each target gets fresh fake hosts and a fresh proxy):
 - all-down: the same two hosts, both killed for 20 s, then restarted on the
   same ports: requests answered vs failed.
 
+Real-like hosts (--scenarios real, or name them): not slots but a processor
+shared by the requests running on it, as Immich ML's is (python -m
+imml.testing --cpu, see imml/testing/cpu.py): a fast host (2 cores) and a
+slow one (a CPU quota of 0.4 cores: a fifth of the speed), with a light
+image model (about 14 ms per image alone) or a heavy one (about 150 ms):
+
+- real-light, real-heavy: 4 closed-loop clients of CLIP visual requests;
+- real-light-8, real-heavy-8: 8 clients;
+- real-light-search, real-heavy-search: 4 clients plus one CLIP text search
+  every 250 ms.
+
 See bench/README.md, "Fleet benchmarks".  Every process the script starts
 runs in its own process group; all are resumed (SIGCONT) and killed when the
 script ends, also on Ctrl-C or SIGTERM.
@@ -69,14 +80,42 @@ HARD_DEADLINE_S = 1500  # the run stops past this, whatever the options
 # name, slots, ms per image request, ms per text search
 HETEROGENEOUS = [("fast", 2, 40.0, 10.0), ("medium", 1, 150.0, 37.5), ("slow", 1, 600.0, 150.0)]
 PAIR = [("a", 2, 100.0, 25.0), ("b", 2, 100.0, 25.0)]
+# real-like hosts: name, then the fake host's processor options
+REAL_FLEETS = {
+    model: [
+        ("fast", None, None, None, ["--cpu", model]),
+        ("slow", None, None, None, ["--cpu", model, "--cores", "0.4"]),
+    ]
+    for model in ("light", "heavy")
+}
+# scenario: (fleet, clients, with searches)
+REAL = {
+    "real-light": ("light", 4, False),
+    "real-light-8": ("light", 8, False),
+    "real-light-search": ("light", 4, True),
+    "real-heavy": ("heavy", 4, False),
+    "real-heavy-8": ("heavy", 8, False),
+    "real-heavy-search": ("heavy", 4, True),
+}
 
 SCENARIOS = ("heterogeneous", "mixed", "sporadic", "all-down")
+ALL_SCENARIOS = SCENARIOS + tuple(REAL)
 
 # Targets of the issue.
 TARGET_HETERO_P99_MS = 250.0
 TARGET_HETERO_RATIO = 0.95
 TARGET_TEXT_P99_MS = 60.0
 TARGET_SPORADIC_MAX_MS = 3000.0
+# Real-like hosts: throughput at least the better peer's, p99 at most this
+# times the better peer's, searches' p99 at most this (per model).
+TARGET_REAL_P99_RATIO = 0.8
+TARGET_REAL_SEARCH_P99_MS = {"light": 60.0, "heavy": 150.0}
+
+
+def searching(scenario: str) -> bool:
+    """Whether the scenario sends searches beside the batch."""
+    return scenario == "mixed" or REAL.get(scenario, (None, 0, False))[2]
+
 
 IMML_HEALTH = ["--health-interval", "1", "--fall", "2"]
 
@@ -98,12 +137,14 @@ def timings(quick: bool) -> dict:
             "mixed": {"warm": 2, "end": 12},
             "sporadic": {"warm": 2, "pause": 3, "resume": 9, "kill": 11, "restart": 13, "end": 18},
             "all-down": {"warm": 2, "kill": 3, "restart": 11, "end": 16},
+            **{scenario: {"warm": 2, "end": 12} for scenario in REAL},
         }
     return {
         "heterogeneous": {"warm": 5, "end": 35},
         "mixed": {"warm": 5, "end": 30},
         "sporadic": {"warm": 3, "pause": 5, "resume": 15, "kill": 23, "restart": 26, "end": 36},
         "all-down": {"warm": 3, "kill": 5, "restart": 25, "end": 35},
+        **{scenario: {"warm": 5, "end": 30} for scenario in REAL},
     }
 
 
@@ -117,7 +158,9 @@ class Fake:
 
     def __init__(self, procs: Processes, spec: tuple) -> None:
         self.procs = procs
-        self.name, self.slots, self.image_ms, self.text_ms = spec
+        self.name, self.slots, self.image_ms, self.text_ms, *cpu = spec
+        #: python -m imml.testing options of a real-like host (a processor, not slots)
+        self.cpu: list[str] = cpu[0] if cpu else []
         self.port = 0
         self.proc: subprocess.Popen | None = None
         self.paused = False
@@ -133,13 +176,18 @@ class Fake:
             f"tcp:{self.port}:interface=127.0.0.1",
             "--name",
             self.name,
-            "--slots",
-            str(self.slots),
-            "--service-ms",
-            f"{self.image_ms:g}",
-            "--service-ms-task",
-            f"clip-textual={self.text_ms:g}",
         ]
+        if self.cpu:
+            cmd += self.cpu
+        else:
+            cmd += [
+                "--slots",
+                str(self.slots),
+                "--service-ms",
+                f"{self.image_ms:g}",
+                "--service-ms-task",
+                f"clip-textual={self.text_ms:g}",
+            ]
         log = open(self.procs.workdir / f"fake-{self.name}-{self.starts}.err", "wb")
         deadline = time.monotonic() + timeout
         while True:
@@ -325,12 +373,18 @@ def run_case(scenario: str, target: str, tools, args, root: Path, live: list) ->
     procs = Processes(casedir, None)
     live.append(procs)
     try:
-        specs = HETEROGENEOUS if scenario in ("heterogeneous", "mixed") else PAIR
+        if scenario in REAL:
+            specs = REAL_FLEETS[REAL[scenario][0]]
+        else:
+            specs = HETEROGENEOUS if scenario in ("heterogeneous", "mixed") else PAIR
         fakes = [Fake(procs, spec) for spec in specs]
         for fake in fakes:
             fake.start()
         port = start_proxy(procs, target, fakes, tools, args.imml_extra, args.probe)
-        clients = 8 if scenario in ("heterogeneous", "mixed") else 4
+        if scenario in REAL:
+            clients = REAL[scenario][1]
+        else:
+            clients = 8 if scenario in ("heterogeneous", "mixed") else 4
         out = casedir / "requests.json"
         start_at = time.monotonic() + 0.3
         cmd = [
@@ -349,7 +403,7 @@ def run_case(scenario: str, target: str, tools, args, root: Path, live: list) ->
             "--out",
             str(out),
         ]
-        if scenario == "mixed":
+        if searching(scenario):
             cmd += ["--text-interval", "0.25"]
         client = procs.start("client", cmd)
         events = []
@@ -472,7 +526,7 @@ def analyse(scenario: str, log: list[dict], t: dict) -> dict:
     res["image_p99_ms"] = pct(lat, 99)
     res["image_max_ms"] = max(lat, default=None)
     res["image_hosts"] = shares(images)
-    if scenario == "mixed":
+    if searching(scenario):
         texts = [r for r in measured if r["kind"] == "text"]
         tl = latency_ms([r for r in texts if "error" not in r])
         res["text_requests"] = len(texts)
@@ -526,6 +580,16 @@ ROWS = {
         ("image p99 ms", "image_p99_ms", ".0f"),
         ("errors", "errors", "d"),
     ],
+    **{
+        scenario: [
+            ("req/s", "image_rps", ".1f"),
+            ("p50 ms", "image_p50_ms", ".0f"),
+            ("p99 ms", "image_p99_ms", ".0f"),
+            *([("search p50 ms", "text_p50_ms", ".0f"), ("search p99 ms", "text_p99_ms", ".0f")] if searches else []),
+            ("errors", "errors", "d"),
+        ]
+        for scenario, (_, _, searches) in REAL.items()
+    },
     "sporadic": [
         ("requests", "requests", "d"),
         ("errors", "errors", "d"),
@@ -584,7 +648,34 @@ def verdicts(results: dict, targets: list[str]) -> dict:
         a = results.get("all-down", {}).get(target)
         if a:
             v["all-down"] = (f"{a['errors']} failed of {a['requests']} (0)", a["errors"] == 0, None)
+        for scenario, (model, _, searches) in REAL.items():
+            r = results.get(scenario, {}).get(target)
+            if r:
+                v[scenario] = real_verdict(
+                    r,
+                    [results[scenario][p] for p in peers if p in results[scenario]],
+                    TARGET_REAL_SEARCH_P99_MS[model] if searches else None,
+                )
     return out
+
+
+def real_verdict(r: dict, peers: list[dict], search_p99_ms) -> tuple:
+    """
+    Real-like hosts: throughput at least the better peer's (by req/s), p99
+    at most TARGET_REAL_P99_RATIO times its p99, searches' p99 within
+    bounds, no error.
+    """
+    best = max(peers, key=lambda p: p["image_rps"], default=None)
+    ratio = r["image_rps"] / best["image_rps"] if best else None
+    p99 = r["image_p99_ms"] / best["image_p99_ms"] if best and best["image_p99_ms"] and r["image_p99_ms"] else None
+    ok = r["errors"] == 0 and (ratio is None or ratio >= 1.0) and (p99 is None or p99 <= TARGET_REAL_P99_RATIO)
+    text = (
+        f"{fmt(ratio, '.2f')} x better peer req/s (>= 1), p99 {fmt(p99, '.2f')} x its p99 (<= {TARGET_REAL_P99_RATIO})"
+    )
+    if search_p99_ms is not None:
+        ok = ok and r.get("text_p99_ms") is not None and r["text_p99_ms"] <= search_p99_ms
+        text += f", search p99 {fmt(r.get('text_p99_ms'))} ms (<= {search_p99_ms:g})"
+    return text, ok, ratio
 
 
 def report(data: dict) -> None:
@@ -688,7 +779,9 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--targets", default="nginx,haproxy,imml", help="comma separated subset of nginx,haproxy,imml")
     parser.add_argument(
-        "--scenarios", default=",".join(SCENARIOS), help="comma separated subset of " + ",".join(SCENARIOS)
+        "--scenarios",
+        default=",".join(SCENARIOS),
+        help="comma separated subset of " + ",".join(ALL_SCENARIOS) + "; 'real' for every real-like one, 'all'",
     )
     parser.add_argument(
         "--imml-args",
@@ -722,9 +815,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.timings = timings(args.quick)
     args.imml_extra = args.imml_args.split()
-    scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
-    if set(scenarios) - set(SCENARIOS):
-        parser.error(f"unknown scenarios: {set(scenarios) - set(SCENARIOS)}")
+    groups = {"real": list(REAL), "all": list(ALL_SCENARIOS)}
+    scenarios = [x for s in args.scenarios.split(",") if s.strip() for x in groups.get(s.strip(), [s.strip()])]
+    if set(scenarios) - set(ALL_SCENARIOS):
+        parser.error(f"unknown scenarios: {set(scenarios) - set(ALL_SCENARIOS)}")
     wanted = [t.strip() for t in args.targets.split(",") if t.strip()]
     if set(wanted) - {"nginx", "haproxy", "imml"}:
         parser.error("targets are nginx, haproxy, imml")
@@ -780,6 +874,13 @@ def main(argv=None) -> int:
                     ),
                     "sporadic": lambda: f"max {fmt(r['max_ms'])} ms",
                     "all-down": lambda: f"{r['answered']} answered",
+                    **{
+                        s: lambda: (
+                            f"{r['image_rps']:.1f} req/s p50 {fmt(r['image_p50_ms'])} p99 {fmt(r['image_p99_ms'])} ms"
+                            + (f", search p99 {fmt(r['text_p99_ms'])} ms" if searching(scenario) else "")
+                        )
+                        for s in REAL
+                    },
                 }[scenario]()
                 say(f"  {scenario:14} {label(target):28} {brief}, {r['errors']} errors ({time.monotonic() - t0:.0f} s)")
     finally:
@@ -800,7 +901,11 @@ def main(argv=None) -> int:
             "imml_extra": args.imml_extra,
             "imml_health": IMML_HEALTH,
             "request_timeout": args.request_timeout,
-            "fleets": {"heterogeneous": HETEROGENEOUS, "pair": PAIR},
+            "fleets": {
+                "heterogeneous": HETEROGENEOUS,
+                "pair": PAIR,
+                **{f"real-{m}": f for m, f in REAL_FLEETS.items()},
+            },
         },
         "scenarios": scenarios,
         "targets": targets,

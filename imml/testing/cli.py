@@ -3,6 +3,7 @@ The command line of a fake host: C{python -m imml.testing}.
 
     python -m imml.testing --listen tcp:0:interface=127.0.0.1 --slots 2 \\
         --service-ms 40 --service-ms-task clip-textual=10
+    python -m imml.testing --cpu light --cores 0.4     # a real-like host, a fifth of the speed
 
 serves one L{FakeMLHost} on the global reactor, prints C{LISTENING host:port}
 on standard output once bound, logs warnings to standard error and exits with
@@ -16,9 +17,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from attrs import evolve
 from twisted.python.failure import Failure
 
 from .answers import TASKS
+from .cpu import PROFILES
 from .fakehost import MODES, FakeMLHost
 
 __all__ = ["main"]
@@ -53,7 +56,20 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--keepalive-s", type=float, default=2.0, help="idle connection timeout")
     parser.add_argument("--mode", choices=MODES, default="ok")
     parser.add_argument("--failing-task", choices=TASKS, action="append", default=[])
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--cpu",
+        choices=sorted(PROFILES),
+        default=None,
+        help="a processor shared by the requests running (a real host), with this model, instead of slots",
+    )
+    parser.add_argument("--cores", type=float, default=None, help="with --cpu: cores the service may use")
+    parser.add_argument("--threads", type=int, default=None, help="with --cpu: inferences at once")
+    parser.add_argument("--jitter", type=float, default=0.5, help="with --cpu: each request's work varies by +-this")
+    parser.add_argument("--seed", type=int, default=0, help="with --cpu: seed of that variation")
+    args = parser.parse_args(argv)
+    if args.cpu is None and (args.cores is not None or args.threads is not None):
+        parser.error("--cores and --threads go with --cpu")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -83,6 +99,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     times: dict[str, float] = {"*": args.service_ms / 1000}
     times.update((task, ms / 1000) for task, ms in args.service_ms_task)
+    cpu = None
+    if args.cpu is not None:
+        cpu = PROFILES[args.cpu]
+        if args.cores is not None:
+            cpu = evolve(cpu, cores=args.cores)
+        if args.threads is not None:
+            cpu = evolve(cpu, threads=args.threads)
     host = FakeMLHost(
         reactor,
         name=args.name,
@@ -93,6 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         failing_tasks=set(args.failing_task),
         model_ttl=args.model_ttl_s,
         keepalive_timeout=args.keepalive_s or None,
+        cpu=cpu,
+        jitter=args.jitter,
+        seed=args.seed,
     )
     exit_code = [0]
 

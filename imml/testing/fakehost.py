@@ -11,6 +11,7 @@ C{StubTreq}) or behind L{imml.testing.MemoryAgent}.
 
 from __future__ import annotations
 
+import random
 from collections import deque
 from collections.abc import Mapping
 from typing import Any
@@ -26,6 +27,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from .answers import KNOWN_MODELS
+from .cpu import CPUProfile, SharedCPU, Work
 from .fakesite import JSON, FakeMLResource, FakeMLSite, Received, hang_up
 
 __all__ = ["MODES", "FakeMLHost"]
@@ -58,6 +60,7 @@ class _Job:
     die: bool
     state: str = _QUEUED
     call: IDelayedCall | None = None
+    work: Work | None = None
 
 
 def _check_mode(instance: object, attribute: Attribute[str], value: str) -> None:
@@ -74,6 +77,12 @@ class FakeMLHost:
     requests take a slot for C{service_time} seconds (plus C{cold_start} the
     first time a model is used); requests beyond C{slots} wait in FIFO order.
     Error answers and the answers to C{/} and C{/ping} are immediate.
+
+    With a C{cpu} profile the host is not a set of slots but a processor
+    shared by the requests running on it, as a real host is
+    (L{imml.testing.cpu}): each request's Python work and inference, scaled
+    by its task's C{cost} and a random factor within C{jitter}, take as long
+    as the cores shared with the others allow.
 
     C{mode} and C{failing_tasks} may be changed at any time; they apply to
     requests that arrive afterwards:
@@ -94,6 +103,14 @@ class FakeMLHost:
     @ivar service_time: Seconds a request occupies a slot: one number for
         every task, or a mapping task key -> seconds (key C{"*"} for the
         rest, else 0).
+    @ivar cpu: The host's processor and model (L{imml.testing.cpu.LIGHT},
+        L{imml.testing.cpu.HEAVY}, or a L{CPUProfile} of your own), or
+        L{None} for slots.
+    @ivar cost: With C{cpu}, each task's work relative to a CLIP image
+        (key C{"*"} for the rest, else 1).
+    @ivar jitter: With C{cpu}, each request's work is scaled by a random
+        factor between M{1 - jitter} and M{1 + jitter}.
+    @ivar seed: Seeds that random factor.
     @ivar models: Model names that load; others answer 500.
     @ivar failing_tasks: Task keys whose model fails to load (500).
     @ivar model_ttl: Seconds a model may stay unused before it is unloaded
@@ -123,6 +140,10 @@ class FakeMLHost:
     models: frozenset[str] = KNOWN_MODELS
     model_ttl: float | None = None
     keepalive_timeout: float | None = 2.0
+    cpu: CPUProfile | None = None
+    cost: Mapping[str, float] = field(factory=lambda: {"clip-textual": 0.2, "*": 1.0})
+    jitter: float = field(default=0.5, validator=[validators.ge(0), validators.lt(1)])
+    seed: int | None = 0
 
     received: list[Received] = field(init=False, factory=list)
     in_flight: int = field(init=False, default=0)
@@ -145,6 +166,16 @@ class FakeMLHost:
     _channels: set[HTTPChannel] = field(init=False, factory=set)
     _all_closed: list[Deferred[None]] = field(init=False, factory=list)
     _resource: Resource | None = field(init=False, default=None)
+    _shared: SharedCPU | None = field(init=False, default=None)
+    _random: random.Random = field(init=False)
+
+    @_random.default
+    def _make_random(self) -> random.Random:
+        return random.Random(self.seed)
+
+    def __attrs_post_init__(self) -> None:
+        if self.cpu is not None:
+            self._shared = SharedCPU(self.reactor, self.cpu)
 
     # ---- public API -------------------------------------------------------
 
@@ -277,11 +308,30 @@ class FakeMLHost:
         if self.in_flight > self.max_in_flight:
             self.max_in_flight = self.in_flight
         now = self.reactor.seconds()
-        delay = self._service_seconds(job.task) + self._load_wait(job.models, now)
+        load = self._load_wait(job.models, now)
+        if self._shared is not None:
+            if load > 0:
+                job.call = self.reactor.callLater(load, self._compute, job)
+            else:
+                self._compute(job)
+            return
+        delay = self._service_seconds(job.task) + load
         if delay > 0:
             job.call = self.reactor.callLater(delay, self._finish, job)
         else:
             self._finish(job)
+
+    def _compute(self, job: _Job) -> None:
+        """Put a request's work on the shared processor."""
+        job.call = None
+        cpu, cost, jitter = self.cpu, self.cost, self.jitter
+        scale = 0.0
+        for key in job.task.split("+"):
+            scale += cost.get(key, cost.get("*", 1.0))
+        uniform = self._random.uniform
+        python = cpu.python * scale * uniform(1 - jitter, 1 + jitter)
+        inference = cpu.inference * scale * uniform(1 - jitter, 1 + jitter)
+        job.work = self._shared.submit(python, inference, lambda: self._finish(job))
 
     def _release(self, job: _Job) -> None:
         job.state = _DONE
@@ -323,6 +373,8 @@ class FakeMLHost:
         elif job.state == _RUNNING:
             if job.call is not None and job.call.active():
                 job.call.cancel()
+            if job.work is not None:
+                self._shared.cancel(job.work)
             job.state = _DONE
             self._running.discard(job)
             self.in_flight -= 1
