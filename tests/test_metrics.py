@@ -8,6 +8,7 @@ import gzip
 import sys
 from typing import Any, Iterator, Optional
 
+import treq
 from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from steering import admin_url, metrics, sample
@@ -16,7 +17,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import Clock, LoopingCall
 from twisted.python.threadable import isInIOThread
-from twisted.web.client import Agent, readBody
+from twisted.web.client import Agent
 from twisted.web.http_headers import Headers
 from zope.interface.verify import verifyObject
 
@@ -240,7 +241,7 @@ async def test_metrics_are_served_as_the_scraper_asks() -> None:
         headers = Headers({b"accept-encoding": [b"gzip"]})
         response = await Agent(reactor, pool=r.pool).request(b"GET", url.encode(), headers)
         assert response.headers.getRawHeaders(b"content-encoding") == [b"gzip"]
-        assert b"imml_backend_up{" in gzip.decompress(await readBody(response))
+        assert b"imml_backend_up{" in gzip.decompress(await treq.content(response))
         response = await r.client.get(url + "?name[]=imml_queue_depth")
         body = await response.content()
         assert b"imml_queue_depth " in body and b"imml_backend_up" not in body
