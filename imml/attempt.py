@@ -1,5 +1,6 @@
 """
-An attempt: one try of a client request on one host, and its state.
+An attempt: one try of a client request on one host, its state, and the
+rules that judge its outcome.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from typing import Any, Optional
 from attrs import define
 from twisted.internet.defer import Deferred
 
+from .classify import RequestInfo
 from .fleet import Backend, Load
 from .upstream import Answer
 
@@ -73,3 +75,20 @@ class Attempt:
         if self.state in _LIVE:
             self.state = state
             self.deferred.cancel()
+
+
+class NoAnswerInTime(Exception):
+    """
+    A host did not answer completely within the response timeout.
+    """
+
+
+def retry_status(info: RequestInfo, answer: Answer, had_500: bool) -> bool:
+    """
+    Whether another host should be asked instead: the host is failing (502,
+    503, 504), or it answered 500 and no host has yet (a 500 is often about
+    the request, so it is retried only once).
+    """
+    if not info.retryable or answer.committed:
+        return False
+    return answer.code in (502, 503, 504) or (answer.code == 500 and not had_500)

@@ -34,25 +34,16 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
-from .attempt import Attempt, AttemptState
+from .attempt import Attempt, AttemptState, NoAnswerInTime, retry_status
 from .classify import RequestInfo
 from .dispatch import Dispatcher, NoBackendAvailable
 from .fleet import Backend, Fleet, Load
 from .health import describe_failure
 from .records import ANSWERED, CANCELLED, FAILED, RETRIED, RequestRecord
-from .upstream import Answer, Committed, Sink, Upstream
+from .upstream import Answer, Committed, Discard, Sink, Upstream
 
 if TYPE_CHECKING:
     from .site import BalancerRequest
-
-
-class _Discard:
-    """
-    A sink for an answer nobody waits for.
-    """
-
-    def write(self, data: bytes) -> None:
-        pass
 
 
 class Runner(Protocol):
@@ -106,23 +97,6 @@ _MOVES = {
     JobState.STREAMING: frozenset({JobState.DONE}),
     JobState.DONE: frozenset(),
 }
-
-
-class NoAnswerInTime(Exception):
-    """
-    A host did not answer completely within the response timeout.
-    """
-
-
-def retry_status(info: RequestInfo, answer: Answer, had_500: bool) -> bool:
-    """
-    Whether another host should be asked instead: the host is failing (502,
-    503, 504), or it answered 500 and no host has yet (a 500 is often about
-    the request, so it is retried only once).
-    """
-    if not info.retryable or answer.committed:
-        return False
-    return answer.code in (502, 503, 504) or (answer.code == 500 and not had_500)
 
 
 @define(eq=False)
@@ -342,7 +316,7 @@ class Job:
         if not self._enter(JobState.STREAMING):
             # Nobody waits for it any more (the client went away).
             attempt.cancel()
-            return _Discard()
+            return Discard()
         self._stop_others(keep=attempt)
         request = self.request
         request.start_answer(answer, attempt.backend.header)
@@ -418,4 +392,4 @@ class Job:
         self.finish(None, "cancelled")
 
 
-__all__ = ["Job", "JobState", "NoAnswerInTime", "Runner", "retry_status"]
+__all__ = ["Job", "JobState", "Runner"]

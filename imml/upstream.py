@@ -71,6 +71,15 @@ class Answer:
     committed: bool = False
 
 
+class Discard:
+    """
+    A sink for an answer nobody waits for any more.
+    """
+
+    def write(self, data: bytes) -> None:
+        pass
+
+
 class Committed(Exception):
     """
     A host failed after part of its answer went to the sink.
@@ -349,4 +358,14 @@ def make_agent(reactor: Any, connect_timeout: float, pool: HTTPConnectionPool) -
     return Agent.usingEndpointFactory(reactor, _Endpoints(reactor, connect_timeout), pool)
 
 
-__all__ = ["Answer", "BytesProducer", "Committed", "Sink", "Upstream", "make_agent", "make_pinger", "make_pool"]
+__all__ = [
+    "Answer",
+    "BytesProducer",
+    "Committed",
+    "Discard",
+    "Sink",
+    "Upstream",
+    "make_agent",
+    "make_pinger",
+    "make_pool",
+]
