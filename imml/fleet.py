@@ -240,7 +240,7 @@ class Fleet:
             # already) or waited for a model to load says little of it; nor
             # does a time measured across a clock set back (negative).
             if seconds >= 0 and (
-                backend.limiter.answered(task, seconds, load.in_flight)
+                backend.limiter.answered(task, seconds, load.in_flight, self.clock.seconds(), busy)
                 or (task or "other") not in backend.stats.service_time
             ):
                 backend.stats.record_time(task, seconds, self.clock.seconds())

@@ -229,6 +229,9 @@ class Backend:
         updated = self.stats.updated
         return self.health.up and (not updated or self._now() - max(updated.values()) > MODEL_TTL)
 
+    def stretch(self, in_flight: int) -> float:
+        return self.limiter.stretch(in_flight)
+
     def has_free_slot(self) -> bool:
         return self.in_flight < self.limiter.value
 

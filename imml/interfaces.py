@@ -89,6 +89,15 @@ class IBackendView(Interface):
         nothing is known.  The first slot to free up frees then.
         """
 
+    def stretch(in_flight: int) -> float:
+        """
+        How many times longer a request takes with C{in_flight} requests on
+        the host (itself included) than alone, from the host's measured
+        throughput at each level: 1.0 on a host whose requests do not slow
+        each other (free slots), more on a real host whose requests share
+        its processor; 1.0 when nothing is known.
+        """
+
     def has_free_slot() -> bool:
         """
         Whether the host may take one more request now (C{in_flight < limit}).

@@ -1,15 +1,28 @@
 """
 How many requests to keep in flight on one host.
 
-A host's limit is its configured C{slots}, or, when none are configured, a
-limit learned from how its service time grows with load, as adaptive
-concurrency limiters do (TCP Vegas, Netflix's concurrency-limits): while a
-host is at its limit and answers no slower than its unloaded baseline, the
-limit grows by one per limit's worth of such answers; an answer much slower
-than the baseline (requests queueing inside the host) shrinks it by one.
+A host's limit is its configured C{slots}, or one learned from its
+throughput.  A real Immich ML host is not a set of slots: the requests on it
+share its processor, and one request's decoding overlaps another's
+inference, so a request more in flight may still buy throughput while every
+request takes longer.  So the learned limit climbs the host's throughput
+curve, as a gradient limiter does (TCP Vegas, Netflix's concurrency-limits):
+at each level it measures the work the host completes per second while kept
+at that level, and
 
-A host that comes back up starts slow: its limit is capped at one request and
-the cap grows by one with each answer, until the full limit is reached.
+- raises the limit while a request more in flight buys at least L{GAIN}
+  more throughput than the level below;
+- holds at the knee, the highest level that still does, and tries one more
+  only now and then (the probe's request pays for it on a host with slots,
+  waiting inside it), less often each time it buys nothing;
+- falls back to the level below as soon as the level it holds gives no more
+  than that one (the host got slower, or busier with other work): a level
+  whose throughput is older than L{STALE} seconds is measured again.
+
+Work is counted in each answer's unloaded service time for its task, so a
+mix of cheap searches and costly images measures as one throughput.  A host
+that comes back up starts slow: its limit is capped at one request and the
+cap grows by one with each answer, until the full limit is reached.
 """
 
 from __future__ import annotations
@@ -18,26 +31,53 @@ from typing import Optional
 
 from attrs import define, field
 
-#: An answer slower than this many times the baseline shows queueing.
+#: An answer slower than this many times the baseline shows queueing...
 QUEUEING = 1.25
 #: ... plus this many seconds, so that tiny service times are not noise.
 QUEUEING_SLACK = 0.005
 #: An answer slower than this many times the baseline is an outlier (a model
-#: loading): it tells nothing about concurrency.
+#: loading): it tells nothing.
 OUTLIER = 10.0
 #: How fast a baseline follows slower answers given alone (a new normal).
 BASELINE_DRIFT = 0.05
 #: The most a learned limit grows to.
 MAX_LEARNED = 64
-
-
-#: Good answers at a limit before the limit is raised again to one that
-#: showed queueing before; doubled each time the raise shows queueing again.
+#: A level is worth keeping when it completes this much more work per second
+#: than the level below.
+GAIN = 0.05
+#: Answers measured at a level before it is judged: at least this many, and
+#: at least four per request in flight.
+WINDOW = 20
+#: Seconds after which a level's measured throughput is measured again.
+STALE = 30.0
+#: Weight of a new measurement of a level in its running throughput.
+SMOOTHING = 0.5
+#: Answers at a probed level after which it is left at once if they took,
+#: on average, as much longer as pure waiting would make them (a host with
+#: slots).
+QUICK = 4
+#: Weight of a new answer in a level's average stretch.
+STRETCH_ALPHA = 0.1
+#: Answers at the knee before the level above it is tried again; doubled
+#: each time it buys nothing, up to MAX_PROBE_AFTER.
 PROBE_AFTER = 50
-MAX_PROBE_AFTER = 400
-#: Answers in a row that show queueing before the limit comes down (once
-#: the host has been seen queueing at all).
-QUEUED_IN_A_ROW = 2
+MAX_PROBE_AFTER = 800
+
+
+@define
+class _Window:
+    """
+    Answers being measured at one level.
+    """
+
+    level: int
+    #: Answers still to pass before measuring: those sent at the level before.
+    skip: int
+    started: Optional[float] = None
+    work: float = 0.0
+    answers: int = 0
+    #: The sum of its answers' stretches.
+    stretched: float = 0.0
 
 
 @define
@@ -46,10 +86,9 @@ class Limit:
     @ivar slots: configured slots, or None to learn the limit.
     @ivar learned: the learned limit (used when C{slots} is None).
     @ivar ramp: the slow-start cap, or None when not starting.
-    @ivar ceiling: the lowest limit at which the host was seen queueing, or
-        None: raising the limit to it again is a probe, tried only after
-        C{probe_after} good answers, since the probe's request pays for it
-        (it waits inside the host for a whole service time).
+    @ivar ceiling: the lowest level seen to buy no throughput, or None:
+        trying it again is a probe, made after C{probe_after} answers at the
+        level below.
     """
 
     slots: Optional[int] = None
@@ -57,9 +96,18 @@ class Limit:
     ramp: Optional[int] = None
     ceiling: Optional[int] = None
     probe_after: int = PROBE_AFTER
-    _baseline: dict = field(factory=dict)
-    _good: int = 0
-    _bad: int = 0
+    #: Per task, the host's unloaded service time.
+    _baseline: dict[str, float] = field(factory=dict)
+    #: Per level, the work per second measured there, and when.
+    _rates: dict[int, tuple[float, float]] = field(factory=dict)
+    #: Per level, a moving average of how many times its unloaded time an
+    #: answer took there.
+    _stretches: dict[int, float] = field(factory=dict)
+    _window: Optional[_Window] = None
+    #: Answers at the knee since the level above was last tried.
+    _held: int = 0
+    #: A probe above the ceiling bought throughput once already.
+    _confirmed: bool = False
 
     @property
     def value(self) -> int:
@@ -71,87 +119,197 @@ class Limit:
     @property
     def proven(self) -> int:
         """
-        The limit the host has been seen to take without queueing: L{value},
-        less one while a learned limit is raised to the level where the host
-        queued before (a probe: the request sent into that last slot may
-        wait inside the host).
+        The limit the host has been seen to take with profit: L{value}, less
+        one while a learned limit tries the level where it bought nothing
+        before (a probe: on a host with slots, the request sent into that
+        last slot waits inside it).
         """
         value = self.value
         if self.slots is None and self.ceiling is not None and self.learned >= self.ceiling and value > 1:
             return value - 1
         return value
 
+    def throughput(self, level: int) -> Optional[float]:
+        """
+        The work per second (in unloaded service seconds) measured with
+        C{level} requests in flight, or None.
+        """
+        measured = self._rates.get(level)
+        return measured[0] if measured is not None else None
+
+    def stretch(self, in_flight: int) -> float:
+        """
+        How many times longer a request takes with C{in_flight} requests on
+        the host than alone: C{in_flight} over the throughput gained there
+        (Little's law).  Past the highest level measured, more in flight
+        buys nothing: each one more is pure waiting.  1.0 when nothing is
+        known.
+        """
+        one = self.throughput(1)
+        if one is None or in_flight <= 1:
+            return 1.0
+        rates = self._rates
+        level = in_flight
+        while level > 1 and level not in rates:
+            level -= 1
+        if level == 1:
+            return 1.0
+        return in_flight * one / rates[level][0]
+
     def restart(self) -> None:
         """
-        The host came back up: start slow.
+        The host came back up: start slow, and measure it afresh.
         """
         self.ramp = 1
-        self._good = 0
+        self._rates.clear()
+        self._stretches.clear()
+        self._window = None
 
-    def answered(self, task: Optional[str], seconds: float, in_flight: int) -> bool:
+    def failed(self) -> None:
         """
-        A request of C{task} was answered in C{seconds}; C{in_flight} requests
-        were on the host when it was sent (itself included).
+        A request failed on the host: what is being measured is spoilt.
+        """
+        self._window = None
 
-        @return: whether the answer is a fair sample of the host's service
-            time: not queued inside the host, not a model loading.
+    def answered(
+        self, task: Optional[str], seconds: float, in_flight: int, now: float = 0.0, busy: bool = False
+    ) -> bool:
+        """
+        A request of C{task} was answered in C{seconds}, at C{now}; C{in_flight}
+        requests were on the host when it was sent (itself included); C{busy}:
+        the host had its limit of requests when it answered.
+
+        @return: whether the answer is a fair sample of the host's unloaded
+            service time: not slowed by others on the host, not a model
+            loading.
         """
         key = task or "other"
         baseline = self._baseline.get(key)
         if baseline is None or seconds < baseline:
             self._baseline[key] = baseline = seconds
         elif in_flight == 1 and seconds < baseline * OUTLIER:
-            # Alone on the host, an answer cannot have queued behind ours:
-            # it is the host's unloaded service time (which may change).
-            self._baseline[key] = baseline + BASELINE_DRIFT * (seconds - baseline)
+            # Alone on the host, an answer was slowed by nothing of ours: it
+            # is the host's unloaded service time (which may change).
+            self._baseline[key] = baseline = baseline + BASELINE_DRIFT * (seconds - baseline)
         if self.ramp is not None:
             self.ramp += 1
             full = self.slots if self.slots is not None else self.learned
             if self.ramp >= full:
                 self.ramp = None
         outlier = seconds >= baseline * OUTLIER
-        queued = not outlier and seconds > baseline * QUEUEING + QUEUEING_SLACK
-        if self.slots is not None or outlier:
-            return not (outlier or queued)
-        if queued:
-            self._good = 0
-            # Only a request sent at the present limit (or below) says the
-            # present limit queues; those sent before the last decrease
-            # say nothing new.  One slow answer may be noise: two in a row
-            # are not.
-            if 1 < in_flight <= self.learned:
-                self._bad += 1
-            # The first time, one queued answer is enough: until then the
-            # limit was a guess.
-            if self._bad >= (1 if self.ceiling is None else QUEUED_IN_A_ROW):
-                self._bad = 0
-                if self.ceiling is not None and self.learned >= self.ceiling:
-                    # the probe failed: wait longer before the next one
-                    self.probe_after = min(self.probe_after * 2, MAX_PROBE_AFTER)
-                elif self.ceiling is not None:
-                    # Queueing below the old ceiling: a new one, whose
-                    # probes start as often as the first ones did.  (Else
-                    # a host that stalled once, with probes above its real
-                    # limit grown rare, would stay below it for hundreds
-                    # of answers.)
-                    self.probe_after = PROBE_AFTER
-                self.ceiling = self.learned if self.ceiling is None else min(self.ceiling, self.learned)
-                self.learned -= 1
-            return False
-        self._bad = 0
-        if in_flight >= self.learned:
-            self._good += 1
-            probing = self.ceiling is not None and self.learned + 1 >= self.ceiling
-            needed = self.probe_after if probing else self.learned
-            if self._good >= needed and self.learned < MAX_LEARNED:
-                self.learned += 1
-                self._good = 0
-                if self.ceiling is not None and self.learned > self.ceiling:
-                    self.ceiling = None  # the host took more than before
-        return True
+        fair = not outlier and seconds <= baseline * QUEUEING + QUEUEING_SLACK
+        if self.slots is None and not outlier and self.ramp is None:
+            self._measure(baseline, seconds / baseline if baseline > 0 else 1.0, now, busy)
+        return fair
 
-    def failed(self) -> None:
+    # -- climbing the throughput curve --------------------------------------
+
+    def _measure(self, work: float, stretch: float, now: float, busy: bool) -> None:
         """
-        A request failed on the host: be careful for a while.
+        Count an answer of C{work} unloaded seconds, which took C{stretch}
+        times that, towards the level's throughput: only while the host is
+        kept at its limit, else the level says nothing of what the host can
+        do.
         """
-        self._good = 0
+        level = self.learned
+        window = self._window
+        if window is None or window.level != level:
+            window = self._window = _Window(level, skip=level)
+        if not busy:
+            window.started, window.work, window.answers = None, 0.0, 0
+            return
+        if window.skip:
+            window.skip -= 1
+            return
+        previous = self._stretches.get(level)
+        self._stretches[level] = stretch if previous is None else previous + STRETCH_ALPHA * (stretch - previous)
+        if window.started is None:
+            window.started = now
+            return
+        window.work += work
+        window.answers += 1
+        window.stretched += stretch
+        probing = self.ceiling is not None and level >= self.ceiling
+        if probing and window.answers == QUICK and self._only_waiting(level, window.stretched / QUICK):
+            # Trying again a level that bought nothing before, the answers
+            # took as much longer as if the request more in flight only
+            # waited (a host with slots): no need to pay for measuring on.
+            self._window = None
+            below = self._rates.get(level - 1)
+            if below is not None:
+                self._rates[level] = (below[0], now)  # as much work done as below
+            self._reject(level)
+        elif window.answers >= max(WINDOW, 4 * level) and now > window.started:
+            self._window = None
+            self._judge(level, window.work / (now - window.started), now)
+
+    def _only_waiting(self, level: int, stretch: float) -> bool:
+        """
+        Whether the first answers at C{level} took, on average, as much
+        longer than at the level below as if the request more in flight
+        bought nothing (Little's law: the same throughput with one more in
+        flight stretches each answer by level / (level - 1)).
+        """
+        below = self._stretches.get(level - 1)
+        return below is not None and level > 1 and stretch >= below * level / (level - 1) * (1 - GAIN)
+
+    def _fresh(self, level: int, now: float) -> Optional[float]:
+        measured = self._rates.get(level)
+        if measured is None or not 0 <= now - measured[1] <= STALE:
+            return None
+        return measured[0]
+
+    def _judge(self, level: int, rate: float, now: float) -> None:
+        """
+        C{level} was measured at C{rate}: keep it, go up, or go down.
+        """
+        fresh = self._fresh(level, now)
+        if fresh is not None:
+            rate = fresh + SMOOTHING * (rate - fresh)
+        self._rates[level] = (rate, now)
+        below = self._fresh(level - 1, now) if level > 1 else None
+        above = self._fresh(level + 1, now)
+        if below is not None and rate < below * (1 + GAIN):
+            self._reject(level)
+        elif above is not None and below is None:
+            # Measured again from above: is the level above still worth it?
+            if above >= rate * (1 + GAIN):
+                self._move(level + 1)
+            else:
+                self.ceiling = level + 1
+                self._held = 0
+        elif below is None and level > 1:
+            # Nothing recent to compare with: measure the level below again.
+            self._move(level - 1)
+        elif self.ceiling is not None and level + 1 >= self.ceiling:
+            if level >= self.ceiling:
+                # The probe bought throughput: the host takes more than
+                # before, if a second measurement says so too (one window
+                # can be lucky).
+                if not self._confirmed:
+                    self._confirmed = True
+                    return
+                self.ceiling = None
+                self.probe_after = PROBE_AFTER
+                self._move(level + 1)
+                return
+            # At the knee: try the level above now and then.
+            self._held += max(WINDOW, 4 * level)
+            if self._held >= self.probe_after:
+                self._move(level + 1)
+        else:
+            self._move(level + 1)
+
+    def _reject(self, level: int) -> None:
+        """
+        C{level} buys nothing over the one below: the knee is lower.
+        """
+        if self.ceiling is not None and level >= self.ceiling:
+            self.probe_after = min(self.probe_after * 2, MAX_PROBE_AFTER)
+        self.ceiling = level if self.ceiling is None else min(self.ceiling, level)
+        self._move(level - 1)
+
+    def _move(self, level: int) -> None:
+        self.learned = max(1, min(level, MAX_LEARNED))
+        self._held = 0
+        self._confirmed = False

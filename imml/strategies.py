@@ -102,15 +102,17 @@ class ShortestDelay:
     Takes the host expected to answer soonest, or waits for one.
 
     For each candidate it estimates the time to complete a new request of
-    the request's task: the host's recent service time for that task
-    (divided by its weight, raised by its recent error rate), plus, when the
-    host has no free slot, the expected wait for one given the requests
-    already queued ahead: the first slot frees when the soonest request in
-    flight there is expected to end, the others at the host's measured
-    throughput when at its limit (or every C{slot time / limit}, the slot
-    time being how long requests of any task hold one).  A host with no samples yet, or
-    only old ones, is assumed as fast, relative to its other work, as the
-    hosts that have samples, so that it gets tried.
+    the request's task: the host's recent unloaded service time for that
+    task (divided by its weight, raised by its recent error rate), stretched
+    by the others on the host (L{IBackendView.stretch}: on a real host the
+    requests share its processor), plus, when the host has no free slot, the
+    expected wait for one given the requests already queued ahead: the first
+    slot frees when the soonest request in flight there is expected to end,
+    the others at the host's measured throughput when at its limit (or every
+    C{slot time / limit}, the slot time being how long requests of any task
+    hold one).  A host with no samples yet, or only old ones, is assumed as
+    fast, relative to its other work, as the hosts that have samples, so
+    that it gets tried.
 
     A free host is taken unless waiting for a busy one is expected to be
     clearly sooner: more than C{patience} times, and C{slack} seconds,
@@ -161,7 +163,8 @@ class ShortestDelay:
             limit = max(c.limit, 1)
             in_flight = c.in_flight
             if c.has_free_slot():
-                cost = t
+                # on a real host, the requests on it slow each other down
+                cost = t * c.stretch(in_flight + 1)
                 if interactive:
                     # a search sent past the proven limit waits inside the
                     # host for a slot
@@ -176,8 +179,10 @@ class ShortestDelay:
                 # ahead of it, and its own
                 usable = max(c.proven_limit, 1) if interactive else limit
                 wait = self._wait(c, in_flight - usable + request.ahead + 1, self._rate(c, limit, t)) * slowdown
-                if t + wait < wait_cost:
-                    wait_cost = t + wait
+                # once a slot frees, it runs with the host at its limit
+                done = wait + t * c.stretch(limit)
+                if done < wait_cost:
+                    wait_cost = done
         if interactive:
             if best is None or wait_cost < best_key[0]:
                 return None

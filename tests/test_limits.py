@@ -1,73 +1,146 @@
 """
-Concurrency limits: learned from service times, or configured; slow start.
+Concurrency limits: configured, or learned by climbing a host's throughput
+curve; slow start.  Learned limits are driven against simulated hosts (a
+processor shared by the requests running, L{imml.testing.cpu}) under a
+task.Clock: kept at their limit, as when requests wait in the balancer.
 """
 
-from imml.limits import Limit
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+from attrs import define, evolve, field
+from twisted.internet.task import Clock
+
+from imml.limits import PROBE_AFTER, Limit
+from imml.testing.cpu import HEAVY, LIGHT, CPUProfile, SharedCPU
+
+#: Two slots of 40 ms: a host that is a set of slots.
+SLOTS_2 = CPUProfile(cores=2.0, threads=2, parallelism=1.0, python=0.0, inference=0.04)
 
 
-def feed(limit, samples):
-    for seconds, in_flight in samples:
-        limit.answered("clip-visual", seconds, in_flight)
+@define(eq=False)
+class Driven:
+    """
+    A host kept at its limit: as many requests in flight as the limit says,
+    each answer told to the limit.
+    """
+
+    limit: Limit
+    profile: CPUProfile
+    clock: Clock = field(factory=Clock)
+    jitter: float = 0.3
+    in_flight: int = 0
+    #: The limit at each answer.
+    seen: list[int] = field(factory=list)
+    answers: int = 0
+    cpu: SharedCPU = field(init=False)
+    _random: random.Random = field(factory=lambda: random.Random(3))
+
+    def __attrs_post_init__(self) -> None:
+        self.cpu = SharedCPU(self.clock, self.profile)
+
+    def fill(self) -> None:
+        while self.in_flight < self.limit.value:
+            self._send()
+
+    def _send(self) -> None:
+        self.in_flight += 1
+        sent, at = self.clock.seconds(), self.in_flight
+        jitter = self._random.uniform
+
+        def done() -> None:
+            busy = self.in_flight >= self.limit.value
+            self.in_flight -= 1
+            self.answers += 1
+            self.limit.answered("clip-visual", self.clock.seconds() - sent, at, self.clock.seconds(), busy)
+            self.seen.append(self.limit.value)
+            self.fill()
+
+        profile = self.cpu.profile
+        self.cpu.submit(
+            profile.python * jitter(1 - self.jitter, 1 + self.jitter),
+            profile.inference * jitter(1 - self.jitter, 1 + self.jitter),
+            done,
+        )
+
+    def run(self, seconds: float) -> None:
+        self.fill()
+        end = self.clock.seconds() + seconds
+        while self.clock.getDelayedCalls() and self.clock.seconds() < end:
+            self.clock.advance(max(0.0, min(c.getTime() for c in self.clock.getDelayedCalls()) - self.clock.seconds()))
+
+    def share(self, since: int = 0) -> Counter:
+        """How often each limit was in force, as shares of the answers."""
+        counts = Counter(self.seen[since:])
+        total = sum(counts.values())
+        return Counter({k: v / total for k, v in counts.items()})
 
 
 def test_configured_slots_are_the_limit():
-    limit = Limit(slots=4)
-    assert limit.value == 4
-    feed(limit, [(1.0, 4)] * 10)
-    assert limit.value == 4
+    driven = Driven(Limit(slots=4), LIGHT)
+    driven.run(5.0)
+    assert set(driven.seen) == {4} and driven.limit.value == 4
 
 
-def test_a_learned_limit_grows_while_the_host_keeps_up():
-    limit = Limit()
-    assert limit.value == 1
-    feed(limit, [(0.04, 1)])
-    assert limit.value == 2
-    feed(limit, [(0.04, 2), (0.04, 2)])
-    assert limit.value == 3
+def test_on_a_host_with_two_slots_the_limit_rises_to_two_and_holds_there():
+    driven = Driven(Limit(), SLOTS_2)
+    driven.run(60.0)
+    assert driven.limit.value == 2 and driven.limit.ceiling == 3
+    share = driven.share(since=200)
+    assert share[2] > 0.85  # held at the knee ...
+    assert share[3] + share[4] < 0.1  # ... trying a third slot rarely: its requests wait inside the host
+    assert driven.limit.probe_after > PROBE_AFTER
 
 
-def test_a_learned_limit_does_not_grow_while_the_host_is_not_at_it():
+def test_on_a_real_host_the_limit_rises_while_requests_in_flight_buy_throughput():
+    """
+    A light model on a shared processor: each request takes longer with
+    more in flight, yet throughput rises up to about three; the limit
+    climbs there rather than stay at one.
+    """
+    driven = Driven(Limit(), LIGHT)
+    driven.run(60.0)
+    share = driven.share(since=500)
+    assert share[2] + share[3] + share[4] > 0.85 and share[1] < 0.1
+    assert driven.limit.throughput(3) > 1.15 * driven.limit.throughput(1)
+
+
+def test_a_heavy_model_that_fills_the_cores_alone_gets_little_more_than_one():
+    driven = Driven(Limit(), HEAVY)
+    driven.run(300.0)
+    share = driven.share(since=100)
+    assert share[1] + share[2] > 0.85
+
+
+def test_the_limit_falls_when_the_host_gives_no_more_for_fewer():
+    """
+    The host gets busy with other work (a quarter of its cores left): more
+    in flight no longer buys anything, and the limit comes down.
+    """
+    driven = Driven(Limit(), LIGHT)
+    driven.run(30.0)
+    assert driven.limit.value >= 2
+    driven.cpu.profile = evolve(LIGHT, cores=0.5)
+    before = len(driven.seen)
+    driven.run(120.0)
+    share = driven.share(since=before + (len(driven.seen) - before) // 2)
+    assert share[1] > 0.6
+
+
+def test_the_limit_learns_nothing_while_the_host_is_not_kept_at_it():
     limit = Limit(learned=3)
-    feed(limit, [(0.04, 1)] * 20)
-    assert limit.value == 3
-
-
-def test_queueing_inside_the_host_shrinks_the_limit():
-    # a host with two slots: the third request waits for one inside it
-    limit = Limit(learned=2)
-    feed(limit, [(0.04, 2), (0.04, 2)])
-    assert limit.value == 3
-    feed(limit, [(0.04, 3), (0.08, 3)])
-    assert limit.value == 2 and limit.ceiling == 3
-    feed(limit, [(0.04, 2)] * 50)  # a probe, later
-    assert limit.value == 3
-    feed(limit, [(0.08, 3)])
-    assert limit.value == 3  # one slow answer may be noise
-    feed(limit, [(0.08, 3)])
-    assert limit.value == 2
-
-
-def test_the_limit_settles_near_the_hosts_real_concurrency():
-    """
-    A simulated host with 2 slots: service time doubles for the requests
-    beyond them.
-    """
-    limit = Limit()
-    seen = []
-    for _ in range(200):
-        n = limit.value
-        seconds = 0.04 if n <= 2 else 0.04 * (1 + (n - 2) / 2 + 0.5)
-        limit.answered("clip-visual", seconds, n)
-        seen.append(limit.value)
-    assert set(seen[50:]) <= {2, 3}
-    assert seen[50:].count(2) > seen[50:].count(3)
+    for i in range(200):
+        limit.answered("clip-visual", 0.04, 1, now=i * 0.04, busy=False)
+    assert limit.value == 3 and limit.throughput(3) is None
 
 
 def test_a_cold_model_load_teaches_nothing():
     limit = Limit(learned=3)
-    feed(limit, [(0.04, 3)])
-    feed(limit, [(20.0, 3)])  # the model was loading
-    assert limit.value >= 3
+    limit.answered("clip-visual", 0.04, 3)
+    assert limit.answered("clip-visual", 20.0, 3) is False  # the model was loading
+    assert limit.value == 3
 
 
 def test_slow_start_after_coming_back():
@@ -83,61 +156,25 @@ def test_slow_start_after_coming_back():
     assert learned.value == 1
 
 
-def test_after_queueing_is_seen_the_limit_probes_above_it_rarely():
-    """
-    A host with 2 slots: each probe of a third request costs that request a
-    whole service time of waiting inside the host, so probes get rarer.
-    """
-    limit = Limit()
-    probes = 0
-    for _ in range(2000):
-        n = limit.value
-        seconds = 0.04 if n <= 2 else 0.08
-        before = limit.value
-        limit.answered("clip-visual", seconds, n)
-        if before == 2 and limit.value == 3:
-            probes += 1
-    assert limit.ceiling == 3
-    # well under 1 % of the answers pay for a probe
-    assert 1 <= probes <= 10
-
-
-def test_a_host_that_takes_more_later_is_followed():
-    limit = Limit(learned=2, ceiling=3)
-    feed(limit, [(0.04, 2)] * 50)  # a probe to 3 ...
-    assert limit.value == 3
-    feed(limit, [(0.04, 3)] * 50)  # ... that holds, and the next one too
-    assert limit.value == 4 and limit.ceiling is None
-
-
 def test_the_proven_limit_leaves_out_a_probing_slot():
-    limit = Limit(learned=2, ceiling=3)
-    assert limit.proven == 2
-    feed(limit, [(0.04, 2)] * 50)  # a probe to 3: not proven yet
+    limit = Limit(learned=3, ceiling=3)
     assert limit.value == 3 and limit.proven == 2
-    feed(limit, [(0.04, 3)] * 49)
-    assert limit.proven == 2
-    feed(limit, [(0.04, 3)])  # it held long enough: the next probe is to 4
-    assert limit.value == 4 and limit.proven == 4 and limit.ceiling is None
+    assert Limit(learned=2, ceiling=3).proven == 2
     assert Limit(slots=2).proven == 2
 
 
-def test_a_stall_below_a_rarely_probed_ceiling_is_left_behind_soon():
-    """
-    A host with 2 slots whose probes of a third request have grown rare
-    stalls once: two answers at 2 in flight queue, so the limit drops to 1.
-    The probe back to 2 comes after as few answers as a first probe, not
-    after the grown interval.
-    """
-    limit = Limit(learned=2, ceiling=3, probe_after=400)
-    feed(limit, [(0.04, 2)] * 10)
-    assert limit.value == 2
-    feed(limit, [(0.08, 2), (0.08, 2)])
-    assert limit.value == 1 and limit.ceiling == 2
-    feed(limit, [(0.04, 1)] * 49)
-    assert limit.value == 1
-    feed(limit, [(0.04, 1)])
-    assert limit.value == 2
-    # a failed probe at the new ceiling still makes the next one rarer
-    feed(limit, [(0.08, 2), (0.08, 2)])
-    assert limit.value == 1 and limit.probe_after == 100
+def test_the_stretch_of_a_request_follows_the_throughput_measured_at_each_level():
+    driven = Driven(Limit(), LIGHT)
+    driven.run(60.0)
+    limit = driven.limit
+    assert limit.stretch(1) == 1.0
+    # a real host: each request more in flight makes each one slower, but
+    # less than in proportion while throughput still rises
+    assert 1.2 < limit.stretch(2) < 2.0 and limit.stretch(2) < limit.stretch(3) < 3.0
+    # past the highest level measured, each one more is pure waiting
+    top = max(level for level in range(1, 20) if limit.throughput(level) is not None)
+    assert limit.stretch(top + 2) == (top + 2) / top * limit.stretch(top)
+    slots = Driven(Limit(), SLOTS_2)
+    slots.run(30.0)
+    assert slots.limit.stretch(2) < 1.2  # two slots: the second request waits for nothing
+    assert Limit().stretch(4) == 1.0  # nothing known

@@ -16,6 +16,7 @@ from imml.strategies import (
     Failover,
     LeastConnections,
     RoundRobin,
+    ShortestDelay,
     UnknownStrategy,
     strategy_named,
 )
@@ -205,15 +206,11 @@ def sed_request(ahead=0):
 
 
 def test_shortest_delay_prefers_the_fastest_free_host():
-    from imml.strategies import ShortestDelay
-
     views = [timed(0, limit=1, seconds=0.6), timed(1, limit=1, seconds=0.04), timed(2, limit=1, seconds=0.15)]
     assert ShortestDelay().choose(sed_request(), views) is views[1]
 
 
 def test_shortest_delay_waits_for_a_fast_host_rather_than_take_a_slow_one():
-    from imml.strategies import ShortestDelay
-
     fast = timed(0, limit=2, in_flight=2, seconds=0.04)
     slow = timed(1, limit=1, seconds=0.6)
     medium = timed(2, limit=1, seconds=0.15)
@@ -231,8 +228,6 @@ def test_shortest_delay_waits_for_a_slot_by_what_holds_the_slots():
     A text search (10 ms) waiting for the fast host's slot waits for image
     requests (40 ms) to finish, not for other text searches.
     """
-    from imml.strategies import ShortestDelay
-
     fast = timed(0, limit=2, in_flight=2, seconds=0.01, slot_time=0.04)
     medium = timed(1, limit=1, seconds=0.06, slot_time=0.15)
     search = RequestInfo(b"POST", b"/predict", "clip-textual", interactive=True)
@@ -244,16 +239,12 @@ def test_shortest_delay_waits_for_a_slot_by_what_holds_the_slots():
 
 
 def test_shortest_delay_tries_hosts_it_knows_nothing_about():
-    from imml.strategies import ShortestDelay
-
     known = timed(0, limit=4, seconds=0.05)
     new = timed(1, limit=1, seconds=None)
     assert ShortestDelay().choose(sed_request(), [known, new]) is new
 
 
 def test_shortest_delay_penalises_errors_and_follows_weights():
-    from imml.strategies import ShortestDelay
-
     a = timed(0, limit=1, seconds=0.05, error_rate=0.5)
     b = timed(1, limit=1, seconds=0.1)
     assert ShortestDelay().choose(sed_request(), [a, b]) is b
@@ -262,8 +253,6 @@ def test_shortest_delay_penalises_errors_and_follows_weights():
 
 
 def test_shortest_delay_spreads_over_equal_hosts():
-    from imml.strategies import ShortestDelay
-
     views = fleet(3, limit=10)
     counts = take(ShortestDelay(), views, 9)
     assert counts == {0: 3, 1: 3, 2: 3}
@@ -274,8 +263,6 @@ def test_shortest_delay_waits_by_the_hosts_measured_throughput():
     A learned limit may exceed a host's real slots (one request then waits
     inside it): the wait follows the answers per second it really gives.
     """
-    from imml.strategies import ShortestDelay
-
     fast = timed(0, limit=3, in_flight=3, seconds=0.045, slot_time=0.05, throughput=50.0)
     medium = timed(1, limit=1, seconds=0.15, slot_time=0.15)
     # 2 slots to free at 50/s, then 45 ms: 85 ms, against 150 ms
@@ -286,8 +273,6 @@ def test_shortest_delay_waits_by_the_hosts_measured_throughput():
 
 
 def test_shortest_delay_keeps_a_free_host_busy_unless_waiting_is_clearly_sooner():
-    from imml.strategies import ShortestDelay
-
     busy = timed(0, limit=2, in_flight=2, seconds=0.010, throughput=200.0)
     free = timed(1, limit=2, seconds=0.016)
     # waiting: 5 ms for a slot, then 10 ms; the free host: 16 ms
@@ -304,8 +289,6 @@ def test_a_search_takes_whatever_is_sooner_without_patience():
     Patience keeps a free host busy for batch work; a search, which a person
     waits for, takes whichever is expected sooner.
     """
-    from imml.strategies import ShortestDelay
-
     busy = timed(0, limit=2, in_flight=2, seconds=0.010, throughput=100.0)
     free = timed(1, limit=1, seconds=0.030)
     search = RequestInfo(b"POST", b"/predict", "clip-textual", interactive=True)
@@ -322,8 +305,6 @@ def test_a_search_counts_the_wait_inside_a_host_probing_its_limit():
     slot may wait inside the host for a slot.  A batch request takes it as
     free; a search counts the wait.
     """
-    from imml.strategies import ShortestDelay
-
     # the medium host's second slot is a probe: a search there would wait
     # about 150 ms behind an image
     fast = timed(0, limit=2, in_flight=2, seconds=0.01, slot_time=0.04, throughput=50.0)
@@ -345,8 +326,6 @@ def test_a_search_counts_the_wait_inside_a_host_probing_its_limit():
 
 
 def test_shortest_delay_guesses_a_new_tasks_time_from_the_hosts_other_work():
-    from imml.strategies import ShortestDelay
-
     search = RequestInfo(b"POST", b"/predict", "clip-textual", interactive=True)
     fast = timed(0, limit=2, in_flight=2, seconds=0.01, slot_time=0.04, throughput=50.0)
     medium = timed(1, limit=1, seconds=0.0375, slot_time=0.15)
@@ -361,8 +340,6 @@ def test_shortest_delay_waits_for_the_slot_that_frees_first():
     The medium host's image has 20 ms left: a search waits for it rather
     than for the fast host, whose two images have just started.
     """
-    from imml.strategies import ShortestDelay
-
     search = RequestInfo(b"POST", b"/predict", "clip-textual", interactive=True)
     fast = timed(0, limit=2, in_flight=2, seconds=0.01, slot_time=0.04, throughput=50.0, answer_in=0.039)
     medium = timed(1, limit=1, in_flight=1, seconds=0.0375, slot_time=0.15, throughput=6.7, answer_in=0.02)
@@ -374,3 +351,49 @@ def test_shortest_delay_waits_for_the_slot_that_frees_first():
     assert ShortestDelay().choose(search, [fast, medium, slow]) is None
     fast.answer_in = 0.039
     assert ShortestDelay().choose(search, [fast, medium, slow]) is medium
+
+
+# -- real hosts: requests on a host slow each other down ---------------------
+
+BATCH = RequestInfo(b"POST", b"/predict", "clip-visual")
+
+
+def real_pair(fast_in_flight: int, slow_service: float = 0.052) -> list[FakeBackendView]:
+    """
+    A fast real host (14 ms alone, its requests stretched by the others as
+    measured on a light model) at its limit of 3, or below it, and an idle
+    slow one.
+    """
+    fast = FakeBackendView(
+        "fast:3003",
+        0,
+        limit=3,
+        in_flight=fast_in_flight,
+        throughput=93.0,
+        service_times={"clip-visual": 0.014},
+        answer_in=0.010,
+        stretches={2: 1.6, 3: 2.2, 4: 2.9},
+    )
+    slow = FakeBackendView("slow:3003", 1, limit=1, service_times={"clip-visual": slow_service})
+    return [fast, slow]
+
+
+def test_a_busy_real_host_is_waited_for_only_when_that_is_sooner_at_its_load():
+    """
+    The fast host's next request would take 14 ms x 2.2 at its limit, after
+    about 10 ms of waiting: the idle slow host's 52 ms is not clearly
+    slower, so it takes the request; a slow host of 600 ms is not worth it.
+    """
+    strategy = ShortestDelay()
+    fast, slow = real_pair(fast_in_flight=3)
+    assert strategy.choose(BATCH, [fast, slow]) is slow
+    fast, slower = real_pair(fast_in_flight=3, slow_service=0.6)
+    assert strategy.choose(BATCH, [fast, slower]) is None  # wait for the fast host
+
+
+def test_a_free_real_host_is_taken_at_its_cost_under_load():
+    strategy = ShortestDelay()
+    fast, slow = real_pair(fast_in_flight=2)  # 14 ms x 2.2 = 31 ms: sooner than 52
+    assert strategy.choose(BATCH, [fast, slow]) is fast
+    fast.stretches[3] = 4.0  # 56 ms: the idle slow host is sooner
+    assert strategy.choose(BATCH, [fast, slow]) is slow

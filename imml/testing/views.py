@@ -56,6 +56,8 @@ class FakeBackendView:
         (a request with no task is looked up as C{"other"}, as the balancer
         does).
     @ivar answer_in: What L{next_answer_in} answers.
+    @ivar stretches: What L{stretch} answers, by requests in flight (1.0
+        for those not given).
     """
 
     address: BackendAddress = field(converter=_address)
@@ -70,6 +72,7 @@ class FakeBackendView:
     slot_time: float | None = None
     service_times: dict[str, float] = field(factory=dict)
     answer_in: float | None = None
+    stretches: dict[int, float] = field(factory=dict)
 
     @property
     def proven_limit(self) -> int:
@@ -90,6 +93,10 @@ class FakeBackendView:
     def next_answer_in(self) -> float | None:
         """C{answer_in}."""
         return self.answer_in
+
+    def stretch(self, in_flight: int) -> float:
+        """C{stretches[in_flight]}, or 1.0."""
+        return self.stretches.get(in_flight, 1.0)
 
     def __str__(self) -> str:
         return str(self.address)
