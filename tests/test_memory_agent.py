@@ -12,40 +12,18 @@ import attrs
 import pytest
 import treq
 from twisted.internet import error
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer
-from zope.interface import implementer
+from twisted.web.iweb import IAgent
 from zope.interface.verify import verifyObject
 
 from imml.testing import ENTRIES, FakeMLHost, MemoryAgent, predict_body
+from imml.upstream import BytesProducer
 
 JPEG = b"\xff\xd8\xff\xe0" + bytes(range(256)) * 40
-
-
-@implementer(IBodyProducer)
-class _Bytes:
-    """A body produced at once, without the global reactor."""
-
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-        self.length = len(body) if body else UNKNOWN_LENGTH
-
-    def startProducing(self, consumer: Any) -> Deferred[None]:
-        consumer.write(self.body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
 
 
 @attrs.define
@@ -71,7 +49,7 @@ class Got:
 
 def send(agent: MemoryAgent, method: bytes, url: str, body: bytes = b"", content_type: bytes | None = None) -> Got:
     headers = Headers({b"content-type": [content_type]} if content_type else {})
-    d = agent.request(method, url.encode("ascii"), headers, _Bytes(body) if body else None)
+    d = agent.request(method, url.encode("ascii"), headers, BytesProducer(body) if body else None)
     got = Got(d)
 
     def response(r: Any) -> None:
