@@ -75,6 +75,22 @@ from balancer import (  # noqa: E402
 
 from imml.testing import ENTRIES, predict_body  # noqa: E402
 
+PROFILE_STATS = "imml.pstats"
+PROFILED_TWISTD = """
+import cProfile, sys, time
+from twisted.internet import reactor
+from twisted.scripts.twistd import run
+out, sys.argv[1:] = sys.argv[1], sys.argv[2:]
+profile = cProfile.Profile(time.process_time)
+
+def dump():
+    # twistd stopped by a signal ends by sending itself that signal again
+    profile.disable()
+    profile.dump_stats(out)
+
+reactor.addSystemEventTrigger("after", "shutdown", dump)
+profile.runcall(run)
+"""
 HARD_DEADLINE_S = 1500  # the run stops past this, whatever the options
 
 # name, slots, ms per image request, ms per text search
@@ -264,12 +280,15 @@ def haproxy_conf(workdir: Path, port: int, backends: list[int]) -> str:
     )
 
 
-def imml_command(workdir: Path, port: int, fakes: list, strategy: str, extra: list[str]) -> list[str]:
-    cmd = [
-        TWISTD,
-        "-n",
-        "--pidfile=",
-        f"--logfile={workdir}/imml.log",
+def imml_command(
+    workdir: Path, port: int, fakes: list, strategy: str, extra: list[str], profile: bool = False
+) -> list[str]:
+    cmd = [TWISTD, "-n", "--pidfile=", f"--logfile={workdir}/imml.log"]
+    if profile:
+        # twistd under cProfile timed by the process's CPU clock: where its
+        # CPU goes, not where it waited (twistd --profile times the wall).
+        cmd = [PYTHON, "-c", PROFILED_TWISTD, str(workdir / PROFILE_STATS), *cmd[1:]]
+    cmd += [
         "imml-balancer",
         "--listen",
         f"tcp:{port}:interface=127.0.0.1",
@@ -294,7 +313,9 @@ PROBES = {
 }
 
 
-def start_proxy(procs: Processes, target: str, fakes: list, tools, imml_extra: list[str], probe: bool = False) -> int:
+def start_proxy(
+    procs: Processes, target: str, fakes: list, tools, imml_extra: list[str], probe: bool = False, profile: bool = False
+) -> subprocess.Popen:
     workdir = procs.workdir
     backends = [f.port for f in fakes]
     port = free_port()
@@ -319,6 +340,11 @@ def start_proxy(procs: Processes, target: str, fakes: list, tools, imml_extra: l
         conf = workdir / "haproxy.cfg"
         conf.write_text(haproxy_conf(workdir, port, backends))
         proc = procs.start("haproxy", [tools["haproxy"], "-f", str(conf), "-db"])
+    elif target == "minimal":
+        # the least a twisted.web proxy can do (round-robin, nothing else):
+        # the floor of imml's CPU per request
+        backends_arg = ",".join(f"127.0.0.1:{p}" for p in backends)
+        proc = procs.start("minimal", [PYTHON, str(HERE / "minimal_proxy.py"), str(port), backends_arg])
     elif target.startswith("imml:"):
         strategy = target[5:]
         env = None
@@ -327,7 +353,7 @@ def start_proxy(procs: Processes, target: str, fakes: list, tools, imml_extra: l
             # The same strategy, recording limits and estimates (bench/fleet_probe.py).
             strategy = PROBES[base] + plus + suffix
             env = dict(os.environ, PYTHONPATH=str(ROOT), IMML_PROBE_OUT=str(workdir / "probe.json"))
-        proc = procs.start("imml", imml_command(workdir, port, fakes, strategy, imml_extra), env=env)
+        proc = procs.start("imml", imml_command(workdir, port, fakes, strategy, imml_extra, profile), env=env)
     else:
         raise ValueError(target)
     try:
@@ -335,7 +361,42 @@ def start_proxy(procs: Processes, target: str, fakes: list, tools, imml_extra: l
         ready(port)
     except RuntimeError as e:
         raise RuntimeError(f"{target} did not start: {e}\n{procs.log_of(target.split(':')[0])}") from None
-    return port
+    proc.port = port
+    return proc
+
+
+def cpu_seconds(pid: int) -> float:
+    """
+    CPU time (user and system) of a process and its live descendants: an
+    nginx master's worker counts with it.
+    """
+    total, todo = 0.0, [pid]
+    tick = os.sysconf("SC_CLK_TCK")
+    while todo:
+        p = todo.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+def profile_summary(stats_file: Path, top: int = 25) -> list[str]:
+    """
+    The functions imml spent most time in, by their own time and with
+    what they called, from twistd's cProfile statistics.
+    """
+    import io
+    import pstats
+
+    out = io.StringIO()
+    stats = pstats.Stats(str(stats_file), stream=out)
+    stats.strip_dirs().sort_stats("tottime").print_stats(top)
+    stats.sort_stats("cumulative").print_stats(top)
+    return out.getvalue().splitlines()
 
 
 def ready(port: int, timeout: float = 15.0) -> None:
@@ -380,7 +441,9 @@ def run_case(scenario: str, target: str, tools, args, root: Path, live: list) ->
         fakes = [Fake(procs, spec) for spec in specs]
         for fake in fakes:
             fake.start()
-        port = start_proxy(procs, target, fakes, tools, args.imml_extra, args.probe)
+        profile = args.profile and target.startswith("imml:")
+        proxy = start_proxy(procs, target, fakes, tools, args.imml_extra, args.probe, profile)
+        port = proxy.port
         if scenario in REAL:
             clients = REAL[scenario][1]
         else:
@@ -406,6 +469,7 @@ def run_case(scenario: str, target: str, tools, args, root: Path, live: list) ->
         if searching(scenario):
             cmd += ["--text-interval", "0.25"]
         client = procs.start("client", cmd)
+        cpu_at_start = cpu_seconds(proxy.pid)
         events = []
 
         def at(offset: float, what: str, action) -> None:
@@ -430,11 +494,15 @@ def run_case(scenario: str, target: str, tools, args, root: Path, live: list) ->
             raise RuntimeError(f"the load client of {scenario}/{target} did not stop") from None
         if client.returncode != 0 or not out.exists():
             raise RuntimeError(f"the load client failed ({client.returncode}): {procs.log_of('client')}")
+        cpu = cpu_seconds(proxy.pid) - cpu_at_start
         log = json.loads(out.read_text())
         for r in log:
             r["start"] -= start_at
             r["end"] -= start_at
         result = analyse(scenario, log, t)
+        # Every request of the run (warm-up too) against the proxy's CPU
+        # time over the run: what it costs a NAS that shares its processor.
+        result["cpu_us_per_request"] = cpu / max(1, len(log)) * 1e6
         result["events"] = events
         if target.startswith("imml:"):
             result["imml_log"] = imml_log_summary(casedir / "imml.log")
@@ -445,6 +513,9 @@ def run_case(scenario: str, target: str, tools, args, root: Path, live: list) ->
         resume_all(procs)
         procs.stop_all()
         live.remove(procs)
+        if profile and (casedir / PROFILE_STATS).exists():
+            # twistd writes the statistics as it stops.
+            say("\n".join([f"# cProfile of {target} in {scenario}:", *profile_summary(casedir / PROFILE_STATS)]))
 
 
 def probe_summary(probe: dict, fakes: list) -> dict:
@@ -587,6 +658,7 @@ ROWS = {
             ("p99 ms", "image_p99_ms", ".0f"),
             *([("search p50 ms", "text_p50_ms", ".0f"), ("search p99 ms", "text_p99_ms", ".0f")] if searches else []),
             ("errors", "errors", "d"),
+            ("CPU us/request", "cpu_us_per_request", ".0f"),
         ]
         for scenario, (_, _, searches) in REAL.items()
     },
@@ -777,7 +849,12 @@ def main(argv=None) -> int:
         default="shortest-delay,least-connections",
         help="imml strategies to run, comma separated (each is one target)",
     )
-    parser.add_argument("--targets", default="nginx,haproxy,imml", help="comma separated subset of nginx,haproxy,imml")
+    parser.add_argument(
+        "--targets",
+        default="nginx,haproxy,imml",
+        help="comma separated subset of nginx,haproxy,imml,minimal (bench/minimal_proxy.py: round-robin, "
+        "nothing else; the floor of a twisted.web proxy's CPU per request)",
+    )
     parser.add_argument(
         "--scenarios",
         default=",".join(SCENARIOS),
@@ -808,6 +885,11 @@ def main(argv=None) -> int:
         help="also run imml with each host's true slots in a --config file (no learned "
         "limits): a diagnostic, not one of the issue's targets",
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="run imml under cProfile (slower) and print where its CPU time goes, per case",
+    )
     parser.add_argument("--quick", action="store_true", help="shorter runs (about 4 minutes instead of 10)")
     parser.add_argument("--no-install", action="store_true", help="never apt-get; nginx/haproxy skipped if missing")
     parser.add_argument("--json", metavar="FILE", help="write every figure to FILE")
@@ -820,8 +902,8 @@ def main(argv=None) -> int:
     if set(scenarios) - set(ALL_SCENARIOS):
         parser.error(f"unknown scenarios: {set(scenarios) - set(ALL_SCENARIOS)}")
     wanted = [t.strip() for t in args.targets.split(",") if t.strip()]
-    if set(wanted) - {"nginx", "haproxy", "imml"}:
-        parser.error("targets are nginx, haproxy, imml")
+    if set(wanted) - {"nginx", "haproxy", "imml", "minimal"}:
+        parser.error("targets are nginx, haproxy, imml, minimal")
     if not 1 <= args.request_timeout <= 300:
         parser.error("--request-timeout 1-300")
 
@@ -834,7 +916,9 @@ def main(argv=None) -> int:
     tools = ensure_tools(not args.no_install)
     targets: list[str] = []
     for t in wanted:
-        if t == "imml":
+        if t == "minimal":
+            targets.append(t)
+        elif t == "imml":
             strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
             targets += [f"imml:{s}" for s in strategies]
             if args.slots_diagnostic:
@@ -882,7 +966,10 @@ def main(argv=None) -> int:
                         for s in REAL
                     },
                 }[scenario]()
-                say(f"  {scenario:14} {label(target):28} {brief}, {r['errors']} errors ({time.monotonic() - t0:.0f} s)")
+                say(
+                    f"  {scenario:14} {label(target):28} {brief}, {r['errors']} errors, "
+                    f"{r['cpu_us_per_request']:.0f} us CPU/request ({time.monotonic() - t0:.0f} s)"
+                )
     finally:
         for procs in list(live):
             resume_all(procs)
