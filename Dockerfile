@@ -52,8 +52,10 @@ WORKDIR /tmp
 # with host networking it may not: pass e.g. `--listen tcp:3013` instead.
 EXPOSE 80
 # The admin listener: status page, /api/status, /metrics (docs/admin.md). It
-# is read-only unless --admin-actions is given, and has no password: publish
-# it only where you trust every client, e.g. `-p 127.0.0.1:8080:8080`.
+# is read-only unless --admin-actions is given, and open to every client
+# unless IMML_ADMIN_TOKEN_FILE (or IMML_ADMIN_TOKEN) gives it a token: without
+# one, publish it only where you trust every client, e.g.
+# `-p 127.0.0.1:8080:8080`. Names you reach it by go in IMML_ADMIN_HOSTS.
 EXPOSE 8080
 
 # The balancer's /ping answers 200 while at least one ML host is up and 503

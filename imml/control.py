@@ -41,6 +41,7 @@ _HOSTS = {"backends", "hosts", "config", "given", "config-digest"}
 def _defaults(options: usage.Options) -> dict:
     values = {p[0]: p[2] for p in options.optParameters}
     values.update({f[0]: 0 for f in getattr(options, "optFlags", [])})
+    values.update(getattr(options, "repeated", {}))
     return values
 
 

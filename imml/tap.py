@@ -16,6 +16,7 @@ from . import __version__
 from .backends import BackendListError, parse_backends
 from .config import ConfigError, load_config
 from .control import remember_command_line
+from .guard import TokenError, admin_hosts, read_token
 from .host import BackendSettings
 from .strategies import UnknownStrategy, available, strategy_named
 
@@ -109,6 +110,15 @@ class Options(usage.Options):
             "Where the status page, /api/status and /metrics listen: a Twisted server endpoint string, or none.",
         ],
         [
+            "admin-token",
+            None,
+            None,
+            "A token every admin request must carry (Authorization: Bearer, or the status page's sign-in). "
+            "Prefer --admin-token-file or $IMML_ADMIN_TOKEN: every user of the machine sees a command line. "
+            "Default: $IMML_ADMIN_TOKEN, or the file $IMML_ADMIN_TOKEN_FILE names.",
+        ],
+        ["admin-token-file", None, None, "A file holding the admin token (its trailing newline is ignored)."],
+        [
             "drain-timeout",
             None,
             30.0,
@@ -117,10 +127,17 @@ class Options(usage.Options):
         ],
     ]
     optFlags = [["admin-actions", None, "Allow drain, enable and check from the admin page and API."]]
+    #: Options given once per value (an C{opt_} method each), and their defaults.
+    repeated = {"admin-hosts": ()}
 
     def __init__(self) -> None:
         super().__init__()
+        self.update(self.repeated)
         self.defaults = dict(self)
+
+    def opt_admin_host(self, name: str) -> None:
+        """Another name the admin listener answers to (repeatable). Default: $IMML_ADMIN_HOSTS."""
+        self["admin-hosts"] = (*self["admin-hosts"], name)
 
     def _apply_file(self) -> None:
         """
@@ -145,6 +162,12 @@ class Options(usage.Options):
         A value from the file, as the command line's option C{name} would
         have it.
         """
+        if name in self.repeated:
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise usage.UsageError(f'{value!r} is not a list of names, e.g. ["nas.local"]')
+            return admin_hosts(value)
         for flag in self.optFlags:
             if flag[0] == name:
                 if not isinstance(value, bool):
@@ -164,6 +187,7 @@ class Options(usage.Options):
         if self["config"]:
             self._apply_file()
         self["max-body"] = parse_size(str(self["max-body"]))
+        self._admin_guard()
         if not self["demo"] and not self["hosts"]:
             text = self["backends"]
             if text is None:
@@ -175,6 +199,23 @@ class Options(usage.Options):
         try:
             strategy_named(self["strategy"])
         except UnknownStrategy as e:
+            raise usage.UsageError(str(e)) from None
+
+    def _admin_guard(self) -> None:
+        """
+        Check the admin listener's names, and replace C{admin-token} by the
+        token in force from whichever source gives it (L{read_token}).
+        """
+        names, source = self["admin-hosts"], "--admin-host"
+        if not names and os.environ.get("IMML_ADMIN_HOSTS"):
+            names, source = (os.environ["IMML_ADMIN_HOSTS"],), "$IMML_ADMIN_HOSTS"
+        try:
+            self["admin-hosts"] = admin_hosts(names)
+        except ValueError as e:
+            raise usage.UsageError(f"{source}: {e}") from None
+        try:
+            self["admin-token"] = read_token(self["admin-token"], self["admin-token-file"], os.environ)
+        except TokenError as e:
             raise usage.UsageError(str(e)) from None
 
     def opt_version(self) -> None:

@@ -11,6 +11,7 @@ checker, the demo hosts, the waker and the connection pool.
 
 from __future__ import annotations
 
+import socket
 from typing import Any, Callable, Optional
 
 from attrs import frozen
@@ -25,6 +26,7 @@ from .control import GracefulStop, OrderedStop, Reloader
 from .dispatch import Dispatcher
 from .fleet import BackendSettings, Fleet
 from .forward import Forwarder, ForwardSettings
+from .guard import AdminGuard, own_names
 from .health import HealthChecker
 from .logs import OffersLogObserver
 from .metrics import Metrics
@@ -62,6 +64,7 @@ class Balancer:
     window: RecentWindow
     metrics: Metrics
     status: Status
+    guard: AdminGuard
     front: BalancerResource
     site: BalancerSite
     listener: Listener
@@ -114,6 +117,7 @@ def appliers(
     checker: HealthChecker,
     stopper: GracefulStop,
     status: Status,
+    guard: AdminGuard,
 ) -> dict[str, Callable[[Any], None]]:
     """
     The options a reload applies to a running balancer, each through the
@@ -131,6 +135,11 @@ def appliers(
         "health-interval": checker.set_interval,
         "drain-timeout": stopper.set_timeout,
         "admin-actions": lambda on: status.set_actions(bool(on)),
+        "admin-hosts": guard.set_hosts,
+        # The token in force, from whichever source gives it (the options
+        # resolve it); a new file path matters only through that token.
+        "admin-token": guard.set_token,
+        "admin-token-file": lambda path: None,
     }
 
 
@@ -189,19 +198,20 @@ def build(options: Any, reactor: Any, signals: bool = True) -> Balancer:
         stopping=lambda: front.stopping,
         config=options["config"],
     )
+    guard = AdminGuard(own_names(socket.gethostname()), options["admin-hosts"], options["admin-token"])
     stopper = GracefulStop(listener, front, fleet, dispatcher, reactor, options["drain-timeout"])
     demo = _DemoHosts(reactor, fleet, checker, options["demo"]) if options["demo"] else None
     reloader = Reloader(
         options,
         reactor,
         fleet,
-        appliers(dispatcher, forwarder, site, fleet, checker, stopper, status),
+        appliers(dispatcher, forwarder, site, fleet, checker, stopper, status, guard),
         signals,
         extra_hosts=demo.addresses if demo is not None else list,
     )
     admin = None
     if options["admin"] != "none":
-        site_ = admin_site(status, checker, metrics_resource(metrics.registry))
+        site_ = admin_site(status, checker, metrics_resource(metrics.registry), guard)
         admin = Listener(serverFromString(reactor, options["admin"]), site_, options["admin"])
 
     top = BalancerService()
@@ -225,6 +235,7 @@ def build(options: Any, reactor: Any, signals: bool = True) -> Balancer:
         window=window,
         metrics=metrics,
         status=status,
+        guard=guard,
         front=front,
         site=site,
         listener=listener,

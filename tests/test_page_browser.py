@@ -56,6 +56,18 @@ def read_states(driver):
     )
 
 
+def hosts_shown(count):
+    """
+    A wait condition: the page shows C{count} hosts (their states then).
+    """
+
+    def shown(driver):
+        states = read_states(driver)
+        return states if len(states) == count else False
+
+    return shown
+
+
 @bounded(90)
 async def test_the_page_shows_the_hosts_and_a_click_drains_one(tmp_path):
     from selenium.webdriver.common.by import By
@@ -69,12 +81,7 @@ async def test_the_page_shows_the_hosts_and_a_click_drains_one(tmp_path):
         driver = await deferToThread(browser, tmp_path)
         try:
             await deferToThread(driver.get, admin_url(r) + "/")
-
-            def hosts_shown(d):
-                states = read_states(d)
-                return states if len(states) == 3 else False
-
-            states = await deferToThread(WebDriverWait(driver, 20).until, hosts_shown)
+            states = await deferToThread(WebDriverWait(driver, 20).until, hosts_shown(3))
             assert states == {a: "up" for a in addresses}
             strategy = await deferToThread(lambda: driver.find_element(By.CSS_SELECTOR, "[data-fact=strategy]").text)
             assert strategy == "shortest-delay"
@@ -97,5 +104,51 @@ async def test_the_page_shows_the_hosts_and_a_click_drains_one(tmp_path):
             shot = ARTIFACTS / "status-page.png"
             assert await deferToThread(driver.save_screenshot, str(shot))
             assert shot.stat().st_size > 5000
+        finally:
+            await deferToThread(driver.quit)
+
+
+@bounded(90)
+async def test_with_a_token_the_page_asks_for_it_once(tmp_path):
+    """
+    With --admin-token, the page asks for the token; once given, the page
+    works as without one (its requests carry an HttpOnly, SameSite=Strict
+    cookie, not the token), and when the token changes it asks again.
+    """
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    token = "k3y-0f-the-4dmin"
+    async with await rig([dict(name=f"h{i}") for i in range(2)], "--admin-actions", "--admin-token", token) as r:
+        target = r.hosts[0].address
+        driver = await deferToThread(browser, tmp_path)
+        try:
+            await deferToThread(driver.get, admin_url(r) + "/")
+            field = await deferToThread(driver.find_element, By.NAME, "token")
+            assert await deferToThread(read_states, driver) == {}
+            await deferToThread(field.send_keys, "wrong")
+            await deferToThread(field.submit)
+            await deferToThread(WebDriverWait(driver, 20).until, lambda d: "That is not the token" in d.page_source)
+            field = await deferToThread(driver.find_element, By.NAME, "token")
+            await deferToThread(field.send_keys, token)
+            await deferToThread(field.submit)
+            states = await deferToThread(WebDriverWait(driver, 20).until, hosts_shown(2))
+            assert set(states) == {h.address for h in r.hosts}
+            assert token not in await deferToThread(lambda: driver.current_url)
+            [cookie] = await deferToThread(driver.get_cookies)
+            assert (cookie["name"], cookie["httpOnly"], cookie["sameSite"]) == ("imml-admin", True, "Strict")
+            assert token not in cookie["value"]
+            assert await deferToThread(driver.execute_script, "return document.cookie") == ""
+
+            button = await deferToThread(
+                driver.find_element, By.CSS_SELECTOR, f'tr[data-host="{target}"] button[data-action="drain"]'
+            )
+            await deferToThread(button.click)
+            await deferToThread(WebDriverWait(driver, 20).until, lambda d: read_states(d).get(target) == "draining")
+            assert r.fleet.backends[0].draining
+
+            # A new token (a reload): the open page asks for it again.
+            r.balancer.guard.set_token("a-n3w-t0ken")
+            await deferToThread(WebDriverWait(driver, 20).until, lambda d: d.find_elements(By.NAME, "token"))
         finally:
             await deferToThread(driver.quit)
