@@ -277,7 +277,7 @@ class AdminSite(server.Site):
         """
         guard, headers = self.guard, request.requestHeaders
         hosts = headers.getRawHeaders(b"host")
-        if not guard.host_allowed(hosts, getattr(request.getHost(), "host", None)):
+        if not guard.host_allowed(hosts):
             return _Refused(421, _misdirected(hosts))
         if guard.token is None:
             return None

@@ -4,14 +4,12 @@ from its C{Host} header and the credentials it carries; L{read_token} finds
 the token the operator set.  The web side (the answers: 421, 401, the
 sign-in) is L{imml.admin.AdminSite}'s.
 
-- C{Host} must be one of the listener's own names: C{localhost}, a
-  loopback address, the address the request arrived at (so, on a listener
-  on C{0.0.0.0} or C{::}, any of this machine's addresses it is reached
-  at), this machine's host name, or a name the operator gives
-  (C{--admin-host}).  A page whose name an attacker pointed at this
+- C{Host} must be an address (any: an address is never a rebound name) or
+  one of the listener's own
+  names: C{localhost}, this machine's host name, or a name the operator
+  gives (C{--admin-host}).  A page whose name an attacker pointed at this
   machine's address (DNS rebinding) sends its own name, and is refused.
-  Addresses are compared as addresses (C{[::1]} is C{::1}, an IPv4
-  address mapped into IPv6 is the IPv4 address); a port does not matter.
+  A port does not matter.
   A request without C{Host} (HTTP/1.0) passes: every browser sends one.
 - Once a token is set, every request must carry it: C{Authorization:
   Bearer <token>}, or the cookie the status page's sign-in sets, which holds
@@ -126,11 +124,10 @@ class AdminGuard:
         """
         self.token = token
 
-    def host_allowed(self, values: Optional[list[bytes]], arrived_at: Optional[str] = None) -> bool:
+    def host_allowed(self, values: Optional[list[bytes]]) -> bool:
         """
         Whether a request whose C{Host} headers are C{values} (None when it
-        has none), and which arrived at the address C{arrived_at}, names
-        this listener.
+        has none) names this listener.
         """
         if not values:
             return True
@@ -142,11 +139,9 @@ class AdminGuard:
             return False
         if host is None:
             return False
-        if host in self.own or host in self.extra:
-            return True
-        if _address(host) is None:
-            return False
-        return ipaddress.ip_address(host).is_loopback or (arrived_at is not None and host == _address(arrived_at))
+        # An address is never a rebound name: a page of another site can
+        # reach this listener by a name of its own only.
+        return host in self.own or host in self.extra or _address(host) is not None
 
     def cookie(self) -> bytes:
         """

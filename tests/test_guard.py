@@ -69,7 +69,7 @@ def test_host_of_reads_a_host_header(value, host):
     ],
 )
 def test_the_listeners_own_names_are_allowed(header):
-    assert a_guard().host_allowed([header], "127.0.0.1")
+    assert a_guard().host_allowed([header])
 
 
 @pytest.mark.parametrize(
@@ -80,8 +80,6 @@ def test_the_listeners_own_names_are_allowed(header):
         b"localhost.evil.example",
         b"nas.evil.example",
         b"imml.lan.evil.example",
-        b"10.0.0.9:8080",  # an address this request did not arrive at
-        b"[fd00::9]:8080",
         b"[::1]:80x",
         b"[evil.example]:8080",
         b"evil.example:8080:8080",
@@ -91,27 +89,26 @@ def test_the_listeners_own_names_are_allowed(header):
     ],
 )
 def test_other_names_are_refused(header):
-    assert not a_guard().host_allowed([header], "127.0.0.1")
+    assert not a_guard().host_allowed([header])
 
 
-def test_on_every_interface_the_address_a_request_arrived_at_is_allowed():
+def test_any_address_is_allowed():
     """
-    A listener on 0.0.0.0 or :: answers for whichever of the machine's
-    addresses it is reached at, and still refuses names it was not given.
+    An address is never a rebound name: on 0.0.0.0 or ::, the listener
+    answers for whichever of the machine's addresses it is reached at, and
+    through a port Docker publishes, for the Docker host's.
     """
     g = a_guard()
-    assert g.host_allowed([b"10.0.0.5:8080"], "10.0.0.5")
-    assert g.host_allowed([b"10.0.0.5:8080"], "::ffff:10.0.0.5")  # an IPv4 client of a dual-stack listener
-    assert g.host_allowed([b"[fd00::5]:8080"], "fd00::5")
-    assert not g.host_allowed([b"10.0.0.6:8080"], "10.0.0.5")
-    assert not g.host_allowed([b"evil.example:8080"], "10.0.0.5")
-    assert not g.host_allowed([b"10.0.0.5:8080"], None)
+    assert g.host_allowed([b"10.0.0.5:8080"])
+    assert g.host_allowed([b"[fd00::5]:8080"])
+    assert g.host_allowed([b"[::ffff:10.0.0.5]"])
+    assert not g.host_allowed([b"10.0.0.5.evil.example:8080"])
 
 
 def test_a_request_without_host_passes_and_one_with_two_does_not():
     # HTTP/1.0 may send none; a browser always sends one, so no rebinding hides there.
-    assert a_guard().host_allowed(None, "127.0.0.1")
-    assert not a_guard().host_allowed([b"localhost", b"evil.example"], "127.0.0.1")
+    assert a_guard().host_allowed(None)
+    assert not a_guard().host_allowed([b"localhost", b"evil.example"])
 
 
 def test_the_operators_names_can_change():
