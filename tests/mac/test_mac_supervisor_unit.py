@@ -12,7 +12,7 @@ from twisted.internet import defer, error
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from imml.mac.process_group import SETSID_EXEC, Command
+from imml.mac.process_group import LAUNCH_SCRIPT, Command
 from imml.mac.supervisor import Supervisor
 
 
@@ -36,10 +36,10 @@ class FakeReactor(Clock):
         self.spawned = []
         self._next_pid = 1000
 
-    def spawnProcess(self, protocol, executable, args, env=None, path=None, usePTY=False):
+    def spawnProcess(self, protocol, executable, args, env=None, path=None, usePTY=False, childFDs=None):
         self._next_pid += 1
         process = FakeProcess(protocol, self._next_pid)
-        process.spawn = dict(executable=executable, args=args, env=env, path=path, usePTY=usePTY)
+        process.spawn = dict(executable=executable, args=args, env=env, path=path, usePTY=usePTY, childFDs=childFDs)
         protocol.makeConnection(process)
         self.spawned.append(process)
         return process
@@ -106,16 +106,17 @@ def make(probe=None, **kwargs):
     return reactor, kills, Supervisor(reactor, command, **args)
 
 
-def test_spawns_through_the_setsid_wrapper():
+def test_spawns_through_the_launch_script_with_the_watch_pipe():
     reactor, kills, sup = make()
     sup.startService()
     (process,) = reactor.spawned
     assert process.spawn == dict(
         executable="/py",
-        args=["/py", "-c", SETSID_EXEC, "python", "-m", "immich_ml"],
+        args=["/py", "-I", "-c", LAUNCH_SCRIPT.read_text(), "10.0", "python", "-m", "immich_ml"],
         env={"A": "1"},
         path="/ml",
         usePTY=False,
+        childFDs={0: "w", 1: "r", 2: "r", 3: "w"},
     )
 
 
