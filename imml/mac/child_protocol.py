@@ -4,11 +4,15 @@ end handed to whoever supervises it.
 
 Each line of the child's stdout and stderr becomes one ``child-output``
 event naming the child, its pid and the stream; a last line without a
-newline is logged when the child has ended.
+newline is logged when the child has ended.  Lines are logged as plain
+text: the terminal escape sequences the child may print (uvicorn's and
+rich's colours, rich's hyperlinks, progress bars' cursor moves) are taken
+out (L{plain}).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Callable, Optional
 
 from twisted.internet import protocol
@@ -18,6 +22,25 @@ from twisted.python.failure import Failure
 # The supervisor's namespace, as before this was split out of it: the
 # child's output keeps the system it is logged under.
 log = Logger(namespace="imml.mac.supervisor")
+
+# ECMA-48 escape sequences, in 7-bit (ESC ...) and 8-bit (C1) forms.
+_ESCAPES = re.compile(
+    r"""
+    (?:\x1b\[|\x9b) [\x30-\x3f]* [\x20-\x2f]* [\x40-\x7e]  # CSI: colours, cursor moves, erasing
+    | (?:\x1b[]PX^_]|[\x90\x98\x9d\x9e\x9f])                # OSC (titles, hyperlinks), DCS, SOS, PM, APC
+      .*? (?:\x07|\x1b\\|\x9c|$)                             # ... up to BEL or ST, or the line's end
+    | \x1b [\x20-\x2f]* [\x30-\x7e]                           # the others: ESC 7, ESC ( B, ESC c ...
+    | \x1b                                                   # an escape cut short
+    """,
+    re.VERBOSE,
+)
+
+
+def plain(line: str) -> str:
+    """
+    C{line} without terminal escape sequences.
+    """
+    return _ESCAPES.sub("", line)
 
 
 class LineLogger(protocol.ProcessProtocol):
@@ -60,7 +83,7 @@ class LineLogger(protocol.ProcessProtocol):
             name=self.name,
             pid=self.pid,
             stream=stream,
-            line=line.rstrip(b"\r").decode("utf-8", "replace"),
+            line=plain(line.decode("utf-8", "replace")).rstrip("\r"),
         )
 
     def outReceived(self, data: bytes) -> None:

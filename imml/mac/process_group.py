@@ -1,22 +1,36 @@
 """
-The child's process group: how it is made, signalled and waited for.
+The child's process group: how it is made, signalled and waited for, and
+how it goes when imml-mac goes.
 
 ``python -m immich_ml`` starts gunicorn, which starts workers: killing only
 the child would orphan them.  :class:`Command` therefore launches every
-child through a two-line Python wrapper that calls ``os.setsid()`` and then
-``exec``s the real command.  The child keeps its pid, becomes the leader of
-a new session and process group whose id is that pid, and everything it
-starts stays in that group (gunicorn does not change groups).  Signals go
-to the whole group with ``os.killpg`` (L{signal_group}).  This works the
-same on macOS and Linux, needs no ``preexec_fn`` (which ``spawnProcess``
-does not have) and no ``setsid`` program (which macOS lacks).  The wrapper
-runs before the child's own code, so a signal that arrives before
-``setsid`` has run is sent to the pid alone, the only process there is
-then.  L{await_empty_group} waits until nothing is left in the group.
+child through :mod:`~imml.mac.launch_script`, run as ``python -I -c``,
+which calls ``os.setsid()`` and then ``exec``s the real command.  The child
+keeps its pid, becomes the leader of a new session and process group whose
+id is that pid, and everything it starts stays in that group (gunicorn does
+not change groups).  Signals go to the whole group with ``os.killpg``
+(L{signal_group}).  This works the same on macOS and Linux, needs no
+``preexec_fn`` (which ``spawnProcess`` does not have) and no ``setsid``
+program (which macOS lacks).  The launcher runs before the child's own
+code, so a signal that arrives before ``setsid`` has run is sent to the pid
+alone, the only process there is then.  L{await_empty_group} waits until
+nothing is left in the group.
+
+When imml-mac dies without stopping its child (SIGKILL, a crash), the group
+stops itself: the launcher leaves a small watcher in the group that reads
+a pipe (fd 3 in the child, L{CHILD_FDS}) whose write end only imml-mac
+holds.  End-of-file on it means imml-mac is gone; the watcher then sends
+SIGTERM to the group and SIGKILL after the stop timeout, as a stop would.
+A pipe rather than a parent-death signal: Linux's ``PR_SET_PDEATHSIG``
+reaches only the process that asked for it, not gunicorn and its workers
+(they would keep the port), and macOS has no such signal; end-of-file on a
+pipe means the same on both, and has no race to check: if imml-mac died
+before the watcher began to read, the read ends at once.
 """
 
 from __future__ import annotations
 
+import pathlib
 import sys
 from typing import Any, Callable, Optional
 
@@ -29,7 +43,11 @@ from twisted.logger import Logger
 # events keep the system they are logged under.
 log = Logger(namespace="imml.mac.supervisor")
 
-SETSID_EXEC = "import os, sys; os.setsid(); os.execvp(sys.argv[1], sys.argv[1:])"
+LAUNCH_SCRIPT = pathlib.Path(__file__).with_name("launch_script.py")
+
+# The child's descriptors: stdin, stdout, stderr as Twisted's default, and
+# the read end of the pipe the watcher reads until imml-mac is gone.
+CHILD_FDS = {0: "w", 1: "r", 2: "r", 3: "w"}
 
 
 @frozen
@@ -44,19 +62,24 @@ class Command:
     cwd: Optional[str] = None
     launcher: str = sys.executable
 
-    def spawn_args(self) -> tuple[str, list[str]]:
+    def spawn_args(self, grace: float) -> tuple[str, list[str]]:
         """
-        The executable and arguments for C{spawnProcess}: the setsid wrapper
-        run by C{launcher}, then the command.
+        The executable and arguments for C{spawnProcess} (with
+        L{CHILD_FDS}): the launch script run by C{launcher}, then the
+        command.
+
+        @param grace: seconds between SIGTERM and SIGKILL when the group
+            stops itself because imml-mac is gone.
         """
-        return self.launcher, [self.launcher, "-c", SETSID_EXEC, *self.argv]
+        script = LAUNCH_SCRIPT.read_text()
+        return self.launcher, [self.launcher, "-I", "-c", script, repr(float(grace)), *self.argv]
 
 
 def signal_group(kill: Callable[[int, int], None], pgid: int, process: IProcessTransport, signum: int) -> None:
     """
     Send C{signum} to the process group C{pgid} with C{kill} (C{os.killpg}
     or a stand-in); to C{process} alone if the group does not exist yet
-    (the wrapper has not called setsid).
+    (the launcher has not called setsid).
     """
     try:
         kill(pgid, signum)

@@ -18,7 +18,9 @@ its group is terminated too before a new child starts.
 
 :meth:`Supervisor.stopService` sends SIGTERM to the group, SIGKILL after
 ``stop_timeout`` seconds, and returns a Deferred that fires only when the
-child has been reaped and its output pipes are closed.
+child has been reaped and its output pipes are closed.  Should imml-mac die
+without a stop, the group stops itself the same way (see
+:mod:`~imml.mac.process_group`).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from twisted.python.failure import Failure
 
 from imml.mac.child_protocol import LineLogger, exit_status
 from imml.mac.health_watch import HealthWatch
-from imml.mac.process_group import Command, await_empty_group, signal_group
+from imml.mac.process_group import CHILD_FDS, Command, await_empty_group, signal_group
 
 log = Logger()
 
@@ -156,7 +158,7 @@ class Supervisor(service.Service):
 
     def _spawn(self) -> None:
         self._restart_call = None
-        executable, args = self.command.spawn_args()
+        executable, args = self.command.spawn_args(grace=self.stop_timeout)
         child = LineLogger(self.name, self._leader_exited, self._ended)
         self.started_at = self.reactor.seconds()
         self._health = None
@@ -170,6 +172,7 @@ class Supervisor(service.Service):
                 env=self.command.env,
                 path=self.command.cwd,
                 usePTY=False,
+                childFDs=CHILD_FDS,
             )
         except Exception:
             log.failure(

@@ -66,15 +66,34 @@ def gone(pid):
     return False
 
 
-def wait_gone(pids, timeout=5.0):
+def group_members(pgid):
     """
-    Wait for every pid to be gone; returns those still running.
+    The pids of the processes of process group C{pgid} that still run
+    (zombies left for a parent that is not ours to reap them do not count),
+    read from /proc.
+    """
+    members = []
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue  # gone while we looked
+        state, pgrp = fields[0], int(fields[2])
+        if pgrp == pgid and state != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def wait_group_gone(pgid, timeout):
+    """
+    Wait for process group C{pgid} to have no running member; returns the
+    members still running at C{timeout}.
     """
     deadline = time.monotonic() + timeout
-    left = [p for p in pids if not gone(p)]
+    left = group_members(pgid)
     while left and time.monotonic() < deadline:
         time.sleep(0.05)
-        left = [p for p in left if not gone(p)]
+        left = group_members(pgid)
     return left
 
 

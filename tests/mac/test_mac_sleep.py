@@ -8,7 +8,7 @@ import os
 import stat
 
 import pytest_twisted
-from mac_helpers import kill_left, tagged, wait_gone
+from mac_helpers import kill_left, tagged, wait_group_gone
 from twisted.internet import defer, reactor
 
 from imml.mac.sleep import sleep_guard
@@ -52,7 +52,8 @@ def test_on_macos_caffeinate_waits_for_our_pid_and_stops_with_the_service(tmp_pa
         yield guard.stopService().addTimeout(10, reactor)
     pid, args = record.read_text().split(" ", 1)
     assert args.split() == ["-i", "-w", str(os.getpid())]
-    left = wait_gone([int(pid)], timeout=1.0)
+    # caffeinate led its own process group: nothing of it is left.
+    left = wait_group_gone(int(pid), timeout=1.0)
     kill_left(left)
     assert left == []
     assert tagged(events, "child-started", name="caffeinate")

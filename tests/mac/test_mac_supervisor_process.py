@@ -3,15 +3,16 @@ The supervisor with real child processes: the fake Immich checkout run as
 ``python -m immich_ml`` (which starts its server as a grandchild, as Immich
 starts gunicorn), on a free loopback port, with the real reactor.
 
-Every test stops its supervisor and checks that neither the child nor the
-grandchild is left running.
+Every test stops its supervisor and checks that nothing of the child's
+process group (the child, the grandchild, the watcher the launcher leaves)
+is left running.
 """
 
 import os
 
 import pytest_twisted
 import treq
-from mac_helpers import FAKE_ML, FAKE_ORT, PYTHON, free_port, gone, kill_left, read_pids, tagged
+from mac_helpers import FAKE_ML, FAKE_ORT, PYTHON, free_port, gone, group_members, kill_left, read_pids, tagged
 from twisted.internet import defer, reactor
 from twisted.web.client import Agent, HTTPConnectionPool
 
@@ -70,7 +71,10 @@ class Run:
         try:
             yield self.supervisor.stopService().addTimeout(TIMEOUT, reactor)
         finally:
-            left = [pid for pid in self.all_pids() if not gone(pid)]
+            # The fake's processes, and anything else in their groups.
+            groups = [pid for pid in self.all_pids() if not gone(pid)]
+            groups += [pid for main, _ in read_pids(self.pids_file) for pid in group_members(main)]
+            left = sorted(set(groups))
             kill_left(left)
         assert left == [], f"left running after stop: {left}"
         return started

@@ -12,7 +12,7 @@ from twisted.internet import defer, error
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from imml.mac.process_group import SETSID_EXEC, Command
+from imml.mac.process_group import LAUNCH_SCRIPT, Command
 from imml.mac.supervisor import Supervisor
 
 
@@ -36,10 +36,10 @@ class FakeReactor(Clock):
         self.spawned = []
         self._next_pid = 1000
 
-    def spawnProcess(self, protocol, executable, args, env=None, path=None, usePTY=False):
+    def spawnProcess(self, protocol, executable, args, env=None, path=None, usePTY=False, childFDs=None):
         self._next_pid += 1
         process = FakeProcess(protocol, self._next_pid)
-        process.spawn = dict(executable=executable, args=args, env=env, path=path, usePTY=usePTY)
+        process.spawn = dict(executable=executable, args=args, env=env, path=path, usePTY=usePTY, childFDs=childFDs)
         protocol.makeConnection(process)
         self.spawned.append(process)
         return process
@@ -106,16 +106,17 @@ def make(probe=None, **kwargs):
     return reactor, kills, Supervisor(reactor, command, **args)
 
 
-def test_spawns_through_the_setsid_wrapper():
+def test_spawns_through_the_launch_script_with_the_watch_pipe():
     reactor, kills, sup = make()
     sup.startService()
     (process,) = reactor.spawned
     assert process.spawn == dict(
         executable="/py",
-        args=["/py", "-c", SETSID_EXEC, "python", "-m", "immich_ml"],
+        args=["/py", "-I", "-c", LAUNCH_SCRIPT.read_text(), "10.0", "python", "-m", "immich_ml"],
         env={"A": "1"},
         path="/ml",
         usePTY=False,
+        childFDs={0: "w", 1: "r", 2: "r", 3: "w"},
     )
 
 
@@ -275,6 +276,63 @@ def test_output_is_logged_line_by_line_with_the_stream(events):
         ("stdout", "three"),
     ]
     assert all(e["pid"] == reactor.spawned[0].pid for e in tagged(events, "child-output"))
+
+
+# Lines as Immich ML prints them on a terminal, and as they should be logged.
+COLOURED = [
+    # uvicorn's default formatter (click.style)
+    (
+        b"\x1b[32mINFO\x1b[0m:     Started server process [\x1b[36m4242\x1b[0m]",
+        "INFO:     Started server process [4242]",
+    ),
+    (
+        b"\x1b[32mINFO\x1b[0m:     Uvicorn running on \x1b[1mhttp://0.0.0.0:3003\x1b[0m (Press CTRL+C to quit)",
+        "INFO:     Uvicorn running on http://0.0.0.0:3003 (Press CTRL+C to quit)",
+    ),
+    # rich's log handler: dim time, coloured level, highlighted numbers, and
+    # the source file as an OSC 8 hyperlink ended by ST
+    (
+        b"\x1b[2;36m[12/05/26 15:21:40]\x1b[0m\x1b[2;36m \x1b[0m\x1b[32mINFO    \x1b[0m Starting gunicorn "
+        b"\x1b[1;36m23.0\x1b[0m.\x1b[1;36m0\x1b[0m   "
+        b"\x1b]8;id=668357;file:///opt/immich/machine-learning/immich_ml/main.py\x1b\\\x1b[2mmain.py\x1b[0m"
+        b"\x1b]8;;\x1b\\\x1b[2m:\x1b[0m\x1b]8;id=138001;file:///opt/immich/machine-learning/immich_ml/main.py#87"
+        b"\x1b\\\x1b[2m87\x1b[0m\x1b]8;;\x1b\\",
+        "[12/05/26 15:21:40] INFO     Starting gunicorn 23.0.0   main.py:87",
+    ),
+    (
+        b"\x1b[2;36m                   \x1b[0m\x1b[2;36m \x1b[0m\x1b[31mERROR   \x1b[0m Failed to load "
+        b"\x1b[32m'buffalo_l'\x1b[0m",
+        "                    ERROR    Failed to load 'buffalo_l'",
+    ),
+    # a window title (OSC ended by BEL), a progress bar's cursor moves, a
+    # character set and a cursor save and restore
+    (b"\x1b]0;immich_ml\x07ready", "ready"),
+    (
+        b"\x1b[A\x1b[2KDownloading model.onnx: 100%|\xe2\x96\x88\xe2\x96\x88| 2.1M/2.1M\r",
+        "Downloading model.onnx: 100%|██| 2.1M/2.1M",
+    ),
+    (b"\x1b(B\x1b[mplain\x1b[K", "plain"),
+    (b"\x1b7saved\x1b8", "saved"),
+    # 8-bit CSI, and sequences cut short at the line's end
+    ("\u009b1mbold\u009b0m".encode(), "bold"),
+    (b"cut \x1b]8;;file:///no-end", "cut "),
+    (b"lone \x1b", "lone "),
+    # nothing to take out
+    (b"[not an escape] {braces} 100% \xc3\xa9t\xc3\xa9", "[not an escape] {braces} 100% été"),
+]
+
+
+def test_output_is_logged_without_terminal_escapes(events):
+    reactor, kills, sup = make()
+    sup.startService()
+    protocol = reactor.spawned[0].protocol
+    for raw, _ in COLOURED:
+        protocol.errReceived(raw + b"\n")
+    # A sequence split between two reads is still one sequence.
+    protocol.outReceived(b"\x1b[3")
+    protocol.outReceived(b"1mred\x1b[0m\n")
+    lines = [(e["stream"], e["line"]) for e in tagged(events, "child-output")]
+    assert lines == [("stderr", logged) for _, logged in COLOURED] + [("stdout", "red")]
 
 
 def test_a_spawn_that_raises_is_retried_with_backoff(events):

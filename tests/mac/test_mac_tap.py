@@ -14,7 +14,16 @@ import time
 import urllib.request
 
 import pytest
-from mac_helpers import FAKE_CHECKOUT, FAKE_ML, PYTHON, free_port, kill_left, read_pids, wait_gone
+from mac_helpers import (
+    FAKE_CHECKOUT,
+    FAKE_ML,
+    PYTHON,
+    free_port,
+    group_members,
+    kill_left,
+    read_pids,
+    wait_group_gone,
+)
 from twisted.plugin import IPlugin, getPlugins
 from twisted.python import usage
 
@@ -165,12 +174,14 @@ def ping(port):
         return False
 
 
-def test_twistd_runs_supervises_and_stops_without_orphans(tmp_path):
-    port = free_port()
-    pids_file = tmp_path / "pids"
-    env = dict(os.environ, FAKE_IMMICH_PIDS=str(pids_file))
+def start_twistd(tmp_path, port, pids_file, extra_env=None):
+    """
+    ``twistd -n imml-mac`` on the fake Immich checkout, on a loopback port,
+    with short health-check and stop intervals; its output in one pipe.
+    """
+    env = dict(os.environ, FAKE_IMMICH_PIDS=str(pids_file), **(extra_env or {}))
     env.pop("PYTHONPATH", None)
-    twistd = subprocess.Popen(
+    return subprocess.Popen(
         [
             TWISTD,
             "-n",
@@ -199,11 +210,25 @@ def test_twistd_runs_supervises_and_stops_without_orphans(tmp_path):
         stderr=subprocess.STDOUT,
         text=True,
     )
+
+
+def wait_for_ping(port, twistd, timeout=30):
+    """
+    Whether the service answered /ping within C{timeout} seconds (while
+    twistd still runs).
+    """
+    deadline = time.monotonic() + timeout
+    while not ping(port) and time.monotonic() < deadline and twistd.poll() is None:
+        time.sleep(0.1)
+    return ping(port)
+
+
+def test_twistd_runs_supervises_and_stops_without_orphans(tmp_path):
+    port = free_port()
+    pids_file = tmp_path / "pids"
+    twistd = start_twistd(tmp_path, port, pids_file)
     try:
-        deadline = time.monotonic() + 30
-        while not ping(port) and time.monotonic() < deadline and twistd.poll() is None:
-            time.sleep(0.1)
-        assert ping(port), "never answered /ping"
+        assert wait_for_ping(port, twistd), "never answered /ping"
         # A crash of the service: the supervisor starts it again.
         ((first_main, first_server),) = read_pids(pids_file)
         os.kill(first_server, signal.SIGKILL)
@@ -221,7 +246,9 @@ def test_twistd_runs_supervises_and_stops_without_orphans(tmp_path):
         finally:
             twistd.kill()
         pids = [pid for pair in read_pids(pids_file) for pid in pair]
-        left = wait_gone(pids, timeout=2)
+        # Each Immich ML ran in a group led by its main process: nothing of
+        # any group is left (the fake's processes, or anything imml added).
+        left = [pid for main, _ in read_pids(pids_file) for pid in wait_group_gone(main, timeout=2)]
         kill_left(left)
     # twistd ends a SIGTERM shutdown by re-raising the signal on itself.
     assert twistd.returncode == -signal.SIGTERM, output
@@ -235,6 +262,32 @@ def test_twistd_runs_supervises_and_stops_without_orphans(tmp_path):
     assert f"fake immich_ml listening on 127.0.0.1:{port}" in output
     assert "restarting in" in output
     assert "Starting factory" not in output, "the health checks log every connection"
+
+
+@pytest.mark.parametrize(
+    "extra_env", [{}, {"FAKE_IMMICH_IGNORE_TERM": "1"}], ids=["stops-on-sigterm", "ignores-sigterm"]
+)
+def test_immich_ml_goes_when_twistd_is_killed(tmp_path, extra_env):
+    # SIGKILL gives twistd no chance to stop anything: Immich ML's process
+    # group must notice by itself and go (SIGTERM, then SIGKILL after
+    # --stop-timeout, 2 s here), freeing the port for the next start.
+    port = free_port()
+    pids_file = tmp_path / "pids"
+    twistd = start_twistd(tmp_path, port, pids_file, extra_env)
+    group = None
+    try:
+        assert wait_for_ping(port, twistd), "never answered /ping"
+        ((group, server),) = read_pids(pids_file)
+        assert {group, server} <= set(group_members(group))
+        twistd.kill()
+        output, _ = twistd.communicate(timeout=20)
+        left = wait_group_gone(group, timeout=30)
+    finally:
+        twistd.kill()
+        if group is not None:
+            kill_left(group_members(group))
+    assert left == [], output
+    assert not ping(port)
 
 
 def test_twistd_refuses_to_start_without_immich_ml(tmp_path):
