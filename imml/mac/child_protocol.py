@@ -7,7 +7,10 @@ event naming the child, its pid and the stream; a last line without a
 newline is logged when the child has ended.  Lines are logged as plain
 text: the terminal escape sequences the child may print (uvicorn's and
 rich's colours, rich's hyperlinks, progress bars' cursor moves) are taken
-out (L{plain}).
+out (L{plain}).  A line redrawn in place (a download's progress bar, each
+state ended by a carriage return) is what a terminal would show: its last
+state; and a line longer than L{MAX_LINE} bytes is logged in pieces, so the
+child's output holds no more than that in memory.
 """
 
 from __future__ import annotations
@@ -34,6 +37,10 @@ _ESCAPES = re.compile(
     """,
     re.VERBOSE,
 )
+
+
+#: Bytes of one line held before it is logged without waiting for its end.
+MAX_LINE = 64 * 1024
 
 
 def plain(line: str) -> str:
@@ -72,18 +79,28 @@ class LineLogger(protocol.ProcessProtocol):
 
     def _received(self, stream: str, data: bytes) -> None:
         lines = (self._partial[stream] + data).split(b"\n")
-        self._partial[stream] = lines.pop()
+        rest = lines.pop()
         for line in lines:
             self._emit(stream, line)
+        # A state a carriage return ended was drawn over: only the one after
+        # it will show (a CR alone at the end may be half a CRLF).
+        drawn, cr, last = rest[:-1].rpartition(b"\r")
+        if cr:
+            rest = rest[len(drawn) + 1 :]
+        while len(rest) > MAX_LINE:
+            self._emit(stream, rest[:MAX_LINE])
+            rest = rest[MAX_LINE:]
+        self._partial[stream] = rest
 
     def _emit(self, stream: str, line: bytes) -> None:
+        line = line.rstrip(b"\r").rpartition(b"\r")[2]
         log.info(
             "[{name} {pid} {stream}] {line}",
             imml_event="child-output",
             name=self.name,
             pid=self.pid,
             stream=stream,
-            line=plain(line.decode("utf-8", "replace")).rstrip("\r"),
+            line=plain(line.decode("utf-8", "replace")),
         )
 
     def outReceived(self, data: bytes) -> None:

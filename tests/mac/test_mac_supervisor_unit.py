@@ -12,6 +12,7 @@ from twisted.internet import defer, error
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
+from imml.mac.child_protocol import MAX_LINE
 from imml.mac.process_group import LAUNCH_SCRIPT, Command
 from imml.mac.supervisor import Supervisor
 
@@ -333,6 +334,28 @@ def test_output_is_logged_without_terminal_escapes(events):
     protocol.outReceived(b"1mred\x1b[0m\n")
     lines = [(e["stream"], e["line"]) for e in tagged(events, "child-output")]
     assert lines == [("stderr", logged) for _, logged in COLOURED] + [("stdout", "red")]
+
+
+def test_a_line_redrawn_in_place_is_logged_as_its_last_state_and_memory_stays_bounded(events):
+    reactor, kills, sup = make()
+    sup.startService()
+    protocol = reactor.spawned[0].protocol
+    # a progress bar: states ended by CR, then the final one by a newline
+    for percent in range(0, 100, 10):
+        protocol.errReceived(b"Downloading model: %d%%\r" % percent)
+    protocol.errReceived(b"Downloading model: 100%\r\n")
+    # a CRLF split between two reads
+    protocol.outReceived(b"ready\r")
+    protocol.outReceived(b"\n")
+    # a line that never ends is logged in bounded pieces
+    protocol.outReceived(b"x" * (MAX_LINE * 2 + 10))
+    lines = [(e["stream"], e["line"]) for e in tagged(events, "child-output")]
+    assert lines == [
+        ("stderr", "Downloading model: 100%"),
+        ("stdout", "ready"),
+        ("stdout", "x" * MAX_LINE),
+        ("stdout", "x" * MAX_LINE),
+    ]
 
 
 def test_a_spawn_that_raises_is_retried_with_backoff(events):
