@@ -6,6 +6,7 @@ a client with its own connection pool, and bounded waits.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Callable
 
 import pytest_twisted
@@ -142,3 +143,20 @@ async def rig(specs: list[dict], *args: str, wait_up: bool = True) -> Rig:
             await r.stop()
             raise
     return r
+
+
+def open_files_in(directory) -> list[str]:
+    """
+    The files this process holds open in C{directory}, deleted ones
+    included (Linux: read from /proc/self/fd).
+    """
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(f"{directory}/"):
+            found.append(target)
+    return found
+
