@@ -14,6 +14,8 @@ from attrs import define, field
 from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.logger import globalLogPublisher
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -160,3 +162,27 @@ def open_files_in(directory) -> list[str]:
             found.append(target)
     return found
 
+
+class _HearOut(Protocol):
+    def __init__(self, data: bytes) -> None:
+        self.request, self.data = data, b""
+        self.closed: Deferred[bytes] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.request)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason) -> None:
+        self.closed.callback(self.data)
+
+
+async def hear_out(port: int, data: bytes) -> bytes:
+    """
+    Send C{data} to 127.0.0.1:C{port} and nothing more; everything the
+    server says until it closes the connection.
+    """
+    protocol = _HearOut(data)
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), protocol)
+    return await protocol.closed
