@@ -16,6 +16,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from .attempt import Attempt, AttemptState
+from .body import RequestBody
 from .classify import RequestInfo
 from .dispatch import Dispatcher
 from .fleet import Fleet, Load
@@ -75,7 +76,7 @@ class Forwarder:
     def set_response_timeout(self, seconds: float) -> None:
         self.settings = evolve(self.settings, response_timeout=seconds)
 
-    def forward(self, request: BalancerRequest, info: RequestInfo, body: bytes) -> Deferred[None]:
+    def forward(self, request: BalancerRequest, info: RequestInfo, body: RequestBody) -> Deferred[None]:
         """
         Answer C{request} from a host.  The returned Deferred fires when the
         request has been answered; cancelling it (the client went away)

@@ -35,6 +35,7 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from .attempt import Attempt, AttemptState, NoAnswerInTime, retry_status
+from .body import RequestBody
 from .classify import RequestInfo
 from .dispatch import Dispatcher, NoBackendAvailable
 from .fleet import Backend, Fleet, Load
@@ -114,7 +115,8 @@ class Job:
     runner: Runner
     request: BalancerRequest
     info: RequestInfo
-    body: bytes
+    #: The request body, read from its first byte by each try.
+    body: RequestBody
     #: The headers sent to every host.
     headers: Headers
     started: float

@@ -1,25 +1,37 @@
 """
-The balancer's HTTP face: the site and request classes that receive
-Immich's requests, the resource that answers the balancer's own C{/ping},
-refuses what it must, classifies the rest and hands it to the
+The balancer's HTTP face: the site, channel and request classes that receive
+Immich's requests (bodies kept by L{imml.body}, refused at once when over
+the limit), the resource that answers the balancer's own C{/ping}, refuses
+what it must, classifies the rest and hands it to the
 L{imml.forward.Forwarder}, and the writing of answers back to the client.
 """
 
 from __future__ import annotations
 
 import json
-from io import BytesIO
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
+from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.resource import Resource
 
+from .body import BodyStore, RequestBody, SpoolError
+from .chunked import DeclaredChunks
 from .classify import classify
 from .upstream import Answer
+
+log = Logger()
+
+#: Seconds a refused client's connection stays open after the answer, what it
+#: still sends read and dropped, so that a client busy uploading reads the
+#: answer instead of a reset (nginx's lingering close); then it is cut.
+LINGER = 5.0
 
 #: Headers that belong to one connection, never forwarded (RFC 9110 7.6.1).
 HOP_BY_HOP = frozenset(
@@ -51,21 +63,99 @@ def json_error(request: server.Request, code: int, detail: str) -> bytes:
     return json.dumps({"detail": detail}).encode("utf-8")
 
 
+def too_large(limit: int) -> str:
+    return f"request body is larger than the limit of {limit} bytes"
+
+
+class BalancerChannel(HTTPChannel):
+    """
+    An HTTP connection from a client that can refuse the request being
+    received at once, before its body (L{refuse}), and follows the sizes a
+    chunked body declares (L{follow_chunks}).
+
+    @ivar refused: the request being received was refused; whatever the
+        client still sends is dropped.
+    """
+
+    refused = False
+    _chunks: Optional[DeclaredChunks] = None
+    _chunk_limit = 0
+    _over_limit: Optional[Callable[[], None]] = None
+    _linger: Optional[IDelayedCall] = None
+
+    def follow_chunks(self, limit: int, over: Callable[[], None]) -> None:
+        """
+        The body coming is chunked: call C{over} as soon as its chunks
+        declare more than C{limit} bytes in all.
+        """
+        self._chunks = DeclaredChunks()
+        self._chunk_limit = limit
+        self._over_limit = over
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if self.refused:
+            return
+        chunks = self._chunks
+        if chunks is not None:
+            declared = chunks.feed(data)
+            if chunks.done:
+                self._chunks = None
+            if declared > self._chunk_limit:
+                self._chunks = None
+                self._over_limit()
+                return
+        super().rawDataReceived(data)
+
+    def refuse(self, code: int, detail: str) -> None:
+        """
+        Answer the request being received with an error of the balancer's
+        own (C{{"detail": ...}}), now, and close the connection: its sending
+        side at once, the whole of it once the client closes its own or
+        L{LINGER} seconds later.
+        """
+        if self.refused:
+            return
+        self.refused = True
+        self._chunks = None
+        body = json.dumps({"detail": detail}).encode("utf-8")
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n\r\n%s" % (code, RESPONSES.get(code, b"Error"), len(body), body)
+        )
+        half_close = getattr(self.transport, "loseWriteConnection", None)
+        if half_close is None:
+            self.transport.loseConnection()
+            return
+        half_close()
+        self._linger = self.callLater(LINGER, self.transport.abortConnection)
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self._linger is not None and self._linger.active():
+            self._linger.cancel()
+        super().connectionLost(reason)
+
+
 class BalancerRequest(server.Request):
     """
-    A request whose body is held in memory, up to the site's limit, and
-    never parsed as a form: the balancer forwards it byte for byte.  It
-    writes the answers of the balancer (L{reply_error}) and of its hosts
-    (L{start_answer}, L{end_answer}).
+    A request whose body is kept by the site's L{BodyStore} (in memory, or
+    in a temporary file), up to the site's limit, and never parsed as a
+    form: the balancer forwards it byte for byte.  A body declared over the
+    limit is refused at once.  It writes the answers of the balancer
+    (L{reply_error}) and of its hosts (L{start_answer}, L{end_answer}).
+
+    Its C{content} is the L{RequestBody}; twisted.web closes it when the
+    request ends, whichever way (answered, or the client went away).
 
     @ivar gone: the client's connection was lost.
+    @ivar refused: the request was refused while its body arrived, and
+        answered then.
     """
 
     # An answer carries the host's content type, or none: never one of ours.
     defaultContentType = None
-    too_large = False
     gone = False
-    _received = 0
+    refused = False
+    content: Optional[RequestBody]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # Never parse a body as a form (Twisted would, with the email
@@ -73,19 +163,48 @@ class BalancerRequest(server.Request):
         super().__init__(*args, parsePOSTFormSubmission=False, **kwargs)
 
     def gotLength(self, length: Optional[int]) -> None:
-        if length is not None and length > self.channel.site.max_body:
-            self.too_large = True
-        self.content = BytesIO()
+        channel = self.channel
+        site = channel.site
+        limit = site.max_body
+        if length is not None and length > limit:
+            # No "100 Continue" for a body that is refused.
+            self.requestHeaders.removeHeader(b"expect")
+            self.refuse(413, too_large(limit))
+            return
+        self.content = site.bodies.new(length)
+        if length is None:
+            channel.follow_chunks(limit, lambda: self.refuse(413, too_large(limit)))
 
     def handleContentChunk(self, data: bytes) -> None:
-        if self.too_large:
+        if self.refused:
             return
-        self._received += len(data)
-        if self._received > self.channel.site.max_body:
-            self.too_large = True
-            self.content = BytesIO()
-            return
-        self.content.write(data)
+        try:
+            self.content.write(data)
+        except SpoolError as e:
+            self.refuse(503, f"the balancer could not keep the request body: {e}")
+
+    def process(self) -> None:
+        # A request refused while its body arrived was answered then: what
+        # of its body still arrived in the same read is not served.
+        if not self.refused:
+            super().process()
+
+    def refuse(self, code: int, detail: str) -> None:
+        """
+        Refuse the request while its body arrives: answer now, drop the
+        body, close the connection (L{BalancerChannel.refuse}).
+        """
+        self.refused = True
+        if self.content is not None:
+            self.content.close()
+        log.warn(
+            "refused a request from {peer}: {code} {detail}",
+            peer=getattr(self.getClientAddress(), "host", None),
+            code=code,
+            detail=detail,
+            imml_event="refused",
+        )
+        self.channel.refuse(code, detail)
 
     def connectionLost(self, reason: Failure) -> None:
         self.gone = True
@@ -170,11 +289,18 @@ class BalancerRequest(server.Request):
 
 
 class BalancerSite(server.Site):
-    requestFactory = BalancerRequest
+    """
+    The balancer's listener: requests of up to C{max_body} bytes, their
+    bodies kept by C{bodies}.
+    """
 
-    def __init__(self, resource: Resource, max_body: int, **kw: Any) -> None:
+    requestFactory = BalancerRequest
+    protocol = BalancerChannel
+
+    def __init__(self, resource: Resource, max_body: int, bodies: Optional[BodyStore] = None, **kw: Any) -> None:
         super().__init__(resource, **kw)
         self.max_body = max_body
+        self.bodies = bodies if bodies is not None else BodyStore()
 
     def set_max_body(self, max_body: int) -> None:
         self.max_body = max_body
@@ -223,13 +349,10 @@ class BalancerResource(Resource):
                 request.setHeader(b"content-type", b"text/plain; charset=utf-8")
                 return b"pong"
             return json_error(request, 503, "no ML host is up")
-        if request.too_large:
-            request.setHeader(b"connection", b"close")
-            limit = request.channel.site.max_body
-            return json_error(request, 413, f"request body is larger than the limit of {limit} bytes")
-        body = request.content.getvalue()
+        body = request.content
         content_type = request.requestHeaders.getRawHeaders(b"content-type", [None])[0]
-        info = classify(request.method, path, content_type, body)
+        with body.view() as data:
+            info = classify(request.method, path, content_type, data)
         self.active += 1
         d: Deferred[None] = self.forwarder.forward(request, info, body)
         d.addBoth(self._over)

@@ -21,9 +21,9 @@ from typing import Protocol as TypingProtocol
 from attrs import define, field
 from twisted.internet import error as ierror
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.interfaces import IConsumer, IStreamClientEndpoint
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import (
@@ -36,9 +36,10 @@ from twisted.web.client import (
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
+from twisted.web.iweb import IAgent, IAgentEndpointFactory, IResponse
 from zope.interface import implementer
 
+from .body import RequestBody
 from .health import BadAnswer
 
 #: Methods whose requests carry no body unless the client sent one.
@@ -88,31 +89,6 @@ class Committed(Exception):
     def __init__(self, error: BaseException) -> None:
         super().__init__(str(error))
         self.error = error
-
-
-@implementer(IBodyProducer)
-class BytesProducer:
-    """
-    A request body held in memory, written at once: no reactor or
-    cooperator needed (so it also works under a task.Clock).
-    """
-
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        consumer.write(self.body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
 
 
 class _Collector(Protocol):
@@ -189,7 +165,7 @@ class Upstream:
         method: bytes,
         url: bytes,
         headers: Headers,
-        body: bytes,
+        body: RequestBody,
         commit: Callable[[Answer], Sink],
         hold: bool = True,
     ) -> Deferred[Answer]:
@@ -215,8 +191,10 @@ class Upstream:
         return d
 
     @staticmethod
-    def _send(agent: IAgent, method: bytes, url: bytes, headers: Headers, body: bytes) -> Deferred[IResponse]:
-        producer = BytesProducer(body) if body or method not in _BODILESS else None
+    def _send(agent: IAgent, method: bytes, url: bytes, headers: Headers, body: RequestBody) -> Deferred[IResponse]:
+        # Each try reads the body from its first byte, through a producer
+        # of its own.
+        producer = body.producer() if body.length or method not in _BODILESS else None
         return agent.request(method, url, headers, producer)
 
     def _resend(
@@ -225,7 +203,7 @@ class Upstream:
         method: bytes,
         url: bytes,
         headers: Headers,
-        body: bytes,
+        body: RequestBody,
         commit: Callable[[Answer], Sink],
         hold: bool,
     ) -> Any:
@@ -360,7 +338,6 @@ def make_agent(reactor: Any, connect_timeout: float, pool: HTTPConnectionPool) -
 
 __all__ = [
     "Answer",
-    "BytesProducer",
     "Committed",
     "Discard",
     "Sink",

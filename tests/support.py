@@ -6,6 +6,7 @@ a client with its own connection pool, and bounded waits.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Callable
 
 import pytest_twisted
@@ -13,6 +14,8 @@ from attrs import define, field
 from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.logger import globalLogPublisher
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -142,3 +145,44 @@ async def rig(specs: list[dict], *args: str, wait_up: bool = True) -> Rig:
             await r.stop()
             raise
     return r
+
+
+def open_files_in(directory) -> list[str]:
+    """
+    The files this process holds open in C{directory}, deleted ones
+    included (Linux: read from /proc/self/fd).
+    """
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(f"{directory}/"):
+            found.append(target)
+    return found
+
+
+class _HearOut(Protocol):
+    def __init__(self, data: bytes) -> None:
+        self.request, self.data = data, b""
+        self.closed: Deferred[bytes] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.request)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason) -> None:
+        self.closed.callback(self.data)
+
+
+async def hear_out(port: int, data: bytes) -> bytes:
+    """
+    Send C{data} to 127.0.0.1:C{port} and nothing more; everything the
+    server says until it closes the connection.
+    """
+    protocol = _HearOut(data)
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), protocol)
+    return await protocol.closed

@@ -12,9 +12,9 @@ from attrs import evolve
 from twisted.internet.task import Clock
 from twisted.web.http_headers import Headers
 
+from imml.body import BytesProducer
 from imml.testing import ENTRIES, FakeMLHost, MemoryAgent, predict_body
 from imml.testing.cpu import HEAVY, LIGHT, CPUProfile, SharedCPU
-from imml.upstream import BytesProducer
 
 
 def run_until_idle(clock: Clock, limit: float = 1000.0) -> None:

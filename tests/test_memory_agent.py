@@ -20,8 +20,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 from zope.interface.verify import verifyObject
 
+from imml.body import BytesProducer
 from imml.testing import ENTRIES, FakeMLHost, MemoryAgent, predict_body
-from imml.upstream import BytesProducer
 
 JPEG = b"\xff\xd8\xff\xe0" + bytes(range(256)) * 40
 

@@ -1,56 +1,177 @@
 """
-The balancer's request class: bodies are kept byte for byte, never parsed.
+The balancer's request class: bodies are kept byte for byte, never parsed,
+in memory or in a temporary file; a body over the limit is refused at once,
+before it arrives.
 """
 
+import json
+
 from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.web.resource import Resource
 
-from imml.site import BalancerSite
+from imml.body import BodyStore
+from imml.site import LINGER, BalancerSite
 from imml.testing import ENTRIES, predict_body
 
 
 class Seen(Resource):
     isLeaf = True
 
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
     def render(self, request):
+        self.calls += 1
         self.args = dict(request.args)
-        self.body = request.content.getvalue()
-        self.too_large = request.too_large
+        self.spooled = request.content.spooled
+        with request.content.view() as data:
+            self.body = bytes(data)
         return b""
 
 
-def receive(body: bytes, content_type: bytes, limit: int = 10_000, length=True):
+class HalfClosing(StringTransport):
+    """A transport that can close its sending side alone, as TCP's can."""
+
+    write_closed = False
+    aborted = False
+
+    def loseWriteConnection(self):
+        self.write_closed = True
+
+    def abortConnection(self):
+        self.aborted = True
+        super().abortConnection()
+
+
+def connect(limit=10_000, bodies=None, transport=None, clock=None):
+    """A resource that notes what it saw, behind a site; a connection to it."""
+    seen = Seen()
+    site = BalancerSite(seen, limit, bodies=bodies, reactor=clock or Clock())
+    channel = site.buildProtocol(None)
+    transport = transport or StringTransport()
+    transport.peerAddr = IPv4Address("TCP", "192.0.2.50", 40000)
+    channel.makeConnection(transport)
+    return seen, site, channel, transport
+
+
+def head(content_type=b"application/octet-stream", length=None, extra=()):
+    lines = [b"POST /predict HTTP/1.1", b"Host: balancer", b"Content-Type: " + content_type, *extra]
+    lines.append(b"Content-Length: %d" % length if length is not None else b"Transfer-Encoding: chunked")
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+def chunked(body: bytes, size: int = 1000) -> bytes:
+    data = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in (body[i : i + size] for i in range(0, len(body), size)))
+    return data + b"0\r\n\r\n"
+
+
+def feed(channel, raw: bytes, piece: int = 1000) -> None:
+    for i in range(0, len(raw), piece):
+        channel.dataReceived(raw[i : i + piece])
+
+
+def receive(body: bytes, content_type: bytes, limit: int = 10_000, length=True, bodies=None):
     """
     Feed a POST over an in-memory connection to a site with a body limit,
-    in pieces; what the resource saw.
+    in pieces; what the resource saw, and the client's transport.
     """
-    seen = Seen()
-    channel = BalancerSite(seen, limit).buildProtocol(None)
-    channel.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.50", 40000)))
-    head = [b"POST /predict HTTP/1.1", b"Host: balancer", b"Content-Type: " + content_type]
-    if length:
-        head.append(b"Content-Length: %d" % len(body))
-        data = body
-    else:
-        head.append(b"Transfer-Encoding: chunked")
-        data = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in (body[i : i + 1000] for i in range(0, len(body), 1000)))
-        data += b"0\r\n\r\n"
-    raw = b"\r\n".join(head) + b"\r\n\r\n" + data
-    for i in range(0, len(raw), 1000):
-        channel.dataReceived(raw[i : i + 1000])
-    return seen
+    seen, site, channel, transport = connect(limit, bodies)
+    raw = head(content_type, len(body)) + body if length else head(content_type) + chunked(body)
+    feed(channel, raw)
+    return seen, transport
+
+
+def answer(transport) -> tuple[int, dict]:
+    raw = transport.value()
+    status = int(raw.split(b" ", 2)[1])
+    return status, json.loads(raw.partition(b"\r\n\r\n")[2])
 
 
 def test_a_multipart_body_is_not_parsed_as_a_form():
     ctype, body = predict_body(ENTRIES["clip-visual"], image=b"\xff\xd8" + bytes(range(256)) * 8)
-    seen = receive(body, ctype)
+    seen, _ = receive(body, ctype)
     assert seen.args == {}
-    assert seen.body == body and not seen.too_large
+    assert seen.body == body and not seen.spooled
 
 
-def test_a_body_over_the_limit_is_dropped_whether_its_length_is_declared_or_not():
-    ctype, body = predict_body(ENTRIES["clip-visual"], image=b"x" * 20_000)
+def test_a_large_body_is_kept_in_a_file_byte_for_byte_whether_its_length_is_declared_or_not():
+    ctype, body = predict_body(ENTRIES["clip-visual"], image=bytes(range(256)) * 40)
     for declared in (True, False):
-        seen = receive(body, ctype, limit=10_000, length=declared)
-        assert seen.too_large and seen.body == b""
+        bodies = BodyStore(spool_over=4096)
+        seen, _ = receive(body, ctype, limit=100_000, length=declared, bodies=bodies)
+        assert seen.spooled and seen.body == body
+        assert bodies.in_memory == 0
+        # Answered: twisted.web closed the body, and with it its file.
+        assert bodies.files == 0
+
+
+def test_a_declared_length_over_the_limit_is_refused_before_the_body_and_the_connection_closed():
+    seen, site, channel, transport = connect(limit=10_000)
+    feed(channel, head(length=200 * 1024 * 1024, extra=[b"Expect: 100-continue"]))
+    status, detail = answer(transport)
+    assert status == 413 and "10000" in detail["detail"]
+    assert b"100 Continue" not in transport.value()
+    assert b"connection: close" in transport.value()
+    assert transport.disconnecting
+    # What the client sends anyway is dropped, and nothing reaches the resource.
+    written = transport.value()
+    channel.dataReceived(b"x" * 50_000)
+    assert transport.value() == written and seen.calls == 0
+    assert site.bodies.files == 0 and site.bodies.in_memory == 0
+
+
+def test_a_chunk_declared_over_the_limit_is_refused_before_its_data():
+    seen, site, channel, transport = connect(limit=10_000)
+    feed(channel, head() + b"%x\r\n" % 2**80 + b"some of it")
+    status, _ = answer(transport)
+    assert status == 413 and transport.disconnecting and seen.calls == 0
+
+
+def test_chunks_whose_sizes_add_up_over_the_limit_are_refused_at_the_chunk_that_crosses_it():
+    seen, site, channel, transport = connect(limit=10_000)
+    feed(channel, head() + b"1000\r\n" + b"a" * 4096 + b"\r\n")
+    assert transport.value() == b""
+    feed(channel, b"1000\r\n")  # 8192 declared: still within the limit
+    assert transport.value() == b""
+    feed(channel, b"a" * 4096 + b"\r\n" + b"800;ext=1\r\n")  # 10240
+    status, _ = answer(transport)
+    assert status == 413 and seen.calls == 0
+    assert site.bodies.in_memory == 0
+
+
+def test_a_chunked_body_at_the_limit_fed_one_byte_at_a_time_is_accepted_whole():
+    body = bytes(range(256)) * 39 + b"0123"  # 10_000 bytes
+    seen, site, channel, transport = connect(limit=10_000)
+    feed(channel, head() + chunked(body, size=333).replace(b"\r\n", b";x=y\r\n", 1), piece=1)
+    assert seen.calls == 1 and seen.body == body
+
+
+def test_a_refused_client_still_sending_is_cut_after_the_linger():
+    clock = Clock()
+    seen, site, channel, transport = connect(limit=10_000, transport=HalfClosing(), clock=clock)
+    feed(channel, head(length=50_000) + b"x" * 1000)
+    assert answer(transport)[0] == 413
+    # The answer is followed by the end of what the balancer sends; the
+    # connection stays open a little while, reading and dropping.
+    assert transport.write_closed and not transport.aborted
+    clock.advance(LINGER - 0.1)
+    channel.dataReceived(b"x" * 1000)
+    assert not transport.aborted
+    clock.advance(0.2)
+    assert transport.aborted
+
+
+def test_a_body_that_cannot_be_spooled_gets_503_at_once(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
+    seen, site, channel, transport = connect(limit=100_000, bodies=BodyStore(spool_over=1000))
+    # The whole body in one read: the refusal comes in the middle of it.
+    channel.dataReceived(head(length=5000) + b"x" * 5000)
+    status, detail = answer(transport)
+    assert status == 503 and "missing" in detail["detail"]
+    assert transport.disconnecting
+    assert transport.value().count(b"HTTP/1.1") == 1 and seen.calls == 0

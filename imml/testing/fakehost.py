@@ -42,6 +42,7 @@ MODES: tuple[str, ...] = (
     "die-mid-answer",
     "reset",
     "ping-fail",
+    "drop-upload",
 )
 """The values L{FakeMLHost.mode} accepts."""
 
@@ -96,7 +97,10 @@ class FakeMLHost:
           (as by a process that dies);
         - C{"reset"}: the connection is aborted as soon as a C{/predict}
           arrives;
-        - C{"ping-fail"}: C{/ping} answers 503, C{/predict} works.
+        - C{"ping-fail"}: C{/ping} answers 503, C{/predict} works;
+        - C{"drop-upload"}: the connection is aborted once half of a
+          request's body has arrived (a host that dies while a picture is
+          being sent to it); nothing is received.
 
     @ivar reactor: Provides C{callLater} and C{seconds} (a L{task.Clock} in
         tests); L{listen} needs a real reactor.
@@ -123,6 +127,7 @@ class FakeMLHost:
     @ivar served: C{/predict} answered 200 (a C{die-mid-answer} is not).
     @ivar pings: C{/ping} requests received.
     @ivar cancelled: Requests whose client went away before the answer.
+    @ivar dropped: Uploads cut halfway (mode C{drop-upload}).
     @ivar cold_starts: Model loads (each paid C{cold_start}).
     @ivar connections: Connections accepted, by L{listen}'s port or from a
         L{imml.testing.MemoryAgent}.
@@ -151,6 +156,7 @@ class FakeMLHost:
     served: int = field(init=False, default=0)
     pings: int = field(init=False, default=0)
     cancelled: int = field(init=False, default=0)
+    dropped: int = field(init=False, default=0)
     cold_starts: int = field(init=False, default=0)
     connections: int = field(init=False, default=0)
     port: int | None = field(init=False, default=None)
@@ -256,6 +262,9 @@ class FakeMLHost:
     def _arrived(self, received: Received) -> None:
         """Record a C{/predict}, valid or not."""
         self.received.append(received)
+
+    def _dropped(self) -> None:
+        self.dropped += 1
 
     def _park(self, request: Request) -> object:
         """Accept a request and never answer it (mode C{hang})."""

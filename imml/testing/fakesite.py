@@ -101,6 +101,8 @@ class FakeMLResource(Resource):
 
     def render(self, request: Request) -> object:  # type: ignore[override]
         host = self.host
+        if getattr(request, "dropped", False):
+            return NOT_DONE_YET  # the connection is gone
         request.setHeader(b"x-fake-host", host.name.encode("utf-8"))
         path, method = request.path, request.method
         if path == b"/predict":
@@ -189,6 +191,34 @@ class FakeMLResource(Resource):
         return NOT_DONE_YET
 
 
+class _Request(Request):
+    """
+    A request that a host in mode C{drop-upload} drops halfway through its
+    body.
+    """
+
+    dropped = False
+    _cut_at: int | None = None
+    _arrived = 0
+
+    def gotLength(self, length: int | None) -> None:
+        super().gotLength(length)
+        if length and self.channel.site.host.mode == "drop-upload":
+            self._cut_at = max(1, length // 2)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.dropped:
+            return
+        super().handleContentChunk(data)
+        if self._cut_at is None:
+            return
+        self._arrived += len(data)
+        if self._arrived >= self._cut_at:
+            self.dropped = True
+            self.channel.site.host._dropped()
+            abort(self)
+
+
 class _Channel(HTTPChannel):
     """An HTTP channel its L{FakeMLHost} can find and abort."""
 
@@ -209,6 +239,7 @@ class FakeMLSite(Site):
     """
 
     protocol = _Channel  # type: ignore[assignment]
+    requestFactory = _Request
     noisy = False
     displayTracebacks = False
 
