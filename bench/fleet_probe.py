@@ -61,6 +61,25 @@ class _Probe:
                     },
                 ]
             )
+        if not request.interactive and len(state.setdefault("batch", [])) < 300:
+            # batch decisions, with how much each host's requests stretch
+            state["batch"].append(
+                [
+                    str(chosen) if chosen is not None else "(wait)",
+                    request.ahead,
+                    {
+                        str(c): [
+                            c.in_flight,
+                            c.limit,
+                            c.throughput and round(c.throughput, 2),
+                            c.service_time(request.task) and round(1000 * c.service_time(request.task), 1),
+                            c.next_answer_in() is not None and round(1000 * c.next_answer_in(), 1),
+                            [round(c.stretch(n), 2) for n in range(1, c.limit + 2)],
+                        ]
+                        for c in candidates
+                    },
+                ]
+            )
         key = str(chosen) if chosen is not None else "(wait)"
         state["chosen"][f"{request.task}->{key}"] += 1
         for c in candidates:

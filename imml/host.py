@@ -245,18 +245,21 @@ class Backend:
     def next_answer_in(self) -> Optional[float]:
         """
         Seconds until the first request in flight on the host is expected
-        to be answered: each one's recent service time for its task (or the
-        host's slot time), less how long it has been served (those waiting
-        inside the host for a slot are not first); 0 when one is overdue;
-        None when none is in flight or nothing is known.
+        to be answered: each one's recent service time for its task,
+        stretched by the others in flight (L{stretch}), or else the host's
+        slot time, less how long it has been served (those waiting inside
+        the host for a slot are not first); 0 when one is overdue; None when
+        none is in flight or nothing is known.
         """
         soonest = None
         if self.loads:
             now = self._now()
+            stretch = self.limiter.stretch(sum(1 for load in self.loads if load.starts is not None))
             for load in self.loads:
                 if load.starts is None:
                     continue  # waiting inside the host: not the first to end
-                expected = self.service_time(load.task) or self.stats.slot_time
+                alone = self.service_time(load.task)
+                expected = alone * stretch if alone is not None else self.stats.slot_time
                 if expected is not None:
                     left = load.starts + expected - now
                     if soonest is None or left < soonest:
