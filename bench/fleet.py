@@ -263,6 +263,20 @@ def resume_all(procs: Processes) -> None:
                 pass
 
 
+def clean_up(live: list[Processes], root: Path, keep: bool) -> None:
+    """
+    Resume and kill every process still running; remove the temp dir
+    C{root} unless C{keep}.
+    """
+    for procs in list(live):
+        resume_all(procs)
+        procs.stop_all()
+    if keep:
+        say(f"# kept {root}")
+    else:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 # --------------------------------------------------------------------------
 # The proxies
 # --------------------------------------------------------------------------
@@ -422,6 +436,30 @@ def ready(port: int, timeout: float = 15.0) -> None:
     raise RuntimeError(f"no /predict answered through port {port} within {timeout} s ({last})")
 
 
+def client_command(port: int, start_at: float, seconds: float, clients: int, timeout: float, out: Path) -> list[str]:
+    """
+    The load (bench/fleet_client.py) through the proxy on C{port}: C{clients}
+    closed-loop image clients from C{start_at} for C{seconds}, each request
+    within C{timeout}, every record written to C{out}.
+    """
+    return [
+        PYTHON,
+        str(HERE / "fleet_client.py"),
+        "--port",
+        str(port),
+        "--start-at",
+        repr(start_at),
+        "--seconds",
+        str(seconds),
+        "--clients",
+        str(clients),
+        "--timeout",
+        str(timeout),
+        "--out",
+        str(out),
+    ]
+
+
 # --------------------------------------------------------------------------
 # One case: one scenario against one target
 # --------------------------------------------------------------------------
@@ -450,22 +488,7 @@ def run_case(scenario: str, target: str, tools, args, root: Path, live: list) ->
             clients = 8 if scenario in ("heterogeneous", "mixed") else 4
         out = casedir / "requests.json"
         start_at = time.monotonic() + 0.3
-        cmd = [
-            PYTHON,
-            str(HERE / "fleet_client.py"),
-            "--port",
-            str(port),
-            "--start-at",
-            repr(start_at),
-            "--seconds",
-            str(t["end"]),
-            "--clients",
-            str(clients),
-            "--timeout",
-            str(args.request_timeout),
-            "--out",
-            str(out),
-        ]
+        cmd = client_command(port, start_at, t["end"], clients, args.request_timeout, out)
         if searching(scenario):
             cmd += ["--text-interval", "0.25"]
         client = procs.start("client", cmd)
@@ -971,13 +994,7 @@ def main(argv=None) -> int:
                     f"{r['cpu_us_per_request']:.0f} us CPU/request ({time.monotonic() - t0:.0f} s)"
                 )
     finally:
-        for procs in list(live):
-            resume_all(procs)
-            procs.stop_all()
-        if args.keep:
-            say(f"# kept {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+        clean_up(live, root, args.keep)
     data = {
         "versions": versions(tools),
         "loadavg": loadavg,

@@ -11,6 +11,10 @@ process.  Every request and its outcome is written to a JSON file.
   second.
 - ``--text-interval S`` sends one CLIP textual request (a search query) every
   S seconds, whether or not the previous one was answered.
+- ``--slow-clients N`` closed-loop clients that take their time, in turn:
+  one sends its request's head a few bytes at a time (a CLIP visual
+  request), then one its body (a faces request with a larger picture), then
+  one reads the answer a few bytes at a time (an OCR request).
 
 Each request uses a new connection (``Connection: close``): a closed keep-alive
 connection can then never be mistaken for a proxy's error.  Times are
@@ -37,6 +41,17 @@ from imml.testing import ENTRIES, predict_body  # noqa: E402
 #: these rates).
 MAX_PER_CLIENT = 100_000
 
+#: What the slow clients do, in turn: the kind of request, and its task.
+SLOW_KINDS = {"slow-head": "clip-visual", "slow-body": "faces", "slow-read": "ocr"}
+#: A slow client sends (or reads) this many bytes of the head, of the body
+#: (or of the answer) at a time, and pauses SLOW_PAUSE seconds in between.
+SLOW_HEAD_PIECE = 16
+SLOW_BODY_PIECE = 2048
+SLOW_READ_PIECE = 64
+SLOW_PAUSE = 0.05
+#: Bytes a slow reader's stream buffers before it stops reading the socket.
+SLOW_READ_LIMIT = 1024
+
 
 def bodies(image_kb: int) -> dict[str, tuple[bytes, bytes]]:
     image = bytes((i * 131 + 7) % 256 for i in range(image_kb * 1024))
@@ -53,34 +68,86 @@ def raw_request(port: int, content_type: bytes, body: bytes) -> bytes:
     ) + body
 
 
+def slow_bodies(image_kb: int) -> dict[str, tuple[bytes, bytes]]:
+    """
+    The slow clients' requests by kind: the slow body's picture is 16 times
+    the others'.
+    """
+    made = {}
+    for kind, task in SLOW_KINDS.items():
+        size = image_kb * 1024 * (16 if kind == "slow-body" else 1)
+        made[kind] = predict_body(ENTRIES[task], image=bytes((i * 131 + 7) % 256 for i in range(size)))
+    return made
+
+
+async def read_answer(reader: asyncio.StreamReader, piece: int = 0) -> tuple[int, dict[str, str], bytes]:
+    """
+    Read an answer: status, headers, body; with C{piece}, the body C{piece}
+    bytes at a time with a pause in between.
+    """
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if sep:
+            headers[name.strip().lower()] = value.strip()
+    length = headers.get("content-length")
+    if length is None:
+        return status, headers, await reader.read()  # until the server closes: bounded by the caller's timeout
+    if not piece:
+        return status, headers, await reader.readexactly(int(length))
+    body = b""
+    while len(body) < int(length):
+        body += await reader.readexactly(min(piece, int(length) - len(body)))
+        await asyncio.sleep(SLOW_PAUSE)
+    return status, headers, body
+
+
 async def exchange(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(request)
         await writer.drain()
-        head = await reader.readuntil(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split(" ", 2)[1])
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if sep:
-                headers[name.strip().lower()] = value.strip()
-        length = headers.get("content-length")
-        if length is not None:
-            body = await reader.readexactly(int(length))
-        else:
-            body = await reader.read()  # until the server closes: bounded by the caller's timeout
-        return status, headers, body
+        return await read_answer(reader)
     finally:
         writer.close()
 
 
-async def one(port: int, kind: str, request: bytes, timeout: float, log: list) -> bool:
+def slow_exchange(kind: str):
+    """
+    An exchange as a slow client of C{kind} makes it (see L{SLOW_KINDS}).
+    """
+
+    async def run(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+        split = request.index(b"\r\n\r\n") + 4
+        head, body = request[:split], request[split:]
+        if kind == "slow-head":
+            pieces = [head[i : i + SLOW_HEAD_PIECE] for i in range(0, len(head), SLOW_HEAD_PIECE)] + [body]
+        elif kind == "slow-body":
+            pieces = [head] + [body[i : i + SLOW_BODY_PIECE] for i in range(0, len(body), SLOW_BODY_PIECE)]
+        else:
+            pieces = [request]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=SLOW_READ_LIMIT)
+        try:
+            for piece in pieces:
+                writer.write(piece)
+                await writer.drain()
+                if len(pieces) > 1:
+                    await asyncio.sleep(SLOW_PAUSE)
+            return await read_answer(reader, SLOW_READ_PIECE if kind == "slow-read" else 0)
+        finally:
+            writer.close()
+
+    return run
+
+
+async def one(port: int, kind: str, request: bytes, timeout: float, log: list, how=exchange) -> bool:
     start = time.monotonic()
     record = {"kind": kind, "start": start}
     try:
-        status, headers, body = await asyncio.wait_for(exchange(port, request), timeout)
+        status, headers, body = await asyncio.wait_for(how(port, request), timeout)
         record.update(status=status, backend=headers.get("x-imml-backend"), host=headers.get("x-fake-host"))
         ok = 200 <= status < 300
         if not ok:
@@ -102,6 +169,16 @@ async def closed_loop(args, request: bytes, log: list) -> None:
         if time.monotonic() >= args.end_at:
             return
         if not await one(args.port, "image", request, args.timeout, log):
+            await asyncio.sleep(args.error_pause)
+
+
+async def slow_loop(args, number: int, requests: dict[str, bytes], log: list) -> None:
+    kinds = list(SLOW_KINDS)
+    for i in range(number, number + MAX_PER_CLIENT):
+        if time.monotonic() >= args.end_at:
+            return
+        kind = kinds[i % len(kinds)]
+        if not await one(args.port, kind, requests[kind], args.timeout, log, slow_exchange(kind)):
             await asyncio.sleep(args.error_pause)
 
 
@@ -128,6 +205,9 @@ async def run(args) -> list:
     jobs = [closed_loop(args, raw_request(args.port, *made["image"]), log) for _ in range(args.clients)]
     if args.text_interval > 0:
         jobs.append(text_stream(args, raw_request(args.port, *made["text"]), log))
+    if args.slow_clients:
+        slow = {kind: raw_request(args.port, *parts) for kind, parts in slow_bodies(args.image_kb).items()}
+        jobs += [slow_loop(args, number, slow, log) for number in range(args.slow_clients)]
     await asyncio.gather(*jobs)
     return log
 
@@ -139,13 +219,16 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, required=True, help="send for this long")
     p.add_argument("--clients", type=int, default=8, help="closed-loop image clients")
     p.add_argument("--text-interval", type=float, default=0.0, help="seconds between text searches (0: none)")
+    p.add_argument("--slow-clients", type=int, default=0, help="closed-loop clients that send or read slowly")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds one request may take")
     p.add_argument("--error-pause", type=float, default=0.1, help="a client's pause after an error")
     p.add_argument("--image-kb", type=int, default=4)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    if not (0 < args.seconds <= 600 and 0 <= args.clients <= 64 and 0 < args.timeout <= 300):
-        p.error("seconds 0-600, clients 0-64, timeout 0-300")
+    if not (0 < args.seconds <= 3600 and 0 <= args.clients <= 64 and 0 <= args.slow_clients <= 16):
+        p.error("seconds 0-3600, clients 0-64, slow clients 0-16")
+    if not 0 < args.timeout <= 300:
+        p.error("timeout 0-300")
     args.end_at = args.start_at + args.seconds
     log = asyncio.run(run(args))
     Path(args.out).write_text(json.dumps(log))

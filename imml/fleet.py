@@ -124,7 +124,13 @@ class Fleet:
         self.changed()
 
     def check_passed(self, backend: Backend) -> None:
-        self._transition(backend, backend.health.check_passed(self.clock.seconds()))
+        """
+        C{backend} passed a health check.  It comes up after C{rise} passes
+        in a row, or after this one when no other host is up (requests
+        would only wait longer).
+        """
+        alone = not any(b.health.up and not b.draining for b in self.backends if b is not backend)
+        self._transition(backend, backend.health.check_passed(self.clock.seconds(), alone))
 
     def check_failed(self, backend: Backend, reason: str) -> None:
         self._transition(backend, backend.health.check_failed(self.clock.seconds(), reason))

@@ -1,7 +1,8 @@
 """
 Health: a host's up/down verdict (L{Health}, pure state with rise and fall
 thresholds) and the active checker (L{HealthChecker}) that GETs ``/ping`` on
-every host on an interval.
+every host, more often while it is down, and most often while requests wait
+for a host.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any, Callable, Optional
 from attrs import define, field, frozen
 from twisted.internet import error as ierror
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
-from twisted.internet.task import LoopingCall
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.web.client import RequestTransmissionFailed, ResponseFailed, ResponseNeverReceived
 
@@ -38,8 +39,9 @@ class Health:
     A host's verdict from the checks and requests it has seen.
 
     A host starts unknown (not given requests): its first check brings it up
-    or down at once.  After that it takes C{rise} passing checks in a row to come back up
-    and C{fall} failing checks in a row to go down; a connection failure on a
+    or down at once.  After that it takes C{rise} passing checks in a row to
+    come back up (one, when no other host is up: see L{check_passed}) and
+    C{fall} failing checks in a row to go down; a connection failure on a
     real request takes it down at once.
     """
 
@@ -57,6 +59,13 @@ class Health:
     def up(self) -> bool:
         return self.state == UP
 
+    @property
+    def rising(self) -> bool:
+        """
+        Whether the host is down but passed its last check: on its way up.
+        """
+        return self.state != UP and self._passes > 0
+
     def _move(self, new: str, now: float, reason: str) -> Optional[Transition]:
         if new == self.state:
             return None
@@ -64,13 +73,22 @@ class Health:
         self._passes = self._fails = 0
         return Transition(old, new, reason)
 
-    def check_passed(self, now: float) -> Optional[Transition]:
+    def check_passed(self, now: float, alone: bool = False) -> Optional[Transition]:
+        """
+        A check passed.
+
+        @param alone: no other host is up.  Then one passing check brings
+            the host up: waiting for C{rise} would only keep every request
+            waiting longer.
+        """
         self.last_check, self.last_result = now, "pong"
         self._fails = 0
         self._passes += 1
         if not self.tested or self._passes >= self.rise:
             self.tested = True
             return self._move(UP, now, "health check passed")
+        if alone:
+            return self._move(UP, now, "health check passed, and no other host is up")
         return None
 
     def check_failed(self, now: float, reason: str) -> Optional[Transition]:
@@ -92,60 +110,158 @@ class Health:
 
 Ping = Callable[[object], Deferred]
 
+#: Seconds by which a timer may fire early and still count as on time (the
+#: clock's arithmetic is in floats).
+_SLACK = 1e-9
+
 
 @define(eq=False)
 class HealthChecker:
     """
-    Checks every host of a fleet on an interval with C{ping}, a function of
-    a backend returning a Deferred that fires with None when the host
-    answered C{pong} and fails otherwise.  A failure of the check machinery
-    itself is logged and never stops the timer.
+    Checks every host of a fleet with C{ping}, a function of a backend
+    returning a Deferred that fires with None when the host answered
+    C{pong} and fails otherwise.  A failure of the check machinery itself is
+    logged and never stops the checks.
+
+    Each host is checked again some seconds after its last check ended (as
+    HAProxy's C{inter}, C{downinter} and C{fastinter}): C{interval} while it
+    is up; C{down_interval} while it is down; C{fast_interval} while it is
+    down and requests wait for a host (C{waiting()}), or once it passed a
+    check on its way back up.  None of them is ever longer than
+    C{interval}: a host that is down is never checked less often than one
+    that is up.
     """
 
     fleet: object
     ping: Ping
     clock: object
     interval: float = 5.0
+    down_interval: float = 2.0
+    fast_interval: float = 1.0
+    #: Whether requests wait for a host now.
+    waiting: Callable[[], bool] = lambda: False
     log: Logger = field(factory=Logger)
     #: The checks under way, by host.
     _checks: dict[Any, Deferred] = field(factory=dict)
-    _loop: Optional[LoopingCall] = None
+    #: When each host's last check ended.
+    _ended: dict[Any, float] = field(factory=dict)
+    #: Calls L{_tick} when the next host is due.
+    _timer: Optional[IDelayedCall] = None
+    _running: bool = False
 
     def start(self) -> None:
         """
-        Check every host now, and then every C{interval} seconds.
+        Check every host now, and then each on its interval.
         """
-        self._start(now=True)
-
-    def _start(self, now: bool) -> None:
-        self._loop = LoopingCall(self.check_all)
-        self._loop.clock = self.clock
-        self._loop.start(self.interval, now=now).addErrback(
-            lambda failure: self.log.failure("the health check timer stopped", failure)
-        )
+        self._running = True
+        self.check_all()
+        self._schedule()
 
     def stop(self) -> Deferred:
         """
         Check no more; fires once the checks under way are over.
         """
-        loop, self._loop = self._loop, None
-        if loop is not None and loop.running:
-            loop.stop()
+        self._running = False
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
         return DeferredList([self._checks[b] for b in list(self._checks)])
 
     def set_interval(self, seconds: float) -> None:
         """
-        Check every C{seconds} from now on (the next check after C{seconds}).
+        Check a host that is up C{seconds} after its last check, from now on.
         """
         self.interval = seconds
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-            self._start(now=False)
+        self._schedule()
+
+    def set_down_interval(self, seconds: float) -> None:
+        """
+        Check a host that is down C{seconds} after its last check, from now on.
+        """
+        self.down_interval = seconds
+        self._schedule()
+
+    def set_fast_interval(self, seconds: float) -> None:
+        """
+        Check a host that is down C{seconds} after its last check while
+        requests wait, or once it is on its way up, from now on.
+        """
+        self.fast_interval = seconds
+        self._schedule()
+
+    def requests_wait(self, info: object = None) -> None:
+        """
+        A request has to wait: the hosts that are down are checked every
+        C{fast_interval} from now on, as long as requests wait (the first
+        at once, if its last check is that long ago).
+        """
+        self._schedule()
+
+    def interval_for(self, backend: Any, waiting: Optional[bool] = None) -> float:
+        """
+        Seconds from the end of C{backend}'s last check to its next.
+
+        @param waiting: whether requests wait (asked of C{waiting()} when
+            not given).
+        """
+        health = backend.health
+        if health.up:
+            return self.interval
+        seconds = min(self.down_interval, self.interval)
+        if health.rising or (self.waiting() if waiting is None else waiting):
+            seconds = min(seconds, self.fast_interval)
+        return seconds
+
+    def _due(self, backend: Any, waiting: bool) -> float:
+        ended = self._ended.get(backend)
+        if ended is None:
+            return float("-inf")  # never checked (it just joined): now
+        return ended + self.interval_for(backend, waiting)
+
+    def _schedule(self) -> None:
+        """
+        Set the timer for the first host due, and for C{interval} from now
+        at the latest (hosts that join are checked then).
+        """
+        if not self._running:
+            return
+        now = self.clock.seconds()
+        waiting = self.waiting()
+        when = now + self.interval
+        for backend in self.fleet.backends:
+            if backend not in self._checks:
+                when = min(when, self._due(backend, waiting))
+        when = max(when, now)
+        timer = self._timer
+        if timer is not None and timer.active():
+            if timer.getTime() <= when:
+                return  # soon enough (a tick with nothing due only sets the timer again)
+            timer.cancel()
+        self._timer = self.clock.callLater(when - now, self._tick)
+
+    def _tick(self) -> None:
+        """
+        Check the hosts that are due, then set the timer again.
+        """
+        self._timer = None
+        try:
+            now = self.clock.seconds()
+            waiting = self.waiting()
+            backends = list(self.fleet.backends)
+            for gone in set(self._ended).difference(backends):
+                del self._ended[gone]
+            for backend in backends:
+                if backend not in self._checks and self._due(backend, waiting) <= now + _SLACK:
+                    self.check(backend)
+        except Exception:
+            self.log.failure("the health check timer failed")
+        finally:
+            self._schedule()
 
     def check_all(self) -> Deferred:
         """
         Check every host now.  (Never fails: each check logs its own
-        faults, so the timer runs on.)
+        faults, so the checks go on.)
         """
         return DeferredList([self.check(backend) for backend in self.fleet.backends])
 
@@ -172,6 +288,8 @@ class HealthChecker:
             self.log.failure("health check of {backend} failed unexpectedly", backend=str(backend.address))
         finally:
             self._checks.pop(backend, None)
+            self._ended[backend] = self.clock.seconds()
+            self._schedule()
 
 
 def describe_failure(error: BaseException) -> str:

@@ -133,6 +133,8 @@ def appliers(
         "rise": lambda rise: fleet.set_thresholds(rise, fleet.fall),
         "fall": lambda fall: fleet.set_thresholds(fleet.rise, fall),
         "health-interval": checker.set_interval,
+        "health-down-interval": checker.set_down_interval,
+        "health-fast-interval": checker.set_fast_interval,
         "drain-timeout": stopper.set_timeout,
         "admin-actions": lambda on: status.set_actions(bool(on)),
         "admin-hosts": guard.set_hosts,
@@ -184,8 +186,15 @@ def build(options: Any, reactor: Any, signals: bool = True) -> Balancer:
     listener = Listener(serverFromString(reactor, options["listen"]), site, options["listen"])
     pinger_agent = make_agent(reactor, options["health-timeout"], make_pool(reactor, persistent=False))
     checker = HealthChecker(
-        fleet, make_pinger(pinger_agent, reactor, options["health-timeout"]), reactor, options["health-interval"]
+        fleet,
+        make_pinger(pinger_agent, reactor, options["health-timeout"]),
+        reactor,
+        options["health-interval"],
+        options["health-down-interval"],
+        options["health-fast-interval"],
+        waiting=lambda: dispatcher.queue_depth > 0,
     )
+    dispatcher.when_waiting(checker.requests_wait)
     waker = Waker(fleet, reactor, options["wol-broadcast"], options["wol-port"], options["wol-interval"])
     dispatcher.when_waiting(waker.waiting)
     status = Status(

@@ -135,3 +135,119 @@ def test_failures_are_described_in_a_few_stable_words(exception: Exception, phra
     the connection's.
     """
     assert describe_failure(exception) == phrase
+
+
+def test_one_passing_check_brings_a_host_up_when_no_other_is():
+    h = Health(rise=3, fall=3)
+    h.check_failed(0, "connection refused")
+    assert h.check_passed(1) is None
+    assert h.rising
+    h = Health(rise=3, fall=3)
+    h.check_failed(0, "connection refused")
+    t = h.check_passed(1, alone=True)
+    assert (t.old, t.new, t.reason) == (DOWN, UP, "health check passed, and no other host is up")
+    assert not h.rising
+
+
+class Pings:
+    """
+    A ping that answers as the hosts named in C{answering} do now, and
+    remembers when it checked each host.
+    """
+
+    def __init__(self, clock: task.Clock, answering: set[str]) -> None:
+        self.clock, self.answering = clock, answering
+        self.times: dict[str, list[float]] = {}
+
+    def __call__(self, backend: Backend) -> Deferred[None]:
+        host = backend.address.host
+        self.times.setdefault(host, []).append(round(self.clock.seconds(), 3))
+        if host in self.answering:
+            return succeed(None)
+        return fail(error.ConnectionRefusedError())
+
+
+def checked(rise: int = 2, fall: int = 3) -> tuple[task.Clock, Fleet, Pings, list[bool], HealthChecker]:
+    """
+    Host a up, host b down, and a checker every 5 s while up, 2 s while
+    down, 1 s while requests wait (C{waiting[0]}).
+    """
+    clock = task.Clock()
+    fleet = Fleet.from_addresses([BackendAddress("a"), BackendAddress("b")], clock, rise=rise, fall=fall)
+    pings = Pings(clock, {"a"})
+    waiting = [False]
+    checker = HealthChecker(
+        fleet, pings, clock, interval=5, down_interval=2, fast_interval=1, waiting=lambda: waiting[0]
+    )
+    checker.start()
+    return clock, fleet, pings, waiting, checker
+
+
+def test_a_down_host_is_checked_every_down_interval():
+    clock, fleet, pings, waiting, checker = checked()
+    clock.pump([0.25] * 40)
+    assert [b.health.state for b in fleet.backends] == [UP, DOWN]
+    assert pings.times == {"a": [0, 5, 10], "b": [0, 2, 4, 6, 8, 10]}
+    checker.stop()
+    clock.pump([1] * 10)
+    assert pings.times["b"][-1] == 10
+
+
+def test_a_down_host_is_checked_every_fast_interval_while_requests_wait():
+    clock, fleet, pings, waiting, checker = checked()
+    clock.pump([0.25] * 14)  # 3.5 s: b was last checked at 2 s
+    waiting[0] = True
+    checker.requests_wait()  # b's last check is over a second ago: at once
+    clock.advance(0)
+    clock.pump([0.25] * 12)  # 6.5 s
+    assert pings.times["b"] == [0, 2, 3.5, 4.5, 5.5, 6.5]
+    waiting[0] = False  # nothing waits any more: every 2 s again
+    clock.pump([0.25] * 14)  # 10 s
+    assert pings.times["b"] == [0, 2, 3.5, 4.5, 5.5, 6.5, 8.5]
+    assert pings.times["a"] == [0, 5, 10]  # a host that is up: as before
+    checker.stop()
+
+
+def test_with_another_host_up_a_returning_host_still_needs_rise_passes():
+    clock, fleet, pings, waiting, checker = checked(rise=3)
+    clock.pump([0.25] * 13)  # 3.25 s
+    pings.answering.add("b")
+    clock.pump([0.25] * 3)  # 4 s: its first pass; it is on its way up, checked every second
+    b = fleet.backends[1]
+    assert not b.up
+    clock.pump([0.25] * 4)  # 5 s: the second
+    assert not b.up
+    clock.pump([0.25] * 4)  # 6 s: the third brings it up
+    assert b.up and b.health.since == 6
+    assert pings.times["b"] == [0, 2, 4, 5, 6]
+    clock.pump([0.25] * 20)  # then every 5 s, as any host that is up
+    assert pings.times["b"] == [0, 2, 4, 5, 6, 11]
+    checker.stop()
+
+
+def test_interval_changes_apply_to_the_next_checks():
+    clock, fleet, pings, waiting, checker = checked()
+    clock.advance(1)
+    checker.set_down_interval(3)  # b: 3 s after its check at 0
+    checker.set_interval(4)  # a: 4 s after its check at 0
+    clock.pump([0.25] * 28)  # 8 s
+    assert pings.times == {"a": [0, 4, 8], "b": [0, 3, 6]}
+    waiting[0] = True
+    checker.set_fast_interval(0.5)  # b was last checked at 6 s: at once
+    clock.advance(0)
+    clock.pump([0.25] * 4)  # 9 s
+    assert pings.times["b"] == [0, 3, 6, 8, 8.5, 9]
+    checker.set_down_interval(10)  # never longer than the interval of a host that is up
+    waiting[0] = False
+    clock.pump([0.25] * 16)  # 13 s
+    assert pings.times["b"] == [0, 3, 6, 8, 8.5, 9, 13]
+    checker.stop()
+
+
+def test_a_host_that_joins_is_checked_at_the_next_tick():
+    clock, fleet, pings, waiting, checker = checked()
+    fleet.add(BackendAddress("c"))
+    clock.advance(2)
+    assert pings.times["c"] == [2]
+    assert fleet.backends[2].health.state == DOWN
+    checker.stop()

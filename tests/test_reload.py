@@ -182,9 +182,9 @@ async def test_without_a_config_file_a_reload_keeps_the_hosts():
         assert event["joined"] == [] and event["left"] == []
 
 
-def test_reloading_the_health_interval_leaves_the_wake_on_lan_timer_alone(tmp_path, monkeypatch):
+def test_reloading_the_health_intervals_leaves_the_wake_on_lan_timer_alone(tmp_path, monkeypatch):
     """
-    A new C{health-interval} retimes the health checks, and only them: the
+    New health intervals retime the health checks, and only them: the
     Wake-on-LAN timer keeps C{wol-interval}.
     """
     from twisted.internet.testing import MemoryReactorClock
@@ -221,11 +221,13 @@ def test_reloading_the_health_interval_leaves_the_wake_on_lan_timer_alone(tmp_pa
     try:
         balancer.dispatcher.acquire(RequestInfo(b"POST", b"/predict", "clip-visual"))  # waits for the host
         clock.pump([1] * 10)
-        path.write_text("[balancer]\nhealth-interval = 1\n\n" + host)
+        intervals = "health-interval = 1\nhealth-down-interval = 1\nhealth-fast-interval = 0.5\n"
+        path.write_text("[balancer]\n" + intervals + "\n" + host)
         assert balancer.reloader.reload("test") is True
         checks = len(clock.tcpClients)
         clock.pump([1] * 50)
-        assert balancer.checker.interval == 1
+        checker = balancer.checker
+        assert (checker.interval, checker.down_interval, checker.fast_interval) == (1, 1, 0.5)
         assert len(clock.tcpClients) - checks >= 15  # checked every second or two (a check times out in 2 s)
         assert looked == [0, 30, 60]
         assert packets == [0, 30, 60]
