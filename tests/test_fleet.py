@@ -7,6 +7,7 @@ from twisted.internet import task
 
 from imml.backends import BackendAddress
 from imml.fleet import BackendSettings, Fleet
+from imml.limits import Limit
 
 
 def test_throughput_is_measured_from_answers_while_the_host_is_kept_busy():
@@ -66,6 +67,33 @@ def test_the_next_answer_is_expected_from_what_runs_on_the_host():
     assert abs(fast.next_answer_in() - 0.01) < 1e-9  # a text search is quicker
     clock.advance(0.5)
     assert fast.next_answer_in() == 0.0  # overdue: any moment now
+
+
+class _Halving(Limit):
+    """A real host measured to take twice as long per request with two on it."""
+
+    def stretch(self, in_flight: int) -> float:
+        return 2.0 if in_flight >= 2 else 1.0
+
+
+def test_on_a_real_host_the_next_answer_is_expected_at_its_time_under_load():
+    """
+    Two images share a real host's processor, each taking twice its 100 ms
+    alone: the first is expected 200 ms after it started, not overdue after
+    100.
+    """
+    clock = task.Clock()
+    fleet = Fleet.from_addresses([BackendAddress("real")], clock)
+    real = fleet.backends[0]
+    real.limiter = _Halving(learned=2)
+    fleet.check_passed(real)
+    fleet.finish(fleet.start(real, "clip-visual"), 0.1)
+    clock.advance(1.0)
+    fleet.start(real, "clip-visual")
+    assert abs(real.next_answer_in() - 0.1) < 1e-9  # alone: its 100 ms
+    fleet.start(real, "clip-visual")
+    clock.advance(0.15)
+    assert abs(real.next_answer_in() - 0.05) < 1e-9  # 200 ms with another, 150 ms in
 
 
 def test_a_request_sent_past_the_proven_limit_waits_inside_the_host_until_one_ends():
