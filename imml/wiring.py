@@ -16,13 +16,13 @@ from typing import Any, Callable, Optional
 from attrs import frozen
 from twisted.application import service
 from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
-from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
 from .admin import admin_site
 from .backends import parse_backend
 from .control import GracefulStop, OrderedStop, Reloader
 from .dispatch import Dispatcher
+from .endpoints import server_endpoint
 from .fleet import BackendSettings, Fleet
 from .forward import Forwarder, ForwardSettings
 from .health import HealthChecker
@@ -30,7 +30,7 @@ from .logs import OffersLogObserver
 from .metrics import Metrics
 from .metrics import resource as metrics_resource
 from .requestlog import RequestLog
-from .services import Listener, Running
+from .services import Listener, ListensOrExits, Running
 from .site import BalancerResource, BalancerSite
 from .status import Status
 from .strategies import strategy_named
@@ -41,11 +41,16 @@ from .window import RecentWindow
 log = Logger()
 
 
-class BalancerService(OffersLogObserver, OrderedStop):
+class BalancerService(OffersLogObserver, ListensOrExits, OrderedStop):
     """
     The balancer's service tree (see L{build}); under twistd it brings its
-    own log observer (L{imml.logs}).
+    own log observer (L{imml.logs}), and exits when it cannot listen
+    (L{ListensOrExits}).
     """
+
+    def __init__(self, reactor: Any) -> None:
+        super().__init__()
+        self.reactor = reactor
 
 
 @frozen
@@ -104,6 +109,15 @@ class _DemoHosts(service.Service):
 
     def addresses(self) -> list:
         return [(parse_backend(h.address), BackendSettings()) for h in self.hosts]
+
+
+def _listener(reactor: Any, option: str, text: str, factory: Any) -> Listener:
+    """
+    The listener for option C{option} (its service name), at C{text}.
+    """
+    listener = Listener(server_endpoint(reactor, text), factory, text)
+    listener.setName(option)
+    return listener
 
 
 def appliers(
@@ -172,7 +186,7 @@ def build(options: Any, reactor: Any, signals: bool = True) -> Balancer:
     )
     front = BalancerResource(fleet, forwarder)
     site = BalancerSite(front, options["max-body"])
-    listener = Listener(serverFromString(reactor, options["listen"]), site, options["listen"])
+    listener = _listener(reactor, "listen", options["listen"], site)
     pinger_agent = make_agent(reactor, options["health-timeout"], make_pool(reactor, persistent=False))
     checker = HealthChecker(
         fleet, make_pinger(pinger_agent, reactor, options["health-timeout"]), reactor, options["health-interval"]
@@ -191,6 +205,10 @@ def build(options: Any, reactor: Any, signals: bool = True) -> Balancer:
     )
     stopper = GracefulStop(listener, front, fleet, dispatcher, reactor, options["drain-timeout"])
     demo = _DemoHosts(reactor, fleet, checker, options["demo"]) if options["demo"] else None
+    admin = None
+    if options["admin"] != "none":
+        site_ = admin_site(status, checker, metrics_resource(metrics.registry))
+        admin = _listener(reactor, "admin", options["admin"], site_)
     reloader = Reloader(
         options,
         reactor,
@@ -199,12 +217,8 @@ def build(options: Any, reactor: Any, signals: bool = True) -> Balancer:
         signals,
         extra_hosts=demo.addresses if demo is not None else list,
     )
-    admin = None
-    if options["admin"] != "none":
-        site_ = admin_site(status, checker, metrics_resource(metrics.registry))
-        admin = Listener(serverFromString(reactor, options["admin"]), site_, options["admin"])
 
-    top = BalancerService()
+    top = BalancerService(reactor)
     Running("pool", lambda: None, pool.closeCachedConnections).setServiceParent(top)
     Running("waker", lambda: waker.start(dispatcher.waiting), waker.stop).setServiceParent(top)
     if demo is not None:

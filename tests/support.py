@@ -1,12 +1,17 @@
 """
 Shared helpers for loopback tests: a balancer with fake ML hosts behind it,
-a client with its own connection pool, and bounded waits.
+a client with its own connection pool, bounded waits, and twistd run as a
+child process.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Callable
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, Optional
 
 import pytest_twisted
 from attrs import define, field
@@ -20,6 +25,24 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from imml.tap import Options
 from imml.testing import ENTRIES, FakeMLHost, predict_body, start_fake_hosts
 from imml.wiring import Balancer, build
+
+ROOT = Path(__file__).resolve().parent.parent
+#: The virtual environment's scripts: twistd, as users run it.
+BIN = Path(sys.executable).parent
+
+
+def twistd(*args: str, env: Optional[dict] = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    """
+    Run C{twistd *args} to its end; its status and output.
+    """
+    return subprocess.run(
+        [str(BIN / "twistd"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        cwd=ROOT,
+    )
 
 
 def bounded(seconds: float):
@@ -53,6 +76,15 @@ async def until(predicate: Callable[[], bool], seconds: float = 5.0, step: float
             return
         await sleep(step)
     raise AssertionError(f"condition not met within {seconds} s")
+
+
+def url_of(port) -> str:
+    """
+    The URL of a listening port (an IPv6 address in brackets).
+    """
+    address = port.getHost()
+    host = f"[{address.host}]" if ":" in address.host else address.host
+    return f"http://{host}:{address.port}"
 
 
 @define(eq=False)
@@ -104,17 +136,19 @@ class Rig:
             await host.stop()
 
 
-async def rig(specs: list[dict], *args: str, wait_up: bool = True) -> Rig:
+async def rig(
+    specs: list[dict], *args: str, wait_up: bool = True, listen: Optional[str] = "tcp:0:interface=127.0.0.1"
+) -> Rig:
     """
     Start fake hosts from C{specs}, and a balancer in front of them with
-    C{args} on the command line.
+    C{args} on the command line, listening at C{listen} (none: as the
+    options say).
     """
     hosts = await start_fake_hosts(reactor, specs)
     options = Options()
     options.parseOptions(
         [
-            "--listen",
-            "tcp:0:interface=127.0.0.1",
+            *(["--listen", listen] if listen is not None else []),
             "--backends",
             ",".join(h.address for h in hosts),
             "--health-interval",
@@ -133,7 +167,7 @@ async def rig(specs: list[dict], *args: str, wait_up: bool = True) -> Rig:
     except BaseException:
         await r.stop()
         raise
-    r.url = f"http://127.0.0.1:{port.getHost().port}"
+    r.url = url_of(port)
     r.client = HTTPClient(Agent(reactor, pool=r.pool))
     if wait_up:
         try:
