@@ -8,13 +8,15 @@ the graceful stop.
   file's content changes: hosts join, leave (after draining) or keep their
   state; settings that can change at run time do; a bad file is rejected
   with a logged reason and the old configuration stays in force.
+  A setting that cannot take its new value (a listener that cannot
+  listen there) keeps the old one, with a logged reason.
 - L{GracefulStop} closes the proxy listener, makes C{/ping} answer 503,
   and waits for every accepted request to be answered, up to
   C{--drain-timeout}.  L{OrderedStop} stops the tree's services one after
   another, so nothing the requests need stops before they are answered.
 
-Events: C{reload}, C{reload-rejected}, C{stop-draining}, C{stop-drained},
-C{stop-timeout}.
+Events: C{reload}, C{reload-rejected}, C{reload-kept}, C{stop-draining},
+C{stop-drained}, C{stop-timeout}.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from .config import ConfigError
 
@@ -193,7 +196,9 @@ class Reloader(service.Service):
         """
         @param fleet: whose hosts the options' hosts become.
         @param appliers: for each option that can change at run time, what
-            applies a new value (through the component that owns it).
+            applies a new value (through the component that owns it); one
+            that may fail returns a L{Deferred}, and on its failure the
+            option keeps its old value.
         @param extra_hosts: returns hosts that are not in the options but
             stay (the stand-in hosts of C{--demo}).
         """
@@ -255,6 +260,21 @@ class Reloader(service.Service):
             return False
         return True
 
+    def _kept(self, failure: Failure, options: usage.Options, name: str, old: Any) -> None:
+        """
+        Option C{name} could not take its new value: it keeps C{old}, and
+        the next reload tries again.
+        """
+        value, options[name] = options[name], old
+        log.error(
+            "--{option} stays {old!r}, not {value!r}: {reason}",
+            option=name,
+            old=old,
+            value=value,
+            reason=failure.getErrorMessage(),
+            imml_event="reload-kept",
+        )
+
     def _hosts(self, options: usage.Options) -> list:
         return list(options["hosts"]) + list(self.extra_hosts())
 
@@ -265,11 +285,16 @@ class Reloader(service.Service):
         after = {str(b.address) for b in fleet.backends if not b.leaving}
         changed, restart = [], []
         for name in sorted(_defaults(new)):
-            if name in _HOSTS or new[name] == self.options[name]:
+            old = self.options[name]
+            if name in _HOSTS or new[name] == old:
                 continue
             if name in self.appliers:
-                self.appliers[name](new[name])
-                changed.append(name)
+                result = self.appliers[name](new[name])
+                if isinstance(result, Deferred):
+                    result.addErrback(self._kept, new, name, old)
+                # (A failure known at once has put the old value back.)
+                if new[name] != old:
+                    changed.append(name)
             else:
                 restart.append(name)
         self.options = new

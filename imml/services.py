@@ -111,6 +111,33 @@ class Listener(service.Service):
         self._waiting.append(d)
         return d
 
+    def move(self, endpoint: IStreamServerEndpoint, description: str) -> Deferred[None]:
+        """
+        Listen on C{endpoint} instead: its port opens first, and the old one
+        closes once it has (the connections it accepted stay).  If it cannot
+        be opened, the old port stays and the result fails with
+        L{CannotListen}.  A listener not running takes the endpoint for its
+        next start.
+        """
+        if not self.running or self.port is None:
+            if self._opening is not None:
+                self._opening.cancel()
+            self.endpoint, self.description = endpoint, description
+            if not self.running:
+                return succeed(None)
+            self._open()
+            return self.listening().addCallback(lambda _: None)
+
+        def opened(port: IListeningPort) -> Deferred[None]:
+            old, self.port = self.port, port
+            self.endpoint, self.description = endpoint, description
+            return maybeDeferred(old.stopListening) if old is not None else succeed(None)
+
+        def failed(failure: Failure) -> Failure:
+            return Failure(CannotListen(description, why(failure)))
+
+        return endpoint.listen(self.factory).addCallbacks(opened, failed)
+
     def stopService(self) -> Deferred[None]:
         super().stopService()
         if self._opening is not None:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 
 from attrs import frozen
 from twisted.application import service
-from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
+from twisted.internet.defer import Deferred, ensureDeferred, fail, gatherResults
 from twisted.logger import Logger
 
 from .admin import admin_site
@@ -120,6 +120,24 @@ def _listener(reactor: Any, option: str, text: str, factory: Any) -> Listener:
     return listener
 
 
+def _mover(reactor: Any, listener: Optional[Listener]) -> Callable[[str], Deferred[None]]:
+    """
+    What moves C{listener} to a new place when a reload changes it; the
+    admin listener is turned on or off only by a restart.
+    """
+
+    def move(text: str) -> Deferred[None]:
+        if listener is None or text == "none":
+            return fail(ValueError("turning the admin listener on or off needs a restart"))
+        try:
+            endpoint = server_endpoint(reactor, text)
+        except ValueError as e:
+            return fail(e)
+        return listener.move(endpoint, text)
+
+    return move
+
+
 def appliers(
     dispatcher: Dispatcher,
     forwarder: Forwarder,
@@ -128,12 +146,16 @@ def appliers(
     checker: HealthChecker,
     stopper: GracefulStop,
     status: Status,
-) -> dict[str, Callable[[Any], None]]:
+    listeners: dict[str, Callable[[str], Deferred[None]]],
+) -> dict[str, Callable[[Any], Any]]:
     """
     The options a reload applies to a running balancer, each through the
     component that owns it.
+
+    @param listeners: what moves each listener (by option) elsewhere.
     """
     return {
+        **listeners,
         "strategy": lambda name: dispatcher.set_strategy(strategy_named(name)),
         "queue-timeout": dispatcher.set_queue_timeout,
         "max-queue": dispatcher.set_max_queue,
@@ -209,11 +231,12 @@ def build(options: Any, reactor: Any, signals: bool = True) -> Balancer:
     if options["admin"] != "none":
         site_ = admin_site(status, checker, metrics_resource(metrics.registry))
         admin = _listener(reactor, "admin", options["admin"], site_)
+    movers = {"listen": _mover(reactor, listener), "admin": _mover(reactor, admin)}
     reloader = Reloader(
         options,
         reactor,
         fleet,
-        appliers(dispatcher, forwarder, site, fleet, checker, stopper, status),
+        appliers(dispatcher, forwarder, site, fleet, checker, stopper, status, movers),
         signals,
         extra_hosts=demo.addresses if demo is not None else list,
     )

@@ -126,6 +126,37 @@ def test_a_listener_started_again_opens_again():
     listener.stopService()
 
 
+def test_a_listener_moves_to_a_new_endpoint_once_its_port_is_open():
+    old, new = Endpoint(), Endpoint()
+    listener = Listener(old, Factory(), "tcp:3003")
+    listener.startService()
+    first = listener.port
+    [result] = outcome(listener.move(new, "tcp:3004"))
+    assert result is None and new.calls == 1
+    assert listener.port is not first and listener.port.listening and not first.listening
+    assert (listener.endpoint, listener.description) == (new, "tcp:3004")
+    listener.stopService()
+
+
+def test_a_listener_that_cannot_move_keeps_its_port_and_says_why():
+    listener = Listener(Endpoint(), Factory(), "tcp:3003")
+    listener.startService()
+    port = listener.port
+    [failure] = outcome(listener.move(Endpoint(in_use()), "tcp:3004"))
+    assert str(failure.value) == "cannot listen on tcp:3004: address already in use"
+    assert listener.port is port and port.listening and listener.description == "tcp:3003"
+    listener.stopService()
+
+
+def test_a_listener_not_running_takes_the_new_endpoint_for_its_next_start():
+    new = Endpoint()
+    listener = Listener(Endpoint(), Factory(), "tcp:3003")
+    assert outcome(listener.move(new, "tcp:3004")) == [None] and new.calls == 0
+    listener.startService()
+    assert new.calls == 1 and listener.port is not None
+    listener.stopService()
+
+
 class Tree(ListensOrExits, MultiService):
     def __init__(self, *listeners: Listener) -> None:
         super().__init__()
