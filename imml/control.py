@@ -13,10 +13,12 @@ the graceful stop.
 - L{GracefulStop} closes the proxy listener, makes C{/ping} answer 503,
   and waits for every accepted request to be answered, up to
   C{--drain-timeout}.  L{OrderedStop} stops the tree's services one after
-  another, so nothing the requests need stops before they are answered.
+  another, so nothing the requests need stops before they are answered;
+  C{SIGINT} or C{SIGTERM} again meanwhile stops at once
+  (L{GracefulStop.hurry}).
 
 Events: C{reload}, C{reload-rejected}, C{reload-kept}, C{stop-draining},
-C{stop-drained}, C{stop-timeout}.
+C{stop-drained}, C{stop-timeout}, C{stop-now}.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ from twisted.python.failure import Failure
 from .config import ConfigError
 
 log = Logger()
+
+#: What a request still under way is told when the balancer stops at once.
+STOPPED = "the balancer stopped before this request was answered"
 
 #: Options whose host list a reload takes from the file instead.
 _HOSTS = {"backends", "hosts", "config", "given", "config-digest"}
@@ -82,15 +87,46 @@ def reparse(options: usage.Options) -> usage.Options:
     return new
 
 
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
 class OrderedStop(service.MultiService):
     """
     A L{service.MultiService} that stops its children one after another,
     last started first, each once the one before has stopped.
+
+    twistd stops the tree on C{SIGINT} or C{SIGTERM}; while it stops, the
+    same signals again call C{hurry} (if given) instead of the reactor's
+    handler, which would only fail to stop a reactor already stopping.
     """
+
+    def __init__(self, clock: Any = None, hurry: Optional[Callable[[str], None]] = None) -> None:
+        """
+        @param clock: the reactor, that C{hurry} is called in.
+        @param hurry: called with the signal's name.
+        """
+        super().__init__()
+        self.clock, self.hurry = clock, hurry
 
     def stopService(self) -> Deferred:
         service.Service.stopService(self)
-        return Deferred.fromCoroutine(self._stop_in_turn())
+        previous = {}
+        if self.hurry is not None and _in_main_thread():
+            for number in (signal.SIGINT, signal.SIGTERM):
+                previous[number] = signal.signal(number, self._again)
+        d = Deferred.fromCoroutine(self._stop_in_turn())
+
+        def restore(result: Any) -> Any:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+            return result
+
+        return d.addBoth(restore)
+
+    def _again(self, number: int, frame: Any) -> None:
+        assert self.hurry is not None
+        self.clock.callFromThread(self.hurry, signal.Signals(number).name)
 
     async def _stop_in_turn(self) -> None:
         for child in reversed(list(self)):
@@ -121,6 +157,7 @@ class GracefulStop(service.Service):
         """
         self.listener, self.gate, self.fleet, self.dispatcher = listener, gate, fleet, dispatcher
         self.clock, self.timeout = clock, timeout
+        self._hurried = False
 
     def set_timeout(self, seconds: float) -> None:
         self.timeout = seconds
@@ -132,8 +169,32 @@ class GracefulStop(service.Service):
         in_flight = sum(b.in_flight for b in self.fleet.backends)
         return self.gate.active, in_flight, self.dispatcher.queue_depth
 
+    def hurry(self, why: str) -> None:
+        """
+        Stop at once (C{why}: the signal sent again): every request being
+        answered gets a 503 now, or is cut if its answer is already on its
+        way, and what it had under way (tries on hosts, its place in the
+        queue) is cancelled.
+        """
+        active, in_flight, queued = self.busy()
+        log.warn(
+            "{why} again while stopping: stopping at once; {active} requests cancelled "
+            "({in_flight} in flight, {queued} queued)",
+            why=why,
+            active=active,
+            in_flight=in_flight,
+            queued=queued,
+            imml_event="stop-now",
+        )
+        self._hurried = True
+        # The waiting first: a slot freed by a cancelled request must not
+        # go to one of them.
+        self.dispatcher.refuse_waiting(STOPPED)
+        self.gate.stop_now(STOPPED)
+
     def stopService(self) -> Deferred:
         super().stopService()
+        self._hurried = False
         self.gate.stop_accepting()
         active, in_flight, queued = self.busy()
         log.info(
@@ -152,7 +213,7 @@ class GracefulStop(service.Service):
     async def _drain(self) -> None:
         started = self.clock.seconds()
         deadline = started + self.timeout
-        while any(self.busy()):
+        while any(self.busy()) and not self._hurried:
             if self.clock.seconds() >= deadline:
                 active, in_flight, queued = self.busy()
                 log.warn(
@@ -168,6 +229,8 @@ class GracefulStop(service.Service):
             d = Deferred()
             self.clock.callLater(self.poll, d.callback, None)
             await d
+        if self._hurried:
+            return
         log.info(
             "every request answered after {seconds:.3f} s; stopping",
             seconds=self.clock.seconds() - started,
@@ -211,7 +274,7 @@ class Reloader(service.Service):
 
     def startService(self) -> None:
         super().startService()
-        if self.signals and hasattr(signal, "SIGHUP") and threading.current_thread() is threading.main_thread():
+        if self.signals and hasattr(signal, "SIGHUP") and _in_main_thread():
             self._previous = signal.signal(signal.SIGHUP, self._sighup)
         if self.options.get("config"):
             self._loop = LoopingCall(self._poll)

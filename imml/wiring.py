@@ -44,12 +44,13 @@ log = Logger()
 class BalancerService(OffersLogObserver, ListensOrExits, OrderedStop):
     """
     The balancer's service tree (see L{build}); under twistd it brings its
-    own log observer (L{imml.logs}), and exits when it cannot listen
-    (L{ListensOrExits}).
+    own log observer (L{imml.logs}), exits when it cannot listen
+    (L{ListensOrExits}), and stops at once on a second C{SIGINT} or
+    C{SIGTERM} (C{hurry}, L{OrderedStop}).
     """
 
-    def __init__(self, reactor: Any) -> None:
-        super().__init__()
+    def __init__(self, reactor: Any, hurry: Optional[Callable[[str], None]]) -> None:
+        super().__init__(reactor, hurry)
         self.reactor = reactor
 
 
@@ -241,7 +242,7 @@ def build(options: Any, reactor: Any, signals: bool = True) -> Balancer:
         extra_hosts=demo.addresses if demo is not None else list,
     )
 
-    top = BalancerService(reactor)
+    top = BalancerService(reactor, stopper.hurry if signals else None)
     Running("pool", lambda: None, pool.closeCachedConnections).setServiceParent(top)
     Running("waker", lambda: waker.start(dispatcher.waiting), waker.stop).setServiceParent(top)
     if demo is not None:

@@ -11,13 +11,14 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import pytest_twisted
 from attrs import define, field
 from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
 from twisted.logger import globalLogPublisher
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -43,6 +44,41 @@ def twistd(*args: str, env: Optional[dict] = None, timeout: float = 60) -> subpr
         env={**os.environ, **(env or {})},
         cwd=ROOT,
     )
+
+
+class Child(ProcessProtocol):
+    """
+    A child process's output, as it comes, and its end.
+    """
+
+    def __init__(self) -> None:
+        self.output = ""
+        self.ended: Deferred = Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data.decode("utf-8", "replace")
+
+    errReceived = outReceived
+
+    def processEnded(self, reason) -> None:
+        self.ended.callback(reason.value)
+
+    async def said(self, text: str, seconds: float = 10.0) -> None:
+        """
+        Wait until the child has written C{text}; fail after C{seconds}.
+        """
+        await until(lambda: text in self.output or self.ended.called, seconds)
+        assert text in self.output, self.output
+
+
+def spawn_twistd(*args: str) -> tuple[Child, Any]:
+    """
+    Start C{twistd *args} as a child process on the reactor: its output
+    and its process (for C{signalProcess}).
+    """
+    child = Child()
+    process = reactor.spawnProcess(child, str(BIN / "twistd"), ["twistd", *args], env=dict(os.environ), path=str(ROOT))
+    return child, process
 
 
 def bounded(seconds: float):
