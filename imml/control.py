@@ -8,13 +8,17 @@ the graceful stop.
   file's content changes: hosts join, leave (after draining) or keep their
   state; settings that can change at run time do; a bad file is rejected
   with a logged reason and the old configuration stays in force.
+  A setting that cannot take its new value (a listener that cannot
+  listen there) keeps the old one, with a logged reason.
 - L{GracefulStop} closes the proxy listener, makes C{/ping} answer 503,
   and waits for every accepted request to be answered, up to
   C{--drain-timeout}.  L{OrderedStop} stops the tree's services one after
-  another, so nothing the requests need stops before they are answered.
+  another, so nothing the requests need stops before they are answered;
+  C{SIGINT} or C{SIGTERM} again meanwhile stops at once
+  (L{GracefulStop.hurry}).
 
-Events: C{reload}, C{reload-rejected}, C{stop-draining}, C{stop-drained},
-C{stop-timeout}.
+Events: C{reload}, C{reload-rejected}, C{reload-kept}, C{stop-draining},
+C{stop-drained}, C{stop-timeout}, C{stop-now}.
 """
 
 from __future__ import annotations
@@ -29,10 +33,14 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from .config import ConfigError
 
 log = Logger()
+
+#: What a request still under way is told when the balancer stops at once.
+STOPPED = "the balancer stopped before this request was answered"
 
 #: Options whose host list a reload takes from the file instead.
 _HOSTS = {"backends", "hosts", "config", "given", "config-digest"}
@@ -80,15 +88,46 @@ def reparse(options: usage.Options) -> usage.Options:
     return new
 
 
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
 class OrderedStop(service.MultiService):
     """
     A L{service.MultiService} that stops its children one after another,
     last started first, each once the one before has stopped.
+
+    twistd stops the tree on C{SIGINT} or C{SIGTERM}; while it stops, the
+    same signals again call C{hurry} (if given) instead of the reactor's
+    handler, which would only fail to stop a reactor already stopping.
     """
+
+    def __init__(self, clock: Any = None, hurry: Optional[Callable[[str], None]] = None) -> None:
+        """
+        @param clock: the reactor, that C{hurry} is called in.
+        @param hurry: called with the signal's name.
+        """
+        super().__init__()
+        self.clock, self.hurry = clock, hurry
 
     def stopService(self) -> Deferred:
         service.Service.stopService(self)
-        return Deferred.fromCoroutine(self._stop_in_turn())
+        previous = {}
+        if self.hurry is not None and _in_main_thread():
+            for number in (signal.SIGINT, signal.SIGTERM):
+                previous[number] = signal.signal(number, self._again)
+        d = Deferred.fromCoroutine(self._stop_in_turn())
+
+        def restore(result: Any) -> Any:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+            return result
+
+        return d.addBoth(restore)
+
+    def _again(self, number: int, frame: Any) -> None:
+        assert self.hurry is not None
+        self.clock.callFromThread(self.hurry, signal.Signals(number).name)
 
     async def _stop_in_turn(self) -> None:
         for child in reversed(list(self)):
@@ -119,6 +158,7 @@ class GracefulStop(service.Service):
         """
         self.listener, self.gate, self.fleet, self.dispatcher = listener, gate, fleet, dispatcher
         self.clock, self.timeout = clock, timeout
+        self._hurried = False
 
     def set_timeout(self, seconds: float) -> None:
         self.timeout = seconds
@@ -130,8 +170,32 @@ class GracefulStop(service.Service):
         in_flight = sum(b.in_flight for b in self.fleet.backends)
         return self.gate.active, in_flight, self.dispatcher.queue_depth
 
+    def hurry(self, why: str) -> None:
+        """
+        Stop at once (C{why}: the signal sent again): every request being
+        answered gets a 503 now, or is cut if its answer is already on its
+        way, and what it had under way (tries on hosts, its place in the
+        queue) is cancelled.
+        """
+        active, in_flight, queued = self.busy()
+        log.warn(
+            "{why} again while stopping: stopping at once; {active} requests cancelled "
+            "({in_flight} in flight, {queued} queued)",
+            why=why,
+            active=active,
+            in_flight=in_flight,
+            queued=queued,
+            imml_event="stop-now",
+        )
+        self._hurried = True
+        # The waiting first: a slot freed by a cancelled request must not
+        # go to one of them.
+        self.dispatcher.refuse_waiting(STOPPED)
+        self.gate.stop_now(STOPPED)
+
     def stopService(self) -> Deferred:
         super().stopService()
+        self._hurried = False
         self.gate.stop_accepting()
         active, in_flight, queued = self.busy()
         log.info(
@@ -150,7 +214,7 @@ class GracefulStop(service.Service):
     async def _drain(self) -> None:
         started = self.clock.seconds()
         deadline = started + self.timeout
-        while any(self.busy()):
+        while any(self.busy()) and not self._hurried:
             if self.clock.seconds() >= deadline:
                 active, in_flight, queued = self.busy()
                 log.warn(
@@ -166,6 +230,8 @@ class GracefulStop(service.Service):
             d = Deferred()
             self.clock.callLater(self.poll, d.callback, None)
             await d
+        if self._hurried:
+            return
         log.info(
             "every request answered after {seconds:.3f} s; stopping",
             seconds=self.clock.seconds() - started,
@@ -194,7 +260,9 @@ class Reloader(service.Service):
         """
         @param fleet: whose hosts the options' hosts become.
         @param appliers: for each option that can change at run time, what
-            applies a new value (through the component that owns it).
+            applies a new value (through the component that owns it); one
+            that may fail returns a L{Deferred}, and on its failure the
+            option keeps its old value.
         @param extra_hosts: returns hosts that are not in the options but
             stay (the stand-in hosts of C{--demo}).
         """
@@ -207,7 +275,7 @@ class Reloader(service.Service):
 
     def startService(self) -> None:
         super().startService()
-        if self.signals and hasattr(signal, "SIGHUP") and threading.current_thread() is threading.main_thread():
+        if self.signals and hasattr(signal, "SIGHUP") and _in_main_thread():
             self._previous = signal.signal(signal.SIGHUP, self._sighup)
         if self.options.get("config"):
             self._loop = LoopingCall(self._poll)
@@ -256,6 +324,21 @@ class Reloader(service.Service):
             return False
         return True
 
+    def _kept(self, failure: Failure, options: usage.Options, name: str, old: Any) -> None:
+        """
+        Option C{name} could not take its new value: it keeps C{old}, and
+        the next reload tries again.
+        """
+        value, options[name] = options[name], old
+        log.error(
+            "--{option} stays {old!r}, not {value!r}: {reason}",
+            option=name,
+            old=old,
+            value=value,
+            reason=failure.getErrorMessage(),
+            imml_event="reload-kept",
+        )
+
     def _hosts(self, options: usage.Options) -> list:
         return list(options["hosts"]) + list(self.extra_hosts())
 
@@ -266,11 +349,16 @@ class Reloader(service.Service):
         after = {str(b.address) for b in fleet.backends if not b.leaving}
         changed, restart = [], []
         for name in sorted(_defaults(new)):
-            if name in _HOSTS or new[name] == self.options[name]:
+            old = self.options[name]
+            if name in _HOSTS or new[name] == old:
                 continue
             if name in self.appliers:
-                self.appliers[name](new[name])
-                changed.append(name)
+                result = self.appliers[name](new[name])
+                if isinstance(result, Deferred):
+                    result.addErrback(self._kept, new, name, old)
+                # (A failure known at once has put the old value back.)
+                if new[name] != old:
+                    changed.append(name)
             else:
                 restart.append(name)
         self.options = new

@@ -262,6 +262,15 @@ class Dispatcher:
                     self._pace_timer.cancel()
                     self._pace_timer = None
 
+    def refuse_waiting(self, reason: str) -> None:
+        """
+        Refuse every request waiting now, with C{reason} (the balancer
+        stops at once).
+        """
+        for waiter in list(self._waiting):
+            self._leave(waiter)
+            waiter.deferred.errback(NoBackendAvailable(reason))
+
     def _expire(self) -> None:
         """
         Refuse the requests that waited past the queue timeout, and set the

@@ -314,9 +314,6 @@ class BalancerResource(Resource):
     """
     The balancer's HTTP face: its own C{/ping}, and everything else
     forwarded.
-
-    @ivar active: requests accepted and not yet answered (for the graceful
-        stop).
     """
 
     isLeaf = True
@@ -326,7 +323,15 @@ class BalancerResource(Resource):
         self.fleet = fleet
         self.forwarder = forwarder
         self.stopping = False
-        self.active = 0
+        #: The requests being answered, each with the forwarder's Deferred.
+        self._answering: dict[BalancerRequest, Deferred[None]] = {}
+
+    @property
+    def active(self) -> int:
+        """
+        Requests accepted and not yet answered (for the graceful stop).
+        """
+        return len(self._answering)
 
     def stop_accepting(self) -> None:
         """
@@ -335,8 +340,21 @@ class BalancerResource(Resource):
         """
         self.stopping = True
 
-    def _over(self, _: object) -> None:
-        self.active -= 1
+    def _over(self, _: object, request: BalancerRequest) -> None:
+        self._answering.pop(request, None)
+
+    def stop_now(self, detail: str) -> None:
+        """
+        The balancer stops at once: every request being answered gets a
+        503 saying C{detail}, or is cut if its answer has begun, and the
+        forwarder cancels what it had under way.
+        """
+        for request, answering in list(self._answering.items()):
+            if request.startedWriting:
+                request.cut()
+            else:
+                request.reply_error(503, detail)
+            answering.cancel()
 
     def render(self, request: BalancerRequest) -> Any:
         if not request.uri.startswith(b"/") or request.method == b"CONNECT":
@@ -353,8 +371,8 @@ class BalancerResource(Resource):
         content_type = request.requestHeaders.getRawHeaders(b"content-type", [None])[0]
         with body.view() as data:
             info = classify(request.method, path, content_type, data)
-        self.active += 1
         d: Deferred[None] = self.forwarder.forward(request, info, body)
-        d.addBoth(self._over)
+        self._answering[request] = d
+        d.addBoth(self._over, request)
         request.notifyFinish().addErrback(lambda _: d.cancel())
         return server.NOT_DONE_YET

@@ -16,6 +16,7 @@ from . import __version__
 from .backends import BackendListError, parse_backends
 from .config import ConfigError, load_config
 from .control import remember_command_line
+from .endpoints import FORMS, EndpointError, check
 from .guard import TokenError, admin_hosts, read_token
 from .host import BackendSettings
 from .strategies import UnknownStrategy, available, strategy_named
@@ -35,6 +36,23 @@ def parse_size(text: str) -> int:
     if not m:
         raise usage.UsageError(f"{text!r} is not a size (examples: 100M, 512k, 1048576)")
     return int(float(m.group(1)) * _UNITS[(m.group(2) or "")[:1].lower()])
+
+
+#: The options that name somewhere to listen (L{imml.endpoints}).
+_ENDPOINTS = ("listen", "admin")
+
+
+def _check_endpoint(name: str, text: str) -> None:
+    """
+    Raise L{usage.UsageError} unless C{text} is somewhere option C{name}
+    can listen (C{--admin} may also be C{none}).
+    """
+    if name == "admin" and text == "none":
+        return
+    try:
+        check(text)
+    except EndpointError as e:
+        raise usage.UsageError(f"{text!r}: {e}") from None
 
 
 def _positive(kind: type) -> Callable[[str], Any]:
@@ -59,7 +77,7 @@ class Options(usage.Options):
         "another host."
     )
     optParameters = [
-        ["listen", "l", "tcp:3003", "Where to listen: a Twisted server endpoint string."],
+        ["listen", "l", "tcp:3003", f"Where to listen: {FORMS}."],
         [
             "backends",
             "b",
@@ -128,7 +146,7 @@ class Options(usage.Options):
             "admin",
             None,
             "tcp:8080:interface=127.0.0.1",
-            "Where the status page, /api/status and /metrics listen: a Twisted server endpoint string, or none.",
+            "Where the status page, /api/status and /metrics listen, as --listen, or none.",
         ],
         [
             "admin-token",
@@ -197,6 +215,8 @@ class Options(usage.Options):
         for parameter in self.optParameters:
             if parameter[0] == name:
                 coerce: Optional[Callable[[str], Any]] = parameter[4] if len(parameter) > 4 else None
+                if name in _ENDPOINTS:
+                    _check_endpoint(name, str(value))
                 return coerce(str(value)) if coerce is not None else str(value)
         raise usage.UsageError("no such option")
 
@@ -209,6 +229,11 @@ class Options(usage.Options):
             self._apply_file()
         self["max-body"] = parse_size(str(self["max-body"]))
         self._admin_guard()
+        for name in _ENDPOINTS:
+            try:
+                _check_endpoint(name, self[name])
+            except usage.UsageError as e:
+                raise usage.UsageError(f"--{name} {e}") from None
         if not self["demo"] and not self["hosts"]:
             text = self["backends"]
             if text is None:

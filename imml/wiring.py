@@ -16,14 +16,14 @@ from typing import Any, Callable, Optional
 
 from attrs import frozen
 from twisted.application import service
-from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.defer import Deferred, ensureDeferred, fail, gatherResults
 from twisted.logger import Logger
 
 from .admin import admin_site
 from .backends import parse_backend
 from .control import GracefulStop, OrderedStop, Reloader
 from .dispatch import Dispatcher
+from .endpoints import server_endpoint
 from .fleet import BackendSettings, Fleet
 from .forward import Forwarder, ForwardSettings
 from .guard import AdminGuard, own_names
@@ -32,7 +32,7 @@ from .logs import OffersLogObserver
 from .metrics import Metrics
 from .metrics import resource as metrics_resource
 from .requestlog import RequestLog
-from .services import Listener, Running
+from .services import Listener, ListensOrExits, Running
 from .site import BalancerResource, BalancerSite
 from .status import Status
 from .strategies import strategy_named
@@ -43,11 +43,17 @@ from .window import RecentWindow
 log = Logger()
 
 
-class BalancerService(OffersLogObserver, OrderedStop):
+class BalancerService(OffersLogObserver, ListensOrExits, OrderedStop):
     """
     The balancer's service tree (see L{build}); under twistd it brings its
-    own log observer (L{imml.logs}).
+    own log observer (L{imml.logs}), exits when it cannot listen
+    (L{ListensOrExits}), and stops at once on a second C{SIGINT} or
+    C{SIGTERM} (C{hurry}, L{OrderedStop}).
     """
+
+    def __init__(self, reactor: Any, hurry: Optional[Callable[[str], None]]) -> None:
+        super().__init__(reactor, hurry)
+        self.reactor = reactor
 
 
 @frozen
@@ -109,6 +115,33 @@ class _DemoHosts(service.Service):
         return [(parse_backend(h.address), BackendSettings()) for h in self.hosts]
 
 
+def _listener(reactor: Any, option: str, text: str, factory: Any) -> Listener:
+    """
+    The listener for option C{option} (its service name), at C{text}.
+    """
+    listener = Listener(server_endpoint(reactor, text), factory, text)
+    listener.setName(option)
+    return listener
+
+
+def _mover(reactor: Any, listener: Optional[Listener]) -> Callable[[str], Deferred[None]]:
+    """
+    What moves C{listener} to a new place when a reload changes it; the
+    admin listener is turned on or off only by a restart.
+    """
+
+    def move(text: str) -> Deferred[None]:
+        if listener is None or text == "none":
+            return fail(ValueError("turning the admin listener on or off needs a restart"))
+        try:
+            endpoint = server_endpoint(reactor, text)
+        except ValueError as e:
+            return fail(e)
+        return listener.move(endpoint, text)
+
+    return move
+
+
 def appliers(
     dispatcher: Dispatcher,
     forwarder: Forwarder,
@@ -118,12 +151,16 @@ def appliers(
     stopper: GracefulStop,
     status: Status,
     guard: AdminGuard,
-) -> dict[str, Callable[[Any], None]]:
+    listeners: dict[str, Callable[[str], Deferred[None]]],
+) -> dict[str, Callable[[Any], Any]]:
     """
     The options a reload applies to a running balancer, each through the
     component that owns it.
+
+    @param listeners: what moves each listener (by option) elsewhere.
     """
     return {
+        **listeners,
         "strategy": lambda name: dispatcher.set_strategy(strategy_named(name)),
         "queue-timeout": dispatcher.set_queue_timeout,
         "max-queue": dispatcher.set_max_queue,
@@ -183,7 +220,7 @@ def build(options: Any, reactor: Any, signals: bool = True) -> Balancer:
     )
     front = BalancerResource(fleet, forwarder)
     site = BalancerSite(front, options["max-body"])
-    listener = Listener(serverFromString(reactor, options["listen"]), site, options["listen"])
+    listener = _listener(reactor, "listen", options["listen"], site)
     pinger_agent = make_agent(reactor, options["health-timeout"], make_pool(reactor, persistent=False))
     checker = HealthChecker(
         fleet,
@@ -210,20 +247,21 @@ def build(options: Any, reactor: Any, signals: bool = True) -> Balancer:
     guard = AdminGuard(own_names(socket.gethostname()), options["admin-hosts"], options["admin-token"])
     stopper = GracefulStop(listener, front, fleet, dispatcher, reactor, options["drain-timeout"])
     demo = _DemoHosts(reactor, fleet, checker, options["demo"]) if options["demo"] else None
+    admin = None
+    if options["admin"] != "none":
+        site_ = admin_site(status, checker, metrics_resource(metrics.registry), guard)
+        admin = _listener(reactor, "admin", options["admin"], site_)
+    movers = {"listen": _mover(reactor, listener), "admin": _mover(reactor, admin)}
     reloader = Reloader(
         options,
         reactor,
         fleet,
-        appliers(dispatcher, forwarder, site, fleet, checker, stopper, status, guard),
+        appliers(dispatcher, forwarder, site, fleet, checker, stopper, status, guard, movers),
         signals,
         extra_hosts=demo.addresses if demo is not None else list,
     )
-    admin = None
-    if options["admin"] != "none":
-        site_ = admin_site(status, checker, metrics_resource(metrics.registry), guard)
-        admin = Listener(serverFromString(reactor, options["admin"]), site_, options["admin"])
 
-    top = BalancerService()
+    top = BalancerService(reactor, stopper.hurry if signals else None)
     Running("pool", lambda: None, pool.closeCachedConnections).setServiceParent(top)
     Running("waker", lambda: waker.start(dispatcher.waiting), waker.stop).setServiceParent(top)
     if demo is not None:

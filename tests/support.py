@@ -1,13 +1,17 @@
 """
 Shared helpers for loopback tests: a balancer with fake ML hosts behind it,
-a client with its own connection pool, and bounded waits.
+a client with its own connection pool, bounded waits, and twistd run as a
+child process.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from typing import Callable
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 import pytest_twisted
 from attrs import define, field
@@ -15,7 +19,7 @@ from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.internet.task import deferLater
 from twisted.logger import globalLogPublisher
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -23,6 +27,59 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from imml.tap import Options
 from imml.testing import ENTRIES, FakeMLHost, predict_body, start_fake_hosts
 from imml.wiring import Balancer, build
+
+ROOT = Path(__file__).resolve().parent.parent
+#: The virtual environment's scripts: twistd, as users run it.
+BIN = Path(sys.executable).parent
+
+
+def twistd(*args: str, env: Optional[dict] = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    """
+    Run C{twistd *args} to its end; its status and output.
+    """
+    return subprocess.run(
+        [str(BIN / "twistd"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        cwd=ROOT,
+    )
+
+
+class Child(ProcessProtocol):
+    """
+    A child process's output, as it comes, and its end.
+    """
+
+    def __init__(self) -> None:
+        self.output = ""
+        self.ended: Deferred = Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data.decode("utf-8", "replace")
+
+    errReceived = outReceived
+
+    def processEnded(self, reason) -> None:
+        self.ended.callback(reason.value)
+
+    async def said(self, text: str, seconds: float = 10.0) -> None:
+        """
+        Wait until the child has written C{text}; fail after C{seconds}.
+        """
+        await until(lambda: text in self.output or self.ended.called, seconds)
+        assert text in self.output, self.output
+
+
+def spawn_twistd(*args: str) -> tuple[Child, Any]:
+    """
+    Start C{twistd *args} as a child process on the reactor: its output
+    and its process (for C{signalProcess}).
+    """
+    child = Child()
+    process = reactor.spawnProcess(child, str(BIN / "twistd"), ["twistd", *args], env=dict(os.environ), path=str(ROOT))
+    return child, process
 
 
 def bounded(seconds: float):
@@ -56,6 +113,15 @@ async def until(predicate: Callable[[], bool], seconds: float = 5.0, step: float
             return
         await sleep(step)
     raise AssertionError(f"condition not met within {seconds} s")
+
+
+def url_of(port) -> str:
+    """
+    The URL of a listening port (an IPv6 address in brackets).
+    """
+    address = port.getHost()
+    host = f"[{address.host}]" if ":" in address.host else address.host
+    return f"http://{host}:{address.port}"
 
 
 @define(eq=False)
@@ -107,17 +173,19 @@ class Rig:
             await host.stop()
 
 
-async def rig(specs: list[dict], *args: str, wait_up: bool = True) -> Rig:
+async def rig(
+    specs: list[dict], *args: str, wait_up: bool = True, listen: Optional[str] = "tcp:0:interface=127.0.0.1"
+) -> Rig:
     """
     Start fake hosts from C{specs}, and a balancer in front of them with
-    C{args} on the command line.
+    C{args} on the command line, listening at C{listen} (none: as the
+    options say).
     """
     hosts = await start_fake_hosts(reactor, specs)
     options = Options()
     options.parseOptions(
         [
-            "--listen",
-            "tcp:0:interface=127.0.0.1",
+            *(["--listen", listen] if listen is not None else []),
             "--backends",
             ",".join(h.address for h in hosts),
             "--health-interval",
@@ -136,7 +204,7 @@ async def rig(specs: list[dict], *args: str, wait_up: bool = True) -> Rig:
     except BaseException:
         await r.stop()
         raise
-    r.url = f"http://127.0.0.1:{port.getHost().port}"
+    r.url = url_of(port)
     r.client = HTTPClient(Agent(reactor, pool=r.pool))
     if wait_up:
         try:

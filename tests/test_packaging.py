@@ -3,14 +3,11 @@ The package as users install it: the wheel carries the twistd plugins, and
 twistd finds them.
 """
 
-import os
 import subprocess
 import sys
 import zipfile
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
+from support import ROOT, twistd
 
 
 def test_the_wheel_carries_the_dropins(tmp_path):
@@ -28,17 +25,6 @@ def test_the_wheel_carries_the_dropins(tmp_path):
     assert not [n for n in names if n.endswith("dropin.cache")]
     assert "imml/tap.py" in names and "imml/testing/__init__.py" in names
     assert not [n for n in names if n.startswith("tests/")]
-
-
-def twistd(*args, env=None, timeout=60):
-    return subprocess.run(
-        [str(BIN / "twistd"), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-        cwd=ROOT,
-    )
 
 
 def test_twistd_lists_both_plugins():

@@ -5,12 +5,16 @@ SIGHUP, on a change of the --config file, and refusing a bad file.
 
 import os
 import signal
+import socket
 
 import pytest
 from steering import events, host, status
-from support import bounded, rig, sleep, until
+from support import bounded, rig, sleep, until, url_of
+from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred, gatherResults
+from twisted.internet.error import ConnectionRefusedError
+from twisted.web.client import Agent, HTTPConnectionPool
 
 from imml.control import Reloader
 from imml.testing import start_fake_hosts
@@ -130,6 +134,43 @@ async def test_a_bad_config_is_rejected_and_the_old_one_stays(tmp_path):
         assert response.code == 200
         await response.content()
         assert events(r, "reload") == []
+
+
+@bounded(20)
+async def test_a_reload_moves_the_listener_or_keeps_it_when_the_new_port_cannot_be_opened(tmp_path):
+    path = str(tmp_path / "imml.toml")
+    started = await start_fake_hosts(reactor, hosts(1))
+    h0 = started[0].address
+    write(path, config_of(h0, listen="tcp:0:interface=127.0.0.1"))
+    r = await rig([], "--config", path, listen=None)
+    r.hosts = started
+    async with r:
+        old = r.balancer.listener.port
+        with socket.socket() as held:
+            held.bind(("127.0.0.1", 0))
+            held.listen()
+            taken = held.getsockname()[1]
+            write(path, config_of(h0, listen=f"127.0.0.1:{taken}"))
+            assert r.balancer.reloader.reload("SIGHUP") is True
+            [kept] = events(r, "reload-kept")
+            assert kept["option"] == "listen"
+            assert kept["reason"] == f"cannot listen on 127.0.0.1:{taken}: address already in use"
+            assert events(r, "reload")[-1]["changed"] == []
+            assert r.balancer.listener.port is old
+            response = await r.predict()
+            assert response.code == 200
+            await response.content()
+        # The port is free now: the next reload moves there, and the old
+        # port takes no new connections.
+        assert r.balancer.reloader.reload("SIGHUP") is True
+        assert events(r, "reload")[-1]["changed"] == ["listen"]
+        assert r.balancer.listener.port.getHost().port == taken
+        with pytest.raises(ConnectionRefusedError):
+            await HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))).get(r.url + "/ping")
+        r.url = url_of(r.balancer.listener.port)
+        response = await r.predict()
+        assert response.code == 200
+        await response.content()
 
 
 @bounded(20)

@@ -1,15 +1,21 @@
 """
-The service tree's building blocks: the listener that says when it listens.
+The service tree's building blocks: the listener that says when it listens,
+or why it cannot, and moves; the tree that exits when a port cannot open.
 """
 
 from __future__ import annotations
 
+import errno
+import os
+
+import pytest
+from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory
-from twisted.logger import globalLogPublisher
+from twisted.logger import LogLevel, globalLogPublisher
 
-from imml.services import Listener, Running
+from imml.services import CannotListen, CannotStart, Listener, ListensOrExits, Running
 
 
 class Port:
@@ -59,7 +65,11 @@ def test_the_port_opens_while_privileges_are_held_and_listening_says_so():
     assert not port.listening and listener.port is None
 
 
-def test_a_port_that_cannot_be_opened_is_said_once_and_told_to_who_waits():
+def in_use() -> CannotListenError:
+    return CannotListenError("127.0.0.1", 3003, OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE)))
+
+
+def test_a_port_that_cannot_be_opened_is_told_to_who_waits_in_one_line():
     events: list = []
     globalLogPublisher.addObserver(events.append)
     try:
@@ -68,13 +78,26 @@ def test_a_port_that_cannot_be_opened_is_said_once_and_told_to_who_waits():
         listener = Listener(endpoint, Factory(), "tcp:3003")
         listener.startService()
         waiting = outcome(listener.listening())
-        endpoint.pending[0].errback(CannotListenError("", 3003, OSError("in use")))
+        endpoint.pending[0].errback(in_use())
     finally:
         globalLogPublisher.removeObserver(events.append)
     [failure] = waiting
-    assert failure.check(CannotListenError)
-    assert outcome(listener.listening())[0].check(CannotListenError)
-    assert len([e for e in events if e.get("endpoint") == "tcp:3003" and "log_failure" in e]) == 1
+    assert failure.check(CannotListen)
+    assert str(failure.value) == "cannot listen on tcp:3003: address already in use"
+    assert outcome(listener.listening())[0].value is failure.value
+    assert events == []  # whoever started it says it (ListensOrExits, the reload)
+    listener.stopService()
+
+
+def test_a_port_that_failed_to_open_while_privileged_is_not_opened_again_at_start():
+    endpoint = Endpoint(in_use())
+    listener = Listener(endpoint, Factory(), "tcp:3003")
+    listener.privilegedStartService()
+    listener.startService()
+    assert endpoint.calls == 1 and listener.failure is not None
+    listener.stopService()
+    listener.startService()  # a new start tries again
+    assert endpoint.calls == 2
     listener.stopService()
 
 
@@ -101,6 +124,93 @@ def test_a_listener_started_again_opens_again():
     listener.startService()
     assert endpoint.calls == 2 and listener.port is not None and listener.port.listening
     listener.stopService()
+
+
+def test_a_listener_moves_to_a_new_endpoint_once_its_port_is_open():
+    old, new = Endpoint(), Endpoint()
+    listener = Listener(old, Factory(), "tcp:3003")
+    listener.startService()
+    first = listener.port
+    [result] = outcome(listener.move(new, "tcp:3004"))
+    assert result is None and new.calls == 1
+    assert listener.port is not first and listener.port.listening and not first.listening
+    assert (listener.endpoint, listener.description) == (new, "tcp:3004")
+    listener.stopService()
+
+
+def test_a_listener_that_cannot_move_keeps_its_port_and_says_why():
+    listener = Listener(Endpoint(), Factory(), "tcp:3003")
+    listener.startService()
+    port = listener.port
+    [failure] = outcome(listener.move(Endpoint(in_use()), "tcp:3004"))
+    assert str(failure.value) == "cannot listen on tcp:3004: address already in use"
+    assert listener.port is port and port.listening and listener.description == "tcp:3003"
+    listener.stopService()
+
+
+def test_a_listener_not_running_takes_the_new_endpoint_for_its_next_start():
+    new = Endpoint()
+    listener = Listener(Endpoint(), Factory(), "tcp:3003")
+    assert outcome(listener.move(new, "tcp:3004")) == [None] and new.calls == 0
+    listener.startService()
+    assert new.calls == 1 and listener.port is not None
+    listener.stopService()
+
+
+class Tree(ListensOrExits, MultiService):
+    def __init__(self, *listeners: Listener) -> None:
+        super().__init__()
+        self.reactor = self
+        self.stopped = 0
+        for listener in listeners:
+            listener.setServiceParent(self)
+
+    def stop(self) -> None:
+        self.stopped += 1
+
+
+def named(name: str, endpoint: Endpoint, description: str) -> Listener:
+    listener = Listener(endpoint, Factory(), description)
+    listener.setName(name)
+    return listener
+
+
+def test_a_tree_whose_listener_cannot_listen_exits_with_one_line_and_closes_the_others():
+    events: list = []
+    globalLogPublisher.addObserver(events.append)
+    admin = named("admin", Endpoint(), "tcp:8080")
+    tree = Tree(named("listen", Endpoint(in_use()), "0.0.0.0:3003"), admin)
+    try:
+        with pytest.raises(SystemExit) as exiting:
+            tree.privilegedStartService()  # as twistd does, before its reactor runs
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    error = exiting.value
+    # An Exception too: twistd removes its PID file and tells a daemon's parent.
+    assert error.code == 1 and isinstance(error, (CannotStart, Exception))
+    assert str(error) == "cannot listen on 0.0.0.0:3003 (--listen): address already in use"
+    [event] = [e for e in events if e.get("imml_event") == "cannot-listen"]
+    assert event["log_level"] == LogLevel.critical and event["line"] == str(error)
+    assert admin.port is None  # the admin port that did open is closed again
+    assert tree.stopped == 0
+
+
+def test_a_port_that_fails_to_open_after_the_start_stops_the_reactor():
+    events: list = []
+    globalLogPublisher.addObserver(events.append)
+    endpoint = Endpoint("wait")
+    tree = Tree(named("listen", endpoint, "tcp:3003"))
+    try:
+        tree.privilegedStartService()
+        tree.startService()
+        assert tree.stopped == 0
+        endpoint.pending[0].errback(in_use())
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert tree.stopped == 1
+    [event] = [e for e in events if e.get("imml_event") == "cannot-listen"]
+    assert event["line"] == "cannot listen on tcp:3003 (--listen): address already in use"
+    tree.stopService()
 
 
 def test_running_starts_and_stops_its_component():

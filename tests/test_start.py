@@ -1,0 +1,129 @@
+"""
+Starting the balancer: where it listens, written as an nginx or HAProxy
+user writes it or as a Twisted endpoint; a place it cannot listen is a
+usage error naming the option and the forms, and a port it cannot open
+ends twistd with one line and status 1, never a traceback.
+"""
+
+import socket
+
+import pytest
+import treq
+from support import bounded, rig, twistd
+from twisted.internet import reactor
+from twisted.python import usage
+from twisted.web.client import Agent
+
+from imml.endpoints import FORMS, endpoint_string
+from imml.tap import Options
+
+
+@pytest.fixture
+def held_port():
+    """
+    A loopback port another program listens on.
+    """
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        yield held.getsockname()[1]
+
+
+def start(*args: str):
+    """
+    C{twistd -n imml-balancer} with C{args}, run to its end.
+    """
+    return twistd("-n", "--pidfile=", "imml-balancer", "--backends", "127.0.0.1:9", *args, timeout=60)
+
+
+@pytest.mark.parametrize("option, other", [("--listen", "--admin"), ("--admin", "--listen")])
+def test_a_port_in_use_ends_the_start_with_one_line_and_status_1(held_port, option, other):
+    result = start(option, f"127.0.0.1:{held_port}", other, "tcp:0:interface=127.0.0.1")
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    [line] = [line for line in output.splitlines() if "cannot listen" in line]
+    assert f"127.0.0.1:{held_port} ({option}): address already in use" in line
+    assert "Traceback" not in output
+
+
+def test_a_bad_place_to_listen_ends_the_start_with_a_usage_error_and_no_traceback():
+    result = start("--admin", "0.0.0.0:notaport")
+    output = result.stdout + result.stderr
+    assert result.returncode == 1
+    assert output.splitlines()[-1].endswith(
+        f"--admin '0.0.0.0:notaport': the port must be a number from 0 to 65535, not 'notaport'; expected {FORMS}"
+    )
+    assert "Traceback" not in output
+
+
+def options(*args: str) -> Options:
+    parsed = Options()
+    parsed.parseOptions([*args, "--backends", "nas"])
+    return parsed
+
+
+@pytest.mark.parametrize(
+    "option, text, says",
+    [
+        ("--listen", "tcp:notaport", "the port must be a number from 0 to 65535, not 'notaport'"),
+        ("--listen", "0.0.0.0:99999", "not '99999'"),
+        ("--listen", "tcp:interface=127.0.0.1", "the port is missing"),
+        ("--listen", "1.2.3:3003", "'1.2.3' is not an IPv4 address"),
+        ("--listen", "[nas]:3003", "[nas] is not an IPv6 address in brackets"),
+        ("--admin", "tcp:8080:foo=1", "unknown parameter 'foo'"),
+        ("--admin", "nas:8080", "unknown endpoint type 'nas'"),
+    ],
+)
+def test_a_bad_place_to_listen_is_a_usage_error_naming_the_option_and_the_forms(option, text, says):
+    with pytest.raises(usage.UsageError) as error:
+        options(option, text)
+    message = str(error.value)
+    assert message.startswith(f"{option} {text!r}: ")
+    assert says in message and message.endswith(f"; expected {FORMS}")
+
+
+@pytest.mark.parametrize(
+    "text, twisted",
+    [
+        # A bare port is every IPv4 address, as nginx's "listen 8081".
+        ("8081", "tcp:8081"),
+        ("*:3003", "tcp:3003"),
+        (":3003", "tcp:3003"),
+        ("0.0.0.0:3003", "tcp:3003:interface=0.0.0.0"),
+        ("127.0.0.1:8080", "tcp:8080:interface=127.0.0.1"),
+        ("[::]:3003", r"tcp6:3003:interface=\:\:"),
+        ("[::1]:8080", r"tcp6:8080:interface=\:\:1"),
+        # Twisted's own strings, an IPv6 interface written plainly or escaped.
+        ("tcp:3003", "tcp:3003"),
+        ("tcp:80:interface=::", r"tcp:80:interface=\:\:"),
+        (r"tcp:80:interface=\:\:", r"tcp:80:interface=\:\:"),
+        ("tcp:80:interface=::1:backlog=5", r"tcp:80:interface=\:\:1:backlog=5"),
+        ("tcp6:port=80:interface=fe80::1%eth0", r"tcp6:port=80:interface=fe80\:\:1%eth0"),
+        ("unix:/run/imml.sock", "unix:/run/imml.sock"),
+    ],
+)
+def test_places_to_listen_as_nginx_haproxy_and_twisted_users_write_them(text, twisted):
+    assert endpoint_string(text) == twisted
+    parsed = options("--listen", text, "--admin", text)
+    assert (parsed["listen"], parsed["admin"]) == (text, text)
+
+
+def test_the_config_file_says_where_to_listen_and_its_mistakes_name_the_file(tmp_path):
+    path = tmp_path / "imml.toml"
+    path.write_text('[balancer]\nlisten = "[::]:3003"\nadmin = 8081\n')
+    parsed = options("--config", str(path))
+    assert (parsed["listen"], parsed["admin"]) == ("[::]:3003", "8081")
+    path.write_text('[balancer]\nlisten = "tcp:notaport"\n')
+    with pytest.raises(usage.UsageError) as error:
+        options("--config", str(path))
+    assert str(error.value).startswith(f"{path}: [balancer] listen: 'tcp:notaport': the port must be")
+
+
+@pytest.mark.parametrize("listen", ["tcp:0:interface=::1", "[::1]:0"])
+@bounded(20)
+async def test_an_ipv6_interface_written_plainly_is_listened_on(listen):
+    async with await rig([dict(name="h0")], "--admin", "none", listen=listen) as r:
+        assert r.url.startswith("http://[::1]:")
+        # (treq cannot take an IPv6 address in a URL; Twisted's Agent can.)
+        response = await Agent(reactor, pool=r.pool).request(b"GET", (r.url + "/ping").encode())
+        assert response.code == 200 and await treq.content(response) == b"pong"
