@@ -135,6 +135,10 @@ class _UtcSecond:
         return f"{self._text}.{int((when - second) * 1000):03d}Z"
 
 
+#: Writes a JSON line's object (made once: C{json.dumps} makes an encoder
+#: per call when given options).
+_encode = json.JSONEncoder(default=_text, allow_nan=False).encode
+
 #: The keys every JSON line has, whatever the event (an event's own field
 #: of the same name is left out).
 JSON_KEYS = ("time", "epoch", "level", "logger", "message", "imml_event")
@@ -202,16 +206,16 @@ class _JsonLine:
             if key not in record and not key.startswith("log_"):
                 record[key] = value
         try:
-            return json.dumps(record, default=_text, allow_nan=False) + "\n"
+            return _encode(record) + "\n"
         except (TypeError, ValueError):
             # Something inside a value JSON cannot hold (a NaN, a key that
             # is not a string, a cycle): that value as a string.
             for key, value in record.items():
                 try:
-                    json.dumps(value, default=_text, allow_nan=False)
+                    _encode(value)
                 except (TypeError, ValueError):
                     record[key] = _text(value)
-            return json.dumps(record, default=_text, allow_nan=False) + "\n"
+            return _encode(record) + "\n"
 
 
 #: The log formats C{--log-format} takes, and what makes each observer.
