@@ -294,7 +294,7 @@ class Job:
         if committed:
             # Part of the answer has reached the client: cut its connection,
             # so the answer is seen as incomplete, never as whole.
-            self.finish(backend, self.request.code)
+            self.finish(backend, self.request.code, f"the host's answer broke off: {reason}")
             self.request.cut()
         elif retry:
             self.next()
@@ -373,6 +373,7 @@ class Job:
         self._stop_others()
         info = self.info
         clock = self.runner.clock
+        request = self.request
         record = RequestRecord(
             info.method.decode("ascii", "replace"),
             info.path.decode("ascii", "replace"),
@@ -383,6 +384,9 @@ class Job:
             clock.seconds() - self.started,
             self.waited,
             reason,
+            request.peer,
+            self.body.length,
+            request.sentLength,
         )
         self.runner.report(record)
         self.done.callback(None)
@@ -391,7 +395,7 @@ class Job:
         """
         The client went away: cancel whatever is under way.
         """
-        self.finish(None, "cancelled")
+        self.finish(None, "cancelled", "the client went away")
 
 
 __all__ = ["Job", "JobState", "Runner"]

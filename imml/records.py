@@ -41,14 +41,23 @@ class AttemptRecord:
 @frozen
 class RequestRecord:
     """
-    One client request, answered.
+    One client request, over: answered, refused, or its client gone.
 
+    @ivar method: the request's method.
+    @ivar path: the request's path, without its query.
     @ivar status: the status the client got, or C{"cancelled"} when the
         client went away first.
     @ivar backend: the host whose answer the client got, or None.
     @ivar tried: every host tried, in order.
+    @ivar duration: seconds from receiving the request to its end.
     @ivar waited: seconds spent waiting in the balancer's queue.
-    @ivar reason: why the balancer answered itself (503), or None.
+    @ivar reason: why the balancer answered itself (a refusal, a 503), why
+        the request ended without an answer (the client went away), or
+        why a host's answer broke off; None for a host's whole answer.
+    @ivar client: the client's address, or None when it has none (a UNIX
+        socket).
+    @ivar bytes_in: bytes of the request's body received.
+    @ivar bytes_out: bytes of the answer's body sent.
     """
 
     method: str
@@ -60,3 +69,6 @@ class RequestRecord:
     duration: float
     waited: float = 0.0
     reason: Optional[str] = None
+    client: Optional[str] = None
+    bytes_in: int = 0
+    bytes_out: int = 0

@@ -4,6 +4,11 @@ Immich's requests (bodies kept by L{imml.body}, refused at once when over
 the limit), the resource that answers the balancer's own C{/ping}, refuses
 what it must, classifies the rest and hands it to the
 L{imml.forward.Forwarder}, and the writing of answers back to the client.
+
+Every request is reported once, from the moment its headers have arrived:
+by its job when it was forwarded (L{imml.job}), else by the site
+(L{BalancerSite.report}): refused, answered here, or its client gone
+before it was whole.
 """
 
 from __future__ import annotations
@@ -13,7 +18,6 @@ from typing import Any, Callable, Optional
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.http import RESPONSES, HTTPChannel
@@ -24,9 +28,8 @@ from twisted.web.resource import Resource
 from .body import BodyStore, RequestBody, SpoolError
 from .chunked import DeclaredChunks
 from .classify import classify
+from .records import RequestRecord
 from .upstream import Answer
-
-log = Logger()
 
 #: Seconds a refused client's connection stays open after the answer, what it
 #: still sends read and dropped, so that a client busy uploading reads the
@@ -63,6 +66,12 @@ def json_error(request: server.Request, code: int, detail: str) -> bytes:
     return json.dumps({"detail": detail}).encode("utf-8")
 
 
+def _answer_here(request: BalancerRequest, code: int, detail: str) -> bytes:
+    # An error of the balancer's own, its detail kept for the request log.
+    request.reason = detail
+    return json_error(request, code, detail)
+
+
 def too_large(limit: int) -> str:
     return f"request body is larger than the limit of {limit} bytes"
 
@@ -75,9 +84,15 @@ class BalancerChannel(HTTPChannel):
 
     @ivar refused: the request being received was refused; whatever the
         client still sends is dropped.
+    @ivar request_line: the request line of the request being received,
+        until its headers are whole (L{BalancerRequest.gotLength}).
+    @ivar closing: the balancer closed the connection (twisted.web does, on
+        a malformed request or an idle timeout).
     """
 
     refused = False
+    closing = False
+    request_line: Optional[bytes] = None
     _chunks: Optional[DeclaredChunks] = None
     _chunk_limit = 0
     _over_limit: Optional[Callable[[], None]] = None
@@ -91,6 +106,18 @@ class BalancerChannel(HTTPChannel):
         self._chunks = DeclaredChunks()
         self._chunk_limit = limit
         self._over_limit = over
+
+    def lineReceived(self, line: bytes) -> None:
+        # The request line, kept for the request log: twisted.web gives a
+        # request its method and path only once its body has arrived, and a
+        # request refused or cut before then is logged too.
+        if self.request_line is None and line:
+            self.request_line = line
+        super().lineReceived(line)
+
+    def loseConnection(self) -> None:
+        self.closing = True
+        super().loseConnection()
 
     def rawDataReceived(self, data: bytes) -> None:
         if self.refused:
@@ -106,15 +133,17 @@ class BalancerChannel(HTTPChannel):
                 return
         super().rawDataReceived(data)
 
-    def refuse(self, code: int, detail: str) -> None:
+    def refuse(self, code: int, detail: str) -> int:
         """
         Answer the request being received with an error of the balancer's
         own (C{{"detail": ...}}), now, and close the connection: its sending
         side at once, the whole of it once the client closes its own or
         L{LINGER} seconds later.
+
+        @return: the bytes of the answer's body.
         """
         if self.refused:
-            return
+            return 0
         self.refused = True
         self._chunks = None
         body = json.dumps({"detail": detail}).encode("utf-8")
@@ -125,9 +154,10 @@ class BalancerChannel(HTTPChannel):
         half_close = getattr(self.transport, "loseWriteConnection", None)
         if half_close is None:
             self.transport.loseConnection()
-            return
-        half_close()
-        self._linger = self.callLater(LINGER, self.transport.abortConnection)
+        else:
+            half_close()
+            self._linger = self.callLater(LINGER, self.transport.abortConnection)
+        return len(body)
 
     def connectionLost(self, reason: Failure) -> None:
         if self._linger is not None and self._linger.active():
@@ -149,12 +179,20 @@ class BalancerRequest(server.Request):
     @ivar gone: the client's connection was lost.
     @ivar refused: the request was refused while its body arrived, and
         answered then.
+    @ivar received: when its headers had all arrived (the site's clock), or
+        None before.
+    @ivar forwarded: handed to the forwarder, whose job reports it; else
+        the site reports it.
+    @ivar reason: why the balancer answered it itself, for the request log.
     """
 
     # An answer carries the host's content type, or none: never one of ours.
     defaultContentType = None
     gone = False
     refused = False
+    forwarded = False
+    received: Optional[float] = None
+    reason: Optional[str] = None
     content: Optional[RequestBody]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -165,6 +203,13 @@ class BalancerRequest(server.Request):
     def gotLength(self, length: Optional[int]) -> None:
         channel = self.channel
         site = channel.site
+        self.received = site.reactor.seconds()
+        line, channel.request_line = channel.request_line, None
+        if line is not None:
+            # twisted.web sets the same once the body has arrived.
+            parts = line.split(b" ")
+            if len(parts) == 3:
+                self.method, self.uri = parts[0], parts[1]
         limit = site.max_body
         if length is not None and length > limit:
             # No "100 Continue" for a body that is refused.
@@ -194,21 +239,31 @@ class BalancerRequest(server.Request):
         Refuse the request while its body arrives: answer now, drop the
         body, close the connection (L{BalancerChannel.refuse}).
         """
+        if self.refused:
+            return
         self.refused = True
         if self.content is not None:
             self.content.close()
-        log.warn(
-            "refused a request from {peer}: {code} {detail}",
-            peer=getattr(self.getClientAddress(), "host", None),
-            code=code,
-            detail=detail,
-            imml_event="refused",
-        )
-        self.channel.refuse(code, detail)
+        channel = self.channel
+        sent = channel.refuse(code, detail)
+        channel.site.report_own(self, code, detail, sent)
 
     def connectionLost(self, reason: Failure) -> None:
         self.gone = True
+        channel = self.channel
+        if channel is not None and not (self.forwarded or self.refused or self.finished or self.received is None):
+            if channel.closing:
+                channel.site.report_own(self, 400, "the request was malformed or too slow; the connection was closed")
+            else:
+                channel.site.report_own(self, 499, "the client went away before its request was whole")
         super().connectionLost(reason)
+
+    @property
+    def peer(self) -> Optional[str]:
+        """
+        The client's address (an IP address), or None when it has none.
+        """
+        return getattr(self.getClientAddress(), "host", None)
 
     @property
     def open(self) -> bool:
@@ -231,7 +286,7 @@ class BalancerRequest(server.Request):
             if lower in _NOT_FORWARDED or lower in named:
                 continue
             headers.setRawHeaders(name, values)
-        peer = getattr(self.getClientAddress(), "host", None)
+        peer = self.peer
         if peer:
             prior = given.getRawHeaders(b"x-forwarded-for")
             value = peer.encode("ascii")
@@ -292,22 +347,65 @@ class BalancerSite(server.Site):
     """
     The balancer's listener: requests of up to C{max_body} bytes, their
     bodies kept by C{bodies}.
+
+    @ivar report: told of each request the site answers itself (refused,
+        C{/ping}) or whose client went away before it was whole; a
+        forwarded request is reported by its job.
     """
 
     requestFactory = BalancerRequest
     protocol = BalancerChannel
 
-    def __init__(self, resource: Resource, max_body: int, bodies: Optional[BodyStore] = None, **kw: Any) -> None:
+    def __init__(
+        self,
+        resource: Resource,
+        max_body: int,
+        bodies: Optional[BodyStore] = None,
+        report: Callable[[RequestRecord], None] = lambda record: None,
+        **kw: Any,
+    ) -> None:
         super().__init__(resource, **kw)
         self.max_body = max_body
         self.bodies = bodies if bodies is not None else BodyStore()
+        self.report = report
 
     def set_max_body(self, max_body: int) -> None:
         self.max_body = max_body
 
-    def log(self, request: server.Request) -> None:
-        # One structured event per request is logged by the request log.
-        pass
+    def log(self, request: BalancerRequest) -> None:
+        # twisted.web calls this as a request finishes.  A forwarded
+        # request is reported by its job; one answered here, now.
+        if not request.forwarded:
+            self.report_own(request, request.code, request.reason)
+
+    def report_own(
+        self, request: BalancerRequest, status: int, reason: Optional[str], sent: Optional[int] = None
+    ) -> None:
+        """
+        Report C{request}, which the site answered itself with C{status}
+        (or which ended without an answer), for C{reason}; C{sent} bytes of
+        body written past twisted.web (else what it counted).
+        """
+        received = request.received
+        content = request.content
+        method, uri = request.method, request.uri
+        self.report(
+            RequestRecord(
+                # twisted.web's placeholders (str) before the request line is known
+                method.decode("ascii", "replace") if method.__class__ is bytes else "-",
+                uri.split(b"?", 1)[0].decode("ascii", "replace") if uri.__class__ is bytes else "-",
+                None,
+                status,
+                None,
+                (),
+                self.reactor.seconds() - received if received is not None else 0.0,
+                0.0,
+                reason,
+                request.peer,
+                content.length if content is not None else 0,
+                request.sentLength if sent is None else sent,
+            )
+        )
 
 
 class BalancerResource(Resource):
@@ -358,19 +456,20 @@ class BalancerResource(Resource):
 
     def render(self, request: BalancerRequest) -> Any:
         if not request.uri.startswith(b"/") or request.method == b"CONNECT":
-            return json_error(request, 400, "imml is a reverse proxy for Immich ML hosts, not a forward proxy")
+            return _answer_here(request, 400, "imml is a reverse proxy for Immich ML hosts, not a forward proxy")
         path = request.uri.split(b"?", 1)[0]
         if path == b"/ping" and request.method in (b"GET", b"HEAD"):
             if self.stopping:
-                return json_error(request, 503, "the balancer is stopping")
+                return _answer_here(request, 503, "the balancer is stopping")
             if self.fleet.any_up:
                 request.setHeader(b"content-type", b"text/plain; charset=utf-8")
                 return b"pong"
-            return json_error(request, 503, "no ML host is up")
+            return _answer_here(request, 503, "no ML host is up")
         body = request.content
         content_type = request.requestHeaders.getRawHeaders(b"content-type", [None])[0]
         with body.view() as data:
             info = classify(request.method, path, content_type, data)
+        request.forwarded = True
         d: Deferred[None] = self.forwarder.forward(request, info, body)
         self._answering[request] = d
         d.addBoth(self._over, request)

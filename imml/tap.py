@@ -19,6 +19,7 @@ from .control import remember_command_line
 from .endpoints import FORMS, EndpointError, check
 from .guard import TokenError, admin_hosts, read_token
 from .host import BackendSettings
+from .logs import FORMATS
 from .strategies import UnknownStrategy, available, strategy_named
 
 DEFAULT_STRATEGY = "shortest-delay"
@@ -66,6 +67,12 @@ def _positive(kind: type) -> Callable[[str], Any]:
         return value
 
     return convert
+
+
+def _log_format(text: str) -> str:
+    if text not in FORMATS:
+        raise usage.UsageError(f"{text!r} is not a log format: {' or '.join(FORMATS)}")
+    return text
 
 
 class Options(usage.Options):
@@ -164,6 +171,13 @@ class Options(usage.Options):
             "Seconds a stopping balancer waits for the requests it accepted.",
             _positive(float),
         ],
+        [
+            "log-format",
+            None,
+            "text",
+            "How the log reads: text (a line for people) or json (one JSON object per line, for Loki or ELK).",
+            _log_format,
+        ],
     ]
     optFlags = [["admin-actions", None, "Allow drain, enable and check from the admin page and API."]]
     #: Options given once per value (an C{opt_} method each), and their defaults.
@@ -228,6 +242,7 @@ class Options(usage.Options):
         if self["config"]:
             self._apply_file()
         self["max-body"] = parse_size(str(self["max-body"]))
+        self._check_log_format()
         self._admin_guard()
         for name in _ENDPOINTS:
             try:
@@ -246,6 +261,20 @@ class Options(usage.Options):
             strategy_named(self["strategy"])
         except UnknownStrategy as e:
             raise usage.UsageError(str(e)) from None
+
+    def _check_log_format(self) -> None:
+        """
+        A JSON log is written by the balancer's own observer: twistd's
+        C{--syslog} and C{--logger} would make it theirs.
+        """
+        twistd = getattr(self, "parent", None)
+        if self["log-format"] != "text" and twistd is not None:
+            for name in ("syslog", "logger"):
+                if twistd.get(name):
+                    raise usage.UsageError(
+                        f"--log-format {self['log-format']} writes to standard output (-n) or --logfile, "
+                        f"not with twistd's --{name}"
+                    )
 
     def _admin_guard(self) -> None:
         """
@@ -282,5 +311,5 @@ def makeService(options: Options) -> service.IService:
     from .wiring import build
 
     top = build(options, reactor).service
-    top.log_observer = observer_for(getattr(options, "parent", None))
+    top.log_observer = observer_for(getattr(options, "parent", None), options["log-format"])
     return top

@@ -210,16 +210,19 @@ def build(options: Any, reactor: Any, signals: bool = True) -> Balancer:
     )
     window = RecentWindow(reactor)
     metrics = Metrics(fleet, dispatcher, reactor)
+    request_log = RequestLog()
     forwarder = Forwarder(
         fleet,
         dispatcher,
         upstream,
         reactor,
         ForwardSettings(options["max-tries"], options["response-timeout"]),
-        reporters=[RequestLog(), window, metrics],
+        reporters=[request_log, window, metrics],
     )
     front = BalancerResource(fleet, forwarder)
-    site = BalancerSite(front, options["max-body"])
+    # What the site answers itself (refusals, /ping) goes to the request log
+    # only: the metrics and the status page count forwarded requests.
+    site = BalancerSite(front, options["max-body"], report=request_log.request_finished)
     listener = _listener(reactor, "listen", options["listen"], site)
     pinger_agent = make_agent(reactor, options["health-timeout"], make_pool(reactor, persistent=False))
     checker = HealthChecker(

@@ -22,6 +22,7 @@ from imml.dispatch import Dispatcher
 from imml.fleet import Fleet
 from imml.forward import Forwarder, ForwardSettings
 from imml.records import AttemptRecord, RequestRecord
+from imml.requestlog import RequestLog
 from imml.site import BalancerResource, BalancerSite
 from imml.strategies import strategy_named
 from imml.testing import ENTRIES, FakeMLHost, MemoryAgent, predict_body
@@ -110,21 +111,29 @@ class MemoryBalancer:
     forwarder: Forwarder
     site: BalancerSite
     records: Records
-    #: The forwarder's log events.
+    #: The forwarder's log events, and the request log's.
     events: list[dict[str, Any]]
 
     def send(
         self, method: bytes, path: bytes, body: bytes = b"", headers: Optional[dict[bytes, bytes]] = None
     ) -> Client:
-        transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.50", 40000))
-        channel = self.site.buildProtocol(None)
-        channel.makeConnection(transport)
         lines = [method + b" " + path + b" HTTP/1.1", b"Host: balancer"]
         lines += [name + b": " + value for name, value in (headers or {}).items()]
         lines.append(b"Content-Length: %d" % len(body))
-        channel.dataReceived(b"\r\n".join(lines) + b"\r\n\r\n" + body)
+        return self.send_raw(b"\r\n".join(lines) + b"\r\n\r\n" + body, body)
+
+    def send_raw(self, data: bytes, body: bytes = b"") -> Client:
+        """Open a client connection from 192.0.2.50 and send C{data} on it, as it is."""
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.50", 40000))
+        channel = self.site.buildProtocol(None)
+        channel.makeConnection(transport)
+        channel.dataReceived(data)
         self.agent.flush()
         return Client(transport, channel, body)
+
+    def request_events(self) -> list[dict[str, Any]]:
+        """The request log's events: one per request."""
+        return [e for e in self.events if e.get("imml_event") == "request"]
 
     def predict(self, task: str = "clip-visual", image: bytes = b"\xff\xd8 a small picture") -> Client:
         content_type, body = predict_body(
@@ -152,6 +161,7 @@ def memory_balancer(
     max_tries: int = 3,
     queue_timeout: float = 120.0,
     hold_limit: int = 8 * 1024 * 1024,
+    max_body: int = 100 * 1024 * 1024,
 ) -> MemoryBalancer:
     """
     A balancer over one fake host per spec (FakeMLHost's arguments; C{name}
@@ -177,14 +187,18 @@ def memory_balancer(
     dispatcher = Dispatcher(fleet, strategy_named(strategy), clock, queue_timeout=queue_timeout)
     records = Records()
     events: list[dict[str, Any]] = []
+    log = Logger(namespace="imml.forward", observer=events.append)
+    request_log = RequestLog(log)
     forwarder = Forwarder(
         fleet,
         dispatcher,
         Upstream(agent, fresh_agent=agent, hold_limit=hold_limit),
         clock,
         ForwardSettings(max_tries, response_timeout),
-        reporters=[records],
-        log=Logger(namespace="imml.forward", observer=events.append),
+        reporters=[records, request_log],
+        log=log,
     )
-    site = BalancerSite(BalancerResource(fleet, forwarder), 100 * 1024 * 1024, reactor=clock)
+    site = BalancerSite(
+        BalancerResource(fleet, forwarder), max_body, report=request_log.request_finished, reactor=clock
+    )
     return MemoryBalancer(clock, agent, hosts, fleet, dispatcher, forwarder, site, records, events)

@@ -180,12 +180,25 @@ def test_each_request_is_one_info_event_of_the_request_log():
     """
     events, quiet = [], []
     log = RequestLog(Logger(namespace="imml.forward", observer=events.append))
-    record = RequestRecord("POST", "/predict", "clip-textual", 200, "127.0.0.1:3003", ("127.0.0.1:3003",), 0.0123)
+    record = RequestRecord(
+        "POST",
+        "/predict",
+        "clip-textual",
+        200,
+        "127.0.0.1:3003",
+        ("127.0.0.1:3003",),
+        0.0123,
+        client="192.0.2.7",
+        bytes_in=5210,
+        bytes_out=4870,
+    )
     log.request_finished(record)
     [event] = events
     assert event["log_level"] is LogLevel.info and event["log_namespace"] == "imml.forward"
     assert event["log_logger"] is log.log and isinstance(event["log_time"], float)
-    assert formatEvent(event) == "POST /predict (clip-textual) -> 200 via 127.0.0.1:3003 in 0.012 s, 1 tries"
+    assert formatEvent(event) == (
+        "192.0.2.7 POST /predict clip-textual 200 in 5.2 kB out 4.9 kB via 127.0.0.1:3003 1 try 0.012 s"
+    )
     assert (event["status"], event["tries"], event["imml_event"]) == (200, 1, "request")
     predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)
     log = RequestLog(Logger(namespace="imml.forward", observer=FilteringLogObserver(quiet.append, [predicate])))

@@ -1,12 +1,16 @@
 """
-The balancer's log observer: the lines twistd would write, and where twistd's
-options say.
+The balancer's log observer: the lines twistd would write, or one JSON object
+per event, and where twistd's options say.
 """
 
 import io
+import json
+import math
+import re
 import signal
+from datetime import datetime
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import pytest
 from support import bounded
@@ -16,14 +20,19 @@ from twisted.internet import reactor
 from twisted.logger import (
     ILogObserver,
     LogEvent,
+    Logger,
     LogLevel,
+    formatEvent,
     globalLogPublisher,
     textFileLogObserver,
 )
+from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.scripts.twistd import ServerOptions
 
 from imml import logs, tap
+from imml.records import RequestRecord
+from imml.requestlog import FIELDS, RequestLog
 from imml.testing import start_fake_hosts
 from imml.upstream import make_agent, make_pool
 
@@ -90,7 +99,7 @@ def test_time_changes_with_the_second() -> None:
     assert out.getvalue() == reference.getvalue()
 
 
-def _twistd(*args: str) -> ServerOptions:
+def _twistd(*args: str, balancer: tuple[str, ...] = ()) -> ServerOptions:
     options = ServerOptions()
     options.parseOptions(
         [
@@ -102,6 +111,7 @@ def _twistd(*args: str) -> ServerOptions:
             "none",
             "--backends",
             "127.0.0.1:9",
+            *balancer,
         ]
     )
     return options
@@ -181,3 +191,177 @@ async def test_the_balancers_connections_to_its_hosts_log_nothing_of_their_own()
     finally:
         globalLogPublisher.removeObserver(events.append)
     assert [e for e in events if "factory" in str(e.get("log_format", ""))] == []
+
+
+# -- --log-format json ---------------------------------------------------------
+
+RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+def _json_lines(text: str) -> list[dict[str, Any]]:
+    lines = text.splitlines()
+    assert lines and all(line.startswith("{") for line in lines)  # one object per line
+    return [json.loads(line) for line in lines]
+
+
+def _logged_as_json(emit) -> list[dict[str, Any]]:
+    """What C{emit(logger)} logs, as the JSON observer writes it."""
+    out = io.StringIO()
+    emit(Logger(namespace="imml.test", observer=logs.line_observer(out, "json")))
+    return _json_lines(out.getvalue())
+
+
+def test_every_json_line_has_the_stable_keys_and_the_events_fields() -> None:
+    request = RequestRecord(
+        "POST", "/predict", "clip-visual", 200, "10.0.0.12:3003", ("10.0.0.12:3003",), 0.041, 0.002,
+        client="192.0.2.7", bytes_in=5210, bytes_out=4870,
+    )  # fmt: skip
+
+    def emit(log: Logger) -> None:
+        RequestLog(log).request_finished(request)
+        log.warn("ML host {backend} is {new}", backend="nas:3003", new="down", imml_event="health")
+        try:
+            raise ZeroDivisionError("division by zero")
+        except ZeroDivisionError:
+            log.failure("request {uri!r} failed inside the balancer", uri=b"/predict", imml_event="bug")
+
+    answered, health, failed = _logged_as_json(emit)
+    for line in (answered, health, failed):
+        assert set(logs.JSON_KEYS) <= set(line) and line["logger"] == "imml.test"
+        assert RFC3339_UTC.match(line["time"]) and isinstance(line["epoch"], float)
+        assert 0 <= line["epoch"] - datetime.fromisoformat(line["time"]).timestamp() < 0.001
+    assert (answered["level"], answered["imml_event"]) == ("info", "request")
+    assert answered["message"] == (
+        "192.0.2.7 POST /predict clip-visual 200 in 5.2 kB out 4.9 kB via 10.0.0.12:3003 1 try 0.041 s"
+    )
+    assert set(FIELDS) <= set(answered)
+    assert {k: answered[k] for k in FIELDS} == {
+        "client": "192.0.2.7",
+        "method": "POST",
+        "path": "/predict",
+        "task": "clip-visual",
+        "status": 200,
+        "bytes_in": 5210,
+        "bytes_out": 4870,
+        "host": "10.0.0.12:3003",
+        "tries": 1,
+        "tried": ["10.0.0.12:3003"],
+        "duration_s": 0.041,
+        "waited_s": 0.002,
+        "reason": None,
+    }
+    assert (health["level"], health["imml_event"], health["message"]) == ("warn", "health", "ML host nas:3003 is down")
+    assert (health["backend"], health["new"]) == ("nas:3003", "down")
+    assert (failed["level"], failed["imml_event"], failed["uri"]) == ("critical", "bug", "b'/predict'")
+    assert failed["exception"] == "ZeroDivisionError: division by zero"
+    assert "Traceback" in failed["traceback"] and "raise ZeroDivisionError" in failed["traceback"]
+
+
+def test_the_json_time_is_utc_to_the_millisecond() -> None:
+    out = io.StringIO()
+    observer = logs.line_observer(out, "json")
+    for when in (1764284567.25, 1764284567.9999, 1764284568.0):
+        observer({"log_namespace": "n", "log_level": LogLevel.info, "log_time": when, "log_format": "x"})
+    assert [line["time"] for line in _json_lines(out.getvalue())] == [
+        "2025-11-27T23:02:47.250Z",
+        "2025-11-27T23:02:47.999Z",
+        "2025-11-27T23:02:48.000Z",
+    ]
+
+
+class _Unprintable:
+    def __str__(self) -> str:
+        raise RuntimeError("no text for you")
+
+    __repr__ = __str__
+
+
+def test_a_value_json_cannot_hold_is_written_as_a_string_and_the_observer_goes_on() -> None:
+    looped: list[Any] = []
+    looped.append(looped)
+
+    def emit(log: Logger) -> None:
+        log.info(
+            "odd values",
+            a_set={3},
+            raw=b"\xff",
+            nan=math.nan,
+            loop=looped,
+            keyed={(1, 2): "tuple key"},
+            thing=_Unprintable(),
+            message="an event's own field named like a stable key",
+        )
+        log.info("and the next event")
+
+    odd, after = _logged_as_json(emit)
+    assert (odd["message"], odd["a_set"], odd["raw"], odd["nan"]) == ("odd values", "{3}", "b'\\xff'", "nan")
+    assert odd["loop"] == "[[...]]" and odd["keyed"] == "{(1, 2): 'tuple key'}"
+    assert odd["thing"] == "<unprintable _Unprintable>"
+    assert after["message"] == "and the next event"
+
+
+def test_an_event_that_cannot_be_written_at_all_says_so() -> None:
+    out = io.StringIO()
+    logs.line_observer(out, "json")({"log_format": "x", "log_time": "not a time"})
+    [line] = _json_lines(out.getvalue())
+    assert line["imml_event"] == "log-unwritable" and "not a time" in line["event"]
+
+
+def test_json_to_stdout_with_n(capsys: pytest.CaptureFixture[str]) -> None:
+    observer = _application_observer(_twistd("-n", balancer=("--log-format", "json")))
+    observer({"log_namespace": "imml", "log_level": LogLevel.info, "log_time": 1.0, "log_format": "hello"})
+    [line] = _json_lines(capsys.readouterr().out)
+    assert (line["message"], line["level"], line["logger"]) == ("hello", "info", "imml")
+
+
+def test_json_to_a_logfile_set_in_the_config_file_rotates_as_text_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(logs, "ROTATE_BYTES", 2000)
+    config = tmp_path / "imml.toml"
+    config.write_text('[balancer]\nlog-format = "json"\n')
+    path = tmp_path / "imml.log"
+    options = _twistd("-n", "--logfile", str(path), balancer=("--config", str(config)))
+    assert options.subOptions["log-format"] == "json"
+    observer = _application_observer(options)
+    for n in range(100):
+        observer({"log_namespace": "imml", "log_level": LogLevel.info, "log_time": 1.0, "log_format": f"event {n}"})
+    rotated = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("imml.log."))
+    assert rotated == [f"imml.log.{i}" for i in range(1, logs.KEEP_ROTATED + 1)]
+    # every file holds whole lines, each one a JSON object; the newest last
+    for name in rotated:
+        _json_lines((tmp_path / name).read_text())
+    assert _json_lines(path.read_text())[-1]["message"] == "event 99"
+
+
+def test_a_log_format_that_does_not_exist_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(usage.UsageError, match="'xml' is not a log format: text or json"):
+        _twistd("-n", balancer=("--log-format", "xml"))
+    config = tmp_path / "imml.toml"
+    config.write_text('[balancer]\nlog-format = "xml"\n')
+    with pytest.raises(usage.UsageError, match=r"imml.toml: \[balancer\] log-format: 'xml' is not a log format"):
+        _twistd("-n", balancer=("--config", str(config)))
+
+
+@pytest.mark.parametrize("args", [("-n", "--syslog"), ("-n", "--logger", "twisted.logger.textFileLogObserver")])
+def test_json_is_refused_where_twistd_writes_the_log(args: tuple[str, ...]) -> None:
+    with pytest.raises(usage.UsageError, match="--log-format json"):
+        _twistd(*args, balancer=("--log-format", "json"))
+
+
+def test_a_request_line_in_the_text_format() -> None:
+    """
+    The text observer writes a request's line as it is, braces and all; a
+    client gone is nginx's 499, and what is not known reads C{-}.
+    """
+    events: list[LogEvent] = []
+    out = io.StringIO()
+    RequestLog(Logger(namespace="imml.forward", observer=events.append)).request_finished(
+        RequestRecord("GET", "/{x}", None, "cancelled", None, (), 1.5, reason="the client went away")
+    )
+    logs.line_observer(out)(events[0])
+    line = out.getvalue()
+    assert line.endswith(
+        "[imml.forward#info] - GET /{x} - 499 in 0 B out 0 B via - 0 tries 1.500 s: the client went away\n"
+    )
+    assert formatEvent(events[0]) in line

@@ -13,6 +13,7 @@ from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IHostnameResolver, IHostResolution
 from twisted.internet.protocol import Protocol
+from twisted.logger import formatEvent
 from zope.interface import implementer
 
 from imml.testing import ENTRIES, predict_body
@@ -231,6 +232,10 @@ async def test_forward_proxy_requests_are_refused():
         answer = await raw_request(port, b"CONNECT example.org:443 HTTP/1.1\r\nHost: example.org\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 400")
         assert r.hosts[0].received == []
+        assert [(e["client"], e["method"], e["path"], e["status"], e["host"]) for e in r.request_events()] == [
+            ("127.0.0.1", "GET", "http://example.org/", 400, None),
+            ("127.0.0.1", "CONNECT", "example.org:443", 400, None),
+        ]
 
 
 @bounded(20)
@@ -241,11 +246,15 @@ async def test_one_log_event_per_request():
         await r.client.get(r.url + "/")
         events = r.request_events()
         assert len(events) == 2
-        first = events[0]
+        first, second = events
         assert (first["task"], first["status"], first["tries"]) == ("clip-textual", 200, 2)
-        assert first["backend"] == r.hosts[1].address
+        assert (first["client"], first["method"], first["path"]) == ("127.0.0.1", "POST", "/predict")
+        assert first["host"] == r.hosts[1].address
         assert first["tried"] == [r.hosts[0].address, r.hosts[1].address]
-        assert first["duration"] >= 0
+        assert first["duration_s"] >= 0 and first["bytes_in"] > 0 and first["bytes_out"] > 0
+        assert (second["method"], second["path"], second["task"], second["status"]) == ("GET", "/", None, 200)
+        text = formatEvent(first)
+        assert text.startswith("127.0.0.1 POST /predict clip-textual 200 in ") and " 2 tries " in text
 
 
 class _Raw(Protocol):

@@ -36,34 +36,38 @@ def served_by(response) -> str:
     return response.headers.getRawHeaders(b"x-fake-host")[0].decode()
 
 
-async def hear_out_balancer(head: bytes) -> tuple[bytes, list]:
+async def hear_out_balancer(head: bytes) -> tuple[bytes, list, list]:
     """
     Send C{head} to a balancer with one host, and nothing more: what the
-    balancer says until it closes the connection, and what the host received.
+    balancer says until it closes the connection, what the host received,
+    and the request log's events.
     """
     async with await rig(hosts(1)) as r:
-        return await hear_out(port_of(r), head), r.hosts[0].received
+        return await hear_out(port_of(r), head), r.hosts[0].received, r.request_events()
 
 
 @bounded(20)
 async def test_a_declared_length_over_the_limit_gets_413_at_once_and_the_connection_closes():
     # 200 MiB announced, not one byte sent: the answer cannot wait for it.
-    said, received = await hear_out_balancer(
+    said, received, logged = await hear_out_balancer(
         b"POST /predict HTTP/1.1\r\nHost: balancer\r\nContent-Type: image/jpeg\r\n"
         b"Content-Length: %d\r\n\r\n" % (200 * 1024 * 1024)
     )
     assert said.startswith(b"HTTP/1.1 413 ")
     assert b"104857600" in said  # the limit, --max-body 100M
     assert received == []
+    [event] = logged
+    assert (event["client"], event["method"], event["path"], event["status"]) == ("127.0.0.1", "POST", "/predict", 413)
 
 
 @bounded(20)
 async def test_a_chunk_of_2_to_the_80_bytes_gets_413_at_once_and_the_connection_closes():
-    said, received = await hear_out_balancer(
+    said, received, logged = await hear_out_balancer(
         b"POST /predict HTTP/1.1\r\nHost: balancer\r\nTransfer-Encoding: chunked\r\n\r\n"
         b"%x\r\nthe first bytes of it" % 2**80
     )
     assert said.startswith(b"HTTP/1.1 413 ") and received == []
+    assert [(e["method"], e["status"]) for e in logged] == [("POST", 413)]
 
 
 @bounded(30)
