@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Callable, Optional
+from typing import Callable
 
 import pytest_twisted
 from attrs import define, field
@@ -107,47 +107,27 @@ class Rig:
             await host.stop()
 
 
-async def rig(
-    specs: list[dict],
-    *args: str,
-    wait_up: bool = True,
-    config: Optional[tuple[str, Callable[[list[str]], str]]] = None,
-) -> Rig:
+async def rig(specs: list[dict], *args: str, wait_up: bool = True) -> Rig:
     """
     Start fake hosts from C{specs}, and a balancer in front of them with
     C{args} on the command line.
-
-    @param config: C{(path, text)}: the balancer reads its C{--config} file
-        at C{path}, written first as C{text(addresses)} (the hosts'
-        addresses, once they listen).
     """
     hosts = await start_fake_hosts(reactor, specs)
-    addresses = [h.address for h in hosts]
-    if config is not None:
-        path, text = config
-        with open(path, "w") as f:
-            f.write(text(addresses))
-        args = ("--config", path, *args)
     options = Options()
-    try:
-        options.parseOptions(
-            [
-                "--listen",
-                "tcp:0:interface=127.0.0.1",
-                "--backends",
-                ",".join(addresses),
-                "--health-interval",
-                "0.2",
-                "--admin",
-                "tcp:0:interface=127.0.0.1",
-                *args,
-            ]
-        )
-        balancer = build(options, reactor)
-    except BaseException:
-        for host in hosts:
-            await host.stop()
-        raise
+    options.parseOptions(
+        [
+            "--listen",
+            "tcp:0:interface=127.0.0.1",
+            "--backends",
+            ",".join(h.address for h in hosts),
+            "--health-interval",
+            "0.2",
+            "--admin",
+            "tcp:0:interface=127.0.0.1",
+            *args,
+        ]
+    )
+    balancer = build(options, reactor)
     r = Rig(hosts, balancer, "", None, HTTPConnectionPool(reactor))
     globalLogPublisher.addObserver(r.events.append)
     balancer.service.startService()
@@ -206,3 +186,22 @@ async def hear_out(port: int, data: bytes) -> bytes:
     protocol = _HearOut(data)
     await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), protocol)
     return await protocol.closed
+
+
+async def rig_with_config(path: str, specs: list[dict], text: Callable[[list[str]], str], *args: str) -> Rig:
+    """
+    Start fake hosts from C{specs}, and a balancer in front of them that
+    reads its C{--config} file at C{path}, written first as
+    C{text(addresses)} (the hosts' addresses, once they listen).
+    """
+    hosts = await start_fake_hosts(reactor, specs)
+    try:
+        with open(path, "w") as f:
+            f.write(text([h.address for h in hosts]))
+        r = await rig([], "--config", path, *args)
+    except BaseException:
+        for host in hosts:
+            await host.stop()
+        raise
+    r.hosts = hosts
+    return r

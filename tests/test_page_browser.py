@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 from steering import admin_url, events, status
-from support import bounded, rig, until
+from support import bounded, rig, rig_with_config, until
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 
@@ -226,12 +226,13 @@ async def test_the_page_shows_names_scales_drain_time_the_queue_and_alerts(tmp_p
     from selenium.webdriver.support.ui import WebDriverWait
 
     pending = []
-    async with await rig(
+    async with await rig_with_config(
+        str(tmp_path / "imml.toml"),
         [dict(name="h0"), dict(name="h1")],
+        named_config,
         "--admin-actions",
         "--max-queue",
         "10",
-        config=(str(tmp_path / "imml.toml"), named_config),
     ) as r:
         for _ in range(6):
             response = await r.predict()

@@ -8,7 +8,7 @@ import signal
 
 import pytest
 from steering import events, host, status
-from support import bounded, rig, sleep, until
+from support import bounded, rig, rig_with_config, sleep, until
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred, gatherResults
 
@@ -104,10 +104,8 @@ async def _rig_with_config(path, *args):
     A balancer over h0 and h1 (fake hosts), listed in the config file at
     C{path}.
     """
-    return await rig(
-        hosts(2, service_time=0.01),
-        *args,
-        config=(path, lambda addresses: config_of(*addresses, strategy="round-robin")),
+    return await rig_with_config(
+        path, hosts(2, service_time=0.01), lambda addresses: config_of(*addresses, strategy="round-robin"), *args
     )
 
 
