@@ -8,7 +8,7 @@ import signal
 
 import pytest
 from steering import events, host, status
-from support import bounded, rig, rig_with_config, sleep, until
+from support import bounded, rig, sleep, until
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred, gatherResults
 
@@ -102,11 +102,15 @@ async def test_reload_adds_removes_and_keeps_hosts_under_load_losing_nothing(tmp
 async def _rig_with_config(path, *args):
     """
     A balancer over h0 and h1 (fake hosts), listed in the config file at
-    C{path}.
+    C{path}; the fake hosts are started first so the file can name them.
     """
-    return await rig_with_config(
-        path, hosts(2, service_time=0.01), lambda addresses: config_of(*addresses, strategy="round-robin"), *args
-    )
+    from imml.testing import start_fake_hosts as start
+
+    started = await start(reactor, hosts(2, service_time=0.01))
+    write(path, config_of(*(h.address for h in started), strategy="round-robin"))
+    r = await rig([], "--config", path, *args)
+    r.hosts = started
+    return r
 
 
 @bounded(20)
