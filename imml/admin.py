@@ -225,7 +225,7 @@ class _SignIn(Resource):
             request.setHeader(b"location", b"./")  # the page, without the token in its address
             request.setHeader(b"cache-control", b"no-store")
             return b""
-        return self._ask(request, b'<div id="banner" style="display: block">That is not the token.</div>')
+        return self._ask(request, b'<div id="banner" role="alert" style="display: block">That is not the token.</div>')
 
     def _ask(self, request: server.Request, message: bytes) -> bytes:
         request.setResponseCode(401)

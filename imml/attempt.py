@@ -43,6 +43,8 @@ class Attempt:
     load: Load
     deferred: Optional[Deferred[Answer]] = None
     state: AttemptState = AttemptState.RUNNING
+    #: It was hedged (L{hedge}), whatever its state now.
+    hedged: bool = False
 
     @property
     def backend(self) -> Backend:
@@ -59,6 +61,7 @@ class Attempt:
         if self.state is not AttemptState.RUNNING:
             return False
         self.state = AttemptState.HEDGED
+        self.hedged = True
         return True
 
     def over(self) -> AttemptState:

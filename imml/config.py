@@ -10,6 +10,7 @@ adds per-host settings and the balancer's own.  Example::
 
     [[hosts]]
     address = "mac.local:3003"      # as in IMML_BACKENDS
+    name = "mac"                    # what the status page calls it
     slots = 4                       # most requests in flight on this host
     weight = 2.0                    # relative share of the work
     tier = 0                        # failover order: lower tiers first
@@ -38,7 +39,7 @@ from .classify import TASKS
 from .host import BackendSettings
 
 _MAC = re.compile(r"^[0-9a-f]{2}([:-]?)[0-9a-f]{2}(\1[0-9a-f]{2}){4}$", re.I)
-_HOST_KEYS = {"address", "slots", "weight", "tier", "tasks", "mac"}
+_HOST_KEYS = {"address", "name", "slots", "weight", "tier", "tasks", "mac"}
 
 
 class ConfigError(ValueError):
@@ -130,7 +131,15 @@ def _host(raw: dict, index: int, text: str, path: str) -> HostConfig:
     mac = raw.get("mac")
     if mac is not None and (not isinstance(mac, str) or not _MAC.match(mac)):
         raise fail("mac", f'mac must be a MAC address such as "aa:bb:cc:dd:ee:ff", not {mac!r}')
-    return HostConfig(address, BackendSettings(float(weight), slots, tasks, tier, mac.lower() if mac else None))
+    name = raw.get("name")
+    if name is not None and (not isinstance(name, str) or not name.strip() or not name.isprintable()):
+        raise fail("name", f'name must be a non-empty line of text such as "nas", not {name!r}')
+    return HostConfig(
+        address,
+        BackendSettings(
+            float(weight), slots, tasks, tier, mac.lower() if mac else None, name.strip() if name else None
+        ),
+    )
 
 
 def parse_config(text: str, path: str = "<config>", known_options: Optional[set] = None) -> Config:

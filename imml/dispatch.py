@@ -56,6 +56,8 @@ class _Waiter:
     owner: object
     #: When it stops waiting (the queue timeout).
     deadline: float
+    #: When it began waiting.
+    entered: float
     gone: bool = False
 
 
@@ -120,6 +122,15 @@ class Dispatcher:
     @property
     def queue_depth(self) -> int:
         return len(self._waiting)
+
+    def oldest_wait(self) -> Optional[float]:
+        """
+        Seconds the request that has waited longest has waited so far, or
+        None when none waits.
+        """
+        if not self._waiting:
+            return None
+        return max(0.0, self.clock.seconds() - min(w.entered for w in self._waiting))
 
     def waiting(self) -> list[RequestInfo]:
         """
@@ -238,7 +249,7 @@ class Dispatcher:
             d = Deferred()
             d.errback(NoBackendAvailable(f"the balancer's queue is full ({self.max_queue} requests waiting)"))
             return d
-        waiter = _Waiter(info, avoid, None, order, owner, now + self.queue_timeout)
+        waiter = _Waiter(info, avoid, None, order, owner, now + self.queue_timeout, now)
         waiter.deferred = Deferred(lambda d: self._leave(waiter))
         self._waiting.insert(bisect_left(self._waiting, order, key=_order), waiter)
         self._arrivals.append(waiter)

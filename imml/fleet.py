@@ -147,6 +147,7 @@ class Fleet:
         """
         if not backend.draining:
             backend.draining = True
+            backend.drain_changed = self.clock.seconds()
             self.log.info("ML host {backend} is draining: {why}", backend=str(backend), why=why, imml_event="drain")
             self.changed()
 
@@ -156,6 +157,7 @@ class Fleet:
         """
         if backend.draining and not backend.leaving:
             backend.draining = False
+            backend.drain_changed = self.clock.seconds()
             self.log.info("ML host {backend} takes requests again", backend=str(backend), imml_event="enable")
             self.changed()
 
@@ -180,6 +182,7 @@ class Fleet:
                 backend.limiter.slots = settings.slots
                 if backend.leaving:
                     backend.leaving = backend.draining = False
+                    backend.drain_changed = self.clock.seconds()
             backends.append(backend)
         for backend in self.backends:
             if backend.address not in wanted:

@@ -139,7 +139,9 @@ class Forwarder:
         self._live.discard(attempt)
         self.fleet.finish(attempt.load, service_time, error)
         if self.reporters:
-            record = AttemptRecord(attempt.backend.name, attempt.load.task, status, error, seconds, outcome)
+            record = AttemptRecord(
+                attempt.backend.name, attempt.load.task, status, error, seconds, outcome, attempt.hedged
+            )
             for reporter in self.reporters:
                 reporter.attempt_finished(record)
 

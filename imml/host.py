@@ -45,6 +45,8 @@ class BackendSettings:
     @ivar slots: the most requests in flight on the host, or None for no
         fixed limit.
     @ivar tasks: the tasks the host serves, or None for all.
+    @ivar name: what the operator calls the host (C{name} in the
+        configuration file), for people; None when it has none.
     """
 
     weight: float = 1.0
@@ -52,6 +54,7 @@ class BackendSettings:
     tasks: Optional[frozenset] = None
     tier: int = 0
     mac: Optional[str] = None
+    name: Optional[str] = None
 
 
 @define
@@ -76,7 +79,17 @@ class Stats:
     #: A moving average of the time between two answers while the host is
     #: kept at its limit: its throughput is the inverse.
     gap: Optional[float] = None
+    #: When its answers resumed after more than L{MODEL_TTL} seconds
+    #: without one (or began): when it last stopped being cold.
+    warmed: float = float("-inf")
     _last_busy_answer: Optional[float] = None
+
+    @property
+    def last_sample(self) -> Optional[float]:
+        """
+        When the last service time was taken, or None before the first.
+        """
+        return max(self.updated.values()) if self.updated else None
 
     @property
     def throughput(self) -> Optional[float]:
@@ -100,6 +113,9 @@ class Stats:
         at most to three times what it was.
         """
         key = task or "other"
+        last = self.last_sample
+        if last is None or now - last > MODEL_TTL:
+            self.warmed = now
         old = self.service_time.get(key)
         if old is None:
             self.service_time[key] = seconds
@@ -165,6 +181,8 @@ class Backend:
     health: Health = field(factory=Health)
     in_flight: int = 0
     draining: bool = False
+    #: When it last began or stopped draining.
+    drain_changed: float = float("-inf")
     #: Removed from the configuration: leaves once its last request is answered.
     leaving: bool = False
     stats: Stats = field(factory=Stats)
@@ -226,8 +244,8 @@ class Backend:
         Up, but no answer for longer than Immich ML keeps its models loaded
         (or none yet): the next request pays for loading a model.
         """
-        updated = self.stats.updated
-        return self.health.up and (not updated or self._now() - max(updated.values()) > MODEL_TTL)
+        last = self.stats.last_sample
+        return self.health.up and (last is None or self._now() - last > MODEL_TTL)
 
     def stretch(self, in_flight: int) -> float:
         return self.limiter.stretch(in_flight)

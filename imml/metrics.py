@@ -135,6 +135,12 @@ class Metrics:
             "Attempts on an ML host that failed and whose request was sent on to another host.",
             ("backend",),
         )
+        self.backend_hedges = _Counts(
+            "imml_backend_hedges",
+            "Attempts on an ML host whose request was sent to another host too while they ran "
+            "(the host went down with it, or was far slower than usual); counted when they end.",
+            ("backend",),
+        )
         self.backend_latency = _Histograms(
             "imml_backend_request_duration_seconds",
             "Seconds from sending a request to an ML host to the end of its answer, answered attempts only.",
@@ -148,6 +154,11 @@ class Metrics:
         self.request_latency = _Histograms(
             "imml_request_duration_seconds",
             "Seconds from receiving a client request to answering it, waiting and retries included.",
+            ("task",),
+        )
+        self.queue_wait = _Histograms(
+            "imml_queue_wait_seconds",
+            "Seconds a client request waited in the balancer's queue for a host (0 when it did not wait).",
             ("task",),
         )
         self.registry.register(self)
@@ -165,11 +176,14 @@ class Metrics:
             self.backend_latency.observe((backend, task), record.seconds)
         if record.outcome == RETRIED:
             self.backend_retries.add((backend,))
+        if record.hedged:
+            self.backend_hedges.add((backend,))
 
     def request_finished(self, record: RequestRecord) -> None:
         task = task_label(record.task)
         self.requests.add((_status_label(record.status), task))
         self.request_latency.observe((task,), record.duration)
+        self.queue_wait.observe((task,), record.waited)
 
     # -- a collector of the registry ----------------------------------------
 
@@ -178,10 +192,16 @@ class Metrics:
         return list(self.collect())
 
     def collect(self) -> Iterator[Metric]:
-        for counts in (self.backend_requests, self.backend_errors, self.backend_retries, self.requests):
+        for counts in (
+            self.backend_requests,
+            self.backend_errors,
+            self.backend_retries,
+            self.backend_hedges,
+            self.requests,
+        ):
             yield counts.family()
-        yield self.backend_latency.family()
-        yield self.request_latency.family()
+        for histograms in (self.backend_latency, self.request_latency, self.queue_wait):
+            yield histograms.family()
 
 
 @define(eq=False)
@@ -222,8 +242,17 @@ class FleetCollector:
             for s in STATE_NAMES:
                 state.add_metric([name, s], 1 if s == current else 0)
         yield from (in_flight, slots, up, state)
+        dispatcher = self.dispatcher
         yield GaugeMetricFamily(
-            "imml_queue_depth", "Requests waiting in the balancer for a host.", value=self.dispatcher.queue_depth
+            "imml_queue_depth", "Requests waiting in the balancer for a host.", value=dispatcher.queue_depth
+        )
+        yield GaugeMetricFamily(
+            "imml_queue_max", "Most requests that may wait in the balancer (--max-queue).", value=dispatcher.max_queue
+        )
+        yield GaugeMetricFamily(
+            "imml_queue_oldest_wait_seconds",
+            "Seconds the request waiting longest in the balancer has waited so far (0 when none waits).",
+            value=dispatcher.oldest_wait() or 0.0,
         )
         yield GaugeMetricFamily(
             "imml_start_time_seconds", "When the balancer started, in seconds since the epoch.", value=self.started

@@ -28,6 +28,8 @@ class AttemptRecord:
     @ivar error: why the try failed (C{"connection refused"}, C{"timed out"},
         C{"status 503"}, ...), or None.
     @ivar seconds: from sending the request to the end of the answer.
+    @ivar hedged: while it ran, the request was sent to another host too
+        (its host went down with it, or it was far slower than usual).
     """
 
     backend: str
@@ -36,6 +38,7 @@ class AttemptRecord:
     error: Optional[str]
     seconds: float
     outcome: str
+    hedged: bool = False
 
 
 @frozen

@@ -14,23 +14,42 @@ from attrs import define, field
 
 from . import __version__
 from .health import DOWN, UNKNOWN
-from .host import Backend
-from .window import RecentWindow
+from .host import MODEL_TTL, Backend
+from .window import RATE_SPAN, RecentWindow
 
-#: A host's state: the first whose test holds.
-STATES: tuple[tuple[str, Callable[[object], bool]], ...] = (
-    ("draining", lambda b: b.draining),
-    ("waking", lambda b: b.waking),
-    ("down", lambda b: b.health.state == DOWN),
-    ("unknown", lambda b: b.health.state == UNKNOWN),
-    ("cold", lambda b: b.cold),
-    ("up", lambda b: True),
+#: A host's state: the first whose test holds, and when the host entered
+#: it (the later of the events that may have begun it).
+STATES: tuple[tuple[str, Callable[[Backend], bool], Callable[[Backend], float]], ...] = (
+    ("draining", lambda b: b.draining, lambda b: b.drain_changed),
+    ("waking", lambda b: b.waking, lambda b: b.woken),
+    ("down", lambda b: b.health.state == DOWN, lambda b: max(b.health.since, b.drain_changed)),
+    ("unknown", lambda b: b.health.state == UNKNOWN, lambda b: max(b.health.since, b.drain_changed)),
+    ("cold", lambda b: b.cold, lambda b: max(b.health.since, b.drain_changed, _idle_since(b))),
+    ("up", lambda b: True, lambda b: max(b.health.since, b.drain_changed, b.stats.warmed)),
 )
-STATE_NAMES = tuple(name for name, _ in STATES)
+STATE_NAMES = tuple(name for name, _, _ in STATES)
+
+#: Share of --max-queue waiting past which the queue is nearly full.
+QUEUE_ALERT = 0.8
+
+
+def _idle_since(backend: Backend) -> float:
+    """
+    When C{backend} went cold by answering nothing for L{MODEL_TTL} seconds.
+    """
+    last = backend.stats.last_sample
+    return float("-inf") if last is None else last + MODEL_TTL
 
 
 def host_state(backend: Backend) -> str:
-    return next(name for name, test in STATES if test(backend))
+    return next(name for name, test, _ in STATES if test(backend))
+
+
+def state_and_since(backend: Backend) -> tuple[str, float]:
+    """
+    C{backend}'s state and when it entered it.
+    """
+    return next((name, since(backend)) for name, test, since in STATES if test(backend))
 
 
 @define(eq=False)
@@ -70,9 +89,12 @@ class Status:
 
     def host(self, backend: Backend) -> dict:
         health, settings, address = backend.health, backend.settings, str(backend.address)
+        state, since = state_and_since(backend)
         return {
             "address": address,
-            "state": host_state(backend),
+            "name": settings.name,
+            "state": state,
+            "state_since": since,
             "health": health.state,
             "since": health.since,
             "last_check": health.last_check,
@@ -91,17 +113,50 @@ class Status:
             "throughput": self.window.throughput(address),
         }
 
+    def alerts(self) -> list[dict]:
+        """
+        What needs an operator now: no host can take requests, or the queue
+        is nearly full.
+        """
+        alerts = []
+        dispatcher, backends = self.dispatcher, self.fleet.backends
+        if not self.fleet.any_up:
+            then = f"requests wait up to {dispatcher.queue_timeout:g} s for one, then get 503"
+            if not backends:
+                text = f"no ML host is configured: {then}"
+            elif any(b.health.up for b in backends):
+                text = f"every ML host that is up is draining: {then}"
+            else:
+                text = f"no ML host is up: {then}"
+            alerts.append({"kind": "no-host-up", "text": text})
+        depth, most = dispatcher.queue_depth, dispatcher.max_queue
+        if depth > QUEUE_ALERT * most:
+            if depth >= most:
+                text = f"the queue is full: {depth} of {most} requests wait (--max-queue); more get 503 at once"
+            else:
+                text = (
+                    f"the queue is nearly full: {depth} of {most} requests wait (--max-queue); "
+                    "once it is full, more get 503 at once"
+                )
+            alerts.append({"kind": "queue-nearly-full", "text": text})
+        return alerts
+
     def snapshot(self) -> dict:
         now = self.clock.seconds()
         totals = self.window.totals
+        dispatcher = self.dispatcher
         return {
             "balancer": {
                 "version": self.version,
-                "strategy": self.dispatcher.strategy.name,
+                "strategy": dispatcher.strategy.name,
                 "started": self.started,
                 "uptime": now - self.started,
                 "now": now,
-                "queue_depth": self.dispatcher.queue_depth,
+                "queue_depth": dispatcher.queue_depth,
+                "queue_oldest_wait": dispatcher.oldest_wait(),
+                "max_queue": dispatcher.max_queue,
+                "rate": self.window.rate(RATE_SPAN),
+                "rate_span": RATE_SPAN,
                 "answered": totals["answered"],
                 "failed": totals["failed"],
                 "cancelled": totals["cancelled"],
@@ -110,6 +165,7 @@ class Status:
                 "config": self.config,
                 "window": {"span": self.window.span, "bucket": self.window.bucket},
                 "states": list(STATE_NAMES),
+                "alerts": self.alerts(),
                 **self.extra,
             },
             "hosts": [self.host(b) for b in list(self.fleet.backends)],

@@ -1,8 +1,8 @@
 """
 A recent window of what the hosts did: per host and task, the service times
 of the answers of the last few minutes (for p50 and p95), and per host the
-number of answers in each short interval (for a throughput chart); plus the
-balancer's totals of requests answered, failed and cancelled since start.
+number of answers in each short interval (for a throughput chart, and the
+fleet's rate of answers); plus the balancer's totals of requests answered, failed and cancelled since start.
 
 L{RecentWindow} is an L{imml.interfaces.IReporter}: the forwarder tells it of
 every attempt and request.  It reads time from an injected clock only, so it
@@ -15,7 +15,7 @@ import math
 from collections import Counter, deque
 from typing import Optional
 
-from attrs import define, field
+from attrs import Factory, define, field
 from zope.interface import implementer
 
 from .interfaces import IReporter
@@ -23,6 +23,8 @@ from .records import ANSWERED, AttemptRecord, RequestRecord
 
 #: The task label of a request that is not a /predict (C{GET /}, ...).
 NO_TASK = "none"
+#: Seconds over which the fleet's rate of answers is reckoned.
+RATE_SPAN = 60.0
 
 
 def task_label(task: Optional[str]) -> str:
@@ -64,6 +66,8 @@ class RecentWindow:
     #: when old samples were last dropped: at most once a second while
     #: answers come in (the samples are bounded by C{most} meanwhile).
     _trimmed: float = float("-inf")
+    #: when the window began.
+    _began: float = field(default=Factory(lambda self: self.clock.seconds(), takes_self=True))
 
     # -- IReporter ----------------------------------------------------------
 
@@ -139,3 +143,17 @@ class RecentWindow:
         intervals = max(1, int(self.span // self.bucket))
         counts = dict((n, c) for n, c in self._answers.get(backend, ()))
         return [counts.get(n, 0) for n in range(last - intervals + 1, last + 1)]
+
+    def rate(self, seconds: float = RATE_SPAN) -> float:
+        """
+        The answers of all hosts per second over about the last C{seconds}:
+        the whole intervals that cover them, the current one included, or
+        since the window began if that is later (and at least one interval,
+        so that the first answers are no burst).
+        """
+        now = self.clock.seconds()
+        self._trim(now)
+        intervals = max(1, min(math.ceil(seconds / self.bucket), int(self.span // self.bucket)))
+        first = int(now // self.bucket) - intervals + 1
+        answers = sum(c for counts in self._answers.values() for n, c in counts if n >= first)
+        return answers / max(now - max(first * self.bucket, self._began), self.bucket)

@@ -254,3 +254,22 @@ async def hear_out(port: int, data: bytes) -> bytes:
     protocol = _HearOut(data)
     await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), protocol)
     return await protocol.closed
+
+
+async def rig_with_config(path: str, specs: list[dict], text: Callable[[list[str]], str], *args: str) -> Rig:
+    """
+    Start fake hosts from C{specs}, and a balancer in front of them that
+    reads its C{--config} file at C{path}, written first as
+    C{text(addresses)} (the hosts' addresses, once they listen).
+    """
+    hosts = await start_fake_hosts(reactor, specs)
+    try:
+        with open(path, "w") as f:
+            f.write(text([h.address for h in hosts]))
+        r = await rig([], "--config", path, *args)
+    except BaseException:
+        for host in hosts:
+            await host.stop()
+        raise
+    r.hosts = hosts
+    return r

@@ -13,6 +13,7 @@ queue_timeout = 90
 
 [[hosts]]
 address = "mac.local:3003"
+name = " studio Mac "
 slots = 4
 weight = 2
 tier = 0
@@ -32,7 +33,9 @@ def test_a_full_file():
     assert [(h.address, h.settings) for h in config.hosts] == [
         (
             BackendAddress("mac.local", 3003),
-            BackendSettings(2.0, 4, frozenset({"clip-visual", "clip-textual", "faces"}), 0, "aa:bb:cc:dd:ee:ff"),
+            BackendSettings(
+                2.0, 4, frozenset({"clip-visual", "clip-textual", "faces"}), 0, "aa:bb:cc:dd:ee:ff", "studio Mac"
+            ),
         ),
         (BackendAddress("nas", 3003), BackendSettings(1.0, 1, frozenset({"ocr"}), 1, None)),
     ]
@@ -49,6 +52,9 @@ def test_a_full_file():
         ("[[hosts]]\naddress = 'a'\ntasks = ['ocr', 'video']\n", 3, "'video'"),
         ("[[hosts]]\naddress = 'a'\nmac = 'zz'\n", 3, "MAC"),
         ("[[hosts]]\naddress = 'a'\ncolour = 'red'\n", 3, "'colour'"),
+        ("[[hosts]]\naddress = 'a'\nname = ''\n", 3, "name must be"),
+        ("[[hosts]]\naddress = 'a'\nname = 3\n", 3, "name must be"),
+        ("[[hosts]]\naddress = 'a'\nname = \"two\\nlines\"\n", 3, "name must be"),
         ("[[hosts]]\naddress = 'a'\n[[hosts]]\naddress = 'a:3003'\n", 3, "twice"),
         ("[frontend]\nx = 1\n", 1, "'frontend'"),
         ("[balancer]\nstrategy = 'failover'\nspeed = 11\n", 3, "'speed'"),

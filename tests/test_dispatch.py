@@ -77,6 +77,22 @@ def test_waits_for_a_slot_and_binds_late():
     assert c == [b[0]] and dispatcher.queue_depth == 0
 
 
+def test_the_oldest_wait_is_that_of_the_request_waiting_longest():
+    clock, fleet, dispatcher = make(n=1, slots=1)
+    first = result(dispatcher.acquire(BATCH))
+    assert dispatcher.oldest_wait() is None
+    clock.advance(1)
+    early = result(dispatcher.acquire(BATCH))
+    clock.advance(2)
+    result(dispatcher.acquire(SEARCH))  # ahead in the queue, but it came later
+    clock.advance(0.5)
+    assert dispatcher.oldest_wait() == 2.5
+    fleet.finish(first.load, 0.1)  # the search is served; the first waits on
+    assert dispatcher.oldest_wait() == 2.5
+    clock.advance(8)  # past its queue timeout (10 s): nobody waits now
+    assert early[0].check(NoBackendAvailable) and dispatcher.oldest_wait() is None
+
+
 def test_interactive_requests_go_ahead_of_batch_work():
     clock, fleet, dispatcher = make(n=1, slots=1)
     first = result(dispatcher.acquire(BATCH))

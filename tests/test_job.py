@@ -105,6 +105,11 @@ def test_an_attempt_far_slower_than_its_host_is_hedged_and_the_first_answer_wins
     assert status == 200 and headers[b"x-fake-host"] == b"b"
     assert b.host("a").cancelled == 1  # the stalled attempt is given up
     assert b.records.attempts[-1].outcome == CANCELLED
+    # the record says the stalled attempt was hedged, and only it
+    assert [(a.backend, a.hedged) for a in b.records.attempts[1:]] == [
+        ("10.0.0.2:3003", False),
+        ("10.0.0.1:3003", True),
+    ]
     assert all(h.in_flight == 0 for h in b.fleet.backends)
     assert b.fleet.backends[0].up  # hedging is not a health verdict
     [event] = [e for e in b.events if e.get("imml_event") == "redispatch"]
@@ -266,7 +271,7 @@ def test_a_hedged_request_answered_first_by_its_own_host_cancels_the_hedge():
     status, headers, _ = client.answer()
     assert status == 200 and headers[b"x-fake-host"] == b"a"
     assert b.host("b").cancelled == 1
-    assert sorted(a.outcome for a in b.records.attempts[1:]) == [ANSWERED, CANCELLED]
+    assert sorted((a.outcome, a.hedged) for a in b.records.attempts[1:]) == [(ANSWERED, True), (CANCELLED, False)]
 
 
 def test_a_fault_of_the_balancers_own_still_answers_the_client(monkeypatch):

@@ -26,7 +26,7 @@ from imml.dispatch import Dispatcher
 from imml.fleet import BackendSettings, Fleet
 from imml.interfaces import IReporter
 from imml.metrics import Metrics
-from imml.records import ANSWERED, RETRIED, AttemptRecord, RequestRecord
+from imml.records import ANSWERED, CANCELLED, RETRIED, AttemptRecord, RequestRecord
 from imml.status import STATE_NAMES
 from imml.strategies import strategy_named
 from imml.testing import start_fake_hosts
@@ -78,6 +78,21 @@ def test_attempts_count_by_status_and_task_errors_by_kind_and_retries() -> None:
     assert value("imml_requests_total", {"status": "200", "task": "faces"}) == 1
 
 
+def test_hedged_attempts_and_queue_waits_are_counted() -> None:
+    _, _, m = fleet_metrics()
+    m.attempt_finished(AttemptRecord("a:3003", "ocr", None, None, 9.0, CANCELLED, hedged=True))
+    m.attempt_finished(AttemptRecord("b:3003", "ocr", 200, None, 0.2, ANSWERED))
+    m.request_finished(RequestRecord("POST", "/predict", "ocr", 200, "b:3003", ("a:3003", "b:3003"), 9.2, waited=3.0))
+    m.request_finished(RequestRecord("POST", "/predict", "ocr", 200, "b:3003", ("b:3003",), 0.2))
+    value = m.registry.get_sample_value
+    assert value("imml_backend_hedges_total", {"backend": "a:3003"}) == 1
+    assert value("imml_backend_hedges_total", {"backend": "b:3003"}) is None
+    assert value("imml_queue_wait_seconds_count", {"task": "ocr"}) == 2
+    assert value("imml_queue_wait_seconds_sum", {"task": "ocr"}) == 3.0
+    assert value("imml_queue_wait_seconds_bucket", {"task": "ocr", "le": "0.01"}) == 1
+    assert value("imml_queue_wait_seconds_bucket", {"task": "ocr", "le": "5.0"}) == 2
+
+
 def test_latency_buckets_are_cumulative_and_a_bound_is_inside_its_bucket() -> None:
     _, _, m = fleet_metrics()
     for seconds in (0.25, 0.25, 0.02, 400.0):
@@ -114,6 +129,8 @@ def test_levels_are_read_from_the_fleet_when_scraped() -> None:
     assert value("imml_backend_state", {"backend": "a:3003", "state": "up"}) == 0
     assert value("imml_backend_state", {"backend": "b:3003", "state": "down"}) == 1
     assert value("imml_queue_depth", {}) == 0
+    assert value("imml_queue_oldest_wait_seconds", {}) == 0
+    assert value("imml_queue_max", {}) == dispatcher.max_queue == 1000
     assert value("imml_build_info", {"version": __import__("imml").__version__, "strategy": "round-robin"}) == 1
 
 
@@ -151,6 +168,7 @@ async def test_in_flight_and_queue_depth_while_requests_wait() -> None:
         s = await metrics(r)
         assert sample(s, "imml_backend_in_flight", backend=r.hosts[0].address) == 1
         assert sample(s, "imml_queue_depth") == 2
+        assert sample(s, "imml_queue_oldest_wait_seconds") > 0
         for d in pending:
             d.addErrback(lambda f: None)
             d.cancel()

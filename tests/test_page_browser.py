@@ -1,8 +1,11 @@
 """
 The status page in a real headless browser (Debian's chromium, driven by
 Selenium through Debian's chromium-driver): it shows the hosts of a running
-balancer, and a click on "drain" shows the host draining.  A screenshot is
-written to artifacts/status-page.png.
+balancer, their configured names, the scale of their charts and how long
+each has been in its state, the queue and the fleet's rate; a click on
+"drain" shows the host draining; a banner says when no host is up or the
+queue is nearly full.  Screenshots are written to artifacts/status-page.png
+and artifacts/status-page-alerts.png.
 
 The browser calls block, so they run in a thread while the reactor serves
 the page.  chromium must be installed (.ci/run installs it): without it this
@@ -12,8 +15,9 @@ test fails, it does not skip.
 import shutil
 from pathlib import Path
 
-from steering import admin_url, events
-from support import bounded, rig
+from steering import admin_url, events, status
+from support import bounded, rig, rig_with_config, until
+from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
@@ -66,6 +70,61 @@ def hosts_shown(count):
         return states if len(states) == count else False
 
     return shown
+
+
+def read_rows(driver):
+    """
+    What each host row shows: its name and address, its chart's scale, and
+    how long it has been in its state.
+    """
+    return driver.execute_script(
+        "const rows = {};"
+        "for (const tr of document.querySelectorAll('#hosts tbody tr[data-host]')) {"
+        "  const text = s => { const e = tr.querySelector(s); return e ? e.textContent : null; };"
+        "  rows[tr.dataset.host] = { name: text('[data-name]'), address: text('[data-address]'),"
+        "    top: text('[data-scale-top]'), bottom: text('[data-scale-bottom]'), scale: text('[data-scale]'),"
+        "    state: text('[data-state]'), in_state: text('[data-in-state]') };"
+        "}"
+        "return rows;"
+    )
+
+
+def read_top(driver):
+    """
+    The banner (its role, whether it shows, its alerts by kind) and the
+    balancer's facts, read in one go.
+    """
+    return driver.execute_script(
+        "const banner = document.getElementById('banner');"
+        "const alerts = {}, facts = {};"
+        "for (const a of banner.querySelectorAll('[data-alert]')) alerts[a.dataset.alert] = a.textContent;"
+        "for (const f of document.querySelectorAll('[data-fact]')) facts[f.dataset.fact] = f.textContent;"
+        "return { role: banner.getAttribute('role'), shown: banner.offsetHeight > 0, alerts, facts };"
+    )
+
+
+def alert_shown(kind):
+    """
+    A wait condition: the banner shows an alert of C{kind} (the banner and
+    facts then).
+    """
+
+    def shown(driver):
+        top = read_top(driver)
+        return top if top["shown"] and kind in top["alerts"] else False
+
+    return shown
+
+
+def seconds_of(text):
+    """
+    The seconds a duration on the page reads (C{"350 ms"}, C{"2.50 s"},
+    C{"3 min"}), and how much its rounding may have added (half its last
+    digit).
+    """
+    number, unit = text.split()
+    scale = {"ms": 0.001, "s": 1, "min": 60, "h": 3600, "d": 86400}[unit]
+    return float(number) * scale, 0.5 * 10 ** -len(number.partition(".")[2]) * scale
 
 
 @bounded(90)
@@ -151,4 +210,98 @@ async def test_with_a_token_the_page_asks_for_it_once(tmp_path):
             r.balancer.guard.set_token("a-n3w-t0ken")
             await deferToThread(WebDriverWait(driver, 20).until, lambda d: d.find_elements(By.NAME, "token"))
         finally:
+            await deferToThread(driver.quit)
+
+
+def named_config(addresses):
+    named, plain = addresses
+    return (
+        f'[[hosts]]\naddress = "{named}"\nname = "studio Mac"\nslots = 1\n[[hosts]]\naddress = "{plain}"\nslots = 1\n'
+    )
+
+
+@bounded(120)
+async def test_the_page_shows_names_scales_drain_time_the_queue_and_alerts(tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    pending = []
+    async with await rig_with_config(
+        str(tmp_path / "imml.toml"),
+        [dict(name="h0"), dict(name="h1")],
+        named_config,
+        "--admin-actions",
+        "--max-queue",
+        "10",
+    ) as r:
+        for _ in range(6):
+            response = await r.predict()
+            await response.content()
+        named, plain = (h.address for h in r.hosts)
+        driver = await deferToThread(browser, tmp_path)
+        try:
+            await deferToThread(driver.get, admin_url(r) + "/")
+            await deferToThread(WebDriverWait(driver, 20).until, hosts_shown(2))
+            rows = await deferToThread(read_rows, driver)
+            # The host named in the configuration shows its name over its
+            # address; the other, its address alone.
+            assert (rows[named]["name"], rows[named]["address"]) == ("studio Mac", named)
+            assert (rows[plain]["name"], rows[plain]["address"]) == (plain, None)
+
+            # Each chart's scale: its top is the most answers in one
+            # interval (6 answers in at most two intervals on two hosts:
+            # one has 2 or more), its bottom 0, and its interval and span.
+            doc = await status(r)
+            assert sum(sum(h["throughput"]) for h in doc["hosts"]) == 6
+            for h in doc["hosts"]:
+                row = rows[h["address"]]
+                assert (row["top"], row["bottom"]) == (str(max(1, *h["throughput"])), "0")
+                assert row["scale"] == "per 10 s, last 5 min"
+            assert max(int(row["top"]) for row in rows.values()) >= 2
+
+            # Drained: "in this state" counts from the drain, not from the
+            # last health change (before the browser even started).
+            clicked = reactor.seconds()
+            button = await deferToThread(
+                driver.find_element, By.CSS_SELECTOR, f'tr[data-host="{plain}"] button[data-action="drain"]'
+            )
+            await deferToThread(button.click)
+            await deferToThread(WebDriverWait(driver, 20).until, lambda d: read_states(d).get(plain) == "draining")
+            rows = await deferToThread(read_rows, driver)
+            drained, rounding = seconds_of(rows[plain]["in_state"])
+            assert drained <= reactor.seconds() - clicked + rounding
+            assert drained < seconds_of(rows[named]["in_state"])[0]
+
+            # One request on the named host (one slot) and nine waiting, of
+            # ten at most: the queue is nearly full.  (OCR: a task the host
+            # has no usual time for, so the slow one is not hedged.)
+            r.hosts[0].service_time = 60.0
+            sent = reactor.seconds()
+            pending = [r.predict(task="ocr") for _ in range(10)]
+            await until(lambda: r.balancer.dispatcher.queue_depth == 9)
+            top = await deferToThread(WebDriverWait(driver, 20).until, alert_shown("queue-nearly-full"))
+            assert top["role"] == "alert"
+            assert top["alerts"]["queue-nearly-full"].startswith("the queue is nearly full: 9 of 10 requests wait")
+            assert "no-host-up" not in top["alerts"]
+            assert top["facts"]["waiting"] == "9 of 10"
+            oldest, rounding = seconds_of(top["facts"]["oldest wait"])
+            assert 0 <= oldest <= reactor.seconds() - sent + rounding
+            rate, unit = top["facts"]["rate"].split()
+            assert float(rate) > 0 and unit == "answers/s"
+
+            # Every host fails its checks: no host is up.
+            for host in r.hosts:
+                host.mode = "ping-fail"
+            top = await deferToThread(WebDriverWait(driver, 20).until, alert_shown("no-host-up"))
+            timeout = r.balancer.dispatcher.queue_timeout
+            assert (
+                top["alerts"]["no-host-up"]
+                == f"no ML host is up: requests wait up to {timeout:g} s for one, then get 503"
+            )
+            ARTIFACTS.mkdir(exist_ok=True)
+            assert await deferToThread(driver.save_screenshot, str(ARTIFACTS / "status-page-alerts.png"))
+        finally:
+            for d in pending:
+                d.addErrback(lambda f: None)
+                d.cancel()
             await deferToThread(driver.quit)

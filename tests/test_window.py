@@ -75,3 +75,22 @@ def test_totals_split_answered_failed_and_cancelled():
     for status in (200, 200, 422, 503, 500, "cancelled"):
         window.request_finished(RequestRecord("POST", "/predict", "ocr", status, None, (), 0.1))
     assert dict(window.totals) == {"answered": 3, "failed": 2, "cancelled": 1}
+
+
+def test_the_fleets_rate_is_answers_per_second_over_about_the_last_minute():
+    clock = Clock()
+    clock.advance(1000)
+    window = RecentWindow(clock, span=300.0, bucket=10.0)
+    assert window.rate() == 0.0
+    answered(window, "a:3003", 0.1)
+    answered(window, "a:3003", 0.1)
+    assert window.rate() == 2 / 10  # at least one interval: the first answers are no burst
+    clock.advance(30)
+    for backend in ("a:3003", "b:3003", "b:3003", "b:3003"):
+        answered(window, backend, 0.1)
+    answered(window, "b:3003", 9.0, outcome=RETRIED)  # a failed try is no answer
+    assert window.rate() == 6 / 30  # since the window began
+    clock.advance(45)  # 1075: the intervals from 1020 on
+    assert window.rate() == 4 / 55
+    clock.advance(25)
+    assert window.rate() == 0.0
