@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Callable
+import socket
+import urllib.request
+from typing import Callable, Optional
 
 import pytest_twisted
 from attrs import define, field
@@ -186,3 +188,26 @@ async def hear_out(port: int, data: bytes) -> bytes:
     protocol = _HearOut(data)
     await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), protocol)
     return await protocol.closed
+
+
+def free_port() -> int:
+    """
+    A TCP port of 127.0.0.1 that was free a moment ago, for a child
+    process to listen on.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fetch(port: int, path: str) -> Optional[bytes]:
+    """
+    The body of C{GET http://127.0.0.1:PORT/PATH} from a child process, or
+    L{None} while nothing answers there.  Blocking: for tests that run no
+    reactor.
+    """
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as answer:
+            return answer.read()
+    except OSError:
+        return None

@@ -7,11 +7,11 @@ installs a browser for the status page's test.
 
 import os
 import signal
-import socket
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
+
+from support import fetch, free_port
 
 import imml
 
@@ -23,20 +23,6 @@ TEST_ONLY = ("pytest", "pytest_twisted", "onnxruntime", "numpy", "selenium", "bu
 def make(*args, timeout=600):
     env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     return subprocess.run(["make", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def ping(port):
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as answer:
-            return answer.read()
-    except OSError:
-        return None
 
 
 def test_make_run_installs_the_runtime_only_and_the_demo_runs_there(tmp_path):
@@ -92,9 +78,9 @@ def test_make_run_installs_the_runtime_only_and_the_demo_runs_there(tmp_path):
     )
     try:
         deadline = time.monotonic() + 60
-        while ping(port) != b"pong" and balancer.poll() is None and time.monotonic() < deadline:
+        while fetch(port, "/ping") != b"pong" and balancer.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
-        answer = ping(port)
+        answer = fetch(port, "/ping")
     finally:
         balancer.send_signal(signal.SIGTERM)
         try:
