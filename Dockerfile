@@ -1,7 +1,8 @@
 # imml: a balancer for Immich's machine-learning requests, as a container.
 # Replaces the nginx-based immich_ml_balancer image: same IMML_BACKENDS
 # variable (host[:port], comma separated, port 3003 when omitted), same port 80.
-# See docs/container.md.
+# See docs/container.md; for both linux/amd64 and linux/arm64 (every
+# dependency has wheels for both), docs/deploying.md.
 #
 #   docker build -t imml .
 #   docker run --rm -p 3003:80 -e IMML_BACKENDS=192.168.0.123:3003 imml
@@ -21,7 +22,8 @@ RUN pip wheel --no-deps --wheel-dir /wheels . \
 # twisted.test.iosim and proto_helpers.
 RUN find /opt/imml/lib/python3*/site-packages/twisted -mindepth 2 -type d -name test -prune \
         -exec rm -rf {} + \
- && /opt/imml/bin/python -c "import imml.tap, treq.testing, twisted.web.server"
+ && /opt/imml/bin/python -c "import imml.tap, imml.entrypoint, treq.testing, twisted.web.server" \
+ && test -x /opt/imml/bin/imml-balancer
 
 # ---- runtime: the venv only; no wheel, no source, no compiler, no pip cache ----
 FROM ${PYTHON_IMAGE}
@@ -63,9 +65,12 @@ EXPOSE 8080
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request as u; u.build_opener(u.ProxyHandler({})).open(os.environ['IMML_HEALTHCHECK_URL'], timeout=4).read()"]
 
-# Exec form: twistd is PID 1 and gets SIGTERM itself (`docker stop`); it stops
-# its services, listener first, and exits 0. --nodaemon logs to stdout.
-# Options after the image name replace CMD, e.g.:
+# imml-balancer runs `twistd --nodaemon --pidfile= imml-balancer`, adding
+# --strategy and --config from IMML_STRATEGY and IMML_CONFIG when they are set
+# (and the command does not give them), and execs it: twistd is PID 1 and gets
+# SIGTERM itself (`docker stop`); it stops its services, listener first, and
+# exits 0. --nodaemon logs to stdout. Options after the image name replace
+# CMD, e.g.:
 #   docker run ... imml --listen tcp:80 --strategy round-robin
-ENTRYPOINT ["twistd", "--nodaemon", "--pidfile=", "imml-balancer"]
+ENTRYPOINT ["imml-balancer"]
 CMD ["--listen", "tcp:80", "--admin", "tcp:8080"]

@@ -8,3 +8,15 @@ Immich ML server and the fakes for testing a strategy of your own.
 """
 
 __version__ = "0.1.0"
+
+
+def version_line() -> str:
+    """
+    What C{--version} prints: imml's version, and the Twisted and Python it
+    runs on.
+    """
+    import platform
+
+    from twisted import __version__ as twisted_version
+
+    return f"imml {__version__} (Twisted {twisted_version}, Python {platform.python_version()})"

@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional
 from twisted.application import service
 from twisted.python import usage
 
-from . import __version__
+from . import version_line
 from .backends import BackendListError, parse_backends
 from .config import ConfigError, load_config
 from .control import remember_command_line
@@ -294,7 +294,8 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
 
     def opt_version(self) -> None:
-        print(f"imml {__version__}")
+        """Display imml's version (and Twisted's and Python's), then exit."""
+        print(version_line())
         raise SystemExit(0)
 
     def opt_strategies(self) -> None:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import functools
 import os
+import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -273,3 +275,26 @@ async def rig_with_config(path: str, specs: list[dict], text: Callable[[list[str
         raise
     r.hosts = hosts
     return r
+
+
+def free_port() -> int:
+    """
+    A TCP port of 127.0.0.1 that was free a moment ago, for a child
+    process to listen on.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fetch(port: int, path: str) -> Optional[bytes]:
+    """
+    The body of C{GET http://127.0.0.1:PORT/PATH} from a child process, or
+    L{None} while nothing answers there.  Blocking: for tests that run no
+    reactor.
+    """
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as answer:
+            return answer.read()
+    except OSError:
+        return None

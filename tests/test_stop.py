@@ -5,12 +5,11 @@ before the stop completes, up to --drain-timeout.
 """
 
 import json
-import socket
 
 import pytest
 from memory import memory_balancer
 from steering import events
-from support import bounded, rig, spawn_twistd, until
+from support import bounded, free_port, rig, spawn_twistd, until
 from treq.client import HTTPClient
 from twisted.application.service import Service
 from twisted.internet import reactor
@@ -90,12 +89,6 @@ async def test_an_idle_balancer_stops_at_once():
         assert len(events(r, "stop-drained")) == 1
         # The admin listener stopped after the requests were answered.
         assert not r.balancer.admin.running and not r.balancer.listener.running
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @bounded(60)

@@ -8,4 +8,4 @@ import sys
 
 from imml.mac.tap import main
 
-sys.exit(main())
+sys.exit(main(program="python -m imml.mac"))

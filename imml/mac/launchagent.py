@@ -5,7 +5,8 @@ Writes ``~/Library/LaunchAgents/<label>.plist`` running
 ``twistd -n --pidfile= imml-mac <the user's options>`` with KeepAlive (launchd
 restarts twistd if it ever exits; twistd restarts Immich ML) and log files
 under ``~/Library/Logs``, then prints how to load it and the line that joins
-this Mac to a balancer's ``IMML_BACKENDS``.
+this Mac to a balancer's ``IMML_BACKENDS``.  On another system it writes the
+file all the same, saying first that it is one for macOS.
 """
 
 from __future__ import annotations
@@ -87,12 +88,18 @@ def write_agent(
     twistd: Optional[str] = None,
     hostname: Optional[str] = None,
     out: Callable[[str], object] = print,
+    platform: str = sys.platform,
 ) -> pathlib.Path:
     """
     Write the plist and print what to do next; returns its path.
     """
     home = pathlib.Path(home)
     path = home / "Library" / "LaunchAgents" / f"{label}.plist"
+    if platform != "darwin":
+        out(
+            f"This is {platform}, not macOS: writing a LaunchAgent, a file for macOS's launchd, "
+            f"which does nothing on this system (twistd -n imml-mac runs the service here)."
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     (home / "Library" / "Logs").mkdir(parents=True, exist_ok=True)
     agent = plist_for(arguments, home, label=label, twistd=twistd)

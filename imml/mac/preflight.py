@@ -4,7 +4,7 @@ Pre-flight: can this interpreter run Immich ML, and on which providers?
 :func:`assess` is a pure function of the facts that
 :mod:`imml.mac.probe_script` reports from inside the Immich interpreter and
 of the providers the user wants.  It never refuses to start because Core ML
-is missing: it says so plainly and the service runs on the CPU.
+is missing: it warns plainly and the service runs on the CPU.
 """
 
 from __future__ import annotations
@@ -26,16 +26,20 @@ class Verdict:
 
     @ivar problems: what stops the service from starting, each saying what
         to fix.  Empty when it can start.
-    @ivar notes: what the user should know (versions, Core ML, skipped
-        providers).
+    @ivar notes: what the user should know (versions, what onnxruntime
+        offers, the providers the service will use).
     @ivar coreml: whether onnxruntime offers the Core ML provider.
     @ivar providers: the providers the service will use, in order.
+    @ivar warnings: what does not stop the service but keeps it from
+        running as asked (no Core ML, a wanted provider skipped), each
+        saying why.
     """
 
     problems: tuple = field(converter=tuple)
     notes: tuple = field(converter=tuple)
     coreml: bool
     providers: tuple = field(converter=tuple)
+    warnings: tuple = field(converter=tuple, default=())
 
     @property
     def ok(self) -> bool:
@@ -71,24 +75,24 @@ KNOWN_PROVIDERS = (
 )
 
 
-def _coreml_note(facts: dict) -> str:
+def unavailable_because(facts: dict, provider: str) -> str:
+    """
+    Why the interpreter the C{facts} describe cannot use C{provider}.
+    """
     where = facts.get("platform", "?")
     machine = facts.get("machine", "?")
+    runtime = f"onnxruntime {facts.get('onnxruntime')} in {facts.get('executable')}"
+    if provider != CORE_ML:
+        return f"{runtime} does not offer it"
     if where != "darwin":
-        why = f"this is {where} ({machine}); Core ML exists only on macOS"
-    elif machine != "arm64":
-        why = (
+        return f"this is {where} ({machine}); Core ML exists only on macOS"
+    if machine != "arm64":
+        return (
             f"this Python runs as {machine}: on an Intel Mac there is no Neural "
             f"Engine, and on an Apple Silicon Mac this Python runs under Rosetta "
             f"(install an arm64 Python and re-run `imml-mac setup`)"
         )
-    else:
-        why = (
-            f"onnxruntime {facts.get('onnxruntime')} in {facts.get('executable')} "
-            f"was built without it (a wrong wheel: reinstall with "
-            f"`uv sync --extra cpu --no-dev`)"
-        )
-    return f"Core ML is NOT available: {why}. The service will run on the CPU."
+    return f"{runtime} was built without it (a wrong wheel: reinstall with `uv sync --extra cpu --no-dev`)"
 
 
 def assess(facts: dict, wanted: Sequence[str] = DEFAULT_PROVIDERS) -> Verdict:
@@ -98,7 +102,7 @@ def assess(facts: dict, wanted: Sequence[str] = DEFAULT_PROVIDERS) -> Verdict:
     @param facts: the dictionary printed by C{probe_script.py facts}.
     @param wanted: the providers the user allows, in order of preference.
     """
-    problems, notes = [], []
+    problems, notes, warnings = [], [], []
     version = tuple(facts.get("python") or ())
     shown = ".".join(str(part) for part in version) or "unknown"
     executable = facts.get("executable", "?")
@@ -131,17 +135,19 @@ def assess(facts: dict, wanted: Sequence[str] = DEFAULT_PROVIDERS) -> Verdict:
     if coreml:
         notes.append("Core ML is available: models can run on the Neural Engine and GPU.")
     elif not facts.get("onnxruntime_error"):
-        notes.append(_coreml_note(facts))
+        warnings.append(
+            f"Core ML is NOT available: {unavailable_because(facts, CORE_ML)}. The service will run on the CPU."
+        )
     chosen = [p for p in wanted if p in available]
     for provider in wanted:
-        if provider not in available and provider != CORE_ML:
-            notes.append(f"{provider} was asked for but is not available: skipped.")
+        if provider not in available and provider != CORE_ML and not facts.get("onnxruntime_error"):
+            warnings.append(f"{provider} was asked for but is not available: skipped.")
     if not chosen and available:
         if CPU in available:
             chosen = [CPU]
-            notes.append(f"None of the wanted providers ({', '.join(wanted)}) is available: using {CPU}.")
+            warnings.append(f"None of the wanted providers ({', '.join(wanted)}) is available: using {CPU}.")
         else:
             problems.append(f"None of the wanted providers ({', '.join(wanted)}) is available and there is no {CPU}.")
     if chosen:
         notes.append(f"The service will use: {', '.join(chosen)}")
-    return Verdict(problems=problems, notes=notes, coreml=coreml, providers=chosen)
+    return Verdict(problems=problems, notes=notes, coreml=coreml, providers=chosen, warnings=warnings)

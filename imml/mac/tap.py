@@ -27,8 +27,9 @@ from twisted.application.internet import backoffPolicy
 from twisted.logger import Logger
 from twisted.python import usage
 
+from imml import version_line
 from imml.mac import install, launchagent
-from imml.mac.doctor import run_doctor
+from imml.mac.doctor import report_lines, run_doctor
 from imml.mac.interpreter import Interpreter, ProbeError
 from imml.mac.preflight import DEFAULT_PROVIDERS, Verdict, assess, parse_providers
 from imml.mac.process_group import Command
@@ -66,7 +67,37 @@ def _port(value: str) -> int:
 _port.coerceDoc = "A TCP port, 1 to 65535."
 
 
-class ServiceOptions(usage.Options):
+def _invocation(options: usage.Options) -> str:
+    """
+    The start of a usage line, up to imml-mac's own options: C{Usage:
+    twistd [options] imml-mac} under twistd, C{Usage: imml-mac} (or the
+    C{program} that L{main} was given) alone.
+    """
+    if options.parent is not None:
+        return f"{options.parent.getSynopsis()} {options.parent.subCommand}"
+    return f"Usage: {getattr(options, 'program', 'imml-mac')}"
+
+
+class _Versioned(usage.Options):
+    def opt_version(self) -> None:
+        """Display imml's version (and Twisted's and Python's), then exit."""
+        print(version_line())
+        raise SystemExit(0)
+
+
+class _Command(_Versioned):
+    """
+    The options of a command (C{setup}, C{doctor}, C{launchagent}): its
+    usage line names it, after imml-mac's own.
+    """
+
+    synopsis = "[options]"
+
+    def getSynopsis(self) -> str:
+        return f"{_invocation(self.parent)} {self.parent.subCommand} {self.synopsis}"
+
+
+class ServiceOptions(_Versioned):
     """
     The options of the service, shared by ``doctor`` and ``launchagent``.
     """
@@ -116,6 +147,9 @@ class ServiceOptions(usage.Options):
         self["ml_dir"] = find_ml_dir(self["immich"])
         if self["python"] is None:
             self["python"] = str(self["ml_dir"] / ".venv" / "bin" / "python")
+        elif os.sep in self["python"]:
+            # A path, as the user's shell sees it: Immich ML runs in ml_dir.
+            self["python"] = os.path.abspath(os.path.expanduser(self["python"]))
         self["cache"] = str(pathlib.Path(self["cache"]).expanduser().resolve())
         for name, option in (("MODEL_TTL", "model-ttl"), ("WORKERS", "workers")):
             if self[option] is not None:
@@ -162,8 +196,12 @@ class ServiceOptions(usage.Options):
         return args
 
 
-class SetupOptions(usage.Options):
-    synopsis = "[--immich DIR] [--ref vX.Y.Z] [--cache DIR]"
+class SetupOptions(_Command):
+    longdesc = (
+        "Fetch Immich's machine-learning folder at a release (a shallow, sparse git clone), "
+        "create its environment with uv, and the model cache folder; then check them. "
+        "Safe to re-run; re-run with --ref to upgrade."
+    )
     optParameters = [
         [
             "immich",
@@ -187,17 +225,23 @@ class SetupOptions(usage.Options):
         )
 
 
-class DoctorOptions(ServiceOptions):
-    synopsis = "[--immich DIR] [--python PATH] [--providers LIST]"
+class DoctorOptions(_Command, ServiceOptions):
+    longdesc = (
+        "Check the interpreter Immich ML runs with (Python, immich_ml, onnxruntime and its providers) "
+        "and run a tiny test model on each wanted provider. Takes the service's options. "
+        "Exits 0 when the service would run as asked: on the first of --providers (Core ML by default)."
+    )
 
 
-class LaunchAgentOptions(ServiceOptions):
-    synopsis = "[service options]"
+class LaunchAgentOptions(_Command, ServiceOptions):
+    longdesc = (
+        "Write a macOS LaunchAgent (~/Library/LaunchAgents/LABEL.plist) that starts the service "
+        "with these options at every login, and print how to load it."
+    )
     optParameters = [["label", None, launchagent.LABEL, "The launchd label."]]
 
 
 class Options(ServiceOptions):
-    synopsis = "[options] | setup [options] | doctor [options] | launchagent [options]"
     longdesc = (
         "Run Immich's machine-learning service on this Mac under supervision "
         "(restarted when it dies or stops answering /ping, Mac kept awake). "
@@ -208,6 +252,11 @@ class Options(ServiceOptions):
         ["doctor", None, DoctorOptions, "Check the interpreter and run a test model on each provider."],
         ["launchagent", None, LaunchAgentOptions, "Write a LaunchAgent that starts the service at login."],
     ]
+
+    def getSynopsis(self) -> str:
+        start = _invocation(self)
+        commands = "|".join(name for name, _, _, _ in self.subCommands)
+        return f"{start} [options]\n{' ' * len('Usage:')} {start.removeprefix('Usage: ')} {commands} [options]"
 
     def postOptions(self) -> None:
         # A command validates its own options; setup has no checkout yet.
@@ -227,8 +276,8 @@ def _preflight(options: ServiceOptions, out: Callable[[str], object]) -> Verdict
         raise SystemExit(1) from None
     for note in verdict.notes:
         log.info("pre-flight: {note}", imml_event="preflight", note=note)
-    if not verdict.coreml:
-        log.warn("pre-flight: Core ML is not available, running on the CPU", imml_event="preflight-no-coreml")
+    for warning in verdict.warnings:
+        log.warn("pre-flight: {warning}", imml_event="preflight-warning", warning=warning)
     if verdict.problems:
         for problem in verdict.problems:
             out(f"imml-mac: pre-flight failed: {problem}")
@@ -291,7 +340,9 @@ def build_service(
     return top
 
 
-def run_command(name: str, options: usage.Options, out: Callable[[str], object] = print) -> int:
+def run_command(
+    name: str, options: usage.Options, out: Callable[[str], object] = print, platform: str = sys.platform
+) -> int:
     """
     Run C{setup}, C{doctor} or C{launchagent}; returns the exit status.
     """
@@ -318,7 +369,7 @@ def run_command(name: str, options: usage.Options, out: Callable[[str], object] 
         except ProbeError as exc:
             out(f"  FAIL  {exc}")
             return 1
-        for line in [f"  ok    {note}" for note in verdict.notes] + [f"  FAIL  {p}" for p in verdict.problems]:
+        for line in report_lines(verdict, []):
             out(line)
         if verdict.problems:
             return 1
@@ -336,6 +387,7 @@ def run_command(name: str, options: usage.Options, out: Callable[[str], object] 
             options["port"],
             label=options["label"],
             out=out,
+            platform=platform,
         )
         return 0
     raise usage.UsageError(f"unknown command {name}")
@@ -349,13 +401,16 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     return build_service(options, reactor)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, program: str = "imml-mac") -> int:
     """
     The ``imml-mac`` console script: the commands run here; without a
     command, twistd runs the service in the foreground.
+
+    @param program: how the user called it, for the usage lines.
     """
     argv = sys.argv[1:] if argv is None else argv
     options = Options()
+    options.program = program
     try:
         options.parseOptions(argv)
     except usage.UsageError as exc:

@@ -10,7 +10,7 @@ import sys
 import pytest
 from mac_helpers import FAKE_ML, FAKE_ORT, PYTHON
 
-from imml.mac.doctor import MODEL, interpret, run_doctor
+from imml.mac.doctor import MODEL, conclusion, interpret, ready, run_doctor
 from imml.mac.interpreter import Interpreter, ProbeError
 from imml.mac.preflight import CORE_ML, CPU, assess, parse_providers
 
@@ -24,6 +24,15 @@ MAC_FACTS = {
     "onnxruntime": "1.20.1",
     "onnxruntime_error": None,
     "providers": [CORE_ML, "AzureExecutionProvider", CPU],
+}
+
+
+RAN = {
+    "available": True,
+    "session_providers": [CORE_ML, CPU],
+    "correct": True,
+    "load_seconds": 0.01,
+    "run_seconds": 0.001,
 }
 
 
@@ -50,8 +59,8 @@ def test_missing_coreml_is_said_plainly_and_runs_on_cpu(changes, hint):
     verdict = assess(facts(providers=[CPU], **changes))
     assert verdict.ok and not verdict.coreml
     assert verdict.providers == (CPU,)
-    (note,) = [n for n in verdict.notes if "Core ML is NOT available" in n]
-    assert hint in note and "run on the CPU" in note
+    (warning,) = [w for w in verdict.warnings if "Core ML is NOT available" in w]
+    assert hint in warning and "run on the CPU" in warning
 
 
 def test_old_python_and_missing_immich_ml_are_problems_with_a_fix():
@@ -73,7 +82,8 @@ def test_order_is_the_users_and_none_available_falls_back_to_cpu():
     assert assess(MAC_FACTS, (CPU, CORE_ML)).providers == (CPU, CORE_ML)
     verdict = assess(MAC_FACTS, ("CUDAExecutionProvider",))
     assert verdict.providers == (CPU,)
-    assert any("CUDAExecutionProvider was asked for but is not available" in n for n in verdict.notes)
+    assert any("CUDAExecutionProvider was asked for but is not available" in w for w in verdict.warnings)
+    assert any("None of the wanted providers" in w for w in verdict.warnings)
 
 
 def test_short_provider_names():
@@ -97,7 +107,7 @@ def test_real_probe_on_linux_reports_missing_coreml():
     verdict = assess(answer)
     assert verdict.ok and not verdict.coreml
     assert verdict.providers == (CPU,)
-    assert any("Core ML is NOT available: this is linux" in n for n in verdict.notes)
+    assert any("Core ML is NOT available: this is linux" in w for w in verdict.warnings)
 
 
 def test_real_probe_where_immich_ml_is_missing(tmp_path):
@@ -115,12 +125,42 @@ def test_a_missing_interpreter_says_to_run_setup(tmp_path):
 def test_doctor_runs_the_tiny_model_on_the_cpu_for_real():
     assert MODEL.stat().st_size < 1000
     lines = []
-    code = run_doctor(Interpreter(PYTHON, str(FAKE_ML), env_without_hook()), (CORE_ML, CPU), out=lines.append)
+    code = run_doctor(Interpreter(PYTHON, str(FAKE_ML), env_without_hook()), (CPU,), out=lines.append)
     report = "\n".join(lines)
     assert code == 0, report
-    assert f"FAIL  {CORE_ML}: not available in this onnxruntime" in report
     (cpu,) = [line for line in lines if line.startswith(f"  ok    {CPU}: ran the test model in")]
     assert float(cpu.split(" in ")[1].split(" ms")[0]) >= 0
+    assert lines[-1] == f"Ready: the service will run on {CPU}."
+
+
+def test_doctor_fails_when_the_preferred_provider_is_missing_and_says_why():
+    # On Linux, as on a Mac whose onnxruntime lacks Core ML: the service
+    # would run on the CPU, not as asked.
+    lines = []
+    code = run_doctor(Interpreter(PYTHON, str(FAKE_ML), env_without_hook()), (CORE_ML, CPU), out=lines.append)
+    report = "\n".join(lines)
+    assert code == 1, report
+    assert f"  ok    {CPU}: ran the test model in" in report
+    assert f"  FAIL  {CORE_ML}: not available in this onnxruntime" in report
+    assert "  WARN  Core ML is NOT available: this is linux" in report
+    assert lines[-1].startswith(f"Not as asked: {CORE_ML}, the first of --providers, is not available")
+    assert "Core ML exists only on macOS" in lines[-1]
+    assert lines[-1].endswith("accept it with --providers CPU.")
+
+
+def test_the_doctors_verdict_on_a_mac():
+    with_coreml = interpret({"results": [{**RAN, "provider": p} for p in (CORE_ML, CPU)]})
+    assert ready(assess(MAC_FACTS), with_coreml, (CORE_ML, CPU))
+    assert conclusion(MAC_FACTS, assess(MAC_FACTS), with_coreml, (CORE_ML, CPU)) == (
+        f"Ready: the service will run on {CORE_ML}, {CPU}."
+    )
+    # An onnxruntime wheel without Core ML: the reason names the wheel.
+    cpu_only = facts(providers=[CPU])
+    runs = interpret({"results": [{"provider": CORE_ML, "available": False}, {**RAN, "provider": CPU}]})
+    assert not ready(assess(cpu_only), runs, (CORE_ML, CPU))
+    assert "was built without it" in conclusion(cpu_only, assess(cpu_only), runs, (CORE_ML, CPU))
+    # Asking for the CPU first is as asked, Core ML or not.
+    assert ready(assess(cpu_only, (CPU,)), runs[1:], (CPU,))
 
 
 def test_doctor_answer_interpretation():

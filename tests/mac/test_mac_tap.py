@@ -24,9 +24,12 @@ from mac_helpers import (
     read_pids,
     wait_group_gone,
 )
+from twisted.copyright import version as twisted_version
 from twisted.plugin import IPlugin, getPlugins
 from twisted.python import usage
+from twisted.scripts.twistd import ServerOptions
 
+import imml
 from imml.mac import tap
 from imml.mac.preflight import CORE_ML, CPU
 
@@ -85,6 +88,55 @@ def test_bad_options_say_what_is_wrong(args, message):
         parse(*args)
 
 
+def test_a_relative_python_is_the_one_the_user_sees(tmp_path, monkeypatch):
+    # Immich ML runs in its own folder: a path given from here must still
+    # name the same interpreter there.
+    monkeypatch.chdir(tmp_path)
+    assert parse("--immich", str(FAKE_ML), "--python", "env/bin/python")["python"] == str(tmp_path / "env/bin/python")
+    assert parse("--immich", str(FAKE_ML), "--python", "python3.11")["python"] == "python3.11"
+
+
+def twistd_says(capsys, *args):
+    """
+    What C{twistd ARGS} prints before it exits (options only: no reactor).
+    """
+    with pytest.raises(SystemExit) as exited:
+        ServerOptions().parseOptions(list(args))
+    assert exited.value.code in (None, 0)
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args", [["imml-mac"], ["imml-mac", "doctor"], ["imml-mac", "setup"], ["imml-balancer"]])
+def test_version_is_immls(capsys, args):
+    said = twistd_says(capsys, *args, "--version")
+    assert said.startswith(f"imml {imml.__version__} (Twisted {twisted_version}, Python ")
+
+
+def test_usage_lines_name_the_command(capsys):
+    lines = twistd_says(capsys, "imml-mac", "--help").splitlines()
+    assert lines[:2] == [
+        "Usage: twistd [options] imml-mac [options]",
+        "       twistd [options] imml-mac setup|doctor|launchagent [options]",
+    ]
+    for command, what in [
+        ("setup", "Fetch Immich's machine-learning folder"),
+        ("doctor", "run a tiny test model on each wanted provider"),
+        ("launchagent", "Write a macOS LaunchAgent"),
+    ]:
+        said = twistd_says(capsys, "imml-mac", command, "--help")
+        assert said.splitlines()[0] == f"Usage: twistd [options] imml-mac {command} [options]"
+        assert what in " ".join(said.split())
+
+
+def test_usage_lines_of_the_console_script(capsys):
+    with pytest.raises(SystemExit):
+        tap.main(["launchagent", "--help"])
+    assert capsys.readouterr().out.splitlines()[0] == "Usage: imml-mac launchagent [options]"
+    with pytest.raises(SystemExit):
+        tap.main(["--help"], program="python -m imml.mac")
+    assert capsys.readouterr().out.splitlines()[1] == "       python -m imml.mac setup|doctor|launchagent [options]"
+
+
 def test_setup_needs_no_checkout_yet():
     options = parse("setup", "--immich", "/nonexistent/immich-ml", "--ref", "v1.2.3")
     plan = options.subOptions.plan()
@@ -135,6 +187,25 @@ def test_launchagent(tmp_path, monkeypatch):
     report = "\n".join(lines)
     assert f"launchctl bootstrap gui/$(id -u) {path}" in report
     assert f"IMML_BACKENDS={socket.gethostname().split('.')[0]}.local:3004" in report
+
+
+@pytest.mark.parametrize("platform", ["linux", "freebsd14"])
+def test_launchagent_elsewhere_says_it_writes_a_file_for_macos(tmp_path, monkeypatch, platform):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    options = parse("launchagent", "--immich", str(FAKE_ML), "--python", PYTHON)
+    lines = []
+    assert tap.run_command("launchagent", options.subOptions, out=lines.append, platform=platform) == 0
+    assert lines[0].startswith(f"This is {platform}, not macOS: writing a LaunchAgent, a file for macOS's launchd")
+    assert (tmp_path / "Library" / "LaunchAgents" / "app.imml.mac.plist").exists()
+
+
+def test_launchagent_on_a_mac_says_nothing_of_the_kind(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    options = parse("launchagent", "--immich", str(FAKE_ML), "--python", PYTHON)
+    lines = []
+    assert tap.run_command("launchagent", options.subOptions, out=lines.append, platform="darwin") == 0
+    assert lines[0].startswith("Wrote ")
+    assert "macOS" not in "\n".join(lines)
 
 
 def test_the_plugin_is_found():
