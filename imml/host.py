@@ -45,6 +45,7 @@ class BackendSettings:
     @ivar slots: the most requests in flight on the host, or None for no
         fixed limit.
     @ivar tasks: the tasks the host serves, or None for all.
+    @ivar name: what the configuration file calls the host, or None.
     """
 
     weight: float = 1.0
@@ -52,6 +53,7 @@ class BackendSettings:
     tasks: Optional[frozenset] = None
     tier: int = 0
     mac: Optional[str] = None
+    name: Optional[str] = None
 
 
 @define

@@ -113,3 +113,30 @@ def test_a_flag_in_the_file_is_true_or_false(tmp_path):
     with pytest.raises(usage.UsageError) as e:
         options("--config", str(path), "--backends", "a")
     assert "admin-actions" in str(e.value) and "true or false" in str(e.value)
+
+
+def test_hosts_have_names_from_the_file(tmp_path):
+    config = parse_config('[[hosts]]\naddress = "192.168.0.5"\nname = "nas"\n[[hosts]]\naddress = "mac.local"\n')
+    assert [h.settings.name for h in config.hosts] == ["nas", None]
+    for text, line, words in [
+        ('[[hosts]]\naddress = "a"\nname = 3\n', 3, "name must be a short text"),
+        ('[[hosts]]\naddress = "a"\nname = ""\n', 3, "name must be a short text"),
+        (
+            '[[hosts]]\naddress = "a"\nname = "x"\n[[hosts]]\naddress = "b"\nname = "x"\n',
+            4,
+            "the name 'x' is given to two hosts",
+        ),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            parse_config(text, "imml.toml")
+        assert str(e.value).startswith(f"imml.toml, line {line}: {words}")
+
+
+def test_the_file_knows_the_line_of_each_balancer_setting():
+    text = (
+        '# strategy = "round-robin"\n[[hosts]]\naddress = "a"\n\n'
+        '[balancer]\nqueue_timeout = 90\n"max-tries" = 2\nstrategy = "failover"\n'
+    )
+    config = parse_config(text, "imml.toml")
+    assert config.balancer == {"queue-timeout": 90, "max-tries": 2, "strategy": "failover"}
+    assert [config.where(k) for k in config.balancer] == ["imml.toml, line 6", "imml.toml, line 7", "imml.toml, line 8"]
