@@ -44,16 +44,17 @@ def test_a_port_in_use_ends_the_start_with_one_line_and_status_1(held_port, opti
     [line] = [line for line in output.splitlines() if "cannot listen" in line]
     assert f"127.0.0.1:{held_port} ({option}): address already in use" in line
     assert "Traceback" not in output
+    # Nothing claims it runs.
+    assert "listening on" not in output
 
 
-def test_a_bad_place_to_listen_ends_the_start_with_a_usage_error_and_no_traceback():
+def test_a_bad_place_to_listen_ends_the_start_with_one_line_and_status_2():
     result = start("--admin", "0.0.0.0:notaport")
-    output = result.stdout + result.stderr
-    assert result.returncode == 1
-    assert output.splitlines()[-1].endswith(
-        f"--admin '0.0.0.0:notaport': the port must be a number from 0 to 65535, not 'notaport'; expected {FORMS}"
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (
+        "imml-balancer: error: --admin '0.0.0.0:notaport': the port must be a number from 0 to 65535, "
+        f"not 'notaport'; expected {FORMS} (twistd imml-balancer --help lists the options)\n"
     )
-    assert "Traceback" not in output
 
 
 def options(*args: str) -> Options:
@@ -116,7 +117,7 @@ def test_the_config_file_says_where_to_listen_and_its_mistakes_name_the_file(tmp
     path.write_text('[balancer]\nlisten = "tcp:notaport"\n')
     with pytest.raises(usage.UsageError) as error:
         options("--config", str(path))
-    assert str(error.value).startswith(f"{path}: [balancer] listen: 'tcp:notaport': the port must be")
+    assert str(error.value).startswith(f"{path}, line 2: listen 'tcp:notaport': the port must be")
 
 
 @pytest.mark.parametrize("listen", ["tcp:0:interface=::1", "[::1]:0"])
@@ -127,3 +128,29 @@ async def test_an_ipv6_interface_written_plainly_is_listened_on(listen):
         # (treq cannot take an IPv6 address in a URL; Twisted's Agent can.)
         response = await Agent(reactor, pool=r.pool).request(b"GET", (r.url + "/ping").encode())
         assert response.code == 200 and await treq.content(response) == b"pong"
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--rise", "0"], "--rise must be at least 1, not 0"),
+        (["--max-tries", "three"], "--max-tries must be a whole number of at least 1, not 'three'"),
+        (["--strategy", "fastest"], "unknown strategy 'fastest'; choose one of "),
+        (["--no-such-option"], "option --no-such-option not recognized"),
+        (["--config", "/nonexistent/imml.toml"], "/nonexistent/imml.toml: cannot read it: No such file or directory"),
+    ],
+)
+def test_a_usage_error_is_one_line_first_with_a_hint_to_help_and_status_2(args, says):
+    result = start(*args)
+    assert (result.returncode, result.stdout) == (2, ""), result.stdout + result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"imml-balancer: error: {says}")
+    assert line.endswith(" (twistd imml-balancer --help lists the options)")
+
+
+def test_help_still_prints_every_option():
+    result = twistd("imml-balancer", "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Usage: twistd [options] imml-balancer [options]")
+    for row in Options.optParameters + Options.optFlags:
+        assert f"--{row[0]}" in result.stdout
