@@ -5,17 +5,22 @@ usage error naming the option and the forms, and a port it cannot open
 ends twistd with one line and status 1, never a traceback.
 """
 
+import re
 import socket
 
 import pytest
 import treq
-from support import bounded, rig, twistd
+from steering import events
+from support import bounded, rig, spawn_twistd, twistd, until
+from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.python import usage
-from twisted.web.client import Agent
+from twisted.web.client import Agent, HTTPConnectionPool
 
+from imml import __version__
 from imml.endpoints import FORMS, endpoint_string
 from imml.tap import Options
+from imml.testing import start_fake_hosts
 
 
 @pytest.fixture
@@ -154,3 +159,64 @@ def test_help_still_prints_every_option():
     assert result.stdout.startswith("Usage: twistd [options] imml-balancer [options]")
     for row in Options.optParameters + Options.optFlags:
         assert f"--{row[0]}" in result.stdout
+
+
+def host_named(name: str, address: str, **settings) -> str:
+    lines = ["[[hosts]]", f'address = "{address}"', f'name = "{name}"' if name else ""]
+    return "\n".join(lines + [f"{k} = {v}" for k, v in settings.items()]) + "\n"
+
+
+@bounded(30)
+async def test_the_start_line_says_what_runs_and_where_once_it_listens(tmp_path):
+    [fake] = await start_fake_hosts(reactor, [dict(name="h0")])
+    path = tmp_path / "imml.toml"
+    path.write_text(host_named("nas", fake.address) + host_named("", "127.0.0.1:9"))
+    child, process = spawn_twistd(
+        *"-n --pidfile= imml-balancer --strategy round-robin --health-interval 0.2".split(),
+        *["--listen", "tcp:0:interface=127.0.0.1", "--admin", "127.0.0.1:0", "--config", str(path)],
+    )
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    try:
+        await child.said("listening on")
+        [line] = [line for line in child.output.splitlines() if "listening on" in line]
+        said = re.search(
+            r"\] imml (\S+) listening on 127\.0\.0\.1:(\d+), admin (http://127\.0\.0\.1:\d+/), "
+            r"strategy round-robin, hosts: (.*), config (.*)$",
+            line,
+        )
+        assert said is not None, line
+        version, port, admin, hosts, config = said.groups()
+        assert version == __version__ and port != "0"
+        assert (hosts, config) == (f"nas ({fake.address}), 127.0.0.1:9", str(path))
+        # The port and the admin URL it names are the ones it listens on.
+        client = HTTPClient(Agent(reactor, pool=pool))
+        await child.said(f"ML host {fake.address} is up")
+        response = await client.get(f"http://127.0.0.1:{port}/ping")
+        assert await response.text() == "pong"
+        response = await client.get(admin + "api/status")
+        assert (await response.json())["balancer"]["version"] == version
+        process.signalProcess("TERM")
+        await child.ended
+    finally:
+        await child.killed(process)
+        await pool.closeCachedConnections()
+        await fake.stop()
+
+
+@bounded(20)
+async def test_the_start_event_carries_each_fact(tmp_path):
+    async with await rig([dict(name="h0")], "--strategy", "failover") as r:
+        await until(lambda: events(r, "start"))
+        [event] = events(r, "start")
+        admin = r.balancer.admin.port.getHost()
+        assert event["listen"] == r.url.removeprefix("http://")
+        assert event["admin"] == f"http://127.0.0.1:{admin.port}/"
+        assert event["strategy"] == "failover" and event["config"] == "none"
+        assert event["hosts"] == [{"name": None, "address": r.hosts[0].address}]
+        assert event["host_list"] == r.hosts[0].address
+    async with await rig([dict(name="h0")], "--admin", "none", "--demo", "1") as r:
+        await until(lambda: events(r, "start"))
+        [event] = events(r, "start")
+        assert event["admin"] == "none"
+        # Its stand-in host (--demo replaces --backends), by its name.
+        assert [h["name"] for h in event["hosts"]] == ["demo-1"]
