@@ -10,7 +10,7 @@ adds per-host settings and the balancer's own.  Example::
 
     [[hosts]]
     address = "mac.local:3003"      # as in IMML_BACKENDS
-    name = "mac"                    # what the status page calls it
+    name = "mac"                    # what logs and pages call it
     slots = 4                       # most requests in flight on this host
     weight = 2.0                    # relative share of the work
     tier = 0                        # failover order: lower tiers first
@@ -23,14 +23,16 @@ adds per-host settings and the balancer's own.  Example::
     tasks = ["ocr"]
 
 A file that cannot be used raises L{ConfigError} naming the line and the
-reason; a running balancer keeps its old configuration then.
+reason; a running balancer keeps its old configuration then.  The options
+read the values of C{[balancer]} themselves: L{Config.where} names the line
+of each, for their messages.
 """
 
 from __future__ import annotations
 
 import re
 import tomllib
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 from attrs import frozen
 
@@ -40,6 +42,8 @@ from .host import BackendSettings
 
 _MAC = re.compile(r"^[0-9a-f]{2}([:-]?)[0-9a-f]{2}(\1[0-9a-f]{2}){4}$", re.I)
 _HOST_KEYS = {"address", "name", "slots", "weight", "tier", "tasks", "mac"}
+#: The longest host name.
+_NAME_LENGTH = 64
 
 
 class ConfigError(ValueError):
@@ -64,6 +68,16 @@ class Config:
 
     hosts: tuple[HostConfig, ...] = ()
     balancer: dict = {}
+    #: The file's name, as given.
+    path: str = "<config>"
+    #: The line of each C{[balancer]} setting.
+    lines: dict = {}
+
+    def where(self, option: str) -> str:
+        """
+        Where C{[balancer]}'s C{option} is set: the file and the line.
+        """
+        return _where(self.path, self.lines.get(option))
 
 
 def _line_of(text: str, needle: str, occurrence: int = 0) -> Optional[int]:
@@ -80,20 +94,30 @@ def _where(path: str, line: Optional[int]) -> str:
     return f"{path}, line {line}" if line else path
 
 
+def _key_line(text: str, start: int, key: str) -> Optional[int]:
+    """
+    The line that sets C{key} in the table whose header is line C{start},
+    the key written bare or quoted, with dashes or underscores.
+    """
+    spellings = "|".join(re.escape(k) for k in {key, key.replace("-", "_")})
+    setting = re.compile(rf"""^(["']?)({spellings})\1\s*=""")
+    lines = text.splitlines()
+    for number in range(start, len(lines)):
+        stripped = lines[number].strip()
+        if stripped.startswith("["):
+            break
+        if setting.match(stripped):
+            return number + 1
+    return None
+
+
 def _host(raw: dict, index: int, text: str, path: str) -> HostConfig:
     start = _line_of(text, "[[hosts]]", index)
 
     def fail(key: Optional[str], reason: str) -> ConfigError:
         line = start
         if key is not None and start is not None:
-            lines = text.splitlines()
-            for number in range(start, len(lines)):
-                stripped = lines[number].strip()
-                if stripped.startswith("["):
-                    break
-                if re.match(rf"{re.escape(key)}\s*=", stripped):
-                    line = number + 1
-                    break
+            line = _key_line(text, start, key) or start
         return ConfigError(f"{_where(path, line)}: {reason}")
 
     if not isinstance(raw, dict):
@@ -128,12 +152,14 @@ def _host(raw: dict, index: int, text: str, path: str) -> HostConfig:
         if bad:
             raise fail("tasks", f"unknown task {bad[0]!r}; tasks are {', '.join(TASKS)}")
         tasks = frozenset(tasks)
+    name = raw.get("name")
+    if name is not None and (
+        not isinstance(name, str) or not name.strip() or len(name) > _NAME_LENGTH or not name.isprintable()
+    ):
+        raise fail("name", f'name must be a short text such as "nas" (at most {_NAME_LENGTH} characters), not {name!r}')
     mac = raw.get("mac")
     if mac is not None and (not isinstance(mac, str) or not _MAC.match(mac)):
         raise fail("mac", f'mac must be a MAC address such as "aa:bb:cc:dd:ee:ff", not {mac!r}')
-    name = raw.get("name")
-    if name is not None and (not isinstance(name, str) or not name.strip() or not name.isprintable()):
-        raise fail("name", f'name must be a non-empty line of text such as "nas", not {name!r}')
     return HostConfig(
         address,
         BackendSettings(
@@ -142,11 +168,14 @@ def _host(raw: dict, index: int, text: str, path: str) -> HostConfig:
     )
 
 
-def parse_config(text: str, path: str = "<config>", known_options: Optional[set] = None) -> Config:
+def parse_config(
+    text: str, path: str = "<config>", known_options: Optional[set] = None, elsewhere: Mapping[str, str] = {}
+) -> Config:
     """
     Parse a configuration file's text.
 
     @param known_options: the option names the C{[balancer]} table may set.
+    @param elsewhere: options it may not set, each with where it belongs.
     @raise ConfigError: naming the line and the reason.
     """
     try:
@@ -164,28 +193,35 @@ def parse_config(text: str, path: str = "<config>", known_options: Optional[set]
     if not isinstance(raw_hosts, list):
         raise ConfigError(f"{_where(path, _line_of(text, 'hosts'))}: hosts must be written as [[hosts]] tables")
     hosts = tuple(_host(raw, i, text, path) for i, raw in enumerate(raw_hosts))
-    seen: set = set()
+    addresses: set = set()
+    names: set = set()
     for i, host in enumerate(hosts):
-        if host.address in seen:
-            raise ConfigError(f"{_where(path, _line_of(text, '[[hosts]]', i))}: host {host.address} is listed twice")
-        seen.add(host.address)
+        where = _where(path, _line_of(text, "[[hosts]]", i))
+        if host.address in addresses:
+            raise ConfigError(f"{where}: host {host.address} is listed twice")
+        if host.settings.name in names:
+            raise ConfigError(f"{where}: the name {host.settings.name!r} is given to two hosts")
+        addresses.add(host.address)
+        if host.settings.name is not None:
+            names.add(host.settings.name)
     balancer = data.get("balancer", {})
     if not isinstance(balancer, dict):
         raise ConfigError(f"{path}: balancer must be a table, [balancer]")
     balancer = {k.replace("_", "-"): v for k, v in balancer.items()}
-    if known_options is not None:
-        for key in balancer:
-            if key not in known_options:
-                raise ConfigError(
-                    f"{_where(path, _line_of(text, key) or _line_of(text, key.replace('-', '_')))}: "
-                    f"unknown balancer setting {key!r}"
-                )
-    return Config(hosts, balancer)
+    start = _line_of(text, "[balancer]")
+    lines = {}
+    for key in balancer:
+        lines[key] = (_key_line(text, start, key) if start else None) or _line_of(text, key)
+        if key in elsewhere:
+            raise ConfigError(f"{_where(path, lines[key])}: {key} cannot be set in [balancer]: {elsewhere[key]}")
+        if known_options is not None and key not in known_options:
+            raise ConfigError(f"{_where(path, lines[key])}: unknown balancer setting {key!r}")
+    return Config(hosts, balancer, path, lines)
 
 
-def load_config(path: str, known_options: Optional[set] = None) -> Config:
+def load_config(path: str, known_options: Optional[set] = None, elsewhere: Mapping[str, str] = {}) -> Config:
     """
-    Read and parse the configuration file at C{path}.
+    Read and parse the configuration file at C{path} (see L{parse_config}).
     """
     try:
         with open(path, "rb") as f:
@@ -194,4 +230,4 @@ def load_config(path: str, known_options: Optional[set] = None) -> Config:
         raise ConfigError(f"{path}: cannot read it: {e.strerror}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
-    return parse_config(text, path, known_options)
+    return parse_config(text, path, known_options, elsewhere)

@@ -6,13 +6,13 @@ balancer (L{imml.wiring.build}) for twistd.
 from __future__ import annotations
 
 import os
-import re
+import sys
 from typing import Any, Callable, Optional
 
 from twisted.application import service
 from twisted.python import usage
 
-from . import version_line
+from . import __version__, version_line
 from .backends import BackendListError, parse_backends
 from .config import ConfigError, load_config
 from .control import remember_command_line
@@ -21,26 +21,24 @@ from .guard import TokenError, admin_hosts, read_token
 from .host import BackendSettings
 from .logs import FORMATS
 from .strategies import UnknownStrategy, available, strategy_named
+from .summary import report
+from .values import COMMAND_LINE, DEFAULT, BadValue, Origin, choice, flag, number, size
 
 DEFAULT_STRATEGY = "shortest-delay"
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]i?b?|b)?\s*$", re.I)
-_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
-
-
-def parse_size(text: str) -> int:
-    """
-    A size such as C{100M}, C{100MiB}, C{512k} or C{1048576}, in bytes
-    (binary units).
-    """
-    m = _SIZE.match(text)
-    if not m:
-        raise usage.UsageError(f"{text!r} is not a size (examples: 100M, 512k, 1048576)")
-    return int(float(m.group(1)) * _UNITS[(m.group(2) or "")[:1].lower()])
-
+#: The subcommand's name, as twistd knows it (twisted/plugins/imml_balancer.py).
+TAPNAME = "imml-balancer"
 
 #: The options that name somewhere to listen (L{imml.endpoints}).
 _ENDPOINTS = ("listen", "admin")
+
+#: What the configuration file's C{[balancer]} table cannot set, and
+#: where it belongs instead.
+_ELSEWHERE = {
+    "backends": 'hosts go in [[hosts]] tables, one per host (address = "nas:3003"), which replace --backends',
+    "demo": "stand-in hosts are for trying imml out: give --demo on the command line",
+    "config": "it names this file: give --config on the command line",
+    "check": "give --check on the command line",
+}
 
 
 def _check_endpoint(name: str, text: str) -> None:
@@ -56,23 +54,12 @@ def _check_endpoint(name: str, text: str) -> None:
         raise usage.UsageError(f"{text!r}: {e}") from None
 
 
-def _positive(kind: type) -> Callable[[str], Any]:
-    def convert(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise usage.UsageError(f"{text!r} is not a number") from None
-        if value <= 0:
-            raise usage.UsageError(f"{text!r} must be greater than zero")
-        return value
-
-    return convert
-
-
-def _log_format(text: str) -> str:
-    if text not in FORMATS:
-        raise usage.UsageError(f"{text!r} is not a log format: {' or '.join(FORMATS)}")
-    return text
+def _number(name: str, default: Any, doc: str, **bounds: Any) -> list:
+    """
+    The row of a number option: greater than 0 unless C{bounds} say
+    otherwise (L{number}).
+    """
+    return [name, None, default, doc, number(name, **bounds)]
 
 
 class Options(usage.Options):
@@ -81,7 +68,8 @@ class Options(usage.Options):
         "A reverse proxy for Immich's machine-learning service: point Immich's "
         "ML URL at it, and it spreads the requests over every ML host in "
         "--backends, checks their health, and retries failed requests on "
-        "another host."
+        "another host.  --check reads the options and the --config file, "
+        "prints the settings in force, and exits."
     )
     optParameters = [
         ["listen", "l", "tcp:3003", f"Where to listen: {FORMS}."],
@@ -93,61 +81,47 @@ class Options(usage.Options):
             "comma separated, port 3003 when omitted. Default: $IMML_BACKENDS.",
         ],
         ["strategy", "s", DEFAULT_STRATEGY, "How to choose a host: a strategy name or the dotted path of a class."],
-        [
-            "health-interval",
-            None,
-            5.0,
-            "Seconds between health checks (GET /ping) of a host that is up.",
-            _positive(float),
-        ],
-        [
+        _number("health-interval", 5.0, "Seconds between health checks (GET /ping) of a host that is up."),
+        _number(
             "health-down-interval",
-            None,
             2.0,
             "Seconds between health checks of a host that is down (never more than --health-interval).",
-            _positive(float),
-        ],
-        [
+        ),
+        _number(
             "health-fast-interval",
-            None,
             1.0,
             "Seconds between health checks of a host that is down while requests wait for a host, "
             "or once it passed a check on its way back up (never more than the other two).",
-            _positive(float),
-        ],
-        ["health-timeout", None, 2.0, "Seconds a health check may take.", _positive(float)],
-        ["rise", None, 2, "Passing checks in a row that bring a down host back up.", _positive(int)],
-        ["fall", None, 3, "Failing checks in a row that take a host down.", _positive(int)],
-        ["connect-timeout", None, 5.0, "Seconds to wait for a connection to a host.", _positive(float)],
-        [
+        ),
+        _number("health-timeout", 2.0, "Seconds a health check may take."),
+        _number("rise", 2, "Passing checks in a row that bring a down host back up.", whole=True, least=1),
+        _number("fall", 3, "Failing checks in a row that take a host down.", whole=True, least=1),
+        _number("connect-timeout", 5.0, "Seconds to wait for a connection to a host."),
+        _number(
             "response-timeout",
-            None,
             300.0,
             "Seconds a host has to answer a request completely (a cold model load takes tens of seconds).",
-            _positive(float),
-        ],
-        ["max-body", None, "100M", "Largest request body accepted (e.g. 100M, 512k)."],
-        ["max-tries", None, 3, "Most hosts one request is sent to.", _positive(int)],
-        [
+        ),
+        ["max-body", None, "100M", "Largest request body accepted (e.g. 100M, 512k).", size("max-body")],
+        _number("max-tries", 3, "Most hosts one request is sent to.", whole=True, least=1),
+        _number(
             "queue-timeout",
-            None,
             120.0,
             "Seconds a request may wait for a host with a free slot, or for a host to come up "
             "(keep it well under Immich's 300 s).",
-            _positive(float),
-        ],
-        ["max-queue", None, 1000, "Most requests that may wait at once.", _positive(int)],
+        ),
+        _number("max-queue", 1000, "Most requests that may wait at once.", whole=True, least=1),
         [
             "config",
             "c",
             None,
-            "A TOML file with per-host settings ([[hosts]]: address, slots, weight, tier, tasks, mac) "
+            "A TOML file with per-host settings ([[hosts]]: address, name, slots, weight, tier, tasks, mac) "
             "and balancer options ([balancer]); its hosts replace --backends.",
         ],
         ["wol-broadcast", None, "255.255.255.255", "Where Wake-on-LAN packets go: a broadcast address."],
-        ["wol-port", None, 9, "The UDP port of Wake-on-LAN packets.", _positive(int)],
-        ["wol-interval", None, 30.0, "Least seconds between two wake-up packets to one host.", _positive(float)],
-        ["demo", None, 0, "Start this many local stand-in ML hosts and balance over them.", int],
+        _number("wol-port", 9, "The UDP port of Wake-on-LAN packets.", whole=True, least=1, most=65535),
+        _number("wol-interval", 30.0, "Least seconds between two wake-up packets to one host."),
+        _number("demo", 0, "Start this many local stand-in ML hosts and balance over them.", whole=True, least=0),
         # Seeing and steering the fleet (imml.control, imml.admin; docs/admin.md).
         [
             "admin",
@@ -164,22 +138,24 @@ class Options(usage.Options):
             "Default: $IMML_ADMIN_TOKEN, or the file $IMML_ADMIN_TOKEN_FILE names.",
         ],
         ["admin-token-file", None, None, "A file holding the admin token (its trailing newline is ignored)."],
-        [
-            "drain-timeout",
-            None,
-            30.0,
-            "Seconds a stopping balancer waits for the requests it accepted.",
-            _positive(float),
-        ],
+        _number("drain-timeout", 30.0, "Seconds a stopping balancer waits for the requests it accepted."),
         [
             "log-format",
             None,
             "text",
             "How the log reads: text (a line for people) or json (one JSON object per line, for Loki or ELK).",
-            _log_format,
+            choice("log-format", FORMATS),
         ],
     ]
-    optFlags = [["admin-actions", None, "Allow drain, enable and check from the admin page and API."]]
+    optFlags = [
+        ["admin-actions", None, "Allow drain, enable and check from the admin page and API."],
+        [
+            "check",
+            None,
+            "Read the options, the --config file and the hosts, print the settings in force and exit "
+            "(status 0), or print the first error (status 2); listen nowhere.",
+        ],
+    ]
     #: Options given once per value (an C{opt_} method each), and their defaults.
     repeated = {"admin-hosts": ()}
 
@@ -187,6 +163,23 @@ class Options(usage.Options):
         super().__init__()
         self.update(self.repeated)
         self.defaults = dict(self)
+        #: Where each option's value came from (L{Origin}); C{hosts} for
+        #: the host list.
+        self.origins: dict[str, Origin] = {}
+
+    def parseOptions(self, options: Optional[list[str]] = None) -> None:
+        """
+        Parse the command line.  Run by twistd (as its subcommand), a usage
+        error is one line on stderr, first and alone, and exit status 2;
+        otherwise it is raised (L{usage.UsageError}).
+        """
+        if self.parent is None:
+            return super().parseOptions(options)
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            sys.stderr.write(f"{TAPNAME}: error: {e} (twistd {TAPNAME} --help lists the options)\n")
+            raise SystemExit(2) from None
 
     def opt_admin_host(self, name: str) -> None:
         """Another name the admin listener answers to (repeatable). Default: $IMML_ADMIN_HOSTS."""
@@ -197,70 +190,104 @@ class Options(usage.Options):
         Read --config: its options apply where the command line left the
         default; its hosts, with their settings, replace --backends.
         """
-        known = set(self.defaults) - {"config", "demo", "backends"}
         try:
-            config = load_config(self["config"], known)
+            config = load_config(self["config"], set(self.defaults) - set(_ELSEWHERE), _ELSEWHERE)
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
         for name, value in config.balancer.items():
-            if self[name] == self.defaults[name]:
-                try:
-                    self[name] = self._coerce(name, value)
-                except (usage.UsageError, ValueError) as e:
-                    raise usage.UsageError(f"{self['config']}: [balancer] {name}: {e}") from None
-        self["hosts"] = [(h.address, h.settings) for h in config.hosts]
+            if name not in self["given"]:
+                origin = Origin("file", config.where(name))
+                self[name] = self._coerce(name, value, origin)
+                self.origins[name] = origin
+                self._valid(name)
+        if config.hosts:
+            self["hosts"] = [(h.address, h.settings) for h in config.hosts]
+            self.origins["hosts"] = Origin("file", config.path)
 
-    def _coerce(self, name: str, value: Any) -> Any:
+    def _coerce(self, name: str, value: Any, origin: Origin) -> Any:
         """
-        A value from the file, as the command line's option C{name} would
-        have it.
+        A value from C{origin}, as the command line's option C{name} would
+        have it; one that cannot be is a usage error naming where it was
+        set.
         """
+        try:
+            return self._read(name, value)
+        except BadValue as e:
+            raise usage.UsageError(f"{origin.subject(name)} {e.reason}") from None
+        except (usage.UsageError, ValueError) as e:
+            raise usage.UsageError(f"{origin.subject(name)}: {e}") from None
+
+    def _read(self, name: str, value: Any) -> Any:
         if name in self.repeated:
             if isinstance(value, str):
                 value = [value]
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise usage.UsageError(f'{value!r} is not a list of names, e.g. ["nas.local"]')
             return admin_hosts(value)
-        for flag in self.optFlags:
-            if flag[0] == name:
-                if not isinstance(value, bool):
-                    raise usage.UsageError(f"{value!r} is not true or false")
-                return 1 if value else 0
-        for parameter in self.optParameters:
-            if parameter[0] == name:
-                coerce: Optional[Callable[[str], Any]] = parameter[4] if len(parameter) > 4 else None
-                if name in _ENDPOINTS:
-                    _check_endpoint(name, str(value))
-                return coerce(str(value)) if coerce is not None else str(value)
-        raise usage.UsageError("no such option")
+        if any(row[0] == name for row in self.optFlags):
+            return flag(name, value)
+        [row] = [row for row in self.optParameters if row[0] == name]
+        read: Optional[Callable[[str], Any]] = row[4] if len(row) > 4 else None
+        return read(str(value)) if read is not None else str(value)
 
     def postOptions(self) -> None:
         remember_command_line(self)
-        if self["demo"] < 0:
-            raise usage.UsageError("--demo takes a number of stand-in hosts, 0 or more")
+        self.origins = {name: COMMAND_LINE if name in self["given"] else DEFAULT for name in self.defaults}
         self["hosts"] = []
         if self["config"]:
             self._apply_file()
-        self["max-body"] = parse_size(str(self["max-body"]))
+        if isinstance(self["max-body"], str):
+            self["max-body"] = self._coerce("max-body", self["max-body"], self.origins["max-body"])
         self._check_log_format()
         self._admin_guard()
-        for name in _ENDPOINTS:
+        for name in (*_ENDPOINTS, "strategy"):
+            self._valid(name)
+        if not self["hosts"] and self["demo"]:
+            self.origins["hosts"] = self.origins["demo"]
+        elif not self["hosts"]:
+            self._backends()
+        if self["check"]:
+            print(report(self, __version__))
+            raise SystemExit(0)
+
+    def _valid(self, name: str) -> None:
+        """
+        Refuse the value of option C{name} unless it can be used, naming
+        where it was set: where to listen, and the strategy, whose checks
+        need more than the value alone.
+        """
+        origin = self.origins[name]
+        if name in _ENDPOINTS:
             try:
                 _check_endpoint(name, self[name])
             except usage.UsageError as e:
-                raise usage.UsageError(f"--{name} {e}") from None
-        if not self["demo"] and not self["hosts"]:
-            text = self["backends"]
-            if text is None:
-                text = os.environ.get("IMML_BACKENDS", "")
+                raise usage.UsageError(f"{origin.subject(name)} {e}") from None
+        elif name == "strategy":
             try:
-                self["hosts"] = [(a, BackendSettings()) for a in parse_backends(text)]
-            except BackendListError as e:
-                raise usage.UsageError(str(e)) from None
+                strategy_named(self[name])
+            except UnknownStrategy as e:
+                raise usage.UsageError(origin.tell(str(e))) from None
+
+    def _backends(self) -> None:
+        """
+        The hosts of C{--backends}, or else of C{$IMML_BACKENDS}.
+        """
+        text, origin = self["backends"], self.origins["backends"]
+        if text is None:
+            text = os.environ.get("IMML_BACKENDS", "")
+            origin = Origin("environment", "$IMML_BACKENDS") if "IMML_BACKENDS" in os.environ else origin
+        self.origins["hosts"] = origin
+        if not text.replace(",", "").strip():
+            raise usage.UsageError(
+                origin.tell(
+                    "no ML hosts: give --backends or IMML_BACKENDS (host[:port], comma separated), "
+                    "[[hosts]] in a --config file, or --demo 3 to try imml with stand-in hosts"
+                )
+            )
         try:
-            strategy_named(self["strategy"])
-        except UnknownStrategy as e:
-            raise usage.UsageError(str(e)) from None
+            self["hosts"] = [(a, BackendSettings()) for a in parse_backends(text)]
+        except BackendListError as e:
+            raise usage.UsageError(origin.tell(str(e))) from None
 
     def _check_log_format(self) -> None:
         """
@@ -284,10 +311,18 @@ class Options(usage.Options):
         names, source = self["admin-hosts"], "--admin-host"
         if not names and os.environ.get("IMML_ADMIN_HOSTS"):
             names, source = (os.environ["IMML_ADMIN_HOSTS"],), "$IMML_ADMIN_HOSTS"
+            self.origins["admin-hosts"] = Origin("environment", source)
         try:
             self["admin-hosts"] = admin_hosts(names)
         except ValueError as e:
             raise usage.UsageError(f"{source}: {e}") from None
+        if self["admin-token"] is None and self["admin-token-file"] is not None:
+            self.origins["admin-token"] = self.origins["admin-token-file"]
+        elif self["admin-token"] is None:
+            for variable in ("IMML_ADMIN_TOKEN", "IMML_ADMIN_TOKEN_FILE"):
+                if variable in os.environ:
+                    self.origins["admin-token"] = Origin("environment", f"${variable}")
+                    break
         try:
             self["admin-token"] = read_token(self["admin-token"], self["admin-token-file"], os.environ)
         except TokenError as e:

@@ -5,8 +5,9 @@ typed record (L{Balancer}) and a service tree.
 Each component owns its state and its settings; a reload changes a setting
 through the component that owns it (L{appliers}).  The tree's children stop
 one after another, last started first: the graceful stop (the listener
-closes, requests drain), the reloader, the admin listener, the health
-checker, the demo hosts, the waker and the connection pool.
+closes, requests drain), the reloader, the start-up line, the admin
+listener, the health checker, the demo hosts, the waker and the
+connection pool.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from .services import Listener, ListensOrExits, Running
 from .site import BalancerResource, BalancerSite
 from .status import Status
 from .strategies import strategy_named
+from .summary import StartLine
 from .upstream import Upstream, make_agent, make_pinger, make_pool
 from .wake import Waker
 from .window import RecentWindow
@@ -90,6 +92,7 @@ class _DemoHosts(service.Service):
     def __init__(self, reactor: Any, fleet: Fleet, checker: HealthChecker, count: int) -> None:
         self.reactor, self.fleet, self.checker, self.count = reactor, fleet, checker, count
         self.hosts: list = []
+        self._started: Deferred[None] = Deferred()
 
     def startService(self) -> None:
         super().startService()
@@ -101,18 +104,31 @@ class _DemoHosts(service.Service):
             self.hosts = hosts
             for host in hosts:
                 log.info("demo ML host {name} listens on {address}", name=host.name, address=host.address)
-            for host in hosts:
-                self.fleet.add(parse_backend(host.address))
+            for address, settings in self.addresses():
+                self.fleet.add(address, settings)
             self.checker.check_all()
 
-        d.addCallback(started)
+        d.addCallback(started).chainDeferred(self._started)
+
+    def joined(self) -> Deferred[None]:
+        """
+        Fires once the hosts have joined the fleet (or could not start).
+        """
+        joined: Deferred[None] = Deferred()
+
+        def pass_on(result: Any) -> Any:
+            joined.callback(None)
+            return result
+
+        self._started.addBoth(pass_on)
+        return joined
 
     def stopService(self) -> Deferred:
         super().stopService()
         return gatherResults([h.stop() for h in self.hosts])
 
     def addresses(self) -> list:
-        return [(parse_backend(h.address), BackendSettings()) for h in self.hosts]
+        return [(parse_backend(h.address), BackendSettings(name=h.name)) for h in self.hosts]
 
 
 def _listener(reactor: Any, option: str, text: str, factory: Any) -> Listener:
@@ -273,6 +289,14 @@ def build(options: Any, reactor: Any, signals: bool = True) -> Balancer:
     listener.setServiceParent(top)
     if admin is not None:
         admin.setServiceParent(top)
+    StartLine(
+        listener,
+        admin,
+        lambda: [(b.settings.name, str(b.address)) for b in fleet.backends],
+        options["strategy"],
+        options["config"],
+        [demo.joined] if demo is not None else [],
+    ).setServiceParent(top)
     reloader.setServiceParent(top)
     # The graceful stop, last started, stops the listener first of all.
     stopper.setServiceParent(top)

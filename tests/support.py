@@ -66,6 +66,14 @@ class Child(ProcessProtocol):
     def processEnded(self, reason) -> None:
         self.ended.callback(reason.value)
 
+    async def killed(self, process: Any) -> None:
+        """
+        Kill C{process}, this child, unless it has ended; wait for its end.
+        """
+        if not self.ended.called:
+            process.signalProcess("KILL")
+            await self.ended
+
     async def said(self, text: str, seconds: float = 10.0) -> None:
         """
         Wait until the child has written C{text}; fail after C{seconds}.

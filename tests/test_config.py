@@ -101,21 +101,118 @@ def test_a_file_without_hosts_keeps_backends(tmp_path):
     assert o["max-tries"] == 5
 
 
-def test_a_bad_option_value_in_the_file(tmp_path):
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        (
+            '[balancer]\nstrategy = "failover"\nqueue-timeout = "abc"\n',
+            "line 3: queue-timeout must be a number greater than 0, not 'abc'",
+        ),
+        ("[balancer]\n\nmax-tries = 0\n", "line 3: max-tries must be at least 1, not 0"),
+        ("# rise\n[balancer]\nrise = 1.5\n", "line 3: rise must be a whole number of at least 1, not 1.5"),
+        ("[balancer]\nhealth_interval = -1\n", "line 2: health-interval must be greater than 0, not -1"),
+        ('[balancer]\n"wol-port" = 70000\n', "line 2: wol-port must be from 1 to 65535, not 70000"),
+        (
+            '[balancer]\nmax-body = "lots"\n',
+            "line 2: max-body must be a size such as 100M, 512k or 1048576, not 'lots'",
+        ),
+        ('[balancer]\nmax-tries = 2\nstrategy = "fastest"\n', "line 3: unknown strategy 'fastest'; choose one of"),
+        ('[balancer]\nlisten = "tcp:notaport"\n', "line 2: listen 'tcp:notaport': the port must be a number"),
+        ('[balancer]\nadmin-actions = "yes"\n', "line 2: admin-actions must be true or false, not 'yes'"),
+        (
+            '[balancer]\nbackends = "nas,mac"\n',
+            "line 2: backends cannot be set in [balancer]: hosts go in [[hosts]] tables",
+        ),
+        ("[balancer]\ndemo = 3\n", "line 2: demo cannot be set in [balancer]: stand-in hosts are for trying imml out"),
+        ('[balancer]\nconfig = "other.toml"\n', "line 2: config cannot be set in [balancer]"),
+        ("[balancer]\ncheck = true\n", "line 2: check cannot be set in [balancer]: give --check on the command line"),
+    ],
+)
+def test_a_value_the_file_cannot_set_is_refused_naming_the_file_and_line(tmp_path, text, says):
     path = tmp_path / "imml.toml"
-    path.write_text("[balancer]\nmax-tries = 0\n")
+    path.write_text(text)
     with pytest.raises(usage.UsageError) as e:
         options("--config", str(path), "--backends", "a")
-    assert "max-tries" in str(e.value) and "greater than zero" in str(e.value)
+    assert str(e.value).startswith(f"{path}, {says}")
 
 
-def test_a_flag_in_the_file_is_true_or_false(tmp_path):
+def test_the_command_line_wins_over_a_bad_value_in_the_file(tmp_path):
     path = tmp_path / "imml.toml"
-    path.write_text("[balancer]\nadmin-actions = true\n")
-    assert options("--config", str(path), "--backends", "a")["admin-actions"] == 1
-    path.write_text("[balancer]\nadmin-actions = false\n")
-    assert options("--config", str(path), "--backends", "a")["admin-actions"] == 0
-    path.write_text('[balancer]\nadmin-actions = "yes"\n')
+    path.write_text('[balancer]\nqueue-timeout = "abc"\n')
+    assert options("--config", str(path), "--backends", "a", "--queue-timeout", "9")["queue-timeout"] == 9.0
+
+
+#: The flags the file may set: every flag of the command line but --check.
+FILE_FLAGS = [row[0] for row in Options.optFlags if row[0] != "check"]
+
+
+@pytest.mark.parametrize("flag", FILE_FLAGS)
+def test_a_flag_in_the_file_is_true_or_false(tmp_path, flag):
+    path = tmp_path / "imml.toml"
+    path.write_text(f"[balancer]\n{flag} = true\n")
+    assert options("--config", str(path), "--backends", "a")[flag] == 1
+    path.write_text(f"[balancer]\n{flag} = false\n")
+    assert options("--config", str(path), "--backends", "a")[flag] == 0
+    assert options("--config", str(path), "--backends", "a", f"--{flag}")[flag] == 1
+    path.write_text(f'[balancer]\n{flag} = "yes"\n')
     with pytest.raises(usage.UsageError) as e:
         options("--config", str(path), "--backends", "a")
-    assert "admin-actions" in str(e.value) and "true or false" in str(e.value)
+    assert str(e.value) == f"{path}, line 2: {flag} must be true or false, not 'yes'"
+
+
+#: Every option that takes a number (its default is one), and a value out
+#: of its bounds.
+NUMBERS = [(row[0], "-1" if row[0] == "demo" else "0") for row in Options.optParameters if type(row[2]) in (int, float)]
+
+
+@pytest.mark.parametrize("name, bad", NUMBERS)
+def test_a_number_out_of_bounds_on_the_command_line_names_its_option(name, bad):
+    for text, says in [(bad, f"not {bad}"), ("abc", "not 'abc'"), ("nan", "not nan")]:
+        with pytest.raises(usage.UsageError) as e:
+            options(f"--{name}", text, "--backends", "a")
+        message = str(e.value)
+        assert message.startswith(f"--{name} must be ") and message.endswith(says), message
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--rise", "0"], "--rise must be at least 1, not 0"),
+        (["--max-queue", "2.5"], "--max-queue must be a whole number of at least 1, not 2.5"),
+        (["--queue-timeout", "abc"], "--queue-timeout must be a number greater than 0, not 'abc'"),
+        (["--response-timeout", "inf"], "--response-timeout must be greater than 0, not inf"),
+        (["--demo", "-2"], "--demo must be at least 0, not -2"),
+        (["--max-body", "lots"], "--max-body must be a size such as 100M, 512k or 1048576, not 'lots'"),
+    ],
+)
+def test_a_bad_number_on_the_command_line_says_what_it_must_be(args, says):
+    with pytest.raises(usage.UsageError) as e:
+        options(*args, "--backends", "a")
+    assert str(e.value) == says
+
+
+def test_hosts_have_names_from_the_file(tmp_path):
+    config = parse_config('[[hosts]]\naddress = "192.168.0.5"\nname = "nas"\n[[hosts]]\naddress = "mac.local"\n')
+    assert [h.settings.name for h in config.hosts] == ["nas", None]
+    for text, line, words in [
+        ('[[hosts]]\naddress = "a"\nname = 3\n', 3, "name must be a short text"),
+        ('[[hosts]]\naddress = "a"\nname = ""\n', 3, "name must be a short text"),
+        (
+            '[[hosts]]\naddress = "a"\nname = "x"\n[[hosts]]\naddress = "b"\nname = "x"\n',
+            4,
+            "the name 'x' is given to two hosts",
+        ),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            parse_config(text, "imml.toml")
+        assert str(e.value).startswith(f"imml.toml, line {line}: {words}")
+
+
+def test_the_file_knows_the_line_of_each_balancer_setting():
+    text = (
+        '# strategy = "round-robin"\n[[hosts]]\naddress = "a"\n\n'
+        '[balancer]\nqueue_timeout = 90\n"max-tries" = 2\nstrategy = "failover"\n'
+    )
+    config = parse_config(text, "imml.toml")
+    assert config.balancer == {"queue-timeout": 90, "max-tries": 2, "strategy": "failover"}
+    assert [config.where(k) for k in config.balancer] == ["imml.toml, line 6", "imml.toml, line 7", "imml.toml, line 8"]

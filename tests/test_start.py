@@ -5,17 +5,22 @@ usage error naming the option and the forms, and a port it cannot open
 ends twistd with one line and status 1, never a traceback.
 """
 
+import re
 import socket
 
 import pytest
 import treq
-from support import bounded, rig, twistd
+from steering import events
+from support import bounded, rig, spawn_twistd, twistd, until
+from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.python import usage
-from twisted.web.client import Agent
+from twisted.web.client import Agent, HTTPConnectionPool
 
+from imml import __version__
 from imml.endpoints import FORMS, endpoint_string
 from imml.tap import Options
+from imml.testing import start_fake_hosts
 
 
 @pytest.fixture
@@ -44,16 +49,17 @@ def test_a_port_in_use_ends_the_start_with_one_line_and_status_1(held_port, opti
     [line] = [line for line in output.splitlines() if "cannot listen" in line]
     assert f"127.0.0.1:{held_port} ({option}): address already in use" in line
     assert "Traceback" not in output
+    # Nothing claims it runs.
+    assert "listening on" not in output
 
 
-def test_a_bad_place_to_listen_ends_the_start_with_a_usage_error_and_no_traceback():
+def test_a_bad_place_to_listen_ends_the_start_with_one_line_and_status_2():
     result = start("--admin", "0.0.0.0:notaport")
-    output = result.stdout + result.stderr
-    assert result.returncode == 1
-    assert output.splitlines()[-1].endswith(
-        f"--admin '0.0.0.0:notaport': the port must be a number from 0 to 65535, not 'notaport'; expected {FORMS}"
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (
+        "imml-balancer: error: --admin '0.0.0.0:notaport': the port must be a number from 0 to 65535, "
+        f"not 'notaport'; expected {FORMS} (twistd imml-balancer --help lists the options)\n"
     )
-    assert "Traceback" not in output
 
 
 def options(*args: str) -> Options:
@@ -116,7 +122,7 @@ def test_the_config_file_says_where_to_listen_and_its_mistakes_name_the_file(tmp
     path.write_text('[balancer]\nlisten = "tcp:notaport"\n')
     with pytest.raises(usage.UsageError) as error:
         options("--config", str(path))
-    assert str(error.value).startswith(f"{path}: [balancer] listen: 'tcp:notaport': the port must be")
+    assert str(error.value).startswith(f"{path}, line 2: listen 'tcp:notaport': the port must be")
 
 
 @pytest.mark.parametrize("listen", ["tcp:0:interface=::1", "[::1]:0"])
@@ -127,3 +133,90 @@ async def test_an_ipv6_interface_written_plainly_is_listened_on(listen):
         # (treq cannot take an IPv6 address in a URL; Twisted's Agent can.)
         response = await Agent(reactor, pool=r.pool).request(b"GET", (r.url + "/ping").encode())
         assert response.code == 200 and await treq.content(response) == b"pong"
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--rise", "0"], "--rise must be at least 1, not 0"),
+        (["--max-tries", "three"], "--max-tries must be a whole number of at least 1, not 'three'"),
+        (["--strategy", "fastest"], "unknown strategy 'fastest'; choose one of "),
+        (["--no-such-option"], "option --no-such-option not recognized"),
+        (["--config", "/nonexistent/imml.toml"], "/nonexistent/imml.toml: cannot read it: No such file or directory"),
+    ],
+)
+def test_a_usage_error_is_one_line_first_with_a_hint_to_help_and_status_2(args, says):
+    result = start(*args)
+    assert (result.returncode, result.stdout) == (2, ""), result.stdout + result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"imml-balancer: error: {says}")
+    assert line.endswith(" (twistd imml-balancer --help lists the options)")
+
+
+def test_help_still_prints_every_option():
+    result = twistd("imml-balancer", "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Usage: twistd [options] imml-balancer [options]")
+    for row in Options.optParameters + Options.optFlags:
+        assert f"--{row[0]}" in result.stdout
+
+
+def host_named(name: str, address: str, **settings) -> str:
+    lines = ["[[hosts]]", f'address = "{address}"', f'name = "{name}"' if name else ""]
+    return "\n".join(lines + [f"{k} = {v}" for k, v in settings.items()]) + "\n"
+
+
+@bounded(30)
+async def test_the_start_line_says_what_runs_and_where_once_it_listens(tmp_path):
+    [fake] = await start_fake_hosts(reactor, [dict(name="h0")])
+    path = tmp_path / "imml.toml"
+    path.write_text(host_named("nas", fake.address) + host_named("", "127.0.0.1:9"))
+    child, process = spawn_twistd(
+        *"-n --pidfile= imml-balancer --strategy round-robin --health-interval 0.2".split(),
+        *["--listen", "tcp:0:interface=127.0.0.1", "--admin", "127.0.0.1:0", "--config", str(path)],
+    )
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    try:
+        await child.said("listening on")
+        [line] = [line for line in child.output.splitlines() if "listening on" in line]
+        said = re.search(
+            r"\] imml (\S+) listening on 127\.0\.0\.1:(\d+), admin (http://127\.0\.0\.1:\d+/), "
+            r"strategy round-robin, hosts: (.*), config (.*)$",
+            line,
+        )
+        assert said is not None, line
+        version, port, admin, hosts, config = said.groups()
+        assert version == __version__ and port != "0"
+        assert (hosts, config) == (f"nas ({fake.address}), 127.0.0.1:9", str(path))
+        # The port and the admin URL it names are the ones it listens on.
+        client = HTTPClient(Agent(reactor, pool=pool))
+        await child.said(f"ML host {fake.address} is up")
+        response = await client.get(f"http://127.0.0.1:{port}/ping")
+        assert await response.text() == "pong"
+        response = await client.get(admin + "api/status")
+        assert (await response.json())["balancer"]["version"] == version
+        process.signalProcess("TERM")
+        await child.ended
+    finally:
+        await child.killed(process)
+        await pool.closeCachedConnections()
+        await fake.stop()
+
+
+@bounded(20)
+async def test_the_start_event_carries_each_fact(tmp_path):
+    async with await rig([dict(name="h0")], "--strategy", "failover") as r:
+        await until(lambda: events(r, "start"))
+        [event] = events(r, "start")
+        admin = r.balancer.admin.port.getHost()
+        assert event["listen"] == r.url.removeprefix("http://")
+        assert event["admin"] == f"http://127.0.0.1:{admin.port}/"
+        assert event["strategy"] == "failover" and event["config"] == "none"
+        assert event["hosts"] == [{"name": None, "address": r.hosts[0].address}]
+        assert event["host_list"] == r.hosts[0].address
+    async with await rig([dict(name="h0")], "--admin", "none", "--demo", "1") as r:
+        await until(lambda: events(r, "start"))
+        [event] = events(r, "start")
+        assert event["admin"] == "none"
+        # Its stand-in host (--demo replaces --backends), by its name.
+        assert [h["name"] for h in event["hosts"]] == ["demo-1"]

@@ -119,9 +119,7 @@ async def test_a_second_sigterm_while_draining_stops_at_once_and_answers_what_wa
         assert "stopping at once; 1 requests cancelled (1 in flight, 0 queued)" in child.output
         assert "Traceback" not in child.output and "ReactorNotRunning" not in child.output
     finally:
-        if not child.ended.called:
-            process.signalProcess("KILL")
-            await child.ended
+        await child.killed(process)
         await pool.closeCachedConnections()
         await host.stop()
 
