@@ -22,6 +22,12 @@ adds per-host settings and the balancer's own.  Example::
     slots = 1
     tasks = ["ocr"]
 
+    [discover]              # hosts found by --discover (discover = ["mdns"])
+    exclude = ["Office iMac", "laptop.local"]   # never use these
+
+A discovered host that a C{[[hosts]]} entry names (by its address or host
+name, and its port) is pinned: it keeps the entry's settings.
+
 A file that cannot be used raises L{ConfigError} naming the line and the
 reason; a running balancer keeps its old configuration then.
 """
@@ -60,10 +66,13 @@ class Config:
     """
     @ivar hosts: the hosts in the file, in order (maybe none).
     @ivar balancer: the C{[balancer]} table: option name to value.
+    @ivar exclude: the C{[discover]} table's C{exclude}: discovered hosts
+        (by service name, host name or address) never used.
     """
 
     hosts: tuple[HostConfig, ...] = ()
     balancer: dict = {}
+    exclude: tuple[str, ...] = ()
 
 
 def _line_of(text: str, needle: str, occurrence: int = 0) -> Optional[int]:
@@ -154,11 +163,11 @@ def parse_config(text: str, path: str = "<config>", known_options: Optional[set]
     except tomllib.TOMLDecodeError as e:
         message = str(e).replace("(at end of document)", f"(at the end of the file, line {len(text.splitlines())})")
         raise ConfigError(f"{path}: {message}") from None
-    unknown = set(data) - {"hosts", "balancer"}
+    unknown = set(data) - {"hosts", "balancer", "discover"}
     if unknown:
         name = sorted(unknown)[0]
         raise ConfigError(
-            f"{_where(path, _line_of(text, name))}: unknown section {name!r}; use [balancer] and [[hosts]]"
+            f"{_where(path, _line_of(text, name))}: unknown section {name!r}; use [balancer], [[hosts]] and [discover]"
         )
     raw_hosts = data.get("hosts", [])
     if not isinstance(raw_hosts, list):
@@ -180,7 +189,26 @@ def parse_config(text: str, path: str = "<config>", known_options: Optional[set]
                     f"{_where(path, _line_of(text, key) or _line_of(text, key.replace('-', '_')))}: "
                     f"unknown balancer setting {key!r}"
                 )
-    return Config(hosts, balancer)
+    return Config(hosts, balancer, _exclude(data.get("discover", {}), text, path))
+
+
+def _exclude(discover: Any, text: str, path: str) -> tuple[str, ...]:
+    """
+    The C{[discover]} table's C{exclude} list.
+    """
+    if not isinstance(discover, dict):
+        raise ConfigError(f"{_where(path, _line_of(text, 'discover'))}: discover must be a table, [discover]")
+    unknown = set(discover) - {"exclude"}
+    if unknown:
+        name = sorted(unknown)[0]
+        raise ConfigError(f"{_where(path, _line_of(text, name))}: unknown discover setting {name!r}; known: exclude")
+    exclude = discover.get("exclude", [])
+    if not isinstance(exclude, list) or not all(isinstance(n, str) and n.strip() for n in exclude):
+        raise ConfigError(
+            f"{_where(path, _line_of(text, 'exclude'))}: exclude must be a list of host names, "
+            f'e.g. exclude = ["Office iMac", "laptop.local"]'
+        )
+    return tuple(n.strip() for n in exclude)
 
 
 def load_config(path: str, known_options: Optional[set] = None) -> Config:

@@ -5,6 +5,7 @@ balancer (L{imml.wiring.build}) for twistd.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from typing import Any, Callable, Optional
@@ -16,6 +17,7 @@ from . import version_line
 from .backends import BackendListError, parse_backends
 from .config import ConfigError, load_config
 from .control import remember_command_line
+from .discovery import METHODS, parse_methods
 from .endpoints import FORMS, EndpointError, check
 from .guard import TokenError, admin_hosts, read_token
 from .host import BackendSettings
@@ -67,6 +69,13 @@ def _positive(kind: type) -> Callable[[str], Any]:
         return value
 
     return convert
+
+
+def _methods(text: str) -> tuple[str, ...]:
+    try:
+        return parse_methods(text)
+    except ValueError as e:
+        raise usage.UsageError(str(e)) from None
 
 
 def _log_format(text: str) -> str:
@@ -144,6 +153,14 @@ class Options(usage.Options):
             "A TOML file with per-host settings ([[hosts]]: address, slots, weight, tier, tasks, mac) "
             "and balancer options ([balancer]); its hosts replace --backends.",
         ],
+        [
+            "discover",
+            None,
+            (),
+            f"Also use the ML hosts found on the network this way: {', '.join(METHODS)} "
+            "(Bonjour: every imml-mac that advertises _immich-ml._tcp), or nothing.",
+            _methods,
+        ],
         ["wol-broadcast", None, "255.255.255.255", "Where Wake-on-LAN packets go: a broadcast address."],
         ["wol-port", None, 9, "The UDP port of Wake-on-LAN packets.", _positive(int)],
         ["wol-interval", None, 30.0, "Least seconds between two wake-up packets to one host.", _positive(float)],
@@ -209,12 +226,15 @@ class Options(usage.Options):
                 except (usage.UsageError, ValueError) as e:
                     raise usage.UsageError(f"{self['config']}: [balancer] {name}: {e}") from None
         self["hosts"] = [(h.address, h.settings) for h in config.hosts]
+        self["discover-exclude"] = config.exclude
 
     def _coerce(self, name: str, value: Any) -> Any:
         """
         A value from the file, as the command line's option C{name} would
         have it.
         """
+        if isinstance(value, list) and all(isinstance(v, str) for v in value) and name not in self.repeated:
+            value = ",".join(value)  # discover = ["mdns"]
         if name in self.repeated:
             if isinstance(value, str):
                 value = [value]
@@ -239,6 +259,7 @@ class Options(usage.Options):
         if self["demo"] < 0:
             raise usage.UsageError("--demo takes a number of stand-in hosts, 0 or more")
         self["hosts"] = []
+        self["discover-exclude"] = ()
         if self["config"]:
             self._apply_file()
         self["max-body"] = parse_size(str(self["max-body"]))
@@ -253,10 +274,14 @@ class Options(usage.Options):
             text = self["backends"]
             if text is None:
                 text = os.environ.get("IMML_BACKENDS", "")
-            try:
-                self["hosts"] = [(a, BackendSettings()) for a in parse_backends(text)]
-            except BackendListError as e:
-                raise usage.UsageError(str(e)) from None
+            # With --discover, every host may be found rather than listed.
+            if text.strip(" ,") or not self["discover"]:
+                try:
+                    self["hosts"] = [(a, BackendSettings()) for a in parse_backends(text)]
+                except BackendListError as e:
+                    raise usage.UsageError(str(e)) from None
+        if "mdns" in self["discover"] and importlib.util.find_spec("zeroconf") is None:
+            raise usage.UsageError("--discover mdns needs python-zeroconf: pip install 'imml[mdns]'")
         try:
             strategy_named(self["strategy"])
         except UnknownStrategy as e:
