@@ -233,7 +233,7 @@ class Options(usage.Options):
         A value from the file, as the command line's option C{name} would
         have it.
         """
-        if isinstance(value, list) and all(isinstance(v, str) for v in value) and name not in self.repeated:
+        if name == "discover" and isinstance(value, list) and all(isinstance(v, str) for v in value):
             value = ",".join(value)  # discover = ["mdns"]
         if name in self.repeated:
             if isinstance(value, str):

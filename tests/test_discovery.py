@@ -159,7 +159,7 @@ def test_a_reload_keeps_discovered_hosts_and_applies_a_new_exclude(tmp_path):
     assert hosts(b) == [("nas:3003", None, False), ("192.168.1.20:3003", "Studio", False)]
 
 
-def parse(*argv, env=None):
+def parse(*argv):
     options = Options()
     options.parseOptions(list(argv))
     return options
