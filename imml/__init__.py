@@ -9,6 +9,10 @@ Immich ML server and the fakes for testing a strategy of your own.
 
 __version__ = "0.1.0"
 
+#: The DNS-SD service type imml-mac advertises and the balancer browses
+#: for (C{--discover mdns}): Immich ML over HTTP.
+MDNS_SERVICE = "_immich-ml._tcp.local."
+
 
 def version_line() -> str:
     """

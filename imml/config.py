@@ -22,6 +22,12 @@ adds per-host settings and the balancer's own.  Example::
     slots = 1
     tasks = ["ocr"]
 
+    [discover]              # hosts found by --discover (discover = ["mdns"])
+    exclude = ["Office iMac", "laptop.local"]   # never use these
+
+A discovered host that a C{[[hosts]]} entry names (by its address or host
+name, and its port) is pinned: it keeps the entry's settings.
+
 A file that cannot be used raises L{ConfigError} naming the line and the
 reason; a running balancer keeps its old configuration then.  The options
 read the values of C{[balancer]} themselves: L{Config.where} names the line
@@ -64,6 +70,8 @@ class Config:
     """
     @ivar hosts: the hosts in the file, in order (maybe none).
     @ivar balancer: the C{[balancer]} table: option name to value.
+    @ivar exclude: the C{[discover]} table's C{exclude}: discovered hosts
+        (by service name, host name or address) never used.
     """
 
     hosts: tuple[HostConfig, ...] = ()
@@ -72,6 +80,7 @@ class Config:
     path: str = "<config>"
     #: The line of each C{[balancer]} setting.
     lines: dict = {}
+    exclude: tuple[str, ...] = ()
 
     def where(self, option: str) -> str:
         """
@@ -183,11 +192,11 @@ def parse_config(
     except tomllib.TOMLDecodeError as e:
         message = str(e).replace("(at end of document)", f"(at the end of the file, line {len(text.splitlines())})")
         raise ConfigError(f"{path}: {message}") from None
-    unknown = set(data) - {"hosts", "balancer"}
+    unknown = set(data) - {"hosts", "balancer", "discover"}
     if unknown:
         name = sorted(unknown)[0]
         raise ConfigError(
-            f"{_where(path, _line_of(text, name))}: unknown section {name!r}; use [balancer] and [[hosts]]"
+            f"{_where(path, _line_of(text, name))}: unknown section {name!r}; use [balancer], [[hosts]] and [discover]"
         )
     raw_hosts = data.get("hosts", [])
     if not isinstance(raw_hosts, list):
@@ -216,7 +225,26 @@ def parse_config(
             raise ConfigError(f"{_where(path, lines[key])}: {key} cannot be set in [balancer]: {elsewhere[key]}")
         if known_options is not None and key not in known_options:
             raise ConfigError(f"{_where(path, lines[key])}: unknown balancer setting {key!r}")
-    return Config(hosts, balancer, path, lines)
+    return Config(hosts, balancer, path, lines, _exclude(data.get("discover", {}), text, path))
+
+
+def _exclude(discover: Any, text: str, path: str) -> tuple[str, ...]:
+    """
+    The C{[discover]} table's C{exclude} list.
+    """
+    if not isinstance(discover, dict):
+        raise ConfigError(f"{_where(path, _line_of(text, 'discover'))}: discover must be a table, [discover]")
+    unknown = set(discover) - {"exclude"}
+    if unknown:
+        name = sorted(unknown)[0]
+        raise ConfigError(f"{_where(path, _line_of(text, name))}: unknown discover setting {name!r}; known: exclude")
+    exclude = discover.get("exclude", [])
+    if not isinstance(exclude, list) or not all(isinstance(n, str) and n.strip() for n in exclude):
+        raise ConfigError(
+            f"{_where(path, _line_of(text, 'exclude'))}: exclude must be a list of host names, "
+            f'e.g. exclude = ["Office iMac", "laptop.local"]'
+        )
+    return tuple(n.strip() for n in exclude)
 
 
 def load_config(path: str, known_options: Optional[set] = None, elsewhere: Mapping[str, str] = {}) -> Config:

@@ -255,7 +255,7 @@ class Reloader(service.Service):
         fleet: Any,
         appliers: dict[str, Callable[[Any], None]],
         signals: bool = True,
-        extra_hosts: Callable[[], list] = lambda: [],
+        extra_hosts: Callable[[Any], list] = lambda options: [],
     ) -> None:
         """
         @param fleet: whose hosts the options' hosts become.
@@ -263,8 +263,9 @@ class Reloader(service.Service):
             applies a new value (through the component that owns it); one
             that may fail returns a L{Deferred}, and on its failure the
             option keeps its old value.
-        @param extra_hosts: returns hosts that are not in the options but
-            stay (the stand-in hosts of C{--demo}).
+        @param extra_hosts: returns, for the options in force, hosts that
+            are not in the options but stay (the stand-in hosts of
+            C{--demo}, the hosts discovered).
         """
         self.options, self.clock, self.fleet, self.signals = options, clock, fleet, signals
         self.appliers = appliers
@@ -340,7 +341,15 @@ class Reloader(service.Service):
         )
 
     def _hosts(self, options: usage.Options) -> list:
-        return list(options["hosts"]) + list(self.extra_hosts())
+        return list(options["hosts"]) + list(self.extra_hosts(options))
+
+    def refresh(self, why: str) -> None:
+        """
+        Make the fleet again from the options in force and the extra
+        hosts as they are now (a discovered host appeared or went); hosts
+        that are no longer there drain, saying C{why}.
+        """
+        self.fleet.reconfigure(self._hosts(self.options), why)
 
     def _apply(self, new: usage.Options, trigger: str) -> None:
         fleet = self.fleet

@@ -161,12 +161,14 @@ class Fleet:
             self.log.info("ML host {backend} takes requests again", backend=str(backend), imml_event="enable")
             self.changed()
 
-    def reconfigure(self, hosts: Iterable[tuple[BackendAddress, BackendSettings]]) -> None:
+    def reconfigure(
+        self, hosts: Iterable[tuple[BackendAddress, BackendSettings]], why: str = "removed from the configuration"
+    ) -> None:
         """
         Make the fleet the hosts listed, in that order.  Hosts already known
         keep their state and statistics and take the new settings; new hosts
-        join (unknown until checked); hosts no longer listed drain and leave
-        once their last request is answered.
+        join (unknown until checked); hosts no longer listed drain (C{why})
+        and leave once their last request is answered.
         """
         hosts = list(hosts)
         wanted = {address: settings for address, settings in hosts}
@@ -188,7 +190,7 @@ class Fleet:
             if backend.address not in wanted:
                 backend.leaving = True
                 backend.index = len(backends)
-                self.drain(backend, "removed from the configuration")
+                self.drain(backend, why)
                 if backend.in_flight:
                     backends.append(backend)
                 else:

@@ -5,6 +5,7 @@ balancer (L{imml.wiring.build}) for twistd.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from typing import Any, Callable, Optional
@@ -16,6 +17,7 @@ from . import __version__, version_line
 from .backends import BackendListError, parse_backends
 from .config import ConfigError, load_config
 from .control import remember_command_line
+from .discovery import METHODS, parse_methods
 from .endpoints import FORMS, EndpointError, check
 from .guard import TokenError, admin_hosts, read_token
 from .host import BackendSettings
@@ -60,6 +62,13 @@ def _number(name: str, default: Any, doc: str, **bounds: Any) -> list:
     otherwise (L{number}).
     """
     return [name, None, default, doc, number(name, **bounds)]
+
+
+def _methods(text: str) -> tuple[str, ...]:
+    try:
+        return parse_methods(text)
+    except ValueError as e:
+        raise BadValue("discover", str(e)) from None
 
 
 class Options(usage.Options):
@@ -117,6 +126,14 @@ class Options(usage.Options):
             None,
             "A TOML file with per-host settings ([[hosts]]: address, name, slots, weight, tier, tasks, mac) "
             "and balancer options ([balancer]); its hosts replace --backends.",
+        ],
+        [
+            "discover",
+            None,
+            (),
+            f"Also use the ML hosts found on the network this way: {', '.join(METHODS)} "
+            "(Bonjour: every imml-mac that advertises _immich-ml._tcp), or nothing.",
+            _methods,
         ],
         ["wol-broadcast", None, "255.255.255.255", "Where Wake-on-LAN packets go: a broadcast address."],
         _number("wol-port", 9, "The UDP port of Wake-on-LAN packets.", whole=True, least=1, most=65535),
@@ -203,6 +220,7 @@ class Options(usage.Options):
         if config.hosts:
             self["hosts"] = [(h.address, h.settings) for h in config.hosts]
             self.origins["hosts"] = Origin("file", config.path)
+        self["discover-exclude"] = config.exclude
 
     def _coerce(self, name: str, value: Any, origin: Origin) -> Any:
         """
@@ -218,6 +236,8 @@ class Options(usage.Options):
             raise usage.UsageError(f"{origin.subject(name)}: {e}") from None
 
     def _read(self, name: str, value: Any) -> Any:
+        if name == "discover" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            value = ",".join(value)  # discover = ["mdns"]
         if name in self.repeated:
             if isinstance(value, str):
                 value = [value]
@@ -234,6 +254,7 @@ class Options(usage.Options):
         remember_command_line(self)
         self.origins = {name: COMMAND_LINE if name in self["given"] else DEFAULT for name in self.defaults}
         self["hosts"] = []
+        self["discover-exclude"] = ()
         if self["config"]:
             self._apply_file()
         if isinstance(self["max-body"], str):
@@ -246,6 +267,10 @@ class Options(usage.Options):
             self.origins["hosts"] = self.origins["demo"]
         elif not self["hosts"]:
             self._backends()
+        if "mdns" in self["discover"] and importlib.util.find_spec("zeroconf") is None:
+            raise usage.UsageError(
+                self.origins["discover"].tell("--discover mdns needs python-zeroconf: pip install 'imml[mdns]'")
+            )
         if self["check"]:
             print(report(self, __version__))
             raise SystemExit(0)
@@ -277,6 +302,8 @@ class Options(usage.Options):
             text = os.environ.get("IMML_BACKENDS", "")
             origin = Origin("environment", "$IMML_BACKENDS") if "IMML_BACKENDS" in os.environ else origin
         self.origins["hosts"] = origin
+        if not text.replace(",", "").strip() and self["discover"]:
+            return  # with --discover, every host may be found rather than listed
         if not text.replace(",", "").strip():
             raise usage.UsageError(
                 origin.tell(

@@ -6,8 +6,8 @@ Each component owns its state and its settings; a reload changes a setting
 through the component that owns it (L{appliers}).  The tree's children stop
 one after another, last started first: the graceful stop (the listener
 closes, requests drain), the reloader, the start-up line, the admin
-listener, the health checker, the demo hosts, the waker and the
-connection pool.
+listener, the mDNS browser (C{--discover mdns}), the health checker, the
+demo hosts, the waker and the connection pool.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from .admin import admin_site
 from .backends import parse_backend
 from .control import GracefulStop, OrderedStop, Reloader
+from .discovery import Discovered
 from .dispatch import Dispatcher
 from .endpoints import server_endpoint
 from .fleet import BackendSettings, Fleet
@@ -80,6 +81,7 @@ class Balancer:
     stopper: GracefulStop
     reloader: Reloader
     demo: Optional[_DemoHosts]
+    discovered: Discovered
     service: BalancerService
 
 
@@ -271,13 +273,29 @@ def build(options: Any, reactor: Any, signals: bool = True) -> Balancer:
         site_ = admin_site(status, checker, metrics_resource(metrics.registry), guard)
         admin = _listener(reactor, "admin", options["admin"], site_)
     movers = {"listen": _mover(reactor, listener), "admin": _mover(reactor, admin)}
+
+    def refresh(why: str) -> None:
+        # A discovered host came or went: the fleet is made again as on a
+        # reload, and a host that joins is checked at once.
+        before = set(fleet.backends)
+        reloader.refresh(why)
+        for backend in fleet.backends:
+            if backend not in before:
+                checker.check(backend)
+
+    discovered = Discovered(refresh)
+
+    def extra_hosts(options: Any) -> list:
+        demo_hosts = demo.addresses() if demo is not None else []
+        return demo_hosts + discovered.hosts(options["hosts"], options["discover-exclude"])
+
     reloader = Reloader(
         options,
         reactor,
         fleet,
         appliers(dispatcher, forwarder, site, fleet, checker, stopper, status, guard, movers),
         signals,
-        extra_hosts=demo.addresses if demo is not None else list,
+        extra_hosts=extra_hosts,
     )
 
     top = BalancerService(reactor, stopper.hurry if signals else None)
@@ -286,6 +304,10 @@ def build(options: Any, reactor: Any, signals: bool = True) -> Balancer:
     if demo is not None:
         demo.setServiceParent(top)
     Running("health", checker.start, checker.stop).setServiceParent(top)
+    if "mdns" in options["discover"]:
+        from .mdns import MdnsBrowser
+
+        MdnsBrowser(reactor, discovered).setServiceParent(top)
     listener.setServiceParent(top)
     if admin is not None:
         admin.setServiceParent(top)
@@ -317,6 +339,7 @@ def build(options: Any, reactor: Any, signals: bool = True) -> Balancer:
         stopper=stopper,
         reloader=reloader,
         demo=demo,
+        discovered=discovered,
         service=top,
     )
 

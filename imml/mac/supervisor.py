@@ -94,6 +94,8 @@ class Supervisor(service.Service):
         self._kill_call: Optional[IDelayedCall] = None
         self._ready_waiters: list[defer.Deferred] = []
         self._end_waiters: list[defer.Deferred] = []
+        self._readiness: list[Callable[[bool], None]] = []
+        self._serving = False
 
     @property
     def pid(self) -> Optional[int]:
@@ -142,6 +144,24 @@ class Supervisor(service.Service):
         d = defer.Deferred()
         self._ready_waiters.append(d)
         return d
+
+    def watch_readiness(self, callback: Callable[[bool], None]) -> None:
+        """
+        Call C{callback(True)} each time a child becomes ready, and
+        C{callback(False)} when it no longer serves: it stopped answering,
+        is being stopped, or ended.
+        """
+        self._readiness.append(callback)
+
+    def _tell_readiness(self, serving: bool) -> None:
+        if serving == self._serving:
+            return
+        self._serving = serving
+        for callback in list(self._readiness):
+            try:
+                callback(serving)
+            except Exception:
+                log.failure("{name}: a readiness watcher failed", name=self.name)
 
     def whenEnded(self) -> defer.Deferred:
         """
@@ -212,6 +232,7 @@ class Supervisor(service.Service):
     # Health
 
     def _became_ready(self) -> None:
+        self._tell_readiness(True)
         waiters, self._ready_waiters = self._ready_waiters, []
         for d in waiters:
             d.callback(self._pid)
@@ -235,6 +256,7 @@ class Supervisor(service.Service):
         if self.process is None or self._terminating:
             return
         self._terminating = True
+        self._tell_readiness(False)
         self._stop_watch()
         self._signal(signal.SIGTERM)
         self._kill_call = self.reactor.callLater(self.stop_timeout, self._kill_group)
@@ -261,6 +283,7 @@ class Supervisor(service.Service):
         if child.transport is not self.process or self._ending:
             return
         self._ending = True
+        self._tell_readiness(False)
         self._cancel("_kill_call")
         self._stop_watch()
         pid = self._pid

@@ -29,6 +29,7 @@ from twisted.python import usage
 
 from imml import version_line
 from imml.mac import install, launchagent
+from imml.mac.advertise import advertiser
 from imml.mac.doctor import report_lines, run_doctor
 from imml.mac.interpreter import Interpreter, ProbeError
 from imml.mac.preflight import DEFAULT_PROVIDERS, Verdict, assess, parse_providers
@@ -121,9 +122,16 @@ class ServiceOptions(_Versioned):
         ["ping-failures", None, 3, "Failed health checks in a row after which Immich ML is restarted.", int],
         ["start-timeout", None, 300.0, "Seconds Immich ML may take to answer its first /ping.", float],
         ["stop-timeout", None, 10.0, "Seconds between SIGTERM and SIGKILL on stop.", float],
+        [
+            "advertise-name",
+            None,
+            None,
+            "The name the service is advertised under while it serves [default: this Mac's host name].",
+        ],
     ]
     optFlags = [
         ["allow-sleep", None, "Do not keep the Mac awake while the service runs."],
+        ["no-advertise", None, "Do not advertise the service on the local network (Bonjour, _immich-ml._tcp)."],
     ]
 
     def __init__(self) -> None:
@@ -193,6 +201,10 @@ class ServiceOptions(_Versioned):
         args += [f"--set={name}={value}" for name, value in self["settings"]]
         if self["allow-sleep"]:
             args.append("--allow-sleep")
+        if self["no-advertise"]:
+            args.append("--no-advertise")
+        if self["advertise-name"]:
+            args.append(f"--advertise-name={self['advertise-name']}")
         return args
 
 
@@ -328,7 +340,15 @@ def build_service(
     )
     arguments.update(supervision)
     command = Command((options["python"], "-m", "immich_ml"), env=env, cwd=str(options["ml_dir"]))
-    Supervisor(reactor, command, **arguments).setServiceParent(top)
+    supervisor = Supervisor(reactor, command, **arguments)
+    supervisor.setServiceParent(top)
+    if not options["no-advertise"]:
+        bonjour = advertiser(reactor, options["advertise-name"], options["host"], options["port"], verdict.providers)
+        if bonjour is not None:
+            supervisor.watch_readiness(bonjour.readiness)
+            # (Started after the supervisor, stopped before it: withdrawn
+            # before Immich ML stops.)
+            bonjour.setServiceParent(top)
     log.info(
         "imml-mac: Immich ML from {ml_dir} on {host}:{port}, providers {providers}",
         imml_event="service-configured",

@@ -21,6 +21,37 @@ FAKE_ORT = HERE / "fake_ort"
 # The interpreter running the tests has onnxruntime (the test extra): it
 # plays the Immich virtual environment's python.
 PYTHON = sys.executable
+TWISTD = str(pathlib.Path(sys.executable).with_name("twistd"))
+
+
+def imml_mac_argv(tmp_path, host, port, *extra):
+    """
+    ``twistd -n imml-mac`` on the fake Immich checkout, with short
+    health-check and stop intervals.
+    """
+    return [
+        TWISTD,
+        "-n",
+        "--pidfile=",
+        "imml-mac",
+        "--immich",
+        str(FAKE_CHECKOUT),
+        "--python",
+        PYTHON,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--cache",
+        str(tmp_path / "cache"),
+        "--providers",
+        "CoreML,CPU",
+        "--ping-interval",
+        "0.5",
+        "--stop-timeout",
+        "2",
+        *extra,
+    ]
 
 
 @pytest.fixture

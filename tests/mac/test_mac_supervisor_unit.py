@@ -386,3 +386,36 @@ def test_a_command_is_a_value_whose_hash_ignores_its_environment():
     assert command != other_env and hash(command) == hash(other_env)
     with pytest.raises(AttributeError):
         command.cwd = "/elsewhere"
+
+
+def test_readiness_watchers_hear_ready_unresponsive_ended_and_stopped():
+    """
+    What the Bonjour advertisement follows: ready, then not serving as
+    soon as the child stops answering (before it is restarted), ready
+    again, and not serving when the service stops.
+    """
+    probe = Probe()
+    probe.healthy = True
+    reactor, kills, sup = make(probe)
+    heard = []
+    sup.watch_readiness(heard.append)
+    sup.startService()
+    reactor.advance(0.5)
+    assert heard == [True]
+    probe.healthy = False
+    for _ in range(3):
+        reactor.advance(5.0)
+    assert heard == [True, False], "still advertised after it stopped answering"
+    reactor.end(reactor.spawned[0], code=-15)
+    reactor.advance(1.0)
+    probe.healthy = True
+    reactor.advance(0.5)
+    assert heard == [True, False, True]
+    # A child that dies by itself: not serving at once.
+    reactor.end(reactor.spawned[1], code=1)
+    assert heard == [True, False, True, False]
+    reactor.advance(2.0)
+    reactor.advance(0.5)
+    assert heard[-1] is True
+    sup.stopService()
+    assert heard[-1] is False

@@ -18,8 +18,10 @@ from mac_helpers import (
     FAKE_CHECKOUT,
     FAKE_ML,
     PYTHON,
+    TWISTD,
     free_port,
     group_members,
+    imml_mac_argv,
     kill_left,
     read_pids,
     wait_group_gone,
@@ -32,8 +34,6 @@ from twisted.scripts.twistd import ServerOptions
 import imml
 from imml.mac import tap
 from imml.mac.preflight import CORE_ML, CPU
-
-TWISTD = str(pathlib.Path(sys.executable).with_name("twistd"))
 
 
 def parse(*args):
@@ -253,28 +253,9 @@ def start_twistd(tmp_path, port, pids_file, extra_env=None):
     env = dict(os.environ, FAKE_IMMICH_PIDS=str(pids_file), **(extra_env or {}))
     env.pop("PYTHONPATH", None)
     return subprocess.Popen(
-        [
-            TWISTD,
-            "-n",
-            "--pidfile=",
-            "imml-mac",
-            "--immich",
-            str(FAKE_CHECKOUT),
-            "--python",
-            PYTHON,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--cache",
-            str(tmp_path / "cache"),
-            "--providers",
-            "CoreML,CPU",
-            "--ping-interval",
-            "0.5",
-            "--stop-timeout",
-            "2",
-        ],
+        # (Not advertised on this machine's network: test_mac_bonjour.py
+        # advertises inside a network namespace of its own.)
+        imml_mac_argv(tmp_path, "127.0.0.1", port, "--no-advertise"),
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,
