@@ -9,6 +9,7 @@ import os
 import re
 from typing import Any, Callable, Optional
 
+from attrs import evolve
 from twisted.application import service
 from twisted.python import usage
 
@@ -21,6 +22,7 @@ from .guard import TokenError, admin_hosts, read_token
 from .host import BackendSettings
 from .logs import FORMATS
 from .strategies import UnknownStrategy, available, strategy_named
+from .tls import TLSError, TLSSettings, load_tls
 
 DEFAULT_STRATEGY = "shortest-delay"
 
@@ -89,8 +91,8 @@ class Options(usage.Options):
             "backends",
             "b",
             None,
-            "The ML hosts: host, host:port, [v6addr]:port or http://host:port, "
-            "comma separated, port 3003 when omitted. Default: $IMML_BACKENDS.",
+            "The ML hosts: host, host:port, [v6addr]:port, http://host:port or https://host:port, "
+            "comma separated, port 3003 when omitted (443 for https://). Default: $IMML_BACKENDS.",
         ],
         ["strategy", "s", DEFAULT_STRATEGY, "How to choose a host: a strategy name or the dotted path of a class."],
         [
@@ -126,6 +128,13 @@ class Options(usage.Options):
             "Seconds a host has to answer a request completely (a cold model load takes tens of seconds).",
             _positive(float),
         ],
+        [
+            "ca-file",
+            None,
+            None,
+            "A PEM file of the CAs that https:// hosts' certificates are verified against "
+            "(a host's own ca in --config wins). Default: the system's CAs.",
+        ],
         ["max-body", None, "100M", "Largest request body accepted (e.g. 100M, 512k)."],
         ["max-tries", None, 3, "Most hosts one request is sent to.", _positive(int)],
         [
@@ -141,7 +150,8 @@ class Options(usage.Options):
             "config",
             "c",
             None,
-            "A TOML file with per-host settings ([[hosts]]: address, slots, weight, tier, tasks, mac) "
+            "A TOML file with per-host settings ([[hosts]]: address, slots, weight, tier, tasks, mac, "
+            "ca, cert, key, headers) "
             "and balancer options ([balancer]); its hosts replace --backends.",
         ],
         ["wol-broadcast", None, "255.255.255.255", "Where Wake-on-LAN packets go: a broadcast address."],
@@ -257,10 +267,30 @@ class Options(usage.Options):
                 self["hosts"] = [(a, BackendSettings()) for a in parse_backends(text)]
             except BackendListError as e:
                 raise usage.UsageError(str(e)) from None
+        self._tls()
         try:
             strategy_named(self["strategy"])
         except UnknownStrategy as e:
             raise usage.UsageError(str(e)) from None
+
+    def _tls(self) -> None:
+        """
+        Give every C{https://} host its TLS settings: its own, trusting
+        C{--ca-file}'s CAs (or the system's) unless it names a CA file.
+        """
+        default = TLSSettings()
+        if self["ca-file"]:
+            try:
+                default = load_tls(self["ca-file"])
+            except TLSError as e:
+                raise usage.UsageError(f"--ca-file: {e}") from None
+        self["tls-default"] = default
+        self["hosts"] = [
+            (address, evolve(settings, tls=(settings.tls or TLSSettings()).with_ca(default)))
+            if address.is_https
+            else (address, settings)
+            for address, settings in self["hosts"]
+        ]
 
     def _check_log_format(self) -> None:
         """
