@@ -22,6 +22,15 @@ adds per-host settings and the balancer's own.  Example::
     slots = 1
     tasks = ["ocr"]
 
+    [[hosts]]
+    address = "https://gpu.example.net"   # TLS, port 443 unless given
+    ca = "friend-ca.pem"            # trust this CA file (default: the system's)
+    cert = "client.pem"             # a client certificate (PEM) ...
+    key = "client.key"              # ... and its key, when not in cert
+    headers = { X-Token = "..." }   # sent with every request; never shown
+
+Relative paths are read from the file's own directory.
+
     [discover]              # hosts found by --discover (discover = ["mdns"])
     exclude = ["Office iMac", "laptop.local"]   # never use these
 
@@ -36,6 +45,7 @@ of each, for their messages.
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from typing import Any, Mapping, Optional
@@ -45,11 +55,17 @@ from attrs import frozen
 from .backends import BackendAddress, BackendListError, parse_backend
 from .classify import TASKS
 from .host import BackendSettings
+from .tls import TLSError, load_tls
 
 _MAC = re.compile(r"^[0-9a-f]{2}([:-]?)[0-9a-f]{2}(\1[0-9a-f]{2}){4}$", re.I)
-_HOST_KEYS = {"address", "name", "slots", "weight", "tier", "tasks", "mac"}
+_HOST_KEYS = {"address", "name", "slots", "weight", "tier", "tasks", "mac", "ca", "cert", "key", "headers"}
 #: The longest host name.
 _NAME_LENGTH = 64
+_TLS_KEYS = ("ca", "cert", "key")
+#: A header name: an HTTP token.
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+#: Headers that frame the request: the balancer's to set, not the file's.
+_FRAMING = {"connection", "content-length", "expect", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade"}
 
 
 class ConfigError(ValueError):
@@ -169,12 +185,60 @@ def _host(raw: dict, index: int, text: str, path: str) -> HostConfig:
     mac = raw.get("mac")
     if mac is not None and (not isinstance(mac, str) or not _MAC.match(mac)):
         raise fail("mac", f'mac must be a MAC address such as "aa:bb:cc:dd:ee:ff", not {mac!r}')
+    tls = None
+    paths = {}
+    for key in _TLS_KEYS:
+        value = raw.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, str) or not value.strip():
+            raise fail(key, f'{key} must be the path of a PEM file, such as "{key}.pem"')
+        if not address.is_https:
+            raise fail(key, f"{key} is for https:// hosts; write the address as https://{address}")
+        paths[key] = os.path.join(os.path.dirname(path), value) if path != "<config>" else value
+    if address.is_https:
+        try:
+            tls = load_tls(**paths)
+        except TLSError as e:
+            raise fail(next((k for k, p in paths.items() if p in str(e)), None), str(e)) from None
+    try:
+        headers = _headers(raw.get("headers", {}))
+    except ValueError as e:
+        raise fail("headers", str(e)) from None
     return HostConfig(
         address,
         BackendSettings(
-            float(weight), slots, tasks, tier, mac.lower() if mac else None, name.strip() if name else None
+            float(weight),
+            slots,
+            tasks,
+            tier,
+            mac.lower() if mac else None,
+            name.strip() if name else None,
+            tls,
+            headers,
         ),
     )
+
+
+def _headers(raw: object) -> tuple[tuple[bytes, bytes], ...]:
+    """
+    A host's C{headers} table as C{(name, value)} bytes.  An error names
+    the header, never its value (a secret).
+    """
+    if not isinstance(raw, dict):
+        raise ValueError('headers must be a table, such as headers = { X-Token = "..." }')
+    headers = []
+    for name, value in raw.items():
+        if not _TOKEN.match(name):
+            raise ValueError(f"headers: {name!r} is not a header name")
+        if name.lower() in _FRAMING:
+            raise ValueError(f"headers: {name} is set by the balancer itself")
+        if not isinstance(value, str):
+            raise ValueError(f"headers: the value of {name} must be a string")
+        if not value.isascii() or not value.isprintable():
+            raise ValueError(f"headers: the value of {name} must be printable ASCII on one line")
+        headers.append((name.encode("ascii"), value.encode("ascii")))
+    return tuple(headers)
 
 
 def parse_config(

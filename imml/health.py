@@ -16,6 +16,8 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.web.client import RequestTransmissionFailed, ResponseFailed, ResponseNeverReceived
 
+from .tls import describe_tls
+
 UP = "up"
 DOWN = "down"
 #: Not yet checked: not given requests.
@@ -297,6 +299,10 @@ def describe_failure(error: BaseException) -> str:
     A short, stable phrase for why a host could not be reached or answered
     badly, for logs and error bodies.
     """
+    for reason in (error, *(f.value for f in getattr(error, "reasons", ()))):
+        tls = describe_tls(reason)  # a certificate that did not verify
+        if tls is not None:
+            return tls
     if isinstance(error, ierror.ConnectionRefusedError):
         return "connection refused"
     if isinstance(error, ierror.DNSLookupError):

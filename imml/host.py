@@ -18,6 +18,7 @@ from .backends import BackendAddress
 from .health import Health
 from .interfaces import IBackendView
 from .limits import Limit
+from .tls import TLSSettings
 
 #: Weight of the newest sample in a host's moving averages.
 EWMA_ALPHA = 0.2
@@ -47,6 +48,11 @@ class BackendSettings:
     @ivar tasks: the tasks the host serves, or None for all.
     @ivar name: what the operator calls the host (C{name} in the
         configuration file), for people; None when it has none.
+    @ivar tls: how an C{https://} host's connections are verified and
+        which client certificate they present; None for a plain host.
+    @ivar headers: extra request headers sent to the host with every
+        request and health check (for an authenticating proxy in front of
+        it), as C{(name, value)} bytes; their values are never shown.
     """
 
     weight: float = 1.0
@@ -55,6 +61,15 @@ class BackendSettings:
     tier: int = 0
     mac: Optional[str] = None
     name: Optional[str] = None
+    tls: Optional[TLSSettings] = None
+    headers: tuple[tuple[bytes, bytes], ...] = field(default=(), repr=False)
+
+    @property
+    def header_names(self) -> list[str]:
+        """
+        The names of the extra headers, for people (never their values).
+        """
+        return [name.decode("ascii") for name, _ in self.headers]
 
 
 @define

@@ -41,7 +41,7 @@ from .dispatch import Dispatcher, NoBackendAvailable
 from .fleet import Backend, Fleet, Load
 from .health import describe_failure
 from .records import ANSWERED, CANCELLED, FAILED, RETRIED, RequestRecord
-from .upstream import Answer, Committed, Discard, Sink, Upstream
+from .upstream import Answer, Committed, Discard, Sink, Upstream, with_extra
 
 if TYPE_CHECKING:
     from .site import BalancerRequest
@@ -173,12 +173,15 @@ class Job:
         attempt = Attempt(self, load)
         self.tried.append(load.backend)
         self.tries += 1
-        request = self.request
+        request, backend = self.request, load.backend
+        headers = self.headers
+        if backend.settings.headers:
+            headers = with_extra(headers, backend.settings.headers)
         try:
             attempt.deferred = self.runner.upstream.exchange(
                 request.method,
-                load.backend.address.url(request.uri),
-                self.headers,
+                backend.address.url(request.uri),
+                headers,
                 self.body,
                 partial(self._commit, attempt),
                 hold=self.info.retryable,

@@ -107,6 +107,8 @@ class Status:
             "weight": settings.weight,
             "tier": settings.tier,
             "tasks": sorted(settings.tasks) if settings.tasks is not None else None,
+            "tls": settings.tls.describe() if settings.tls is not None else None,
+            "headers": settings.header_names,
             "served": backend.stats.served,
             "errors": dict(sorted(backend.stats.errors.items())),
             "latency": self.window.latency(address),

@@ -10,6 +10,7 @@ import os
 import sys
 from typing import Any, Callable, Optional
 
+from attrs import evolve
 from twisted.application import service
 from twisted.python import usage
 
@@ -24,6 +25,7 @@ from .host import BackendSettings
 from .logs import FORMATS
 from .strategies import UnknownStrategy, available, strategy_named
 from .summary import report
+from .tls import TLSError, TLSSettings, load_tls
 from .values import COMMAND_LINE, DEFAULT, BadValue, Origin, choice, flag, number, size
 
 DEFAULT_STRATEGY = "shortest-delay"
@@ -86,8 +88,8 @@ class Options(usage.Options):
             "backends",
             "b",
             None,
-            "The ML hosts: host, host:port, [v6addr]:port or http://host:port, "
-            "comma separated, port 3003 when omitted. Default: $IMML_BACKENDS.",
+            "The ML hosts: host, host:port, [v6addr]:port, http://host:port or https://host:port, "
+            "comma separated, port 3003 when omitted (443 for https://). Default: $IMML_BACKENDS.",
         ],
         ["strategy", "s", DEFAULT_STRATEGY, "How to choose a host: a strategy name or the dotted path of a class."],
         _number("health-interval", 5.0, "Seconds between health checks (GET /ping) of a host that is up."),
@@ -111,6 +113,13 @@ class Options(usage.Options):
             300.0,
             "Seconds a host has to answer a request completely (a cold model load takes tens of seconds).",
         ),
+        [
+            "ca-file",
+            None,
+            None,
+            "A PEM file of the CAs that https:// hosts' certificates are verified against "
+            "(a host's own ca in --config wins). Default: the system's CAs.",
+        ],
         ["max-body", None, "100M", "Largest request body accepted (e.g. 100M, 512k).", size("max-body")],
         _number("max-tries", 3, "Most hosts one request is sent to.", whole=True, least=1),
         _number(
@@ -124,7 +133,8 @@ class Options(usage.Options):
             "config",
             "c",
             None,
-            "A TOML file with per-host settings ([[hosts]]: address, name, slots, weight, tier, tasks, mac) "
+            "A TOML file with per-host settings ([[hosts]]: address, name, slots, weight, tier, tasks, mac, "
+            "ca, cert, key, headers) "
             "and balancer options ([balancer]); its hosts replace --backends.",
         ],
         [
@@ -267,6 +277,7 @@ class Options(usage.Options):
             self.origins["hosts"] = self.origins["demo"]
         elif not self["hosts"]:
             self._backends()
+        self._tls()
         if "mdns" in self["discover"] and importlib.util.find_spec("zeroconf") is None:
             raise usage.UsageError(
                 self.origins["discover"].tell("--discover mdns needs python-zeroconf: pip install 'imml[mdns]'")
@@ -315,6 +326,25 @@ class Options(usage.Options):
             self["hosts"] = [(a, BackendSettings()) for a in parse_backends(text)]
         except BackendListError as e:
             raise usage.UsageError(origin.tell(str(e))) from None
+
+    def _tls(self) -> None:
+        """
+        Give every C{https://} host its TLS settings: its own, trusting
+        C{--ca-file}'s CAs (or the system's) unless it names a CA file.
+        """
+        default = TLSSettings()
+        if self["ca-file"]:
+            try:
+                default = load_tls(self["ca-file"])
+            except TLSError as e:
+                raise usage.UsageError(self.origins["ca-file"].tell(f"--ca-file: {e}")) from None
+        self["tls-default"] = default
+        self["hosts"] = [
+            (address, evolve(settings, tls=(settings.tls or TLSSettings()).with_ca(default)))
+            if address.is_https
+            else (address, settings)
+            for address, settings in self["hosts"]
+        ]
 
     def _check_log_format(self) -> None:
         """

@@ -10,7 +10,9 @@ client) and the rest streams through.  L{make_pinger} is the health check's
 exchange: C{GET /ping} on a new connection.
 
 The hosts are reached through one L{Agent} with its own connection pool
-(L{make_pool}), and one endpoint per host (L{_Endpoints}).
+(L{make_pool}), and one endpoint per host (L{_Endpoints}); an C{https://}
+host's connections are wrapped in TLS with the connection creator its
+settings give (L{imml.tls.HostsPolicy}).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from attrs import define, field
 from twisted.internet import error as ierror
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
@@ -36,11 +38,12 @@ from twisted.web.client import (
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IAgentEndpointFactory, IResponse
+from twisted.web.iweb import IAgent, IAgentEndpointFactory, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
 from .body import RequestBody
 from .health import BadAnswer
+from .tls import HostsPolicy
 
 #: Methods whose requests carry no body unless the client sent one.
 _BODILESS = (b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"TRACE")
@@ -231,6 +234,17 @@ class Upstream:
         return collector.done.addErrback(_mid_answer, answer)
 
 
+def with_extra(headers: Headers, extra: tuple[tuple[bytes, bytes], ...]) -> Headers:
+    """
+    A copy of C{headers} with a host's extra headers (its settings'
+    C{headers}), which replace any of the same name the client sent.
+    """
+    headers = headers.copy()
+    for name, value in extra:
+        headers.setRawHeaders(name, [value])
+    return headers
+
+
 class _Drain(Protocol):
     def __init__(self, done: Deferred[None]) -> None:
         self.done = done
@@ -246,12 +260,16 @@ def make_pinger(agent: IAgent, clock: Any, timeout: float) -> Callable[[Any], De
     """
     A health check over C{agent} (best one that makes a new connection per
     request): C{GET /ping}, answered completely within C{timeout} seconds;
-    any 2xx is healthy, as for Immich's own availability check.  The check
-    fails with C{TimeoutError}, a connection error or L{BadAnswer}.
+    any 2xx is healthy, as for Immich's own availability check.  It carries
+    the host's extra headers, as its requests do.  The check fails with
+    C{TimeoutError}, a connection error (a TLS one: the host's certificate
+    did not verify) or L{BadAnswer}.
     """
 
     async def ping(backend: Any) -> None:
-        d = agent.request(b"GET", backend.address.url(b"/ping"))
+        extra = backend.settings.headers
+        headers = with_extra(Headers(), extra) if extra else None
+        d = agent.request(b"GET", backend.address.url(b"/ping"), headers)
         d.addTimeout(timeout, clock)
         try:
             response = await d
@@ -293,27 +311,35 @@ class _Endpoints:
     connects, so DNS and C{.local} changes are followed.  (Resolving an
     address would only cost a thread hop per connection, and under load
     C{getaddrinfo} can fail even for C{127.0.0.1}, which would mark a
-    healthy host down.)
+    healthy host down.)  An C{https://} host's endpoint is wrapped in TLS
+    as C{tls} says for that host, at each connection: its settings may
+    change on a reload.
     """
 
-    def __init__(self, reactor: Any, connect_timeout: float) -> None:
+    def __init__(self, reactor: Any, connect_timeout: float, tls: IPolicyForHTTPS) -> None:
         self._reactor = reactor
         self._timeout = connect_timeout
+        self._tls = tls
         self._endpoints: dict[tuple[bytes, int], IStreamClientEndpoint] = {}
 
     def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:
         key = (uri.host, uri.port)
         endpoint = self._endpoints.get(key)
         if endpoint is None:
-            host = uri.host.decode("ascii")
-            if isIPAddress(host):
-                endpoint = TCP4ClientEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
-            elif isIPv6Address(host):
-                endpoint = TCP6ClientEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
-            else:
-                endpoint = HostnameEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
-            endpoint = self._endpoints[key] = _QuietEndpoint(endpoint)
+            endpoint = self._endpoints[key] = self._tcp(uri)
+        if uri.scheme == b"https":
+            return _QuietEndpoint(wrapClientTLS(self._tls.creatorForNetloc(uri.host, uri.port), endpoint))
         return endpoint
+
+    def _tcp(self, uri: Any) -> IStreamClientEndpoint:
+        host = uri.host.decode("ascii")
+        if isIPAddress(host):
+            endpoint = TCP4ClientEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
+        elif isIPv6Address(host):
+            endpoint = TCP6ClientEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
+        else:
+            endpoint = HostnameEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
+        return _QuietEndpoint(endpoint)
 
 
 def make_pool(reactor: Any, persistent: bool = True) -> HTTPConnectionPool:
@@ -328,12 +354,19 @@ def make_pool(reactor: Any, persistent: bool = True) -> HTTPConnectionPool:
     return pool
 
 
-def make_agent(reactor: Any, connect_timeout: float, pool: HTTPConnectionPool) -> Agent:
+def make_agent(
+    reactor: Any, connect_timeout: float, pool: HTTPConnectionPool, tls: Optional[IPolicyForHTTPS] = None
+) -> Agent:
     """
     An HTTP client for the ML hosts, with its own connection pool (see
     L{make_pool}).
+
+    @param tls: the TLS settings of C{https://} hosts (default: the
+        system's CAs, no client certificate).
     """
-    return Agent.usingEndpointFactory(reactor, _Endpoints(reactor, connect_timeout), pool)
+    if tls is None:
+        tls = HostsPolicy(lambda host, port: None)
+    return Agent.usingEndpointFactory(reactor, _Endpoints(reactor, connect_timeout, tls), pool)
 
 
 __all__ = [
@@ -345,4 +378,5 @@ __all__ = [
     "make_agent",
     "make_pinger",
     "make_pool",
+    "with_extra",
 ]

@@ -39,6 +39,7 @@ from .site import BalancerResource, BalancerSite
 from .status import Status
 from .strategies import strategy_named
 from .summary import StartLine
+from .tls import HostsPolicy, TLSSettings
 from .upstream import Upstream, make_agent, make_pinger, make_pool
 from .wake import Waker
 from .window import RecentWindow
@@ -160,6 +161,22 @@ def _mover(reactor: Any, listener: Optional[Listener]) -> Callable[[str], Deferr
     return move
 
 
+def _tls_of(fleet: Fleet) -> Callable[[str, int], Optional[TLSSettings]]:
+    """
+    The TLS settings of the C{https://} host at a name and port, as the
+    fleet has them now (a reload may change them).
+    """
+
+    def settings_for(host: str, port: int) -> Optional[TLSSettings]:
+        for backend in fleet.backends:
+            address = backend.address
+            if address.is_https and address.port == port and address.host == host:
+                return backend.settings.tls
+        return None
+
+    return settings_for
+
+
 def appliers(
     dispatcher: Dispatcher,
     forwarder: Forwarder,
@@ -197,6 +214,8 @@ def appliers(
         # resolve it); a new file path matters only through that token.
         "admin-token": guard.set_token,
         "admin-token-file": lambda path: None,
+        # The CAs of https:// hosts go with each host's settings.
+        "ca-file": lambda path: None,
     }
 
 
@@ -222,9 +241,10 @@ def build(options: Any, reactor: Any, signals: bool = True) -> Balancer:
     )
     pool = make_pool(reactor)
     connect_timeout = options["connect-timeout"]
+    tls = HostsPolicy(_tls_of(fleet))
     upstream = Upstream(
-        make_agent(reactor, connect_timeout, pool),
-        fresh_agent=make_agent(reactor, connect_timeout, make_pool(reactor, persistent=False)),
+        make_agent(reactor, connect_timeout, pool, tls),
+        fresh_agent=make_agent(reactor, connect_timeout, make_pool(reactor, persistent=False), tls),
     )
     window = RecentWindow(reactor)
     metrics = Metrics(fleet, dispatcher, reactor)
@@ -242,7 +262,7 @@ def build(options: Any, reactor: Any, signals: bool = True) -> Balancer:
     # only: the metrics and the status page count forwarded requests.
     site = BalancerSite(front, options["max-body"], report=request_log.request_finished)
     listener = _listener(reactor, "listen", options["listen"], site)
-    pinger_agent = make_agent(reactor, options["health-timeout"], make_pool(reactor, persistent=False))
+    pinger_agent = make_agent(reactor, options["health-timeout"], make_pool(reactor, persistent=False), tls)
     checker = HealthChecker(
         fleet,
         make_pinger(pinger_agent, reactor, options["health-timeout"]),

@@ -266,7 +266,9 @@ async def hear_out(port: int, data: bytes) -> bytes:
     return await protocol.closed
 
 
-async def rig_with_config(path: str, specs: list[dict], text: Callable[[list[str]], str], *args: str) -> Rig:
+async def rig_with_config(
+    path: str, specs: list[dict], text: Callable[[list[str]], str], *args: str, wait_up: bool = True
+) -> Rig:
     """
     Start fake hosts from C{specs}, and a balancer in front of them that
     reads its C{--config} file at C{path}, written first as
@@ -276,7 +278,7 @@ async def rig_with_config(path: str, specs: list[dict], text: Callable[[list[str
     try:
         with open(path, "w") as f:
             f.write(text([h.address for h in hosts]))
-        r = await rig([], "--config", path, *args)
+        r = await rig([], "--config", path, *args, wait_up=wait_up)
     except BaseException:
         for host in hosts:
             await host.stop()

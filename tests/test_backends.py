@@ -30,6 +30,30 @@ def test_the_nginx_images_example_list():
     ]
 
 
+@pytest.mark.parametrize(
+    "entry, host, port, shown",
+    [
+        ("https://gpu.example.net", "gpu.example.net", 443, "https://gpu.example.net:443"),
+        ("HTTPS://gpu.example.net:8443/", "gpu.example.net", 8443, "https://gpu.example.net:8443"),
+        ("https://[::1]:8443", "::1", 8443, "https://[::1]:8443"),
+        ("https://127.0.0.1", "127.0.0.1", 443, "https://127.0.0.1:443"),
+    ],
+)
+def test_https_entries(entry, host, port, shown):
+    address = parse_backend(entry)
+    assert address == BackendAddress(host, port, "https")
+    assert address.is_https
+    assert str(address) == shown
+    assert address.url(b"/ping") == shown.encode() + b"/ping"
+
+
+def test_https_and_http_on_one_host_are_two_hosts():
+    assert parse_backends("nas:3003,https://nas:3003") == [
+        BackendAddress("nas", 3003),
+        BackendAddress("nas", 3003, "https"),
+    ]
+
+
 def test_blanks_are_ignored():
     assert parse_backends(" a , ,b:1,") == [BackendAddress("a"), BackendAddress("b", 1)]
 
@@ -43,7 +67,8 @@ def test_ipv6_url_has_brackets():
     [
         ("nas:99999", ["'nas:99999'", "65535"]),
         ("nas:abc", ["'nas:abc'", "not a number"]),
-        ("https://nas", ["'https://nas'", "http://"]),
+        ("ftp://nas", ["'ftp://nas'", "https://"]),
+        ("https://nas/predict", ["path"]),
         ("http://nas/predict", ["path"]),
         ("[::1", ["'[::1'", "]"]),
         ("[nas]:3003", ["IPv6"]),

@@ -120,9 +120,9 @@ def test_check_of_a_bad_file_says_the_first_error_in_one_line_and_exits_2(tmp_pa
 
 
 def test_check_of_bad_backends_names_the_variable(tmp_path):
-    result = check(tmp_path, env={"IMML_BACKENDS": "nas,https://mac"})
+    result = check(tmp_path, env={"IMML_BACKENDS": "nas,ftp://mac"})
     assert result.returncode == 2
-    assert result.stderr.startswith("imml-balancer: error: $IMML_BACKENDS: backend 'https://mac': only http://")
+    assert result.stderr.startswith("imml-balancer: error: $IMML_BACKENDS: backend 'ftp://mac'")
 
 
 def options(*args: str) -> Options:

@@ -73,10 +73,10 @@ def test_imml_backends_is_read_from_the_environment():
         "imml-balancer",
         "--listen",
         "tcp:0:interface=127.0.0.1",
-        env={"IMML_BACKENDS": "http://ok:3003,https://nope"},
+        env={"IMML_BACKENDS": "http://ok:3003,ftp://nope"},
     )
     assert result.returncode != 0
-    assert "'https://nope'" in result.stdout + result.stderr
+    assert "'ftp://nope'" in result.stdout + result.stderr
 
 
 def test_no_backends_at_all_is_explained():

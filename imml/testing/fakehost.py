@@ -19,7 +19,7 @@ from typing import Any
 from attrs import Attribute, define, field, validators
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTime, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
@@ -115,6 +115,9 @@ class FakeMLHost:
     @ivar jitter: With C{cpu}, each request's work is scaled by a random
         factor between M{1 - jitter} and M{1 + jitter}.
     @ivar seed: Seeds that random factor.
+    @ivar required_headers: Header name to value that every request must
+        carry, as an authenticating proxy in front of a host demands; a
+        request without them is answered 401 (and not counted).
     @ivar models: Model names that load; others answer 500.
     @ivar failing_tasks: Task keys whose model fails to load (500).
     @ivar model_ttl: Seconds a model may stay unused before it is unloaded
@@ -149,6 +152,7 @@ class FakeMLHost:
     cost: Mapping[str, float] = field(factory=lambda: {"clip-textual": 0.2, "*": 1.0})
     jitter: float = field(default=0.5, validator=[validators.ge(0), validators.lt(1)])
     seed: int | None = 0
+    required_headers: Mapping[str, str] = field(factory=dict)
 
     received: list[Received] = field(init=False, factory=list)
     in_flight: int = field(init=False, default=0)
@@ -208,16 +212,22 @@ class FakeMLHost:
         self._ready_at.clear()
         self._last_used.clear()
 
-    def listen(self, endpoint_string: str = "tcp:0:interface=127.0.0.1") -> Deferred[IListeningPort]:
+    def listen(
+        self, endpoint_string: str | IStreamServerEndpoint = "tcp:0:interface=127.0.0.1"
+    ) -> Deferred[IListeningPort]:
         """
         Serve on a server endpoint; sets L{port} and L{address} when bound.
 
-        @param endpoint_string: A L{serverFromString} description.
+        @param endpoint_string: A L{serverFromString} description, or an
+            endpoint (an L{SSL4ServerEndpoint} with TLS options of your
+            own: a host that demands a client certificate).
         @return: A Deferred firing with the L{IListeningPort}.
         """
         if self._listening is not None:
             raise RuntimeError(f"{self.name} is already listening")
-        endpoint = serverFromString(self.reactor, endpoint_string)
+        endpoint = (
+            serverFromString(self.reactor, endpoint_string) if isinstance(endpoint_string, str) else endpoint_string
+        )
 
         def bound(listening: IListeningPort) -> IListeningPort:
             self._listening = listening

@@ -104,6 +104,9 @@ class FakeMLResource(Resource):
         if getattr(request, "dropped", False):
             return NOT_DONE_YET  # the connection is gone
         request.setHeader(b"x-fake-host", host.name.encode("utf-8"))
+        for name, value in host.required_headers.items():
+            if request.getHeader(name) != value:
+                return plain(request, 401, b"Unauthorized")
         path, method = request.path, request.method
         if path == b"/predict":
             if method == b"POST":
