@@ -255,7 +255,7 @@ class Reloader(service.Service):
         fleet: Any,
         appliers: dict[str, Callable[[Any], None]],
         signals: bool = True,
-        extra_hosts: Callable[[], list] = lambda: [],
+        hosts: Optional[Callable[[list], None]] = None,
     ) -> None:
         """
         @param fleet: whose hosts the options' hosts become.
@@ -263,12 +263,13 @@ class Reloader(service.Service):
             applies a new value (through the component that owns it); one
             that may fail returns a L{Deferred}, and on its failure the
             option keeps its old value.
-        @param extra_hosts: returns hosts that are not in the options but
-            stay (the stand-in hosts of C{--demo}).
+        @param hosts: makes the options' hosts (C{options["hosts"]}) the
+            configuration's (L{imml.sources.HostSources.set}); by default,
+            C{fleet.reconfigure}.
         """
         self.options, self.clock, self.fleet, self.signals = options, clock, fleet, signals
         self.appliers = appliers
-        self.extra_hosts = extra_hosts
+        self.set_hosts = hosts if hosts is not None else fleet.reconfigure
         self._seen = options.get("config-digest")
         self._loop: Optional[LoopingCall] = None
         self._previous = None
@@ -339,13 +340,10 @@ class Reloader(service.Service):
             imml_event="reload-kept",
         )
 
-    def _hosts(self, options: usage.Options) -> list:
-        return list(options["hosts"]) + list(self.extra_hosts())
-
     def _apply(self, new: usage.Options, trigger: str) -> None:
         fleet = self.fleet
         before = {str(b.address) for b in fleet.backends if not b.leaving}
-        fleet.reconfigure(self._hosts(new))
+        self.set_hosts(list(new["hosts"]))
         after = {str(b.address) for b in fleet.backends if not b.leaving}
         changed, restart = [], []
         for name in sorted(_defaults(new)):

@@ -13,7 +13,7 @@ from twisted.application import service
 from twisted.python import usage
 
 from . import version_line
-from .backends import BackendListError, parse_backends
+from .backends import BackendListError, parse_backends, parse_dns_server
 from .config import ConfigError, load_config
 from .control import remember_command_line
 from .endpoints import FORMS, EndpointError, check
@@ -75,6 +75,14 @@ def _log_format(text: str) -> str:
     return text
 
 
+def _dns_server(text: str) -> str:
+    try:
+        parse_dns_server(text)
+    except BackendListError as e:
+        raise usage.UsageError(str(e)) from None
+    return text
+
+
 class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
@@ -90,7 +98,23 @@ class Options(usage.Options):
             "b",
             None,
             "The ML hosts: host, host:port, [v6addr]:port or http://host:port, "
+            "or dns+name[:port] for one host per address the name resolves to; "
             "comma separated, port 3003 when omitted. Default: $IMML_BACKENDS.",
+        ],
+        [
+            "dns-interval",
+            None,
+            30.0,
+            "Most seconds between two resolutions of a dns+ entry's name (sooner when its TTL says so).",
+            _positive(float),
+        ],
+        [
+            "dns-server",
+            None,
+            None,
+            "The DNS server that resolves dns+ entries: ADDRESS[:PORT], port 53 when omitted. "
+            "Default: /etc/hosts, then the servers of /etc/resolv.conf.",
+            _dns_server,
         ],
         ["strategy", "s", DEFAULT_STRATEGY, "How to choose a host: a strategy name or the dotted path of a class."],
         [

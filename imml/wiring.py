@@ -20,9 +20,10 @@ from twisted.internet.defer import Deferred, ensureDeferred, fail, gatherResults
 from twisted.logger import Logger
 
 from .admin import admin_site
-from .backends import parse_backend
+from .backends import parse_backend, parse_dns_server
 from .control import GracefulStop, OrderedStop, Reloader
 from .dispatch import Dispatcher
+from .dnspool import system_resolver
 from .endpoints import server_endpoint
 from .fleet import BackendSettings, Fleet
 from .forward import Forwarder, ForwardSettings
@@ -34,6 +35,7 @@ from .metrics import resource as metrics_resource
 from .requestlog import RequestLog
 from .services import Listener, ListensOrExits, Running
 from .site import BalancerResource, BalancerSite
+from .sources import HostSources, plain_hosts
 from .status import Status
 from .strategies import strategy_named
 from .upstream import Upstream, make_agent, make_pinger, make_pool
@@ -77,6 +79,7 @@ class Balancer:
     admin: Optional[Listener]
     stopper: GracefulStop
     reloader: Reloader
+    sources: HostSources
     demo: Optional[_DemoHosts]
     service: BalancerService
 
@@ -151,6 +154,7 @@ def appliers(
     stopper: GracefulStop,
     status: Status,
     guard: AdminGuard,
+    sources: HostSources,
     listeners: dict[str, Callable[[str], Deferred[None]]],
 ) -> dict[str, Callable[[Any], Any]]:
     """
@@ -179,6 +183,7 @@ def appliers(
         # resolve it); a new file path matters only through that token.
         "admin-token": guard.set_token,
         "admin-token-file": lambda path: None,
+        "dns-interval": sources.set_dns_interval,
     }
 
 
@@ -187,13 +192,13 @@ def build(options: Any, reactor: Any, signals: bool = True) -> Balancer:
     The balancer for parsed C{options} (L{imml.tap.Options}): its components
     and their service tree, not yet started.
     """
-    settings_of = dict(options["hosts"])
+    plain = plain_hosts(options["hosts"])
     fleet = Fleet.from_addresses(
-        [address for address, _ in options["hosts"]],
+        [address for address, _ in plain],
         reactor,
         rise=options["rise"],
         fall=options["fall"],
-        settings=settings_of.__getitem__,
+        settings=dict(plain).__getitem__,
     )
     dispatcher = Dispatcher(
         fleet,
@@ -250,6 +255,16 @@ def build(options: Any, reactor: Any, signals: bool = True) -> Balancer:
     guard = AdminGuard(own_names(socket.gethostname()), options["admin-hosts"], options["admin-token"])
     stopper = GracefulStop(listener, front, fleet, dispatcher, reactor, options["drain-timeout"])
     demo = _DemoHosts(reactor, fleet, checker, options["demo"]) if options["demo"] else None
+    sources = HostSources(
+        fleet,
+        reactor,
+        options["dns-interval"],
+        lambda: system_resolver(reactor, parse_dns_server(options["dns-server"]) if options["dns-server"] else None),
+        extra=demo.addresses if demo is not None else list,
+    )
+    sources.set(options["hosts"])
+    # Hosts that join (a DNS pool's, a reload's) are checked at once.
+    fleet.observe(checker.fleet_changed)
     admin = None
     if options["admin"] != "none":
         site_ = admin_site(status, checker, metrics_resource(metrics.registry), guard)
@@ -259,9 +274,9 @@ def build(options: Any, reactor: Any, signals: bool = True) -> Balancer:
         options,
         reactor,
         fleet,
-        appliers(dispatcher, forwarder, site, fleet, checker, stopper, status, guard, movers),
+        appliers(dispatcher, forwarder, site, fleet, checker, stopper, status, guard, sources, movers),
         signals,
-        extra_hosts=demo.addresses if demo is not None else list,
+        hosts=sources.set,
     )
 
     top = BalancerService(reactor, stopper.hurry if signals else None)
@@ -270,6 +285,7 @@ def build(options: Any, reactor: Any, signals: bool = True) -> Balancer:
     if demo is not None:
         demo.setServiceParent(top)
     Running("health", checker.start, checker.stop).setServiceParent(top)
+    sources.setServiceParent(top)
     listener.setServiceParent(top)
     if admin is not None:
         admin.setServiceParent(top)
@@ -292,6 +308,7 @@ def build(options: Any, reactor: Any, signals: bool = True) -> Balancer:
         admin=admin,
         stopper=stopper,
         reloader=reloader,
+        sources=sources,
         demo=demo,
         service=top,
     )
