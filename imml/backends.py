@@ -5,13 +5,18 @@ An entry is ``host``, ``host:port``, ``[v6addr]``, ``[v6addr]:port``,
 ``http://host[:port]`` or ``https://host[:port]``; the port is 3003 when
 omitted (443 for ``https://``, a host behind a TLS proxy).  Entries are separated
 by commas, blanks are ignored.  Names are not resolved here: they are resolved
-each time a connection is made, so ``.local`` names and DNS changes just work.
+each time a connection is made, so ``.local`` names and DNS changes just work
+(a plain entry is one host, whatever its name resolves to).
+
+An entry written ``dns+NAME[:PORT]`` is a L{DnsName}: a pool of one host per
+address the name resolves to (L{imml.dnspool}).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
+from typing import Union
 
 from attrs import frozen
 
@@ -66,6 +71,29 @@ class BackendAddress:
         return b"http://" + str(self).encode("ascii") + path
 
 
+@frozen
+class DnsName:
+    """
+    A DNS pool (an entry written C{dns+NAME[:PORT]}): one host on C{port}
+    for each address C{name} resolves to.
+    """
+
+    name: str
+    port: int = DEFAULT_PORT
+    #: The hosts of a DNS pool speak plain HTTP.
+    is_https = False
+
+    def __str__(self) -> str:
+        return f"dns+{self.name}:{self.port}"
+
+
+#: What one entry of a backend list is: a host, or a DNS pool of hosts.
+Entry = Union[BackendAddress, DnsName]
+
+#: How a DNS pool's entry begins.
+DNS_PREFIX = "dns+"
+
+
 def _port(text: str, entry: str) -> int:
     if not text.isdigit():
         raise BackendListError(f"backend {entry!r}: port {text!r} is not a number")
@@ -75,14 +103,36 @@ def _port(text: str, entry: str) -> int:
     return port
 
 
-def parse_backend(entry: str) -> BackendAddress:
+def parse_entry(entry: str) -> Entry:
     """
-    Parse one entry of a backend list.
+    Parse one entry of a backend list: a host, or a DNS pool (C{dns+NAME}).
 
     @raise BackendListError: naming C{entry} when it cannot be parsed.
     """
-    original = entry
     text = entry.strip()
+    if not text.lower().startswith(DNS_PREFIX):
+        return _parse(text, entry)
+    rest = text[len(DNS_PREFIX) :]
+    if not rest:
+        raise BackendListError(f"backend {entry!r}: dns+ needs a name, e.g. dns+immich-ml:3003")
+    address = _parse(rest, entry)
+    try:
+        ipaddress.ip_address(address.host)
+    except ValueError:
+        return DnsName(address.host, address.port)
+    raise BackendListError(f"backend {entry!r}: dns+ takes a name to resolve, not an address")
+
+
+def parse_backend(entry: str) -> BackendAddress:
+    """
+    Parse one entry of a backend list that names one host.
+
+    @raise BackendListError: naming C{entry} when it cannot be parsed.
+    """
+    return _parse(entry.strip(), entry)
+
+
+def _parse(text: str, original: str) -> BackendAddress:
     if not text:
         raise BackendListError("empty backend entry")
     scheme, sep, rest = text.partition("://")
@@ -124,7 +174,7 @@ def parse_backend(entry: str) -> BackendAddress:
     return BackendAddress(host.lower(), port, scheme)
 
 
-def parse_backends(text: str) -> list[BackendAddress]:
+def parse_backends(text: str) -> list[Entry]:
     """
     Parse a comma-separated backend list such as the ``IMML_BACKENDS``
     variable.  Blank entries are ignored.
@@ -132,17 +182,42 @@ def parse_backends(text: str) -> list[BackendAddress]:
     @raise BackendListError: when an entry cannot be parsed, when an entry is
         listed twice, or when the list names no backend at all.
     """
-    addresses: list[BackendAddress] = []
+    addresses: list[Entry] = []
     for entry in text.split(","):
         if not entry.strip():
             continue
-        address = parse_backend(entry)
+        address = parse_entry(entry)
         if address in addresses:
             raise BackendListError(f"backend {entry.strip()!r} is listed twice (as {address})")
         addresses.append(address)
     if not addresses:
         raise BackendListError(
-            "no backends: set IMML_BACKENDS or --backends to a comma-separated list of host[:port] "
-            "(or https://host[:port]) entries"
+            "no backends: set IMML_BACKENDS or --backends to a comma-separated list of "
+            "host[:port], https://host[:port] or dns+name[:port] entries"
         )
     return addresses
+
+
+def parse_dns_server(text: str) -> tuple[str, int]:
+    """
+    A DNS server's address and port from C{ADDRESS[:PORT]} (C{[v6]:PORT}
+    for IPv6), port 53 when omitted.
+
+    @raise BackendListError: saying what is wrong.
+    """
+    host, port = text.strip(), "53"
+    if host.startswith("["):
+        host, _, tail = host[1:].partition("]")
+        if tail:
+            if not tail.startswith(":"):
+                raise BackendListError(f"{text!r} is not ADDRESS[:PORT]")
+            port = tail[1:]
+    elif host.count(":") == 1:
+        host, port = host.split(":")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise BackendListError(f"{text!r}: a DNS server is an IP address, with a port if not 53") from None
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise BackendListError(f"{text!r}: port {port!r} is not between 1 and 65535")
+    return host, int(port)

@@ -9,7 +9,7 @@ adds per-host settings and the balancer's own.  Example::
     queue-timeout = 90
 
     [[hosts]]
-    address = "mac.local:3003"      # as in IMML_BACKENDS
+    address = "mac.local:3003"      # as in IMML_BACKENDS (dns+NAME: a DNS pool)
     name = "mac"                    # what logs and pages call it
     slots = 4                       # most requests in flight on this host
     weight = 2.0                    # relative share of the work
@@ -52,7 +52,7 @@ from typing import Any, Mapping, Optional
 
 from attrs import frozen
 
-from .backends import BackendAddress, BackendListError, parse_backend
+from .backends import BackendListError, Entry, parse_entry
 from .classify import TASKS
 from .host import BackendSettings
 from .tls import TLSError, load_tls
@@ -77,7 +77,7 @@ class ConfigError(ValueError):
 
 @frozen
 class HostConfig:
-    address: BackendAddress
+    address: Entry
     settings: BackendSettings
 
 
@@ -157,7 +157,7 @@ def _host(raw: dict, index: int, text: str, path: str) -> HostConfig:
     if not isinstance(raw["address"], str):
         raise fail("address", 'address must be a string such as "nas:3003"')
     try:
-        address = parse_backend(raw["address"])
+        address = parse_entry(raw["address"])
     except BackendListError as e:
         raise fail("address", str(e)) from None
     slots = raw.get("slots")

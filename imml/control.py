@@ -255,7 +255,7 @@ class Reloader(service.Service):
         fleet: Any,
         appliers: dict[str, Callable[[Any], None]],
         signals: bool = True,
-        extra_hosts: Callable[[Any], list] = lambda options: [],
+        hosts: Optional[Callable[[Any], None]] = None,
     ) -> None:
         """
         @param fleet: whose hosts the options' hosts become.
@@ -263,13 +263,13 @@ class Reloader(service.Service):
             applies a new value (through the component that owns it); one
             that may fail returns a L{Deferred}, and on its failure the
             option keeps its old value.
-        @param extra_hosts: returns, for the options in force, hosts that
-            are not in the options but stay (the stand-in hosts of
-            C{--demo}, the hosts discovered).
+        @param hosts: makes the hosts of the options given (C{options["hosts"]},
+            and the hosts found that they do not pin or exclude) the
+            fleet's; by default, C{fleet.reconfigure} of C{options["hosts"]}.
         """
         self.options, self.clock, self.fleet, self.signals = options, clock, fleet, signals
         self.appliers = appliers
-        self.extra_hosts = extra_hosts
+        self.set_hosts = hosts if hosts is not None else lambda options: fleet.reconfigure(options["hosts"])
         self._seen = options.get("config-digest")
         self._loop: Optional[LoopingCall] = None
         self._previous = None
@@ -340,21 +340,10 @@ class Reloader(service.Service):
             imml_event="reload-kept",
         )
 
-    def _hosts(self, options: usage.Options) -> list:
-        return list(options["hosts"]) + list(self.extra_hosts(options))
-
-    def refresh(self, why: str) -> None:
-        """
-        Make the fleet again from the options in force and the extra
-        hosts as they are now (a discovered host appeared or went); hosts
-        that are no longer there drain, saying C{why}.
-        """
-        self.fleet.reconfigure(self._hosts(self.options), why)
-
     def _apply(self, new: usage.Options, trigger: str) -> None:
         fleet = self.fleet
         before = {str(b.address) for b in fleet.backends if not b.leaving}
-        fleet.reconfigure(self._hosts(new))
+        self.set_hosts(new)
         after = {str(b.address) for b in fleet.backends if not b.leaving}
         changed, restart = [], []
         for name in sorted(_defaults(new)):

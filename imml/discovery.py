@@ -4,11 +4,11 @@ Hosts found on the network rather than written down (C{--discover}).
 A browser (L{imml.mdns}) tells L{Discovered} what it sees, on the reactor
 thread: a service appeared (L{Found}: its name, where it listens, its
 other names and what it says of itself) or is gone (its name).
-L{Discovered} keeps that list, and each change makes the fleet again,
-through the same path a reload takes (L{imml.control.Reloader.refresh},
-L{imml.fleet.Fleet.reconfigure}): a host that appears joins (unknown
-until checked, then with slow start), one that goes drains and leaves once
-its last request is answered.
+L{Discovered} keeps that list, and each change offers the fleet the hosts
+found as a host source of their own (L{DISCOVERED}, through
+L{imml.fleet.Fleet.offer}, as the configuration and DNS pools are): a host
+that appears joins (unknown until checked, then with slow start), one that
+goes drains and leaves once its last request is answered.
 
 The configuration decides what of it is used (L{Discovered.hosts}):
 
@@ -87,13 +87,17 @@ class Found:
         )
 
 
+#: The host source of the hosts found on the network (L{imml.fleet.Fleet.offer}).
+DISCOVERED = "discovered"
+
+
 @define(eq=False)
 class Discovered:
     """
     The hosts the browsers see now.
 
-    @ivar refresh: makes the fleet again (L{hosts} included); called with
-        why hosts may leave.
+    @ivar refresh: offers the fleet the hosts found (L{hosts}) again, as
+        the host source L{DISCOVERED}; called with why hosts may leave.
     """
 
     refresh: Callable[[str], None]
@@ -140,7 +144,8 @@ class Discovered:
         (listed there), not excluded, in the order of their names, named
         on the status page as they advertise themselves.
         """
-        listed = [address for address, _ in configured]
+        # (a DNS pool, C{dns+NAME}, pins nothing: it finds its own hosts)
+        listed = [address for address, _ in configured if isinstance(address, BackendAddress)]
         exclude = list(exclude)
         taken: list[tuple[BackendAddress, BackendSettings]] = []
         for name in sorted(self._found):
@@ -157,4 +162,4 @@ class Discovered:
         return [self._found[name] for name in sorted(self._found)]
 
 
-__all__ = ["METHODS", "Discovered", "Found", "parse_methods"]
+__all__ = ["DISCOVERED", "METHODS", "Discovered", "Found", "parse_methods"]

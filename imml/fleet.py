@@ -6,6 +6,13 @@ L{Fleet} logs every health transition, counts each request on a host from
 L{Fleet.start} to L{Fleet.finish}, learns from its answers, and tells its
 observers (the dispatcher) that the fleet changed and its subscribers (the
 forwarder) that a host went down with requests on it.
+
+Hosts come from host sources: the configuration (L{CONFIG}), each DNS pool,
+whatever else finds hosts.  Each source offers the whole list of hosts it
+finds now (L{Fleet.offer}); the fleet is every source's hosts, in the order
+the sources first offered, a host offered by two sources counted once (the
+first source's settings).  A host that joins later than the fleet was made
+starts slow; one that no source offers any more drains and leaves.
 """
 
 from __future__ import annotations
@@ -19,7 +26,13 @@ from .backends import BackendAddress
 from .health import DOWN, UP, Health, Transition
 from .host import TASK_BLOCK, TASK_FALL, TASK_MAX_BLOCK, Backend, BackendSettings, Load, TaskHealth
 
-__all__ = ["Backend", "BackendSettings", "Fleet", "Load"]
+__all__ = ["CONFIG", "Backend", "BackendSettings", "Fleet", "Load"]
+
+#: The host source of the configuration: C{--backends}, C{IMML_BACKENDS}
+#: or the file's C{[[hosts]]} (and the hosts added by L{Fleet.add}).
+CONFIG = "config"
+
+Hosts = Iterable[tuple[BackendAddress, BackendSettings]]
 
 
 @define(eq=False)
@@ -35,6 +48,12 @@ class Fleet:
     log: Logger = field(factory=Logger)
     _observers: list[Callable[[], None]] = field(factory=list)
     _down: list[Callable[[Load], None]] = field(factory=list)
+    #: Per host source, the hosts it offers, in the order sources first offered.
+    _offers: dict[str, list[tuple[BackendAddress, BackendSettings]]] = field(factory=dict)
+    #: Per source, why the hosts it no longer offers leave (None: it no longer lists them).
+    _whys: dict[str, Optional[str]] = field(factory=dict)
+    #: Which source each host was last taken from.
+    _sources: dict[BackendAddress, str] = field(factory=dict)
 
     @classmethod
     def from_addresses(
@@ -46,7 +65,9 @@ class Fleet:
         settings: Callable[[BackendAddress], BackendSettings] = lambda a: BackendSettings(),
     ) -> "Fleet":
         fleet = cls([], clock, rise, fall)
+        offered = fleet._offers[CONFIG] = []
         for address in addresses:
+            offered.append((address, settings(address)))
             fleet.backends.append(fleet._new(address, len(fleet.backends), settings(address)))
         return fleet
 
@@ -56,13 +77,10 @@ class Fleet:
 
     def add(self, address: BackendAddress, settings: Optional[BackendSettings] = None) -> Backend:
         """
-        Add a host at the end of the list (it is unknown until checked).
+        Add a host to the configuration's (it is unknown until checked).
         """
-        backend = self._new(address, len(self.backends), settings or BackendSettings())
-        self.backends.append(backend)
-        self.log.info("ML host {backend} joins", backend=str(address), imml_event="join")
-        self.changed()
-        return backend
+        self.offer(CONFIG, [*self._offers.get(CONFIG, []), (address, settings or BackendSettings())])
+        return next(b for b in self.backends if b.address == address)
 
     def observe(self, callback: Callable[[], None]) -> None:
         """
@@ -104,7 +122,8 @@ class Fleet:
         if transition is None:
             return
         self.log.info(
-            "ML host {backend} is {new} (was {old}): {reason}",
+            "ML host {label} is {new} (was {old}): {reason}",
+            label=backend.label,
             backend=str(backend.address),
             old=transition.old,
             new=transition.new,
@@ -148,7 +167,7 @@ class Fleet:
         if not backend.draining:
             backend.draining = True
             backend.drain_changed = self.clock.seconds()
-            self.log.info("ML host {backend} is draining: {why}", backend=str(backend), why=why, imml_event="drain")
+            self._tell(backend, "is draining: {why}", "drain", why=why)
             self.changed()
 
     def enable(self, backend: Backend) -> None:
@@ -158,27 +177,50 @@ class Fleet:
         if backend.draining and not backend.leaving:
             backend.draining = False
             backend.drain_changed = self.clock.seconds()
-            self.log.info("ML host {backend} takes requests again", backend=str(backend), imml_event="enable")
+            self._tell(backend, "takes requests again", "enable")
             self.changed()
 
-    def reconfigure(
-        self, hosts: Iterable[tuple[BackendAddress, BackendSettings]], why: str = "removed from the configuration"
-    ) -> None:
+    def reconfigure(self, hosts: Hosts) -> None:
         """
-        Make the fleet the hosts listed, in that order.  Hosts already known
-        keep their state and statistics and take the new settings; new hosts
-        join (unknown until checked); hosts no longer listed drain (C{why})
-        and leave once their last request is answered.
+        Make the configuration's hosts those listed, in that order (see
+        L{offer}).
         """
-        hosts = list(hosts)
-        wanted = {address: settings for address, settings in hosts}
+        self.offer(CONFIG, hosts)
+
+    def offer(self, source: str, hosts: Hosts, why: Optional[str] = None) -> None:
+        """
+        Host source C{source} (its name: L{CONFIG}, C{dns+NAME:PORT}, ...)
+        now finds the hosts listed, in that order.  Hosts already known keep
+        their state and statistics and take the new settings; new hosts
+        join (unknown until checked, starting slow); hosts no source offers
+        any more drain and leave once their last request is answered,
+        saying C{why} (by default, that C{source} no longer lists them).
+        """
+        self._offers[source] = list(hosts)
+        self._whys[source] = why
+        self._merge()
+
+    def withdraw(self, source: str) -> None:
+        """
+        Host source C{source} is gone: the hosts only it offered drain and
+        leave.
+        """
+        if self._offers.pop(source, None) is not None:
+            self._merge()
+
+    def _merge(self) -> None:
+        wanted: dict[BackendAddress, tuple[str, BackendSettings]] = {}
+        for source, offered in self._offers.items():
+            for address, settings in offered:
+                wanted.setdefault(address, (source, settings))
         known = {b.address: b for b in self.backends}
         backends = []
-        for index, (address, settings) in enumerate(hosts):
+        for index, (address, (source, settings)) in enumerate(wanted.items()):
             backend = known.get(address)
             if backend is None:
                 backend = self._new(address, index, settings)
-                self.log.info("ML host {backend} joins", backend=str(address), imml_event="join")
+                backend.limiter.restart()
+                self._tell(backend, "joins ({source})", "join", source=source)
             else:
                 backend.index, backend.settings = index, settings
                 backend.limiter.slots = settings.slots
@@ -187,16 +229,32 @@ class Fleet:
                     backend.drain_changed = self.clock.seconds()
             backends.append(backend)
         for backend in self.backends:
-            if backend.address not in wanted:
+            if backend.address not in wanted and not backend.leaving:
                 backend.leaving = True
-                backend.index = len(backends)
+                source = self._sources.get(backend.address, CONFIG)
+                why = self._whys.get(source) or (
+                    "removed from the configuration" if source == CONFIG else f"{source} no longer lists it"
+                )
                 self.drain(backend, why)
+            if backend.leaving:
+                backend.index = len(backends)
                 if backend.in_flight:
                     backends.append(backend)
                 else:
-                    self.log.info("ML host {backend} leaves", backend=str(backend), imml_event="leave")
+                    self._leaves(backend)
         self.backends[:] = backends
+        self._sources = {address: source for address, (source, _) in wanted.items()}
         self.changed()
+
+    def _leaves(self, backend: Backend) -> None:
+        self._tell(backend, "leaves", "leave")
+
+    def _tell(self, backend: Backend, what: str, event: str, **fields: Any) -> None:
+        """
+        Log C{event} of C{backend}: C{what} (a template) follows its label
+        (C{NAME (ADDRESS)}); the event's C{backend} is its address.
+        """
+        self.log.info("ML host {label} " + what, label=backend.label, backend=str(backend), imml_event=event, **fields)
 
     def start(self, backend: Backend, task: Optional[str], owner: object = None) -> Load:
         """
@@ -236,7 +294,7 @@ class Fleet:
             backend.queued_inside -= 1
         if backend.leaving and not backend.in_flight and backend in self.backends:
             self.backends.remove(backend)
-            self.log.info("ML host {backend} leaves", backend=str(backend), imml_event="leave")
+            self._leaves(backend)
         task = load.task
         if error is not None:
             backend.stats.errors[error] += 1

@@ -199,6 +199,12 @@ class HealthChecker:
         """
         self._schedule()
 
+    def fleet_changed(self) -> None:
+        """
+        The fleet changed: a host that joined is checked at once.
+        """
+        self._schedule()
+
     def interval_for(self, backend: Any, waiting: Optional[bool] = None) -> float:
         """
         Seconds from the end of C{backend}'s last check to its next.

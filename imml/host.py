@@ -226,6 +226,15 @@ class Backend:
         self.header = self.name.encode("ascii")
 
     @property
+    def label(self) -> str:
+        """
+        The host for people: C{NAME (ADDRESS)} when it has a name (a DNS
+        pool's hosts have theirs), else its address.
+        """
+        name = self.settings.name
+        return f"{name} ({self.name})" if name else self.name
+
+    @property
     def weight(self) -> float:
         return self.settings.weight
 

@@ -220,6 +220,15 @@ class BalancerRequest(server.Request):
         if length is None:
             channel.follow_chunks(limit, lambda: self.refuse(413, too_large(limit)))
 
+    def write(self, data: bytes) -> None:
+        if not self.startedWriting and not self.gone and self.channel.site.stopping:
+            # A stopping balancer answers what it accepted, and tells each
+            # client to take its next request elsewhere: its connection
+            # closes after this answer.
+            self.setHeader(b"connection", b"close")
+            self.channel.persistent = False
+        super().write(data)
+
     def handleContentChunk(self, data: bytes) -> None:
         if self.refused:
             return
@@ -368,6 +377,13 @@ class BalancerSite(server.Site):
         self.max_body = max_body
         self.bodies = bodies if bodies is not None else BodyStore()
         self.report = report
+
+    @property
+    def stopping(self) -> bool:
+        """
+        Whether the balancer is stopping (its resource says so).
+        """
+        return bool(getattr(self.resource, "stopping", False))
 
     def set_max_body(self, max_body: int) -> None:
         self.max_body = max_body

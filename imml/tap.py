@@ -15,7 +15,7 @@ from twisted.application import service
 from twisted.python import usage
 
 from . import __version__, version_line
-from .backends import BackendListError, parse_backends
+from .backends import BackendListError, parse_backends, parse_dns_server
 from .config import ConfigError, load_config
 from .control import remember_command_line
 from .discovery import METHODS, parse_methods
@@ -73,6 +73,14 @@ def _methods(text: str) -> tuple[str, ...]:
         raise BadValue("discover", str(e)) from None
 
 
+def _dns_server(text: str) -> str:
+    try:
+        parse_dns_server(text)
+    except BackendListError as e:
+        raise BadValue("dns-server", str(e)) from None
+    return text
+
+
 class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
@@ -89,7 +97,21 @@ class Options(usage.Options):
             "b",
             None,
             "The ML hosts: host, host:port, [v6addr]:port, http://host:port or https://host:port, "
+            "or dns+name[:port] for one host per address the name resolves to; "
             "comma separated, port 3003 when omitted (443 for https://). Default: $IMML_BACKENDS.",
+        ],
+        _number(
+            "dns-interval",
+            30.0,
+            "Most seconds between two resolutions of a dns+ entry's name (sooner when its TTL says so).",
+        ),
+        [
+            "dns-server",
+            None,
+            None,
+            "The DNS server that resolves dns+ entries: ADDRESS[:PORT], port 53 when omitted. "
+            "Default: /etc/hosts, then the servers of /etc/resolv.conf.",
+            _dns_server,
         ],
         ["strategy", "s", DEFAULT_STRATEGY, "How to choose a host: a strategy name or the dotted path of a class."],
         _number("health-interval", 5.0, "Seconds between health checks (GET /ping) of a host that is up."),

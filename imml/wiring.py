@@ -21,10 +21,11 @@ from twisted.internet.defer import Deferred, ensureDeferred, fail, gatherResults
 from twisted.logger import Logger
 
 from .admin import admin_site
-from .backends import parse_backend
+from .backends import parse_backend, parse_dns_server
 from .control import GracefulStop, OrderedStop, Reloader
-from .discovery import Discovered
+from .discovery import DISCOVERED, Discovered
 from .dispatch import Dispatcher
+from .dnspool import system_resolver
 from .endpoints import server_endpoint
 from .fleet import BackendSettings, Fleet
 from .forward import Forwarder, ForwardSettings
@@ -36,6 +37,7 @@ from .metrics import resource as metrics_resource
 from .requestlog import RequestLog
 from .services import Listener, ListensOrExits, Running
 from .site import BalancerResource, BalancerSite
+from .sources import HostSources, plain_hosts
 from .status import Status
 from .strategies import strategy_named
 from .summary import StartLine
@@ -81,6 +83,7 @@ class Balancer:
     admin: Optional[Listener]
     stopper: GracefulStop
     reloader: Reloader
+    sources: HostSources
     demo: Optional[_DemoHosts]
     discovered: Discovered
     service: BalancerService
@@ -186,6 +189,7 @@ def appliers(
     stopper: GracefulStop,
     status: Status,
     guard: AdminGuard,
+    sources: HostSources,
     listeners: dict[str, Callable[[str], Deferred[None]]],
 ) -> dict[str, Callable[[Any], Any]]:
     """
@@ -216,6 +220,7 @@ def appliers(
         "admin-token-file": lambda path: None,
         # The CAs of https:// hosts go with each host's settings.
         "ca-file": lambda path: None,
+        "dns-interval": sources.set_dns_interval,
     }
 
 
@@ -224,13 +229,13 @@ def build(options: Any, reactor: Any, signals: bool = True) -> Balancer:
     The balancer for parsed C{options} (L{imml.tap.Options}): its components
     and their service tree, not yet started.
     """
-    settings_of = dict(options["hosts"])
+    plain = plain_hosts(options["hosts"])
     fleet = Fleet.from_addresses(
-        [address for address, _ in options["hosts"]],
+        [address for address, _ in plain],
         reactor,
         rise=options["rise"],
         fall=options["fall"],
-        settings=settings_of.__getitem__,
+        settings=dict(plain).__getitem__,
     )
     dispatcher = Dispatcher(
         fleet,
@@ -288,34 +293,40 @@ def build(options: Any, reactor: Any, signals: bool = True) -> Balancer:
     guard = AdminGuard(own_names(socket.gethostname()), options["admin-hosts"], options["admin-token"])
     stopper = GracefulStop(listener, front, fleet, dispatcher, reactor, options["drain-timeout"])
     demo = _DemoHosts(reactor, fleet, checker, options["demo"]) if options["demo"] else None
+    sources = HostSources(
+        fleet,
+        reactor,
+        options["dns-interval"],
+        lambda: system_resolver(reactor, parse_dns_server(options["dns-server"]) if options["dns-server"] else None),
+        extra=demo.addresses if demo is not None else list,
+    )
+    sources.set(options["hosts"])
+    # Hosts that join (a DNS pool's, a reload's) are checked at once.
+    fleet.observe(checker.fleet_changed)
     admin = None
     if options["admin"] != "none":
         site_ = admin_site(status, checker, metrics_resource(metrics.registry), guard)
         admin = _listener(reactor, "admin", options["admin"], site_)
     movers = {"listen": _mover(reactor, listener), "admin": _mover(reactor, admin)}
 
-    def refresh(why: str) -> None:
-        # A discovered host came or went: the fleet is made again as on a
-        # reload, and a host that joins is checked at once.
-        before = set(fleet.backends)
-        reloader.refresh(why)
-        for backend in fleet.backends:
-            if backend not in before:
-                checker.check(backend)
+    def offer_found(options: Any, why: Optional[str] = None) -> None:
+        # The hosts found on the network, less those the configuration pins
+        # or excludes, are a host source of their own.
+        fleet.offer(DISCOVERED, discovered.hosts(options["hosts"], options["discover-exclude"]), why)
 
-    discovered = Discovered(refresh)
+    discovered = Discovered(lambda why: offer_found(reloader.options, why))
 
-    def extra_hosts(options: Any) -> list:
-        demo_hosts = demo.addresses() if demo is not None else []
-        return demo_hosts + discovered.hosts(options["hosts"], options["discover-exclude"])
+    def set_hosts(options: Any) -> None:
+        sources.set(options["hosts"])
+        offer_found(options)
 
     reloader = Reloader(
         options,
         reactor,
         fleet,
-        appliers(dispatcher, forwarder, site, fleet, checker, stopper, status, guard, movers),
+        appliers(dispatcher, forwarder, site, fleet, checker, stopper, status, guard, sources, movers),
         signals,
-        extra_hosts=extra_hosts,
+        hosts=set_hosts,
     )
 
     top = BalancerService(reactor, stopper.hurry if signals else None)
@@ -324,6 +335,7 @@ def build(options: Any, reactor: Any, signals: bool = True) -> Balancer:
     if demo is not None:
         demo.setServiceParent(top)
     Running("health", checker.start, checker.stop).setServiceParent(top)
+    sources.setServiceParent(top)
     if "mdns" in options["discover"]:
         from .mdns import MdnsBrowser
 
@@ -358,6 +370,7 @@ def build(options: Any, reactor: Any, signals: bool = True) -> Balancer:
         admin=admin,
         stopper=stopper,
         reloader=reloader,
+        sources=sources,
         demo=demo,
         discovered=discovered,
         service=top,

@@ -225,6 +225,18 @@ async def rig(
     return r
 
 
+async def codes_of(pending: list[Deferred]) -> list[int]:
+    """
+    The status of each answer C{pending} fires with, its body read.
+    """
+    codes = []
+    for d in pending:
+        response = await d
+        await response.content()
+        codes.append(response.code)
+    return codes
+
+
 def open_files_in(directory) -> list[str]:
     """
     The files this process holds open in C{directory}, deleted ones
@@ -261,9 +273,18 @@ async def hear_out(port: int, data: bytes) -> bytes:
     Send C{data} to 127.0.0.1:C{port} and nothing more; everything the
     server says until it closes the connection.
     """
+    protocol = await connect_raw(port, data)
+    return await protocol.closed
+
+
+async def connect_raw(port: int, data: bytes = b"") -> _HearOut:
+    """
+    A connection to 127.0.0.1:C{port} that sends C{data} (more through its
+    C{transport}); its C{closed} fires with all the server said.
+    """
     protocol = _HearOut(data)
     await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), protocol)
-    return await protocol.closed
+    return protocol
 
 
 async def rig_with_config(

@@ -150,20 +150,21 @@ async def test_a_check_whose_client_went_away_runs_to_its_end_unanswered() -> No
             hosts(1), "--admin-actions", "--health-interval", "60", "--health-timeout", "0.3", "--fall", "1"
         ) as r:
             address = f"127.0.0.1:{port.getHost().port}"
-            r.fleet.add(parse_backend(address))
+            added = r.fleet.add(parse_backend(address))
+            await until(lambda: added.health.state == "down")  # checked once it joined
+            checked = added.health.last_check
             answered, failed = [], []
             asked = r.client.post(f"{admin_url(r)}/api/hosts/{address}/check")
             asked.addCallbacks(answered.append, failed.append)
-            await until(lambda: factory.connections)  # the check is under way
+            await until(lambda: len(factory.connections) == 2)  # the check is under way
             assert not answered and not failed
             asked.cancel()  # the client goes away
             assert failed and not answered
             await until(lambda: events(r, "admin-action"))
             [event] = events(r, "admin-action")
             assert (event["action"], event["backend"], event["result"]) == ("check", address, "timed out")
-            [added] = [b for b in r.fleet.backends if str(b.address) == address]
-            assert added.health.state == "down"
-            await until(lambda: not factory.connections[0].transport.connected)
+            assert added.health.state == "down" and added.health.last_check > checked
+            await until(lambda: not factory.connections[1].transport.connected)
             assert [e for e in r.events if "log_failure" in e] == []
     finally:
         await port.stopListening()

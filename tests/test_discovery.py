@@ -63,9 +63,11 @@ def test_a_host_that_appears_joins_and_is_checked_at_once(tmp_path):
     b = balancer(tmp_path)
     checked = []
     b.checker.ping = lambda backend: succeed(checked.append(str(backend.address)))
+    b.checker.start()
     assert hosts(b) == []
     FakeBrowser(b).appear(STUDIO)
     assert hosts(b) == [("192.168.1.20:3003", "Studio", False)]
+    b.checker.clock.advance(0)  # the next turn of the reactor
     assert checked == ["192.168.1.20:3003"]
     assert b.fleet.backends[0].health.up
 

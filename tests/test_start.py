@@ -190,7 +190,7 @@ async def test_the_start_line_says_what_runs_and_where_once_it_listens(tmp_path)
         assert (hosts, config) == (f"nas ({fake.address}), 127.0.0.1:9", str(path))
         # The port and the admin URL it names are the ones it listens on.
         client = HTTPClient(Agent(reactor, pool=pool))
-        await child.said(f"ML host {fake.address} is up")
+        await child.said(f"ML host nas ({fake.address}) is up")
         response = await client.get(f"http://127.0.0.1:{port}/ping")
         assert await response.text() == "pong"
         response = await client.get(admin + "api/status")

@@ -9,7 +9,7 @@ import json
 import pytest
 from memory import memory_balancer
 from steering import events
-from support import bounded, free_port, rig, spawn_twistd, until
+from support import bounded, codes_of, connect_raw, free_port, rig, spawn_twistd, until
 from treq.client import HTTPClient
 from twisted.application.service import Service
 from twisted.internet import reactor
@@ -38,6 +38,7 @@ async def test_stopping_under_load_answers_every_accepted_request():
         try:
             response = await idle.get(r.url + "/ping")
             assert response.code == 200 and await response.content() == b"pong"
+            raw = await connect_raw(r.balancer.listener.port.getHost().port)
             pending = [r.predict() for _ in range(8)]
             await until(lambda: r.balancer.dispatcher.queue_depth == 6)
             stopped = r.service.stopService()
@@ -45,15 +46,15 @@ async def test_stopping_under_load_answers_every_accepted_request():
             response = await idle.get(r.url + "/ping")
             assert response.code == 503
             await response.content()
+            # A client on a connection opened before is answered, and told to
+            # take its next request elsewhere: the connection closes.
+            raw.transport.write(b"GET /ping HTTP/1.1\r\nhost: balancer\r\n\r\n")
+            said = await raw.closed
+            assert said.startswith(b"HTTP/1.1 503 ") and b"\r\nconnection: close\r\n" in said.lower()
             fresh = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
             with pytest.raises(ConnectionRefusedError):
                 await fresh.get(r.url + "/ping")
-            codes = []
-            for d in pending:
-                response = await d
-                await response.content()
-                codes.append(response.code)
-            assert codes == [200] * 8
+            assert await codes_of(pending) == [200] * 8
             await stopped
             assert sum(h.served for h in r.hosts) == 8
             [draining] = events(r, "stop-draining")
