@@ -16,6 +16,7 @@ adds per-host settings and the balancer's own.  Example::
     tier = 0                        # failover order: lower tiers first
     tasks = ["clip-visual", "clip-textual", "faces"]   # the tasks it serves
     mac = "aa:bb:cc:dd:ee:ff"       # Wake-on-LAN
+    reference = true                # its answers are right: others must agree
 
     [[hosts]]
     address = "nas"
@@ -39,7 +40,7 @@ from .classify import TASKS
 from .host import BackendSettings
 
 _MAC = re.compile(r"^[0-9a-f]{2}([:-]?)[0-9a-f]{2}(\1[0-9a-f]{2}){4}$", re.I)
-_HOST_KEYS = {"address", "name", "slots", "weight", "tier", "tasks", "mac"}
+_HOST_KEYS = {"address", "name", "slots", "weight", "tier", "tasks", "mac", "reference"}
 
 
 class ConfigError(ValueError):
@@ -134,10 +135,19 @@ def _host(raw: dict, index: int, text: str, path: str) -> HostConfig:
     name = raw.get("name")
     if name is not None and (not isinstance(name, str) or not name.strip() or not name.isprintable()):
         raise fail("name", f'name must be a non-empty line of text such as "nas", not {name!r}')
+    reference = raw.get("reference", False)
+    if not isinstance(reference, bool):
+        raise fail("reference", f"reference must be true or false, not {reference!r}")
     return HostConfig(
         address,
         BackendSettings(
-            float(weight), slots, tasks, tier, mac.lower() if mac else None, name.strip() if name else None
+            float(weight),
+            slots,
+            tasks,
+            tier,
+            mac.lower() if mac else None,
+            name.strip() if name else None,
+            reference,
         ),
     )
 

@@ -47,6 +47,8 @@ class BackendSettings:
     @ivar tasks: the tasks the host serves, or None for all.
     @ivar name: what the operator calls the host (C{name} in the
         configuration file), for people; None when it has none.
+    @ivar reference: its answers are the right ones: the agreement check
+        (L{imml.agreement}) compares the others with it.
     """
 
     weight: float = 1.0
@@ -55,6 +57,7 @@ class BackendSettings:
     tier: int = 0
     mac: Optional[str] = None
     name: Optional[str] = None
+    reference: bool = False
 
 
 @define

@@ -71,6 +71,8 @@ class Status:
     config: Optional[str] = None
     version: str = __version__
     extra: dict = field(factory=dict)
+    #: The agreement check (L{imml.agreement.Agreement}), or None.
+    agreement: object = None
 
     def set_actions(self, on: bool) -> None:
         """
@@ -107,6 +109,8 @@ class Status:
             "weight": settings.weight,
             "tier": settings.tier,
             "tasks": sorted(settings.tasks) if settings.tasks is not None else None,
+            "reference": settings.reference,
+            "agreement": self.agreement.views(backend) if self.agreement is not None else [],
             "served": backend.stats.served,
             "errors": dict(sorted(backend.stats.errors.items())),
             "latency": self.window.latency(address),
@@ -115,8 +119,8 @@ class Status:
 
     def alerts(self) -> list[dict]:
         """
-        What needs an operator now: no host can take requests, or the queue
-        is nearly full.
+        What needs an operator now: no host can take requests, the queue is
+        nearly full, or hosts give answers that disagree.
         """
         alerts = []
         dispatcher, backends = self.dispatcher, self.fleet.backends
@@ -139,6 +143,8 @@ class Status:
                     "once it is full, more get 503 at once"
                 )
             alerts.append({"kind": "queue-nearly-full", "text": text})
+        if self.agreement is not None:
+            alerts += [{"kind": "hosts-disagree", "text": text} for text in self.agreement.conflicts()]
         return alerts
 
     def snapshot(self) -> dict:

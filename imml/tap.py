@@ -13,6 +13,7 @@ from twisted.application import service
 from twisted.python import usage
 
 from . import version_line
+from .agreement import INTERVAL, THRESHOLD, WAIT, parse_switch, parse_thresholds
 from .backends import BackendListError, parse_backends
 from .config import ConfigError, load_config
 from .control import remember_command_line
@@ -65,6 +66,20 @@ def _positive(kind: type) -> Callable[[str], Any]:
         if value <= 0:
             raise usage.UsageError(f"{text!r} must be greater than zero")
         return value
+
+    return convert
+
+
+def _usage(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """
+    C{parse}, its C{ValueError} a usage error.
+    """
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
 
     return convert
 
@@ -137,11 +152,42 @@ class Options(usage.Options):
             _positive(float),
         ],
         ["max-queue", None, 1000, "Most requests that may wait at once.", _positive(int)],
+        # The agreement check (imml.agreement; docs/agreement.md).
+        [
+            "agreement",
+            None,
+            "on",
+            "Check that the ML hosts give the same embeddings for fixed inputs, and keep those that disagree "
+            "out of the task: on or off.",
+            _usage(parse_switch),
+        ],
+        [
+            "agreement-threshold",
+            None,
+            f"{THRESHOLD:g}",
+            "The cosine similarity a host's vectors must reach: one number, or TASK=NUMBER pairs, comma "
+            "separated (clip-visual, clip-textual, faces).",
+            _usage(parse_thresholds),
+        ],
+        [
+            "agreement-interval",
+            None,
+            INTERVAL,
+            "Seconds between two agreement checks of a host that serves a task.",
+            _positive(float),
+        ],
+        [
+            "agreement-wait",
+            None,
+            WAIT,
+            "Seconds the first request of a task waits for the hosts' first agreement check.",
+            _positive(float),
+        ],
         [
             "config",
             "c",
             None,
-            "A TOML file with per-host settings ([[hosts]]: address, slots, weight, tier, tasks, mac) "
+            "A TOML file with per-host settings ([[hosts]]: address, slots, weight, tier, tasks, mac, reference) "
             "and balancer options ([balancer]); its hosts replace --backends.",
         ],
         ["wol-broadcast", None, "255.255.255.255", "Where Wake-on-LAN packets go: a broadcast address."],
@@ -242,6 +288,9 @@ class Options(usage.Options):
         if self["config"]:
             self._apply_file()
         self["max-body"] = parse_size(str(self["max-body"]))
+        for name, parse in (("agreement", parse_switch), ("agreement-threshold", parse_thresholds)):
+            if isinstance(self[name], str):  # the default, as written
+                self[name] = parse(self[name])
         self._check_log_format()
         self._admin_guard()
         for name in _ENDPOINTS:

@@ -6,7 +6,8 @@ Each component owns its state and its settings; a reload changes a setting
 through the component that owns it (L{appliers}).  The tree's children stop
 one after another, last started first: the graceful stop (the listener
 closes, requests drain), the reloader, the admin listener, the health
-checker, the demo hosts, the waker and the connection pool.
+checker, the demo hosts, the waker, the agreement check and the connection
+pool.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from twisted.internet.defer import Deferred, ensureDeferred, fail, gatherResults
 from twisted.logger import Logger
 
 from .admin import admin_site
+from .agreement import Agreement
 from .backends import parse_backend
 from .control import GracefulStop, OrderedStop, Reloader
 from .dispatch import Dispatcher
@@ -65,6 +67,7 @@ class Balancer:
     fleet: Fleet
     dispatcher: Dispatcher
     forwarder: Forwarder
+    agreement: Agreement
     checker: HealthChecker
     waker: Waker
     window: RecentWindow
@@ -143,6 +146,7 @@ def _mover(reactor: Any, listener: Optional[Listener]) -> Callable[[str], Deferr
 
 
 def appliers(
+    agreement: Agreement,
     dispatcher: Dispatcher,
     forwarder: Forwarder,
     site: BalancerSite,
@@ -162,6 +166,10 @@ def appliers(
     return {
         **listeners,
         "strategy": lambda name: dispatcher.set_strategy(strategy_named(name)),
+        "agreement": agreement.set_on,
+        "agreement-threshold": agreement.set_thresholds,
+        "agreement-interval": agreement.set_interval,
+        "agreement-wait": agreement.set_wait,
         "queue-timeout": dispatcher.set_queue_timeout,
         "max-queue": dispatcher.set_max_queue,
         "max-tries": forwarder.set_max_tries,
@@ -195,21 +203,32 @@ def build(options: Any, reactor: Any, signals: bool = True) -> Balancer:
         fall=options["fall"],
         settings=settings_of.__getitem__,
     )
-    dispatcher = Dispatcher(
-        fleet,
-        strategy_named(options["strategy"]),
-        reactor,
-        queue_timeout=options["queue-timeout"],
-        max_queue=options["max-queue"],
-    )
     pool = make_pool(reactor)
     connect_timeout = options["connect-timeout"]
     upstream = Upstream(
         make_agent(reactor, connect_timeout, pool),
         fresh_agent=make_agent(reactor, connect_timeout, make_pool(reactor, persistent=False)),
     )
+    # The agreement check: the dispatcher asks it which hosts may serve.
+    agreement = Agreement(
+        fleet,
+        upstream,
+        reactor,
+        on=options["agreement"],
+        thresholds=options["agreement-threshold"],
+        interval=options["agreement-interval"],
+        wait=options["agreement-wait"],
+    )
+    dispatcher = Dispatcher(
+        fleet,
+        strategy_named(options["strategy"]),
+        reactor,
+        queue_timeout=options["queue-timeout"],
+        max_queue=options["max-queue"],
+        gate=agreement,
+    )
     window = RecentWindow(reactor)
-    metrics = Metrics(fleet, dispatcher, reactor)
+    metrics = Metrics(fleet, dispatcher, reactor, agreement=agreement)
     request_log = RequestLog()
     forwarder = Forwarder(
         fleet,
@@ -246,6 +265,7 @@ def build(options: Any, reactor: Any, signals: bool = True) -> Balancer:
         actions=bool(options["admin-actions"]),
         stopping=lambda: front.stopping,
         config=options["config"],
+        agreement=agreement,
     )
     guard = AdminGuard(own_names(socket.gethostname()), options["admin-hosts"], options["admin-token"])
     stopper = GracefulStop(listener, front, fleet, dispatcher, reactor, options["drain-timeout"])
@@ -259,13 +279,14 @@ def build(options: Any, reactor: Any, signals: bool = True) -> Balancer:
         options,
         reactor,
         fleet,
-        appliers(dispatcher, forwarder, site, fleet, checker, stopper, status, guard, movers),
+        appliers(agreement, dispatcher, forwarder, site, fleet, checker, stopper, status, guard, movers),
         signals,
         extra_hosts=demo.addresses if demo is not None else list,
     )
 
     top = BalancerService(reactor, stopper.hurry if signals else None)
     Running("pool", lambda: None, pool.closeCachedConnections).setServiceParent(top)
+    Running("agreement", lambda: None, agreement.stop).setServiceParent(top)
     Running("waker", lambda: waker.start(dispatcher.waiting), waker.stop).setServiceParent(top)
     if demo is not None:
         demo.setServiceParent(top)
@@ -280,6 +301,7 @@ def build(options: Any, reactor: Any, signals: bool = True) -> Balancer:
         fleet=fleet,
         dispatcher=dispatcher,
         forwarder=forwarder,
+        agreement=agreement,
         checker=checker,
         waker=waker,
         window=window,
