@@ -19,15 +19,27 @@ from .interfaces import IRequestInfo
 
 TASKS = ("clip-visual", "clip-textual", "faces", "ocr", "other")
 
+#: A request's raw C{entries} is kept in its L{RequestInfo} (for the
+#: agreement check: the same models and options) up to this many bytes.
+ENTRIES_KEPT = 1024
+
 
 @implementer(IRequestInfo)
 @frozen
 class RequestInfo:
+    """
+    What a request asks for.
+
+    @ivar entries: the raw C{entries} field of a C{/predict} (which models,
+        with which options), or None (none, or longer than L{ENTRIES_KEPT}).
+    """
+
     method: bytes
     path: bytes
     task: Optional[str] = None
     interactive: bool = False
     ahead: int = 0
+    entries: Optional[bytes] = None
 
     @property
     def retryable(self) -> bool:
@@ -118,7 +130,8 @@ def classify(method: bytes, path: bytes, content_type: Optional[bytes], body: by
         return RequestInfo(method, path)
     raw = entries_field(content_type, body) if content_type else None
     task = "other" if raw is None else _task_of_raw(raw)
-    return RequestInfo(method, path, task, task == "clip-textual")
+    kept = bytes(raw) if raw is not None and len(raw) <= ENTRIES_KEPT else None
+    return RequestInfo(method, path, task, task == "clip-textual", entries=kept)
 
 
 @functools.lru_cache(maxsize=256)

@@ -16,6 +16,7 @@ adds per-host settings and the balancer's own.  Example::
     tier = 0                        # failover order: lower tiers first
     tasks = ["clip-visual", "clip-textual", "faces"]   # the tasks it serves
     mac = "aa:bb:cc:dd:ee:ff"       # Wake-on-LAN
+    reference = true                # its answers are right: others must agree
 
     [[hosts]]
     address = "nas"
@@ -58,7 +59,7 @@ from .host import BackendSettings
 from .tls import TLSError, load_tls
 
 _MAC = re.compile(r"^[0-9a-f]{2}([:-]?)[0-9a-f]{2}(\1[0-9a-f]{2}){4}$", re.I)
-_HOST_KEYS = {"address", "name", "slots", "weight", "tier", "tasks", "mac", "ca", "cert", "key", "headers"}
+_HOST_KEYS = {"address", "name", "slots", "weight", "tier", "tasks", "mac", "ca", "cert", "key", "headers", "reference"}
 #: The longest host name.
 _NAME_LENGTH = 64
 _TLS_KEYS = ("ca", "cert", "key")
@@ -205,6 +206,9 @@ def _host(raw: dict, index: int, text: str, path: str) -> HostConfig:
         headers = _headers(raw.get("headers", {}))
     except ValueError as e:
         raise fail("headers", str(e)) from None
+    reference = raw.get("reference", False)
+    if not isinstance(reference, bool):
+        raise fail("reference", f"reference must be true or false, not {reference!r}")
     return HostConfig(
         address,
         BackendSettings(
@@ -216,6 +220,7 @@ def _host(raw: dict, index: int, text: str, path: str) -> HostConfig:
             name.strip() if name else None,
             tls,
             headers,
+            reference,
         ),
     )
 

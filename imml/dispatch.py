@@ -24,7 +24,7 @@ from __future__ import annotations
 import itertools
 from bisect import bisect_left
 from collections import deque
-from typing import Callable, Collection, Optional
+from typing import Callable, Collection, Optional, Protocol
 
 from attrs import define, evolve, field
 from twisted.internet.defer import Deferred
@@ -37,6 +37,19 @@ from .interfaces import IStrategy
 #: Batch starts on a host are at least this share of its slot interval apart
 #: while people search.
 PACE = 0.5
+
+
+class Gate(Protocol):
+    """
+    Who else decides whether a host may serve a request (the agreement
+    check, L{imml.agreement.Agreement}).
+    """
+
+    def admits(self, backend: Backend, info: RequestInfo) -> bool:
+        """Whether C{backend}, usable for C{info}'s task, may serve it."""
+
+    def why(self, info: RequestInfo) -> Optional[str]:
+        """Why no usable host is admitted for C{info}, or None."""
 
 
 class NoBackendAvailable(Exception):
@@ -96,6 +109,8 @@ class Dispatcher:
     _searched: float = float("-inf")
     #: Calls L{pump} when paced batch work may start.
     _pace_timer: object = None
+    #: Whether a usable host may serve a request, besides the fleet's word.
+    gate: Optional[Gate] = None
 
     def __attrs_post_init__(self) -> None:
         self.fleet.observe(self.pump)
@@ -140,12 +155,15 @@ class Dispatcher:
 
     def candidates(self, info: RequestInfo, avoid: Collection[Backend] = ()) -> list[Backend]:
         """
-        The hosts that may serve C{info}: usable, not failing its task (unless
-        every usable host is), and not among C{avoid} (unless every usable
-        host is).
+        The hosts that may serve C{info}: usable and admitted by the gate,
+        not failing its task (unless every such host is), and not among
+        C{avoid} (unless every such host is).
         """
         task = info.task
         usable = [b for b in self.fleet.backends if b.usable_for(task)]
+        gate = self.gate
+        if gate is not None and usable:
+            usable = [b for b in usable if gate.admits(b, info)]
         if task is not None and any(b.tasks for b in usable):
             now = self.clock.seconds()
             working = [b for b in usable if not b.task_blocked(task, now)]
@@ -302,6 +320,9 @@ class Dispatcher:
     def _why(self, waiter: _Waiter) -> str:
         if self.candidates(waiter.info, waiter.avoid):
             return f"every ML host stayed busy for {self.queue_timeout:g} s"
+        held = self.gate.why(waiter.info) if self.gate is not None else None
+        if held is not None:
+            return f"{held} within {self.queue_timeout:g} s"
         if any(b.up for b in self.fleet.backends):
             return (
                 f"no ML host that serves {waiter.info.task or 'this request'} came up within {self.queue_timeout:g} s"

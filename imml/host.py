@@ -53,6 +53,8 @@ class BackendSettings:
     @ivar headers: extra request headers sent to the host with every
         request and health check (for an authenticating proxy in front of
         it), as C{(name, value)} bytes; their values are never shown.
+    @ivar reference: its answers are the right ones: the agreement check
+        (L{imml.agreement}) compares the others with it.
     """
 
     weight: float = 1.0
@@ -63,6 +65,7 @@ class BackendSettings:
     name: Optional[str] = None
     tls: Optional[TLSSettings] = None
     headers: tuple[tuple[bytes, bytes], ...] = field(default=(), repr=False)
+    reference: bool = False
 
     @property
     def header_names(self) -> list[str]:

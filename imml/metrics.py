@@ -117,6 +117,8 @@ class Metrics:
     dispatcher: object
     clock: object
     registry: CollectorRegistry = field(factory=CollectorRegistry)
+    #: The agreement check (L{imml.agreement.Agreement}), or None.
+    agreement: object = None
 
     def __attrs_post_init__(self) -> None:
         self.backend_requests = _Counts(
@@ -163,6 +165,8 @@ class Metrics:
         )
         self.registry.register(self)
         self.registry.register(FleetCollector(self.fleet, self.dispatcher, self.clock.seconds()))
+        if self.agreement is not None:
+            self.registry.register(AgreementCollector(self.fleet, self.agreement))
 
     # -- IReporter ----------------------------------------------------------
 
@@ -260,6 +264,55 @@ class FleetCollector:
         info = InfoMetricFamily("imml_build", "The balancer's version and strategy.")
         info.add_metric([], {"version": __version__, "strategy": self.dispatcher.strategy.name})
         yield info
+
+
+#: A host's verdicts on a model (L{imml.agreement.Verdict}).
+VERDICTS = ("pending", "agrees", "disagrees", "failed")
+
+
+@define(eq=False)
+class AgreementCollector:
+    """
+    The agreement check, read when Prometheus scrapes: each host's verdict
+    and similarity per task and model, and the canaries sent.
+    """
+
+    fleet: object
+    agreement: object
+
+    def describe(self) -> list[Metric]:
+        return list(self.collect())
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["backend", "task", "model"]
+        verdict = GaugeMetricFamily(
+            "imml_backend_agreement",
+            f"1 for an ML host's verdict on a task's model ({', '.join(VERDICTS)}), 0 for the others: "
+            "whether its answers to the agreement check agree with the other hosts'.",
+            labels=[*labels, "verdict"],
+        )
+        similarity = GaugeMetricFamily(
+            "imml_backend_agreement_similarity",
+            "The cosine similarity of an ML host's answers to the agreement check with those of the host "
+            "it was compared with (1: the same).",
+            labels=labels,
+        )
+        for backend in self.fleet.backends:
+            name = str(backend.address)
+            for view in self.agreement.views(backend):
+                key = [name, view["task"], view["model"]]
+                for v in VERDICTS:
+                    verdict.add_metric([*key, v], 1 if v == view["verdict"] else 0)
+                if view["similarity"] is not None:
+                    similarity.add_metric(key, view["similarity"])
+        sent = CounterMetricFamily(
+            "imml_agreement_canaries",
+            "Requests of the agreement check (canaries) sent to an ML host, by task.",
+            labels=["backend", "task"],
+        )
+        for (backend, task), count in sorted(self.agreement.sent.items()):
+            sent.add_metric([backend, task], count)
+        yield from (verdict, similarity, sent)
 
 
 class MetricsPage(Resource):

@@ -71,6 +71,8 @@ class Status:
     config: Optional[str] = None
     version: str = __version__
     extra: dict = field(factory=dict)
+    #: The agreement check (L{imml.agreement.Agreement}), or None.
+    agreement: object = None
 
     def set_actions(self, on: bool) -> None:
         """
@@ -109,6 +111,8 @@ class Status:
             "tasks": sorted(settings.tasks) if settings.tasks is not None else None,
             "tls": settings.tls.describe() if settings.tls is not None else None,
             "headers": settings.header_names,
+            "reference": settings.reference,
+            "agreement": self.agreement.views(backend) if self.agreement is not None else [],
             "served": backend.stats.served,
             "errors": dict(sorted(backend.stats.errors.items())),
             "latency": self.window.latency(address),
@@ -117,8 +121,8 @@ class Status:
 
     def alerts(self) -> list[dict]:
         """
-        What needs an operator now: no host can take requests, or the queue
-        is nearly full.
+        What needs an operator now: no host can take requests, the queue is
+        nearly full, or hosts give answers that disagree.
         """
         alerts = []
         dispatcher, backends = self.dispatcher, self.fleet.backends
@@ -141,6 +145,8 @@ class Status:
                     "once it is full, more get 503 at once"
                 )
             alerts.append({"kind": "queue-nearly-full", "text": text})
+        if self.agreement is not None:
+            alerts += [{"kind": "hosts-disagree", "text": text} for text in self.agreement.conflicts()]
         return alerts
 
     def snapshot(self) -> dict:

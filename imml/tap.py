@@ -15,6 +15,7 @@ from twisted.application import service
 from twisted.python import usage
 
 from . import __version__, version_line
+from .agreement import INTERVAL, THRESHOLD, WAIT, parse_switch, parse_thresholds
 from .backends import BackendListError, parse_backends, parse_dns_server
 from .config import ConfigError, load_config
 from .control import remember_command_line
@@ -79,6 +80,20 @@ def _dns_server(text: str) -> str:
     except BackendListError as e:
         raise BadValue("dns-server", str(e)) from None
     return text
+
+
+def _reader(option: str, parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """
+    C{parse}, its C{ValueError} a L{BadValue} of C{option}.
+    """
+
+    def read(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise BadValue(option, str(e)) from None
+
+    return read
 
 
 class Options(usage.Options):
@@ -151,12 +166,33 @@ class Options(usage.Options):
             "(keep it well under Immich's 300 s).",
         ),
         _number("max-queue", 1000, "Most requests that may wait at once.", whole=True, least=1),
+        # The agreement check (imml.agreement; docs/agreement.md).
+        [
+            "agreement",
+            None,
+            "on",
+            "Check that the ML hosts give the same embeddings for fixed inputs, and keep those that disagree "
+            "out of the task: on or off.",
+            _reader("agreement", parse_switch),
+        ],
+        [
+            "agreement-threshold",
+            None,
+            f"{THRESHOLD:g}",
+            "The cosine similarity a host's vectors must reach: one number, or TASK=NUMBER pairs, comma "
+            "separated (clip-visual, clip-textual, faces).",
+            _reader("agreement-threshold", parse_thresholds),
+        ],
+        _number("agreement-interval", INTERVAL, "Seconds between two agreement checks of a host that serves a task."),
+        _number(
+            "agreement-wait", WAIT, "Seconds the first request of a task waits for the hosts' first agreement check."
+        ),
         [
             "config",
             "c",
             None,
             "A TOML file with per-host settings ([[hosts]]: address, name, slots, weight, tier, tasks, mac, "
-            "ca, cert, key, headers) "
+            "ca, cert, key, headers, reference) "
             "and balancer options ([balancer]); its hosts replace --backends.",
         ],
         [
@@ -291,6 +327,9 @@ class Options(usage.Options):
             self._apply_file()
         if isinstance(self["max-body"], str):
             self["max-body"] = self._coerce("max-body", self["max-body"], self.origins["max-body"])
+        for name, parse in (("agreement", parse_switch), ("agreement-threshold", parse_thresholds)):
+            if isinstance(self[name], str):  # the default, as written
+                self[name] = parse(self[name])
         self._check_log_format()
         self._admin_guard()
         for name in (*_ENDPOINTS, "strategy"):

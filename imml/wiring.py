@@ -7,7 +7,7 @@ through the component that owns it (L{appliers}).  The tree's children stop
 one after another, last started first: the graceful stop (the listener
 closes, requests drain), the reloader, the start-up line, the admin
 listener, the mDNS browser (C{--discover mdns}), the health checker, the
-demo hosts, the waker and the connection pool.
+demo hosts, the waker, the agreement check and the connection pool.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from twisted.internet.defer import Deferred, ensureDeferred, fail, gatherResults
 from twisted.logger import Logger
 
 from .admin import admin_site
+from .agreement import Agreement
 from .backends import parse_backend, parse_dns_server
 from .control import GracefulStop, OrderedStop, Reloader
 from .discovery import DISCOVERED, Discovered
@@ -71,6 +72,7 @@ class Balancer:
     fleet: Fleet
     dispatcher: Dispatcher
     forwarder: Forwarder
+    agreement: Agreement
     checker: HealthChecker
     waker: Waker
     window: RecentWindow
@@ -181,6 +183,7 @@ def _tls_of(fleet: Fleet) -> Callable[[str, int], Optional[TLSSettings]]:
 
 
 def appliers(
+    agreement: Agreement,
     dispatcher: Dispatcher,
     forwarder: Forwarder,
     site: BalancerSite,
@@ -201,6 +204,10 @@ def appliers(
     return {
         **listeners,
         "strategy": lambda name: dispatcher.set_strategy(strategy_named(name)),
+        "agreement": agreement.set_on,
+        "agreement-threshold": agreement.set_thresholds,
+        "agreement-interval": agreement.set_interval,
+        "agreement-wait": agreement.set_wait,
         "queue-timeout": dispatcher.set_queue_timeout,
         "max-queue": dispatcher.set_max_queue,
         "max-tries": forwarder.set_max_tries,
@@ -237,13 +244,6 @@ def build(options: Any, reactor: Any, signals: bool = True) -> Balancer:
         fall=options["fall"],
         settings=dict(plain).__getitem__,
     )
-    dispatcher = Dispatcher(
-        fleet,
-        strategy_named(options["strategy"]),
-        reactor,
-        queue_timeout=options["queue-timeout"],
-        max_queue=options["max-queue"],
-    )
     pool = make_pool(reactor)
     connect_timeout = options["connect-timeout"]
     tls = HostsPolicy(_tls_of(fleet))
@@ -251,8 +251,26 @@ def build(options: Any, reactor: Any, signals: bool = True) -> Balancer:
         make_agent(reactor, connect_timeout, pool, tls),
         fresh_agent=make_agent(reactor, connect_timeout, make_pool(reactor, persistent=False), tls),
     )
+    # The agreement check: the dispatcher asks it which hosts may serve.
+    agreement = Agreement(
+        fleet,
+        upstream,
+        reactor,
+        on=options["agreement"],
+        thresholds=options["agreement-threshold"],
+        interval=options["agreement-interval"],
+        wait=options["agreement-wait"],
+    )
+    dispatcher = Dispatcher(
+        fleet,
+        strategy_named(options["strategy"]),
+        reactor,
+        queue_timeout=options["queue-timeout"],
+        max_queue=options["max-queue"],
+        gate=agreement,
+    )
     window = RecentWindow(reactor)
-    metrics = Metrics(fleet, dispatcher, reactor)
+    metrics = Metrics(fleet, dispatcher, reactor, agreement=agreement)
     request_log = RequestLog()
     forwarder = Forwarder(
         fleet,
@@ -289,6 +307,7 @@ def build(options: Any, reactor: Any, signals: bool = True) -> Balancer:
         actions=bool(options["admin-actions"]),
         stopping=lambda: front.stopping,
         config=options["config"],
+        agreement=agreement,
     )
     guard = AdminGuard(own_names(socket.gethostname()), options["admin-hosts"], options["admin-token"])
     stopper = GracefulStop(listener, front, fleet, dispatcher, reactor, options["drain-timeout"])
@@ -324,13 +343,14 @@ def build(options: Any, reactor: Any, signals: bool = True) -> Balancer:
         options,
         reactor,
         fleet,
-        appliers(dispatcher, forwarder, site, fleet, checker, stopper, status, guard, sources, movers),
+        appliers(agreement, dispatcher, forwarder, site, fleet, checker, stopper, status, guard, sources, movers),
         signals,
         hosts=set_hosts,
     )
 
     top = BalancerService(reactor, stopper.hurry if signals else None)
     Running("pool", lambda: None, pool.closeCachedConnections).setServiceParent(top)
+    Running("agreement", lambda: None, agreement.stop).setServiceParent(top)
     Running("waker", lambda: waker.start(dispatcher.waiting), waker.stop).setServiceParent(top)
     if demo is not None:
         demo.setServiceParent(top)
@@ -358,6 +378,7 @@ def build(options: Any, reactor: Any, signals: bool = True) -> Balancer:
         fleet=fleet,
         dispatcher=dispatcher,
         forwarder=forwarder,
+        agreement=agreement,
         checker=checker,
         waker=waker,
         window=window,

@@ -17,9 +17,10 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from imml.agreement import Agreement
 from imml.backends import parse_backend
 from imml.dispatch import Dispatcher
-from imml.fleet import Fleet
+from imml.fleet import BackendSettings, Fleet
 from imml.forward import Forwarder, ForwardSettings
 from imml.records import AttemptRecord, RequestRecord
 from imml.requestlog import RequestLog
@@ -111,8 +112,10 @@ class MemoryBalancer:
     forwarder: Forwarder
     site: BalancerSite
     records: Records
-    #: The forwarder's log events, and the request log's.
+    #: The forwarder's log events, and the request log's (and the agreement
+    #: check's).
     events: list[dict[str, Any]]
+    agreement: Optional[Agreement] = None
 
     def send(
         self, method: bytes, path: bytes, body: bytes = b"", headers: Optional[dict[bytes, bytes]] = None
@@ -162,12 +165,19 @@ def memory_balancer(
     queue_timeout: float = 120.0,
     hold_limit: int = 8 * 1024 * 1024,
     max_body: int = 100 * 1024 * 1024,
+    agreement: Optional[dict[str, Any]] = None,
+    settings: Optional[dict[str, BackendSettings]] = None,
 ) -> MemoryBalancer:
     """
     A balancer over one fake host per spec (FakeMLHost's arguments; C{name}
     is required), at addresses 10.0.0.1:3003, 10.0.0.2:3003..., every host
     up.  A spec with C{"listening": False} has no host at its address (its
     connections are refused).
+
+    The request path is all there but the agreement check, unless
+    C{agreement} gives its arguments (C{{}}: its defaults): the tests of
+    forwarding count what the hosts receive, and canaries would be among it.
+    C{settings} gives hosts' settings by name.
     """
     clock = Clock()
     agent = MemoryAgent()
@@ -181,18 +191,24 @@ def memory_balancer(
         addresses.append(parse_backend(address))
         if listening:
             agent.add(address, host)
-    fleet = Fleet.from_addresses(addresses, clock)
+    names = {parse_backend(f"10.0.0.{n}:3003"): spec["name"] for n, spec in enumerate(specs, 1)}
+    fleet = Fleet.from_addresses(addresses, clock, settings=lambda a: (settings or {}).get(names[a], BackendSettings()))
     for backend in fleet.backends:
         fleet.check_passed(backend)
-    dispatcher = Dispatcher(fleet, strategy_named(strategy), clock, queue_timeout=queue_timeout)
-    records = Records()
     events: list[dict[str, Any]] = []
+    upstream = Upstream(agent, fresh_agent=agent, hold_limit=hold_limit)
+    check = None
+    if agreement is not None:
+        log = Logger(namespace="imml.agreement", observer=events.append)
+        check = Agreement(fleet, upstream, clock, log=log, **agreement)
+    dispatcher = Dispatcher(fleet, strategy_named(strategy), clock, queue_timeout=queue_timeout, gate=check)
+    records = Records()
     log = Logger(namespace="imml.forward", observer=events.append)
     request_log = RequestLog(log)
     forwarder = Forwarder(
         fleet,
         dispatcher,
-        Upstream(agent, fresh_agent=agent, hold_limit=hold_limit),
+        upstream,
         clock,
         ForwardSettings(max_tries, response_timeout),
         reporters=[records, request_log],
@@ -201,4 +217,4 @@ def memory_balancer(
     site = BalancerSite(
         BalancerResource(fleet, forwarder), max_body, report=request_log.request_finished, reactor=clock
     )
-    return MemoryBalancer(clock, agent, hosts, fleet, dispatcher, forwarder, site, records, events)
+    return MemoryBalancer(clock, agent, hosts, fleet, dispatcher, forwarder, site, records, events, check)

@@ -54,6 +54,7 @@ def test_a_full_file():
         ("[[hosts]]\naddress = 'a'\ncolour = 'red'\n", 3, "'colour'"),
         ("[[hosts]]\naddress = 'a'\nname = ''\n", 3, "name must be"),
         ("[[hosts]]\naddress = 'a'\nname = 3\n", 3, "name must be"),
+        ("[[hosts]]\naddress = 'a'\nreference = 'yes'\n", 3, "reference must be true or false"),
         ("[[hosts]]\naddress = 'a'\nname = \"two\\nlines\"\n", 3, "name must be"),
         ("[[hosts]]\naddress = 'a'\n[[hosts]]\naddress = 'a:3003'\n", 3, "twice"),
         ("[frontend]\nx = 1\n", 1, "'frontend'"),
@@ -216,3 +217,31 @@ def test_the_file_knows_the_line_of_each_balancer_setting():
     config = parse_config(text, "imml.toml")
     assert config.balancer == {"queue-timeout": 90, "max-tries": 2, "strategy": "failover"}
     assert [config.where(k) for k in config.balancer] == ["imml.toml, line 6", "imml.toml, line 7", "imml.toml, line 8"]
+
+
+def test_a_reference_host_and_the_agreement_options_in_the_file(tmp_path):
+    path = tmp_path / "imml.toml"
+    path.write_text(
+        '[balancer]\nagreement-threshold = "faces=0.95"\nagreement-interval = 600\n'
+        "[[hosts]]\naddress = 'a'\nreference = true\n[[hosts]]\naddress = 'b'\n"
+    )
+    o = options("--config", str(path))
+    assert [s.reference for _, s in o["hosts"]] == [True, False]
+    assert o["agreement"] is True and o["agreement-interval"] == 600.0
+    assert o["agreement-threshold"] == {"clip-visual": 0.99, "clip-textual": 0.99, "faces": 0.95}
+    path.write_text("[balancer]\nagreement = false\n")
+    assert options("--config", str(path), "--backends", "a")["agreement"] is False
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (("--agreement", "maybe"), "neither on nor off"),
+        (("--agreement-threshold", "ocr=0.9"), "not a checked task"),
+        (("--agreement-threshold", "2"), "at most 1"),
+        (("--agreement-interval", "0"), "must be greater than 0"),
+    ],
+)
+def test_a_bad_agreement_option_is_a_usage_error(args, words):
+    with pytest.raises(usage.UsageError, match=words):
+        options("--backends", "a", *args)

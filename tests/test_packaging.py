@@ -1,6 +1,6 @@
 """
-The package as users install it: the wheel carries the twistd plugins, and
-twistd finds them.
+The package as users install it: the wheel carries the twistd plugins (and
+the agreement check's pictures), and twistd finds them.
 """
 
 import subprocess
@@ -24,6 +24,8 @@ def test_the_wheel_carries_the_dropins(tmp_path):
     assert "twisted/plugins/__init__.py" not in names
     assert not [n for n in names if n.endswith("dropin.cache")]
     assert "imml/tap.py" in names and "imml/testing/__init__.py" in names
+    # The agreement check's pictures, which it sends to every host.
+    assert {"imml/canary-pictures/scene.png", "imml/canary-pictures/face.png"} <= set(names)
     assert not [n for n in names if n.startswith("tests/")]
 
 
@@ -47,6 +49,10 @@ def test_balancer_help_names_every_option():
         "--response-timeout",
         "--max-body",
         "--max-tries",
+        "--agreement",
+        "--agreement-threshold",
+        "--agreement-interval",
+        "--agreement-wait",
     ]:
         assert option in result.stdout
 

@@ -1,8 +1,8 @@
 """
 The status page in a real headless browser (Debian's chromium, driven by
 Selenium through Debian's chromium-driver): it shows the hosts of a running
-balancer, their configured names, the scale of their charts and how long
-each has been in its state, the queue and the fleet's rate; a click on
+balancer, their configured names, their agreement check, the scale of their
+charts and how long each has been in its state, the queue and the fleet's rate; a click on
 "drain" shows the host draining; a banner says when no host is up or the
 queue is nearly full.  Screenshots are written to artifacts/status-page.png
 and artifacts/status-page-alerts.png.
@@ -56,6 +56,18 @@ def read_states(driver):
         "const s = {};"
         "for (const tr of document.querySelectorAll('#hosts tbody tr[data-host]'))"
         "  s[tr.dataset.host] = tr.querySelector('[data-state]').textContent;"
+        "return s;"
+    )
+
+
+def read_agreement(driver):
+    """
+    The agreement line each host row shows, read in one go.
+    """
+    return driver.execute_script(
+        "const s = {};"
+        "for (const tr of document.querySelectorAll('#hosts tbody tr[data-host]'))"
+        "  s[tr.dataset.host] = tr.querySelector('[data-agreement]').textContent;"
         "return s;"
     )
 
@@ -132,7 +144,9 @@ async def test_the_page_shows_the_hosts_and_a_click_drains_one(tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    async with await rig([dict(name=f"h{i}") for i in range(3)], "--admin-actions") as r:
+    # The third host has other model files: the agreement check holds it out.
+    specs = [dict(name="h0"), dict(name="h1"), dict(name="h2", vectors="other-model")]
+    async with await rig(specs, "--admin-actions", "--agreement", "on") as r:
         for _ in range(6):
             response = await r.predict()
             await response.content()
@@ -141,7 +155,13 @@ async def test_the_page_shows_the_hosts_and_a_click_drains_one(tmp_path):
         try:
             await deferToThread(driver.get, admin_url(r) + "/")
             states = await deferToThread(WebDriverWait(driver, 20).until, hosts_shown(3))
-            assert states == {a: "up" for a in addresses}
+            # h2 answered no request: canaries do not count.
+            assert states == {addresses[0]: "up", addresses[1]: "up", addresses[2]: "cold"}
+            agreement = await deferToThread(read_agreement, driver)
+            assert [agreement[a].split()[:2] for a in addresses] == [["clip-visual:", "agrees"]] * 2 + [
+                ["clip-visual:", "disagrees"]
+            ]
+            assert agreement[addresses[2]].endswith(f"with {addresses[0]}")
             strategy = await deferToThread(lambda: driver.find_element(By.CSS_SELECTOR, "[data-fact=strategy]").text)
             assert strategy == "shortest-delay"
 
@@ -154,7 +174,7 @@ async def test_the_page_shows_the_hosts_and_a_click_drains_one(tmp_path):
             assert r.fleet.backends[1].draining
             assert [e["action"] for e in events(r, "admin-action")] == ["drain"]
             states = await deferToThread(read_states, driver)
-            assert states == {addresses[0]: "up", target: "draining", addresses[2]: "up"}
+            assert states == {addresses[0]: "up", target: "draining", addresses[2]: "cold"}
             # The button now offers to enable it again.
             await deferToThread(
                 driver.find_element, By.CSS_SELECTOR, f'tr[data-host="{target}"] button[data-action="enable"]'

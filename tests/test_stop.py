@@ -97,8 +97,10 @@ async def test_a_second_sigterm_while_draining_stops_at_once_and_answers_what_wa
     [host] = await start_fake_hosts(reactor, hosts(1, service_time=3600.0))
     port = free_port()
     # A drain timeout far longer than the test: only the second signal can end it.
+    # (No agreement check: the test counts the requests on the host.)
     child, process = spawn_twistd(
         *"-n --pidfile= imml-balancer --admin none --health-interval 0.2 --drain-timeout 3600".split(),
+        *"--agreement off".split(),
         *["--listen", f"tcp:{port}:interface=127.0.0.1", "--backends", host.address],
     )
     pool = HTTPConnectionPool(reactor, persistent=False)

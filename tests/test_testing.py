@@ -431,6 +431,19 @@ def test_error_modes() -> None:
     assert len(f.host.received) == 3 and f.host.served == 1
 
 
+def test_vectors_change_the_embeddings_and_nothing_else() -> None:
+    f = fake()
+    exact = json.loads(f.predict().body)
+    f.host.vectors = "fp16"
+    rounded = json.loads(f.predict().body)
+    assert rounded.keys() == exact.keys() and rounded["clip"] != exact["clip"]
+    assert len(json.loads(rounded["clip"])) == len(json.loads(exact["clip"])) == 512
+    f.host.vectors = "wrong-shape"
+    assert len(json.loads(json.loads(f.predict().body)["clip"])) == 768
+    with pytest.raises(ValueError):
+        f.host.vectors = "sideways"
+
+
 def test_hang_never_answers_and_counts_the_client_leaving() -> None:
     f = fake(mode="hang")
     answers = [f.predict(), f.send("GET", "/ping"), f.send("GET", "/")]

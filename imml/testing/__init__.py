@@ -33,7 +33,7 @@ The protocol follows C{docs/immich-ml.md} (Immich 3.1).  The task keys
 
 from __future__ import annotations
 
-from .answers import KNOWN_MODELS, TASKS
+from .answers import KNOWN_MODELS, TASKS, VECTORS
 from .answers import _embedding as _embedding
 from .cli import main
 from .demo import demo_specs, start_fake_hosts
@@ -48,6 +48,7 @@ __all__ = [
     "KNOWN_MODELS",
     "MODES",
     "TASKS",
+    "VECTORS",
     "FakeBackendView",
     "FakeMLHost",
     "MemoryAgent",

@@ -23,7 +23,7 @@ from typing import Any
 from imml.classify import TASKS as _CLASSIFIER_TASKS
 from imml.classify import task_of
 
-__all__ = ["KNOWN_MODELS", "TASKS", "BadRequest", "answer_for", "read_entries"]
+__all__ = ["KNOWN_MODELS", "TASKS", "VECTORS", "BadRequest", "answer_for", "read_entries"]
 
 _UNRECOGNISED = task_of({})
 
@@ -55,6 +55,15 @@ KNOWN_MODELS: frozenset[str] = frozenset(
     }
 )
 """Model names a L{FakeMLHost} loads by default; any other one answers 500."""
+
+VECTORS: tuple[str, ...] = ("exact", "fp16", "other-model", "wrong-shape")
+"""
+What a fake host's embeddings are like (L{imml.testing.FakeMLHost.vectors}):
+C{"exact"}, the same on every host; C{"fp16"}, each value rounded to half
+precision (an accelerated build: tiny differences that must be tolerated);
+C{"other-model"}, vectors of the same length that compare with nothing (other
+model files); C{"wrong-shape"}, 768 values rather than 512 (another model).
+"""
 
 _TYPES: dict[str, frozenset[str]] = {
     "clip": frozenset({"visual", "textual"}),
@@ -127,6 +136,7 @@ def answer_for(
     text: str | None,
     loadable: Collection[str] = KNOWN_MODELS,
     failing_tasks: Collection[str] = (),
+    vectors: str = "exact",
 ) -> bytes:
     """
     The rest of the real service's checks, then its 200 answer.
@@ -137,6 +147,7 @@ def answer_for(
     @param text: The C{text} field, or L{None}.
     @param loadable: Model names that load.
     @param failing_tasks: Task keys whose model fails to load.
+    @param vectors: What the embeddings are like (one of L{VECTORS}).
     @return: The JSON body of the answer.
     @raise BadRequest: 400 without input or with an empty picture, 500 for
         a model that does not load or gets an input it cannot handle.
@@ -158,15 +169,25 @@ def answer_for(
             raise BadRequest(500, "Internal Server Error", plain=True)
     is_image = image is not None
     seed = hashlib.blake2b(image if image is not None else text.encode("utf-8")).digest()  # type: ignore[union-attr]
-    return _answer(task, seed, is_image)
+    return _answer(task, seed, is_image, vectors)
 
 
-def _embedding(seed: bytes, size: int = 512) -> str:
-    """A unit vector of C{size} floats derived from C{seed}, as a JSON string."""
+def _embedding(seed: bytes, size: int = 512, vectors: str = "exact") -> str:
+    """
+    A unit vector of C{size} floats derived from C{seed}, as a JSON string,
+    as a host whose embeddings are like C{vectors} computes it.
+    """
+    if vectors == "other-model":
+        seed = hashlib.blake2b(seed, person=b"other-model").digest()
+    elif vectors == "wrong-shape":
+        size = 768
     raw = hashlib.shake_256(seed).digest(2 * size)
     values = struct.unpack(f"<{size}h", raw)
     norm = sum(v * v for v in values) ** 0.5 or 1.0
-    return "[" + ",".join([f"{v / norm:.6f}" for v in values]) + "]"
+    unit = [v / norm for v in values]
+    if vectors == "fp16":
+        unit = [struct.unpack("<e", struct.pack("<e", v))[0] for v in unit]
+    return "[" + ",".join([f"{v:.6f}" for v in unit]) + "]"
 
 
 _IMAGE_HEIGHT = 1080
@@ -174,7 +195,7 @@ _IMAGE_WIDTH = 1440
 
 
 @lru_cache(maxsize=4096)
-def _answer(task: str, seed: bytes, is_image: bool) -> bytes:
+def _answer(task: str, seed: bytes, is_image: bool, vectors: str = "exact") -> bytes:
     """
     The JSON body a healthy host answers; a pure function of its input, so
     memoized (benchmarks send the same few inputs again and again).
@@ -183,13 +204,13 @@ def _answer(task: str, seed: bytes, is_image: bool) -> bytes:
     for key in task.split("+"):
         digest = hashlib.blake2b(seed, digest_size=16, person=key.encode()[:16]).digest()
         if key.startswith("clip-"):
-            answer["clip"] = _embedding(digest)
+            answer["clip"] = _embedding(digest, vectors=vectors)
         elif key == "faces":
             x, y = digest[0] * 4, digest[1] * 4
             answer["facial-recognition"] = [
                 {
                     "boundingBox": {"x1": x, "y1": y, "x2": x + 120, "y2": y + 150},
-                    "embedding": _embedding(digest),
+                    "embedding": _embedding(digest, vectors=vectors),
                     "score": 0.98,
                 }
             ]

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from attrs import evolve
 from twisted.python.failure import Failure
 
-from .answers import TASKS
+from .answers import TASKS, VECTORS
 from .cpu import PROFILES
 from .fakehost import MODES, FakeMLHost
 
@@ -56,6 +56,9 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--keepalive-s", type=float, default=2.0, help="idle connection timeout")
     parser.add_argument("--mode", choices=MODES, default="ok")
     parser.add_argument("--failing-task", choices=TASKS, action="append", default=[])
+    parser.add_argument(
+        "--vectors", choices=VECTORS, default="exact", help="what its embeddings are like (another model's...)"
+    )
     parser.add_argument(
         "--cpu",
         choices=sorted(PROFILES),
@@ -114,6 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cold_start=args.cold_ms / 1000,
         mode=args.mode,
         failing_tasks=set(args.failing_task),
+        vectors=args.vectors,
         model_ttl=args.model_ttl_s,
         keepalive_timeout=args.keepalive_s or None,
         cpu=cpu,

@@ -26,7 +26,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from .answers import KNOWN_MODELS
+from .answers import KNOWN_MODELS, VECTORS
 from .cpu import CPUProfile, SharedCPU, Work
 from .fakesite import JSON, FakeMLResource, FakeMLSite, Received, hang_up
 
@@ -67,6 +67,11 @@ class _Job:
 def _check_mode(instance: object, attribute: Attribute[str], value: str) -> None:
     if value not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {value!r}")
+
+
+def _check_vectors(instance: object, attribute: Attribute[str], value: str) -> None:
+    if value not in VECTORS:
+        raise ValueError(f"vectors must be one of {VECTORS}, not {value!r}")
 
 
 @define(eq=False)
@@ -120,6 +125,10 @@ class FakeMLHost:
         request without them is answered 401 (and not counted).
     @ivar models: Model names that load; others answer 500.
     @ivar failing_tasks: Task keys whose model fails to load (500).
+    @ivar vectors: What its embeddings are like (L{imml.testing.VECTORS}):
+        C{"exact"} (every such host agrees), C{"fp16"} (rounded, still
+        agreeing), C{"other-model"} or C{"wrong-shape"} (disagreeing).  May
+        be changed at any time.
     @ivar model_ttl: Seconds a model may stay unused before it is unloaded
         (the host turns cold again), or L{None} for never.
     @ivar keepalive_timeout: Idle seconds before a connection is closed (the
@@ -145,6 +154,7 @@ class FakeMLHost:
     cold_start: float = 0.0
     mode: str = field(default="ok", validator=_check_mode)
     failing_tasks: set[str] = field(factory=set, converter=set)
+    vectors: str = field(default="exact", validator=_check_vectors)
     models: frozenset[str] = KNOWN_MODELS
     model_ttl: float | None = None
     keepalive_timeout: float | None = 2.0

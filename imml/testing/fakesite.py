@@ -185,7 +185,9 @@ class FakeMLResource(Resource):
             if failure is not None:
                 raise failure
             assert fields is not None and task is not None and models is not None
-            answer = answer_for(task, models, fields["image"], fields["text"], host.models, host.failing_tasks)
+            answer = answer_for(
+                task, models, fields["image"], fields["text"], host.models, host.failing_tasks, host.vectors
+            )
         except BadRequest as e:
             if e.plain:
                 return plain(request, e.status, e.detail.encode())
