@@ -27,7 +27,7 @@ from .logs import FORMATS
 from .strategies import UnknownStrategy, available, strategy_named
 from .summary import report
 from .tls import TLSError, TLSSettings, load_tls
-from .values import COMMAND_LINE, DEFAULT, BadValue, Origin, choice, flag, number, size
+from .values import COMMAND_LINE, DEFAULT, BadValue, Origin, choice, flag, number, reading, size
 
 DEFAULT_STRATEGY = "shortest-delay"
 #: The subcommand's name, as twistd knows it (twisted/plugins/imml_balancer.py).
@@ -67,33 +67,12 @@ def _number(name: str, default: Any, doc: str, **bounds: Any) -> list:
     return [name, None, default, doc, number(name, **bounds)]
 
 
-def _methods(text: str) -> tuple[str, ...]:
-    try:
-        return parse_methods(text)
-    except ValueError as e:
-        raise BadValue("discover", str(e)) from None
-
-
 def _dns_server(text: str) -> str:
     try:
         parse_dns_server(text)
     except BackendListError as e:
         raise BadValue("dns-server", str(e)) from None
     return text
-
-
-def _reader(option: str, parse: Callable[[str], Any]) -> Callable[[str], Any]:
-    """
-    C{parse}, its C{ValueError} a L{BadValue} of C{option}.
-    """
-
-    def read(text: str) -> Any:
-        try:
-            return parse(text)
-        except ValueError as e:
-            raise BadValue(option, str(e)) from None
-
-    return read
 
 
 class Options(usage.Options):
@@ -173,7 +152,7 @@ class Options(usage.Options):
             "on",
             "Check that the ML hosts give the same embeddings for fixed inputs, and keep those that disagree "
             "out of the task: on or off.",
-            _reader("agreement", parse_switch),
+            reading("agreement", parse_switch),
         ],
         [
             "agreement-threshold",
@@ -181,7 +160,7 @@ class Options(usage.Options):
             f"{THRESHOLD:g}",
             "The cosine similarity a host's vectors must reach: one number, or TASK=NUMBER pairs, comma "
             "separated (clip-visual, clip-textual, faces).",
-            _reader("agreement-threshold", parse_thresholds),
+            reading("agreement-threshold", parse_thresholds),
         ],
         _number("agreement-interval", INTERVAL, "Seconds between two agreement checks of a host that serves a task."),
         _number(
@@ -201,7 +180,7 @@ class Options(usage.Options):
             (),
             f"Also use the ML hosts found on the network this way: {', '.join(METHODS)} "
             "(Bonjour: every imml-mac that advertises _immich-ml._tcp), or nothing.",
-            _methods,
+            reading("discover", parse_methods),
         ],
         ["wol-broadcast", None, "255.255.255.255", "Where Wake-on-LAN packets go: a broadcast address."],
         _number("wol-port", 9, "The UDP port of Wake-on-LAN packets.", whole=True, least=1, most=65535),

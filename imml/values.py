@@ -138,19 +138,26 @@ def size_text(size: int) -> str:
     return str(size)
 
 
-def size(option: str) -> Callable[[str], int]:
+def reading(option: str, parse: Callable[[str], Any]) -> Callable[[str], Any]:
     """
-    The reader of option C{option}'s size (L{parse_size}); a size that is
-    not one is a L{BadValue}.
+    The reader of option C{option} that C{parse} makes of its text: a
+    C{ValueError} it raises is a L{BadValue} of the option.
     """
 
-    def read(text: str) -> int:
+    def read(text: str) -> Any:
         try:
-            return parse_size(text)
+            return parse(text)
         except ValueError as e:
             raise BadValue(option, str(e)) from None
 
     return read
+
+
+def size(option: str) -> Callable[[str], int]:
+    """
+    The reader of option C{option}'s size (L{parse_size}).
+    """
+    return reading(option, parse_size)
 
 
 def choice(option: str, choices: Sequence[str]) -> Callable[[str], str]:
