@@ -217,7 +217,7 @@ class Agreement:
     _too_many: bool = False
 
     def __attrs_post_init__(self) -> None:
-        self.fleet.observe(self.scan)
+        self.fleet.when_hosts_change(self.scan)
 
     # -- settings -------------------------------------------------------------
 

@@ -47,6 +47,7 @@ class Fleet:
     fall: int = 3
     log: Logger = field(factory=Logger)
     _observers: list[Callable[[], None]] = field(factory=list)
+    _host_observers: list[Callable[[], None]] = field(factory=list)
     _down: list[Callable[[Load], None]] = field(factory=list)
     #: Per host source, the hosts it offers, in the order sources first offered.
     _offers: dict[str, list[tuple[BackendAddress, BackendSettings]]] = field(factory=dict)
@@ -84,9 +85,18 @@ class Fleet:
 
     def observe(self, callback: Callable[[], None]) -> None:
         """
-        Call C{callback()} whenever a host may have become usable.
+        Call C{callback()} whenever a host may have become usable: on every
+        change, a request's end (a slot freed) included.
         """
         self._observers.append(callback)
+
+    def when_hosts_change(self, callback: Callable[[], None]) -> None:
+        """
+        Call C{callback()} whenever the hosts change: one joins or leaves,
+        its health, draining or settings change; not when a request starts
+        or ends on it (that is every request: see L{observe}).
+        """
+        self._host_observers.append(callback)
 
     def when_down(self, callback: Callable[[Load], None]) -> None:
         """
@@ -110,9 +120,17 @@ class Fleet:
         """
         backend.woken = self.clock.seconds()
 
-    def changed(self) -> None:
+    def changed(self, hosts: bool = True) -> None:
+        """
+        Tell the observers the fleet changed; and those of the hosts
+        (L{when_hosts_change}) too unless only a request's end changed it
+        (C{hosts} false).
+        """
         for callback in list(self._observers):
             callback()
+        if hosts:
+            for callback in list(self._host_observers):
+                callback()
 
     @property
     def any_up(self) -> bool:
@@ -292,7 +310,8 @@ class Fleet:
             waiting = min((w for w in backend.loads if w.starts is None), key=lambda w: w.sent)
             waiting.starts = self.clock.seconds()
             backend.queued_inside -= 1
-        if backend.leaving and not backend.in_flight and backend in self.backends:
+        left = backend.leaving and not backend.in_flight and backend in self.backends
+        if left:
             self.backends.remove(backend)
             self._leaves(backend)
         task = load.task
@@ -313,7 +332,7 @@ class Fleet:
                 or (task or "other") not in backend.stats.service_time
             ):
                 backend.stats.record_time(task, seconds, self.clock.seconds())
-        self.changed()
+        self.changed(hosts=left)
 
     def task_failed(self, backend: Backend, task: Optional[str]) -> None:
         """

@@ -321,7 +321,7 @@ def build(options: Any, reactor: Any, signals: bool = True) -> Balancer:
     )
     sources.set(options["hosts"])
     # Hosts that join (a DNS pool's, a reload's) are checked at once.
-    fleet.observe(checker.fleet_changed)
+    fleet.when_hosts_change(checker.fleet_changed)
     admin = None
     if options["admin"] != "none":
         site_ = admin_site(status, checker, metrics_resource(metrics.registry), guard)

@@ -163,3 +163,29 @@ def test_times_measured_across_a_clock_set_back_teach_nothing():
     clock.advance(0.02)
     fleet.finish(loads[learning].pop(0), 0.04)
     assert learning.limit >= 2
+
+
+def test_the_hosts_observers_hear_of_hosts_not_of_every_request():
+    """
+    What follows the hosts (the health checker, the agreement check) hears
+    when one joins, changes health or leaves, not when a request ends on
+    one: that is every request, and the dispatcher alone needs it.
+    """
+    clock = task.Clock()
+    fleet = Fleet.from_addresses([BackendAddress("a")], clock)
+    [a] = fleet.backends
+    every, hosts = [], []
+    fleet.observe(lambda: every.append(1))
+    fleet.when_hosts_change(lambda: hosts.append(1))
+    fleet.check_passed(a)
+    assert (len(every), len(hosts)) == (1, 1)
+    fleet.finish(fleet.start(a, "clip-visual"), 0.1)
+    assert (len(every), len(hosts)) == (2, 1)
+    b = fleet.add(BackendAddress("b"))
+    assert len(hosts) == 2
+    load = fleet.start(b, "clip-visual")
+    fleet.reconfigure([(a.address, a.settings)])  # b leaves once its request ends
+    heard = len(hosts)
+    assert heard > 2
+    fleet.finish(load, 0.1)
+    assert len(hosts) == heard + 1 and fleet.backends == [a]
