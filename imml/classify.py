@@ -18,6 +18,8 @@ from zope.interface import implementer
 from .interfaces import IRequestInfo
 
 TASKS = ("clip-visual", "clip-textual", "faces", "ocr", "other")
+#: The task a person waits for: a search.
+INTERACTIVE = "clip-textual"
 
 #: A request's raw C{entries} is kept in its L{RequestInfo} (for the
 #: agreement check: the same models and options) up to this many bytes.

@@ -17,6 +17,13 @@ turn rather than together, so a search waits for at most about half a batch
 request's service time for a slot, not a whole one.  The cost is a few
 milliseconds of one slot, once, when two slots' requests would otherwise
 start together.
+
+Where batch requests are long (a heavy model: over L{LONG_BATCH} seconds
+each at the host's limit), pacing is not enough: while people search, batch
+work leaves one of its slots free on the host searches are quickest on (a
+learned limit of two or more), so that a search does not wait behind a
+batch request there, for a slot or for a thread of the host's pool.
+Configured slots are kept as they are.
 """
 
 from __future__ import annotations
@@ -24,19 +31,49 @@ from __future__ import annotations
 import itertools
 from bisect import bisect_left
 from collections import deque
-from typing import Callable, Collection, Optional, Protocol
+from typing import Any, Callable, Collection, Optional, Protocol
 
 from attrs import define, evolve, field
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from zope.interface import implementer
 
-from .classify import RequestInfo
+from .classify import INTERACTIVE, RequestInfo
 from .fleet import Backend, Fleet, Load
-from .interfaces import IStrategy
+from .interfaces import IBackendView, IStrategy
 
 #: Batch starts on a host are at least this share of its slot interval apart
 #: while people search.
 PACE = 0.5
+#: Batch requests that take longer than this many seconds on a host (at its
+#: limit) leave one of its slots free for searches while people search.
+LONG_BATCH = 0.1
+
+
+@implementer(IBackendView)
+class _Slots:
+    """
+    A host as batch work sees it while people search: one slot less, left
+    free for searches.
+    """
+
+    __slots__ = ("backend", "limit")
+
+    def __init__(self, backend: Backend, limit: int) -> None:
+        self.backend, self.limit = backend, limit
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.backend, name)
+
+    @property
+    def proven_limit(self) -> int:
+        return max(1, min(self.limit, self.backend.proven_limit + self.limit - self.backend.limit))
+
+    def has_free_slot(self) -> bool:
+        return self.backend.in_flight < self.limit
+
+    def __str__(self) -> str:
+        return str(self.backend)
 
 
 class Gate(Protocol):
@@ -174,21 +211,57 @@ class Dispatcher:
                 return fresh
         return usable
 
+    def _views(self, info: RequestInfo, candidates: list[Backend], now: float) -> list:
+        """
+        The candidates as C{info} sees them: while people search, batch work
+        sees one slot less on the host searches are quickest on, when its
+        batch requests there are long and its limit is learned.
+        """
+        if info.interactive or now - self._searched >= self.pace_while_searching:
+            return candidates
+        quickest = self._quickest_for_searches()
+        return [
+            _Slots(b, b.limit - 1)
+            if b is quickest and b.limiter.slots is None and b.limit >= 2 and self._long(b, info.task)
+            else b
+            for b in candidates
+        ]
+
+    def _quickest_for_searches(self) -> Optional[Backend]:
+        """
+        The usable host with the shortest search time, if any is known.
+        """
+        known = [(b.service_time(INTERACTIVE), b.index, b) for b in self.fleet.backends if b.usable_for(INTERACTIVE)]
+        known = [k for k in known if k[0] is not None]
+        return min(known, key=lambda k: k[:2])[2] if known else None
+
+    @staticmethod
+    def _long(backend: Backend, task: Optional[str]) -> bool:
+        """
+        Whether a batch request of C{task} takes longer than L{LONG_BATCH}
+        on C{backend} at its limit.
+        """
+        alone = backend.service_time(task)
+        return alone is not None and alone * backend.stretch(backend.limit) > LONG_BATCH
+
     def _choose(self, info: RequestInfo, candidates: list[Backend], ahead: int, now: float) -> Optional[Backend]:
         if ahead:
             info = evolve(info, ahead=ahead)
+        views = self._views(info, candidates, now)
         try:
-            chosen = self.strategy.choose(info, candidates)
+            chosen = self.strategy.choose(info, views)
         except Exception:
             self.log.failure("strategy {strategy} failed; taking the first free host", strategy=self.strategy.name)
-            chosen = next((c for c in candidates if c.has_free_slot()), None)
-        if chosen is not None and (chosen not in candidates or not chosen.has_free_slot()):
+            chosen = next((c for c in views if c.has_free_slot()), None)
+        if chosen is not None and (chosen not in views or not chosen.has_free_slot()):
             self.log.error(
                 "strategy {strategy} chose {backend}, which cannot take the request; ignoring it",
                 strategy=self.strategy.name,
                 backend=str(chosen),
             )
             return None
+        if isinstance(chosen, _Slots):
+            chosen = chosen.backend
         if chosen is not None and not info.interactive and now - self._searched < self.pace_while_searching:
             ready = self._paced_until(chosen, now)
             if ready > now:

@@ -114,12 +114,6 @@ class ShortestDelay:
     fast, relative to its other work, as the hosts that have samples, so
     that it gets tried.
 
-    A batch request's cost on a free host also counts the time it adds to
-    the requests already there: on a host whose processor is full, one more
-    request stretches every other (C{crowding}: the others are half done on
-    average).  So a fast host at its knee passes work to an idle slower one
-    when that gets more done, as on a real host it does.
-
     A free host is taken unless waiting for a busy one is expected to be
     clearly sooner: more than C{patience} times, and C{slack} seconds,
     sooner.  A wait is an estimate, a free slot is not; and a host left
@@ -140,7 +134,6 @@ class ShortestDelay:
     error_penalty: float = 4.0
     patience: float = 1.5
     slack: float = 0.005
-    crowding: float = 0.5
     _turn: int = 0
 
     def choose(self, request: IRequestInfo, candidates: Sequence[IBackendView]) -> Optional[IBackendView]:
@@ -171,12 +164,7 @@ class ShortestDelay:
             in_flight = c.in_flight
             if c.has_free_slot():
                 # on a real host, the requests on it slow each other down
-                stretched = c.stretch(in_flight + 1)
-                cost = t * stretched
-                if in_flight and not interactive:
-                    # ... those already there too: half done on average,
-                    # they take the rest of their time stretched by one more
-                    cost += self.crowding * in_flight * t * (stretched - c.stretch(in_flight))
+                cost = t * c.stretch(in_flight + 1)
                 if interactive:
                     # a search sent past the proven limit waits inside the
                     # host for a slot

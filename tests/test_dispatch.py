@@ -310,3 +310,60 @@ def test_a_clock_set_back_holds_batch_work_for_one_pace_at_most():
     waiting = result(dispatcher.acquire(BATCH))
     clock.advance(pace + 0.0001)
     assert waiting == [host]
+
+
+def test_while_people_search_long_batch_work_leaves_a_slot_free_for_them():
+    """
+    A heavy model: a batch request holds a host with a learned limit of 2
+    for 300 ms.  While people search, batch work keeps one of its slots
+    free, so the next search starts at once rather than behind a batch
+    request; with nobody searching, or with short batch requests, both
+    slots are batch work's.  Configured slots are kept as they are.
+    """
+
+    def fleet_of(seconds, slots=None):
+        clock = task.Clock()
+        fleet = Fleet.from_addresses([BackendAddress("gpu")], clock, settings=lambda a: BackendSettings(slots=slots))
+        [host] = fleet.backends
+        fleet.check_passed(host)
+        fleet.finish(fleet.start(host, "clip-visual"), seconds)
+        fleet.finish(fleet.start(host, "clip-textual"), seconds / 5)
+        host.limiter.learned = 2
+        dispatcher = Dispatcher(fleet, LeastConnections(), clock, 60.0, 100)
+        dispatcher.pace_while_searching = 10.0
+        return clock, fleet, host, dispatcher
+
+    clock, fleet, host, dispatcher = fleet_of(0.3)
+    # nobody searched: batch work takes both slots
+    a, b = result(dispatcher.acquire(BATCH)), result(dispatcher.acquire(BATCH))
+    assert a == [host] and b == [host]
+    fleet.finish(a.load, 0.3)
+    fleet.finish(b.load, 0.3)
+    fleet.finish(result(dispatcher.acquire(SEARCH)).load, 0.06)  # someone searches
+    clock.advance(1)
+    first, second = result(dispatcher.acquire(BATCH)), result(dispatcher.acquire(BATCH))
+    assert first == [host] and second == []  # one slot left free
+    search = result(dispatcher.acquire(SEARCH))
+    assert search == [host] and host.in_flight == 2  # the search starts at once
+    fleet.finish(search.load, 0.06)
+    clock.advance(dispatcher.pace_while_searching + 1)  # people stopped searching
+    assert second == [] and dispatcher.queue_depth == 1
+    fleet.finish(first.load, 0.3)
+    assert second == [host]
+    assert result(dispatcher.acquire(BATCH)) == [host] and host.in_flight == 2
+
+    # short batch requests (a light model) are only paced
+    clock, fleet, host, dispatcher = fleet_of(0.03)
+    fleet.finish(result(dispatcher.acquire(SEARCH)).load, 0.006)
+    clock.advance(1)
+    first = result(dispatcher.acquire(BATCH))
+    clock.advance(1)
+    assert first == [host] and result(dispatcher.acquire(BATCH)) == [host]
+
+    # configured slots are kept
+    clock, fleet, host, dispatcher = fleet_of(0.3, slots=2)
+    fleet.finish(result(dispatcher.acquire(SEARCH)).load, 0.06)
+    clock.advance(1)
+    first = result(dispatcher.acquire(BATCH))
+    clock.advance(1)
+    assert first == [host] and result(dispatcher.acquire(BATCH)) == [host]

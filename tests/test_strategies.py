@@ -397,31 +397,3 @@ def test_a_free_real_host_is_taken_at_its_cost_under_load():
     assert strategy.choose(BATCH, [fast, slow]) is fast
     fast.stretches[3] = 4.0  # 56 ms: the idle slow host is sooner
     assert strategy.choose(BATCH, [fast, slow]) is slow
-
-
-def test_a_batch_request_counts_what_it_adds_to_the_others_on_a_full_host():
-    """
-    A fast host whose processor is full (a heavy model: each request more
-    adds about 0.84 of a request's time to every one there) probes a limit
-    of 4 with 3 in flight.  A fourth request there would take 132 ms x 3.36
-    = 444 ms, sooner than the idle slow host's 546 ms; but it would also
-    hold back the three already there, half done on average, by 3 x 0.5 x
-    132 ms x 0.84 = 166 ms in all.  A batch request goes to the slow host;
-    a search, which a person waits for, takes the sooner answer.
-    """
-    fast = FakeBackendView(
-        "fast:3003",
-        0,
-        limit=4,
-        in_flight=3,
-        throughput=7.2,
-        service_times={"clip-visual": 0.132, "clip-textual": 0.132},
-        stretches={2: 1.68, 3: 2.52, 4: 3.36},
-    )
-    slow = FakeBackendView("slow:3003", 1, limit=1, service_times={"clip-visual": 0.546, "clip-textual": 0.546})
-    assert ShortestDelay().choose(BATCH, [fast, slow]) is slow
-    search = RequestInfo(b"POST", b"/predict", "clip-textual", interactive=True)
-    assert ShortestDelay().choose(search, [fast, slow]) is fast
-    # below the knee, where one more costs the others little, the fast host
-    fast.stretches[4] = 2.6
-    assert ShortestDelay().choose(BATCH, [fast, slow]) is fast
