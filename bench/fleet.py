@@ -414,8 +414,11 @@ def profile_summary(stats_file: Path, top: int = 25) -> list[str]:
 
 
 def ready(port: int, timeout: float = 15.0) -> None:
-    """Wait until a /predict through the proxy is answered 200."""
-    content_type, body = predict_body(ENTRIES["clip-textual"], text="ready?")
+    """
+    Wait until a /predict through the proxy is answered 200: an image, as
+    the batch sends (a search would tell imml that someone searches).
+    """
+    content_type, body = predict_body(ENTRIES["clip-visual"], image=bytes(range(256)) * 16)
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:

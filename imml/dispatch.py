@@ -215,14 +215,19 @@ class Dispatcher:
         """
         The candidates as C{info} sees them: while people search, batch work
         sees one slot less on the host searches are quickest on, when its
-        batch requests there are long and its limit is learned.
+        batch requests there are long and its limit is learned and measured
+        (a limit being tried for the first time is left to be measured).
         """
         if info.interactive or now - self._searched >= self.pace_while_searching:
             return candidates
         quickest = self._quickest_for_searches()
         return [
             _Slots(b, b.limit - 1)
-            if b is quickest and b.limiter.slots is None and b.limit >= 2 and self._long(b, info.task)
+            if b is quickest
+            and b.limiter.slots is None
+            and b.limit >= 2
+            and b.limiter.knows(b.limit)
+            and self._long(b, info.task)
             else b
             for b in candidates
         ]

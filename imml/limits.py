@@ -156,6 +156,13 @@ class Limit:
             return 1.0
         return in_flight * one / rates[level][0]
 
+    def knows(self, level: int) -> bool:
+        """
+        Whether the host's throughput at C{level} has been measured (so that
+        holding it below that level for a while costs no measurement).
+        """
+        return level in self._rates
+
     def restart(self) -> None:
         """
         The host came back up: start slow, and measure it afresh.

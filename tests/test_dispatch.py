@@ -9,6 +9,7 @@ from imml.backends import BackendAddress
 from imml.classify import RequestInfo
 from imml.dispatch import Dispatcher, NoBackendAvailable
 from imml.fleet import BackendSettings, Fleet, Load
+from imml.limits import Limit
 from imml.strategies import LeastConnections
 
 BATCH = RequestInfo(b"POST", b"/predict", "clip-visual")
@@ -312,6 +313,16 @@ def test_a_clock_set_back_holds_batch_work_for_one_pace_at_most():
     assert waiting == [host]
 
 
+class _Measured(Limit):
+    """A learned limit whose every level has been measured."""
+
+    def knows(self, level: int) -> bool:
+        return True
+
+    def stretch(self, in_flight: int) -> float:
+        return float(max(in_flight, 1))  # the host's processor is full
+
+
 def test_while_people_search_long_batch_work_leaves_a_slot_free_for_them():
     """
     A heavy model: a batch request holds a host with a learned limit of 2
@@ -328,7 +339,8 @@ def test_while_people_search_long_batch_work_leaves_a_slot_free_for_them():
         fleet.check_passed(host)
         fleet.finish(fleet.start(host, "clip-visual"), seconds)
         fleet.finish(fleet.start(host, "clip-textual"), seconds / 5)
-        host.limiter.learned = 2
+        if slots is None:
+            host.limiter = _Measured(learned=2)  # a limit of 2, measured
         dispatcher = Dispatcher(fleet, LeastConnections(), clock, 60.0, 100)
         dispatcher.pace_while_searching = 10.0
         return clock, fleet, host, dispatcher
@@ -355,6 +367,15 @@ def test_while_people_search_long_batch_work_leaves_a_slot_free_for_them():
     # short batch requests (a light model) are only paced
     clock, fleet, host, dispatcher = fleet_of(0.03)
     fleet.finish(result(dispatcher.acquire(SEARCH)).load, 0.006)
+    clock.advance(1)
+    first = result(dispatcher.acquire(BATCH))
+    clock.advance(1)
+    assert first == [host] and result(dispatcher.acquire(BATCH)) == [host]
+
+    # a limit tried for the first time is left to be measured
+    clock, fleet, host, dispatcher = fleet_of(0.3)
+    host.limiter = Limit(learned=2)
+    fleet.finish(result(dispatcher.acquire(SEARCH)).load, 0.06)
     clock.advance(1)
     first = result(dispatcher.acquire(BATCH))
     clock.advance(1)
