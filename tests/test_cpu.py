@@ -65,23 +65,29 @@ def test_one_request_alone_takes_its_python_work_then_its_inference():
 
 def test_throughput_rises_with_requests_in_flight_while_each_takes_longer():
     """
-    The light model's host, fitted to the real service: alone about 14 ms
-    and 72 answers/s; with 6 in flight about a quarter more answers, each
-    taking several times longer.
+    The light model's host, fitted to the real service as a fake host shows
+    it (which adds about 2 ms to an answer alone): its processor alone takes
+    about 12.5 ms, 80 answers/s; a few percent more from 3 in flight on,
+    where the cores are full, each answer taking several times longer.
     """
     curve = {k: closed_loop(LIGHT, k) for k in (1, 2, 3, 4, 6)}
     rates = [curve[k][0] for k in (1, 2, 3, 4, 6)]
     medians = [curve[k][1] for k in (1, 2, 3, 4, 6)]
-    assert 65 < rates[0] < 80 and 0.012 < medians[0] < 0.016
-    assert rates == sorted(rates) and medians == sorted(medians)
-    assert 1.15 < rates[-1] / rates[0] < 1.45
-    assert 0.055 < medians[-1] < 0.075
+    assert 75 < rates[0] < 86 and 0.011 < medians[0] < 0.014
+    assert medians == sorted(medians) and rates[2] > rates[0]
+    assert 1.02 < rates[-1] / rates[0] < 1.15
+    assert 0.06 < medians[-1] < 0.08
 
 
 def test_a_heavy_model_fills_the_cores_with_one_request():
+    """
+    More in flight buy nothing on the heavy model's host: its threads
+    busy-wait for each other, and it answers less than alone.
+    """
     one, _ = closed_loop(HEAVY, 1, answers=200)
+    two, _ = closed_loop(HEAVY, 2, answers=200)
     four, _ = closed_loop(HEAVY, 4, answers=200)
-    assert four / one < 1.15  # little to gain from more in flight
+    assert 0.8 < two / one < 0.95 and 0.8 < four / one < 0.95
 
 
 def test_a_cpu_quota_of_a_fifth_gives_a_fifth_of_the_throughput():
@@ -99,6 +105,21 @@ def test_no_more_inferences_at_once_than_threads():
         cpu.submit(0.0, 1.0, lambda: done.append(clock.seconds()))
     run_until_idle(clock)
     assert done == pytest.approx([1.0, 1.0, 2.0, 2.0])
+
+
+def test_requests_that_contend_for_the_cores_waste_a_share_of_them():
+    clock = Clock()
+    profile = CPUProfile(cores=2.0, threads=2, parallelism=2.0, python=0.0, inference=1.0, waste=0.2)
+    cpu = SharedCPU(clock, profile)
+    done: list[float] = []
+    cpu.submit(0.0, 1.0, lambda: done.append(clock.seconds()))
+    run_until_idle(clock)
+    assert done == [pytest.approx(0.5)]  # alone: both cores, nothing lost
+    for _ in range(2):
+        cpu.submit(0.0, 1.0, lambda: done.append(clock.seconds()))
+    assert cpu.busy() == pytest.approx(1.6)
+    run_until_idle(clock)
+    assert done[1:] == [pytest.approx(0.5 + 1.25)] * 2  # one core each, a fifth of it lost
 
 
 def test_a_cancelled_request_gives_its_share_back():
@@ -126,8 +147,10 @@ def _predict(agent: MemoryAgent, clock: Clock, answers: list) -> None:
 
 
 def test_a_fake_host_with_a_processor_answers_as_the_processor_allows():
+    # one core per inference: one request's Python work overlaps another's inference
+    profile = CPUProfile(cores=2.0, threads=2, parallelism=1.0, python=0.005, inference=0.015)
     clock = Clock()
-    host = FakeMLHost(clock, name="real-like", cpu=LIGHT, jitter=0.0)
+    host = FakeMLHost(clock, name="real-like", cpu=profile, jitter=0.0)
     agent = MemoryAgent()
     agent.add("10.0.0.1:3003", host)
     answers: list = []
@@ -139,5 +162,5 @@ def test_a_fake_host_with_a_processor_answers_as_the_processor_allows():
         agent.flush()
     assert [code for code, _ in answers] == [200, 200, 200]
     # three at once take longer each than one alone, and less than three in turn
-    assert all(LIGHT.alone() < seconds < 3 * LIGHT.alone() for _, seconds in answers)
+    assert all(profile.alone() < seconds < 3 * profile.alone() for _, seconds in answers)
     assert host.in_flight == 0 and host.served == 3
