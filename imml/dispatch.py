@@ -24,6 +24,13 @@ work leaves one of its slots free on the host searches are quickest on (a
 learned limit of two or more), so that a search does not wait behind a
 batch request there, for a slot or for a thread of the host's pool.
 Configured slots are kept as they are.
+
+A search may also go past a learned limit, by one request: on a real host
+it then runs beside the batch requests there, sharing the processor, rather
+than waiting for one of them to end.  The strategy sees that room (a view
+of the host with one slot more than its proven limit) and weighs it: on a
+host that queues inside, the search would wait there as long as in the
+balancer's queue.
 """
 
 from __future__ import annotations
@@ -53,21 +60,18 @@ LONG_BATCH = 0.1
 @implementer(IBackendView)
 class _Slots:
     """
-    A host as batch work sees it while people search: one slot less, left
-    free for searches.
+    A host as one request sees it: with another limit (batch work while
+    people search: one slot less; a search: room for one request past the
+    host's proven limit) and the proven limit that goes with it.
     """
 
-    __slots__ = ("backend", "limit")
+    __slots__ = ("backend", "limit", "proven_limit")
 
-    def __init__(self, backend: Backend, limit: int) -> None:
-        self.backend, self.limit = backend, limit
+    def __init__(self, backend: Backend, limit: int, proven: int) -> None:
+        self.backend, self.limit, self.proven_limit = backend, limit, proven
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.backend, name)
-
-    @property
-    def proven_limit(self) -> int:
-        return max(1, min(self.limit, self.backend.proven_limit + self.limit - self.backend.limit))
 
     def has_free_slot(self) -> bool:
         return self.backend.in_flight < self.limit
@@ -213,16 +217,29 @@ class Dispatcher:
 
     def _views(self, info: RequestInfo, candidates: list[Backend], now: float) -> list:
         """
-        The candidates as C{info} sees them: while people search, batch work
-        sees one slot less on the host searches are quickest on, when its
-        batch requests there are long and its limit is learned and measured
-        (a limit being tried for the first time is left to be measured).
+        The candidates as C{info} sees them.
+
+        A search sees room for one request past the proven limit of each
+        host whose limit is learned (and not starting slow): sent there, it
+        runs beside the host's requests, sharing its processor, or waits
+        inside the host for a slot; the strategy weighs both.  While people
+        search, batch work sees one slot less on the host searches are
+        quickest on, when its batch requests there are long and its limit
+        is learned and measured (a limit being tried for the first time is
+        left to be measured).
         """
-        if info.interactive or now - self._searched >= self.pace_while_searching:
+        if info.interactive:
+            return [
+                _Slots(b, b.proven_limit + 1, b.proven_limit)
+                if b.limiter.slots is None and b.limiter.ramp is None
+                else b
+                for b in candidates
+            ]
+        if now - self._searched >= self.pace_while_searching:
             return candidates
         quickest = self._quickest_for_searches()
         return [
-            _Slots(b, b.limit - 1)
+            _Slots(b, b.limit - 1, max(1, b.proven_limit - 1))
             if b is quickest
             and b.limiter.slots is None
             and b.limit >= 2
@@ -253,6 +270,8 @@ class Dispatcher:
         if ahead:
             info = evolve(info, ahead=ahead)
         views = self._views(info, candidates, now)
+        if not any(v.has_free_slot() for v in views):
+            return None
         try:
             chosen = self.strategy.choose(info, views)
         except Exception:
@@ -330,8 +349,8 @@ class Dispatcher:
         candidates = self.candidates(info, avoid)
         # Only a host with a free slot can be chosen: when there is none
         # (the usual case when the fleet is saturated), the strategy need
-        # not be asked.
-        if candidates and any(c.has_free_slot() for c in candidates):
+        # not be asked, but for a search (which may have room past a limit).
+        if candidates and (info.interactive or any(c.has_free_slot() for c in candidates)):
             # The strategy sees how many wait ahead: a free slow host may
             # beat waiting behind them.  (A request with a free host of its
             # own, while others wait, is one they could not use.)

@@ -66,7 +66,11 @@ class IBackendView(Interface):
         "The part of C{limit} the host has been seen to take without queueing "
         "requests inside it: C{limit}, or one less while a learned limit is "
         "raised to probe for more.  A request that must not wait (a search) "
-        "treats the host as full at C{in_flight >= proven_limit}."
+        "treats the host as full at C{in_flight >= proven_limit}, unless it "
+        "weighs the wait: a search sees each host with a learned limit with "
+        "room for one request past C{proven_limit} (C{limit} is then "
+        "C{proven_limit + 1}), where it may run beside the others (a real "
+        "host sharing its processor) or wait inside the host for a slot."
     )
     error_rate = Attribute("A moving average of the host's failures: 0.0 none, 1.0 all.")
     throughput = Attribute(

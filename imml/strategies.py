@@ -23,7 +23,13 @@ from zope.interface import implementer
 from .interfaces import IBackendView, IRequestInfo, IStrategy, IStrategyFactory
 
 
-def _free(candidates: Sequence[IBackendView]) -> list[IBackendView]:
+def _free(request: IRequestInfo, candidates: Sequence[IBackendView]) -> list[IBackendView]:
+    """
+    The candidates that may take C{request} now: a search only below a
+    host's proven limit (past it, it might wait inside the host).
+    """
+    if request.interactive:
+        return [c for c in candidates if c.has_free_slot() and c.in_flight < c.proven_limit]
     return [c for c in candidates if c.has_free_slot()]
 
 
@@ -39,7 +45,7 @@ class RoundRobin:
     _current: dict = field(factory=dict)
 
     def choose(self, request: IRequestInfo, candidates: Sequence[IBackendView]) -> Optional[IBackendView]:
-        free = _free(candidates)
+        free = _free(request, candidates)
         if not free:
             return None
         total = 0.0
@@ -67,7 +73,7 @@ class LeastConnections:
     _turn: int = 0
 
     def choose(self, request: IRequestInfo, candidates: Sequence[IBackendView]) -> Optional[IBackendView]:
-        free = _free(candidates)
+        free = _free(request, candidates)
         if not free:
             return None
         lowest = min(c.in_flight / c.weight for c in free)
@@ -89,7 +95,7 @@ class Failover:
     name = "failover"
 
     def choose(self, request: IRequestInfo, candidates: Sequence[IBackendView]) -> Optional[IBackendView]:
-        free = _free(candidates)
+        free = _free(request, candidates)
         if not free:
             return None
         return min(free, key=lambda c: (c.tier, c.index))
@@ -124,8 +130,15 @@ class ShortestDelay:
     binding sends it to the first slot that frees up.
 
     For an interactive request (a search), a free slot above a host's
-    L{IBackendView.proven_limit} (a learned limit probing for more) counts
-    the wait for a slot inside the host.
+    L{IBackendView.proven_limit} (a learned limit probing for more, or the
+    room the balancer leaves a search past a learned limit) may mean
+    waiting inside the host for a slot (a host with slots) or running at
+    once beside the others, each slowing the rest (a real host, which
+    shares its processor): its cost is the longer of the two.  The search
+    takes it when that is no longer than waiting in the queue for the same
+    slot, which is when running beside the others is expected to be no
+    slower than waiting: on a real host it is then quicker, on a host with
+    slots the same.
     """
 
     name = "shortest-delay"
@@ -166,11 +179,17 @@ class ShortestDelay:
                 # on a real host, the requests on it slow each other down
                 cost = t * c.stretch(in_flight + 1)
                 if interactive:
-                    # a search sent past the proven limit waits inside the
-                    # host for a slot
+                    # a search sent past the proven limit either waits
+                    # inside the host for a slot and then runs there (a
+                    # host with slots) or runs at once beside the others,
+                    # sharing the processor (a real host): count the
+                    # longer of the two.  Waiting in the queue for that
+                    # slot instead costs the first.
                     over = in_flight - max(c.proven_limit, 1) + 1
                     if over > 0:
-                        cost += self._wait(c, over, self._rate(c, limit, t)) * slowdown
+                        queued = self._wait(c, over, self._rate(c, limit, t)) * slowdown + t * c.stretch(in_flight)
+                        wait_cost = min(wait_cost, queued)
+                        cost = max(cost, queued)
                 key = (cost, in_flight / limit, (i - self._turn) % count)
                 if best_key is None or key < best_key:
                     best, best_key = c, key
@@ -179,8 +198,9 @@ class ShortestDelay:
                 # ahead of it, and its own
                 usable = max(c.proven_limit, 1) if interactive else limit
                 wait = self._wait(c, in_flight - usable + request.ahead + 1, self._rate(c, limit, t)) * slowdown
-                # once a slot frees, it runs with the host at its limit
-                done = wait + t * c.stretch(limit)
+                # once a slot frees, it runs with the host at its (proven)
+                # limit
+                done = wait + t * c.stretch(usable)
                 if done < wait_cost:
                     wait_cost = done
         if interactive:

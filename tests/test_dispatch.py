@@ -10,7 +10,7 @@ from imml.classify import RequestInfo
 from imml.dispatch import Dispatcher, NoBackendAvailable
 from imml.fleet import BackendSettings, Fleet, Load
 from imml.limits import Limit
-from imml.strategies import LeastConnections
+from imml.strategies import LeastConnections, ShortestDelay
 
 BATCH = RequestInfo(b"POST", b"/predict", "clip-visual")
 SEARCH = RequestInfo(b"POST", b"/predict", "clip-textual", interactive=True)
@@ -388,3 +388,56 @@ def test_while_people_search_long_batch_work_leaves_a_slot_free_for_them():
     first = result(dispatcher.acquire(BATCH))
     clock.advance(1)
     assert first == [host] and result(dispatcher.acquire(BATCH)) == [host]
+
+
+def test_a_search_runs_beside_batch_work_past_a_learned_limit_when_that_is_no_slower():
+    """
+    A heavy model on a real host: its learned limit is one image (300 ms
+    alone; a second in flight only shares the processor).  A search that
+    arrives while an image has most of its time left runs beside it at
+    once, past the limit, which takes about twice a search alone rather
+    than the image's rest; near the image's end it waits for it instead.
+    Batch work never goes past the limit; nor does a search on a host with
+    configured slots, or with a strategy that does not weigh the room.
+    """
+
+    def fleet_of(slots=None, strategy=None):
+        clock = task.Clock()
+        fleet = Fleet.from_addresses([BackendAddress("cpu")], clock, settings=lambda a: BackendSettings(slots=slots))
+        [host] = fleet.backends
+        fleet.check_passed(host)
+        fleet.finish(fleet.start(host, "clip-visual"), 0.3)
+        fleet.finish(fleet.start(host, "clip-textual"), 0.06)
+        if slots is None:
+            host.limiter = _Measured(learned=1)
+        dispatcher = Dispatcher(fleet, strategy or ShortestDelay(), clock, 60.0, 100)
+        return clock, fleet, host, dispatcher
+
+    clock, fleet, host, dispatcher = fleet_of()
+    image = result(dispatcher.acquire(BATCH))
+    clock.advance(0.05)
+    # beside the image: 2 x 60 ms, sooner than its 250 ms left and 60 ms
+    search = result(dispatcher.acquire(SEARCH))
+    assert search == [host] and host.in_flight == 2
+    batch = result(dispatcher.acquire(BATCH))
+    assert batch == [] and dispatcher.queue_depth == 1
+    fleet.finish(image.load, 0.3)
+    assert batch == [], "the search still runs: the limit is one"
+    fleet.finish(search.load, 0.12)
+    assert batch == [host] and host.in_flight == 1
+
+    # 10 ms left of the image: waiting for it (10 + 60 ms) beats running
+    # beside it (120 ms)
+    clock.advance(0.29)
+    search = result(dispatcher.acquire(SEARCH))
+    assert search == [] and host.in_flight == 1
+    fleet.finish(batch.load, 0.3)
+    assert search == [host] and host.in_flight == 1
+
+    for clock, fleet, host, dispatcher in [fleet_of(slots=1), fleet_of(strategy=LeastConnections())]:
+        image = result(dispatcher.acquire(BATCH))
+        clock.advance(0.05)
+        search = result(dispatcher.acquire(SEARCH))
+        assert search == [] and host.in_flight == 1
+        fleet.finish(image.load, 0.3)
+        assert search == [host]
