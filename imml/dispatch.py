@@ -220,9 +220,11 @@ class Dispatcher:
         The candidates as C{info} sees them.
 
         A search sees room for one request past the proven limit of each
-        host whose limit is learned (and not starting slow): sent there, it
-        runs beside the host's requests, sharing its processor, or waits
-        inside the host for a slot; the strategy weighs both.  While people
+        host whose learned limit holds at its knee (the level above was
+        measured to buy nothing) and that is not starting slow: sent there,
+        it runs beside the host's requests, sharing its processor, or waits
+        inside the host for a slot; the strategy weighs both.  A limit
+        still climbing has not shown where requests start to queue.  While people
         search, batch work sees one slot less on the host searches are
         quickest on, when its batch requests there are long and its limit
         is learned and measured (a limit being tried for the first time is
@@ -230,9 +232,7 @@ class Dispatcher:
         """
         if info.interactive:
             return [
-                _Slots(b, b.proven_limit + 1, b.proven_limit)
-                if b.limiter.slots is None and b.limiter.ramp is None
-                else b
+                _Slots(b, b.proven_limit + 1, b.proven_limit) if b.limiter.ramp is None and b.limiter.settled() else b
                 for b in candidates
             ]
         if now - self._searched >= self.pace_while_searching:

@@ -163,6 +163,14 @@ class Limit:
         """
         return level in self._rates
 
+    def settled(self) -> bool:
+        """
+        Whether a learned limit holds at its knee: the level above it has
+        been measured (since the host last came up) and bought nothing.
+        """
+        ceiling = self.ceiling
+        return self.slots is None and ceiling is not None and self.learned + 1 >= ceiling and self.knows(ceiling)
+
     def restart(self) -> None:
         """
         The host came back up: start slow, and measure it afresh.
