@@ -220,19 +220,21 @@ class Dispatcher:
         The candidates as C{info} sees them.
 
         A search sees room for one request past the proven limit of each
-        host whose learned limit holds at its knee (the level above was
-        measured to buy nothing) and that is not starting slow: sent there,
-        it runs beside the host's requests, sharing its processor, or waits
-        inside the host for a slot; the strategy weighs both.  A limit
-        still climbing has not shown where requests start to queue.  While people
-        search, batch work sees one slot less on the host searches are
-        quickest on, when its batch requests there are long and its limit
-        is learned and measured (a limit being tried for the first time is
-        left to be measured).
+        host with a learned limit that was seen to run that many requests
+        at once (L{imml.limits.Limit.ran_at_once}: a real host, sharing its
+        processor) and is not starting slow; the strategy weighs running
+        beside the host's requests against waiting for one of them to end.
+
+        While people search, batch work sees one slot less on the host
+        searches are quickest on, when its batch requests there are long
+        and its limit is learned and measured (a limit being tried for the
+        first time is left to be measured).
         """
         if info.interactive:
             return [
-                _Slots(b, b.proven_limit + 1, b.proven_limit) if b.limiter.ramp is None and b.limiter.settled() else b
+                _Slots(b, b.proven_limit + 1, b.proven_limit)
+                if b.limiter.slots is None and b.limiter.ramp is None and b.limiter.side_by_side > b.proven_limit
+                else b
                 for b in candidates
             ]
         if now - self._searched >= self.pace_while_searching:

@@ -279,15 +279,18 @@ class Fleet:
         A request of C{task} is sent to C{backend}: it counts in the host's
         C{in_flight} until L{finish}.  It starts being served at once unless
         the host already has its proven limit of requests (a learned limit
-        probing for more): then it waits inside the host until one ends.
+        probing for more, a search past the limit), and more than it was
+        seen to run at once: then it waits inside the host until one ends.
         """
         backend.in_flight += 1
         now = backend.last_start = self.clock.seconds()
         starts: Optional[float] = now
-        if backend.in_flight > backend.limiter.proven:
+        limiter = backend.limiter
+        if backend.in_flight > max(limiter.proven, limiter.side_by_side):
             starts = None
             backend.queued_inside += 1
-        load = Load(backend, task, now, backend.in_flight, starts, owner)
+        joined = frozenset(backend.loads) if backend.in_flight > limiter.side_by_side else None
+        load = Load(backend, task, now, backend.in_flight, starts, owner, joined)
         backend.loads.add(load)
         return load
 
@@ -320,6 +323,9 @@ class Fleet:
             backend.stats.record_outcome(failed=True)
             backend.limiter.failed()
         elif seconds is not None:
+            if load.joined is not None and load.joined <= backend.loads:
+                # answered before every request it joined: it ran at once
+                backend.limiter.ran_at_once(load.in_flight)
             backend.stats.served += 1
             backend.stats.record_outcome(failed=False)
             backend.stats.record_answer(self.clock.seconds(), busy)

@@ -171,6 +171,9 @@ class Load:
         inside the host for a slot (sent past the host's proven limit).
     @ivar owner: whoever sent it (the balancer's job), for the
         subscribers of L{Fleet.when_down}.
+    @ivar joined: the requests it joined on the host, when it was sent
+        with more in flight than the host was seen to run at once; else
+        None.
     """
 
     backend: Backend
@@ -179,6 +182,7 @@ class Load:
     in_flight: int
     starts: Optional[float]
     owner: object = None
+    joined: Optional[frozenset] = None
 
 
 @implementer(IBackendView)

@@ -96,6 +96,9 @@ class Limit:
     ramp: Optional[int] = None
     ceiling: Optional[int] = None
     probe_after: int = PROBE_AFTER
+    #: The most requests in flight at which one was seen to run at once
+    #: (L{ran_at_once}).
+    side_by_side: int = 1
     #: Per task, the host's unloaded service time.
     _baseline: dict[str, float] = field(factory=dict)
     #: Per level, the work per second measured there, and when.
@@ -163,19 +166,22 @@ class Limit:
         """
         return level in self._rates
 
-    def settled(self) -> bool:
+    def ran_at_once(self, level: int) -> None:
         """
-        Whether a learned limit holds at its knee: the level above it has
-        been measured (since the host last came up) and bought nothing.
+        A request sent as the C{level}-th in flight was answered before each
+        of the requests it joined: with that many in flight the host runs
+        them side by side (a host that queues requests past its slots would
+        have ended one of them first).
         """
-        ceiling = self.ceiling
-        return self.slots is None and ceiling is not None and self.learned + 1 >= ceiling and self.knows(ceiling)
+        if level > self.side_by_side:
+            self.side_by_side = level
 
     def restart(self) -> None:
         """
         The host came back up: start slow, and measure it afresh.
         """
         self.ramp = 1
+        self.side_by_side = 1
         self._rates.clear()
         self._stretches.clear()
         self._window = None

@@ -186,10 +186,6 @@ class ShortestDelay:
                     # longer of the two.  Waiting in the queue for that
                     # slot instead costs the first.
                     over = in_flight - max(c.proven_limit, 1) + 1
-                    if over > 0 and c.next_answer_in() == 0:
-                        # one of its requests is overdue: how long this one
-                        # would wait there is anyone's guess
-                        continue
                     if over > 0:
                         queued = self._wait(c, over, self._rate(c, limit, t)) * slowdown + t * c.stretch(in_flight)
                         wait_cost = min(wait_cost, queued)

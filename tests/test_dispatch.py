@@ -393,18 +393,18 @@ def test_while_people_search_long_batch_work_leaves_a_slot_free_for_them():
 def test_a_search_runs_beside_batch_work_past_a_learned_limit_when_that_is_no_slower():
     """
     A heavy model on a real host: its learned limit holds at one image (300
-    ms alone; a second in flight was measured to share the processor and
-    buy nothing).  A search that
+    ms alone; a second in flight only shares the processor), and two
+    requests were seen to run there at once.  A search that
     arrives while an image has most of its time left runs beside it at
     once, past the limit, which takes about twice a search alone rather
     than the image's rest; near the image's end it waits for it instead.
     Batch work never goes past the limit; nor does a search on a host with
-    configured slots, on one whose limit still climbs (where requests start
-    to queue inside it is not known yet), or with a strategy that does not
-    weigh the room.
+    configured slots, on one not seen to run two requests at once (it may
+    queue the second inside), or with a strategy that does not weigh the
+    room.
     """
 
-    def fleet_of(slots=None, strategy=None, ceiling=2):
+    def fleet_of(slots=None, strategy=None, side_by_side=2):
         clock = task.Clock()
         fleet = Fleet.from_addresses([BackendAddress("cpu")], clock, settings=lambda a: BackendSettings(slots=slots))
         [host] = fleet.backends
@@ -412,7 +412,7 @@ def test_a_search_runs_beside_batch_work_past_a_learned_limit_when_that_is_no_sl
         fleet.finish(fleet.start(host, "clip-visual"), 0.3)
         fleet.finish(fleet.start(host, "clip-textual"), 0.06)
         if slots is None:
-            host.limiter = _Measured(learned=1, ceiling=ceiling)
+            host.limiter = _Measured(learned=1, side_by_side=side_by_side)
         dispatcher = Dispatcher(fleet, strategy or ShortestDelay(), clock, 60.0, 100)
         return clock, fleet, host, dispatcher
 
@@ -439,7 +439,7 @@ def test_a_search_runs_beside_batch_work_past_a_learned_limit_when_that_is_no_sl
 
     for clock, fleet, host, dispatcher in [
         fleet_of(slots=1),
-        fleet_of(ceiling=None),
+        fleet_of(side_by_side=1),
         fleet_of(strategy=LeastConnections()),
     ]:
         image = result(dispatcher.acquire(BATCH))

@@ -121,6 +121,43 @@ def test_a_request_sent_past_the_proven_limit_waits_inside_the_host_until_one_en
     assert medium.next_answer_in() is None and medium.queued_inside == 0 and medium.in_flight == 0
 
 
+def test_a_request_answered_before_every_one_it_joined_shows_the_host_runs_them_at_once():
+    """
+    A search sent beside an image on a real host is answered first: the
+    host runs two at once, and a request past its proven limit starts at
+    once there.  On a host that queues the second request inside, it can
+    only be answered after the first: nothing is learned.  The host coming
+    back up forgets it.
+    """
+    clock, fleet, medium = _medium_host()
+    image = fleet.start(medium, "clip-visual")
+    clock.advance(0.05)
+    queued = fleet.start(medium, "clip-visual")
+    clock.advance(0.10)
+    fleet.finish(image, 0.15)
+    clock.advance(0.15)
+    fleet.finish(queued, 0.25)
+    assert medium.limiter.side_by_side == 1, "the second waited for the first"
+
+    image = fleet.start(medium, "clip-visual")
+    clock.advance(0.05)
+    search = fleet.start(medium, "clip-textual")
+    clock.advance(0.06)
+    fleet.finish(search, 0.06)
+    assert medium.limiter.side_by_side == 2
+    fleet.finish(image, 0.2)
+    # past the proven limit of one, a second request now starts at once
+    medium.limiter.learned, medium.limiter.ceiling = 2, 2
+    first, second = fleet.start(medium, "clip-visual"), fleet.start(medium, "clip-textual")
+    assert medium.proven_limit == 1 and second.starts == clock.seconds() and medium.queued_inside == 0
+    fleet.finish(first, 0.15)
+    fleet.finish(second, 0.03)
+    fleet.request_failed(medium, "connection refused")
+    assert not medium.up
+    fleet.check_passed(medium)
+    assert medium.up and medium.limiter.side_by_side == 1
+
+
 def test_a_host_going_down_tells_the_subscribers_of_each_request_on_it():
     clock, fleet, medium = _medium_host()
     told = []

@@ -178,22 +178,3 @@ def test_the_stretch_of_a_request_follows_the_throughput_measured_at_each_level(
     slots.run(30.0)
     assert slots.limit.stretch(2) < 1.2  # two slots: the second request waits for nothing
     assert Limit().stretch(4) == 1.0  # nothing known
-
-
-def test_a_limit_is_settled_once_the_level_above_it_was_measured_to_buy_nothing():
-    """
-    Settled: held at the knee, the level above measured and found to buy
-    nothing (where a search may go past the limit, knowing what that
-    costs).  Not while the limit still climbs, not with configured slots,
-    not after the host came back until measured again.
-    """
-    driven = Driven(Limit(), SLOTS_2)
-    driven.fill()
-    assert not driven.limit.settled()
-    driven.run(1.0)
-    assert driven.limit.value == 2 and not driven.limit.settled(), "climbing: the third slot is untried"
-    driven.run(30.0)
-    assert driven.limit.value == 2 and driven.limit.settled()
-    driven.limit.restart()
-    assert not driven.limit.settled()
-    assert not Limit(slots=2).settled()

@@ -325,19 +325,6 @@ def test_a_search_counts_the_wait_inside_a_host_probing_its_limit():
     assert ShortestDelay().choose(search, [fast, medium]) is fast
 
 
-def test_a_search_does_not_go_past_a_proven_limit_where_a_request_is_overdue():
-    """
-    Past a host's proven limit a search may wait for the first of its
-    requests to end; when one is overdue, nobody knows how long that is,
-    and the search waits for the first slot anywhere instead.
-    """
-    fast = timed(0, limit=3, proven=2, in_flight=2, seconds=0.01, slot_time=0.04, throughput=50.0, answer_in=0.02)
-    search = RequestInfo(b"POST", b"/predict", "clip-textual", interactive=True)
-    assert ShortestDelay().choose(search, [fast]) is fast
-    fast.answer_in = 0.0
-    assert ShortestDelay().choose(search, [fast]) is None
-
-
 def test_shortest_delay_guesses_a_new_tasks_time_from_the_hosts_other_work():
     search = RequestInfo(b"POST", b"/predict", "clip-textual", interactive=True)
     fast = timed(0, limit=2, in_flight=2, seconds=0.01, slot_time=0.04, throughput=50.0)
