@@ -258,6 +258,10 @@ class Backend:
         return self.limiter.proven
 
     @property
+    def side_by_side(self) -> int:
+        return self.limiter.side_by_side
+
+    @property
     def up(self) -> bool:
         return self.health.up
 

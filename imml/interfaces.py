@@ -72,6 +72,12 @@ class IBackendView(Interface):
         "C{proven_limit + 1}), where it may run beside the others (a real "
         "host sharing its processor) or wait inside the host for a slot."
     )
+    side_by_side = Attribute(
+        "The most requests in flight at which the host was seen to run a "
+        "request at once (it answered it before every request it joined): "
+        "1 until seen.  A request sent with fewer in flight does not wait "
+        "inside the host for a slot, whatever the proven limit."
+    )
     error_rate = Attribute("A moving average of the host's failures: 0.0 none, 1.0 all.")
     throughput = Attribute(
         "A moving average of the answers per second the host gives while it "

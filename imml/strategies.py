@@ -131,14 +131,13 @@ class ShortestDelay:
 
     For an interactive request (a search), a free slot above a host's
     L{IBackendView.proven_limit} (a learned limit probing for more, or the
-    room the balancer leaves a search past a learned limit) may mean
-    waiting inside the host for a slot (a host with slots) or running at
-    once beside the others, each slowing the rest (a real host, which
-    shares its processor): its cost is the longer of the two.  The search
-    takes it when that is no longer than waiting in the queue for the same
-    slot, which is when running beside the others is expected to be no
-    slower than waiting: on a real host it is then quicker, on a host with
-    slots the same.
+    room the balancer leaves a search past a learned limit) costs what its
+    stretch says where the host was seen to run that many requests at once
+    (L{IBackendView.side_by_side}: a real host, sharing its processor).
+    Elsewhere it may mean waiting inside the host for a slot (a host with
+    slots) or running at once beside the others: its cost is the longer of
+    the two, and the search takes it when that is no longer than waiting
+    in the queue for the same slot.
     """
 
     name = "shortest-delay"
@@ -179,14 +178,15 @@ class ShortestDelay:
                 # on a real host, the requests on it slow each other down
                 cost = t * c.stretch(in_flight + 1)
                 if interactive:
-                    # a search sent past the proven limit either waits
-                    # inside the host for a slot and then runs there (a
-                    # host with slots) or runs at once beside the others,
+                    # a search sent past the proven limit, where the host
+                    # was not seen to run that many at once, either waits
+                    # inside it for a slot and then runs there (a host
+                    # with slots) or runs at once beside the others,
                     # sharing the processor (a real host): count the
                     # longer of the two.  Waiting in the queue for that
                     # slot instead costs the first.
                     over = in_flight - max(c.proven_limit, 1) + 1
-                    if over > 0:
+                    if over > 0 and in_flight >= c.side_by_side:
                         queued = self._wait(c, over, self._rate(c, limit, t)) * slowdown + t * c.stretch(in_flight)
                         wait_cost = min(wait_cost, queued)
                         cost = max(cost, queued)

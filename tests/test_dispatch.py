@@ -394,10 +394,9 @@ def test_a_search_runs_beside_batch_work_past_a_learned_limit_when_that_is_no_sl
     """
     A heavy model on a real host: its learned limit holds at one image (300
     ms alone; a second in flight only shares the processor), and two
-    requests were seen to run there at once.  A search that
-    arrives while an image has most of its time left runs beside it at
-    once, past the limit, which takes about twice a search alone rather
-    than the image's rest; near the image's end it waits for it instead.
+    requests were seen to run there at once.  A search runs beside an
+    image at once, past the limit, which takes about twice a search alone
+    rather than the image's rest.
     Batch work never goes past the limit; nor does a search on a host with
     configured slots, on one not seen to run two requests at once (it may
     queue the second inside), or with a strategy that does not weigh the
@@ -429,13 +428,12 @@ def test_a_search_runs_beside_batch_work_past_a_learned_limit_when_that_is_no_sl
     fleet.finish(search.load, 0.12)
     assert batch == [host] and host.in_flight == 1
 
-    # 10 ms left of the image: waiting for it (10 + 60 ms) beats running
-    # beside it (120 ms)
+    # near the image's expected end too: when it ends is an estimate (an
+    # image may take half as long again), what running beside it costs is
+    # bounded
     clock.advance(0.29)
     search = result(dispatcher.acquire(SEARCH))
-    assert search == [] and host.in_flight == 1
-    fleet.finish(batch.load, 0.3)
-    assert search == [host] and host.in_flight == 1
+    assert search == [host] and host.in_flight == 2
 
     for clock, fleet, host, dispatcher in [
         fleet_of(slots=1),

@@ -325,6 +325,20 @@ def test_a_search_counts_the_wait_inside_a_host_probing_its_limit():
     assert ShortestDelay().choose(search, [fast, medium]) is fast
 
 
+def test_a_search_past_the_proven_limit_of_a_host_that_runs_requests_at_once_costs_its_stretch():
+    """
+    A host seen to run three requests at once (a real host): a search sent
+    there as the third runs at once, twice as slow as alone, and does not
+    wait 100 ms for a request to end, as it might on a host with slots.
+    """
+    fast = timed(0, limit=3, proven=2, in_flight=2, seconds=0.01, answer_in=0.1, stretches={3: 2.0}, throughput=20.0)
+    medium = timed(1, limit=1, seconds=0.0375)
+    search = RequestInfo(b"POST", b"/predict", "clip-textual", interactive=True)
+    assert ShortestDelay().choose(search, [fast, medium]) is medium
+    fast.side_by_side = 3
+    assert ShortestDelay().choose(search, [fast, medium]) is fast
+
+
 def test_shortest_delay_guesses_a_new_tasks_time_from_the_hosts_other_work():
     search = RequestInfo(b"POST", b"/predict", "clip-textual", interactive=True)
     fast = timed(0, limit=2, in_flight=2, seconds=0.01, slot_time=0.04, throughput=50.0)

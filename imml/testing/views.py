@@ -58,6 +58,8 @@ class FakeBackendView:
     @ivar answer_in: What L{next_answer_in} answers.
     @ivar stretches: What L{stretch} answers, by requests in flight (1.0
         for those not given).
+    @ivar side_by_side: The most requests it was seen to run at once: 1
+        unless set.
     """
 
     address: BackendAddress = field(converter=_address)
@@ -73,6 +75,7 @@ class FakeBackendView:
     service_times: dict[str, float] = field(factory=dict)
     answer_in: float | None = None
     stretches: dict[int, float] = field(factory=dict)
+    side_by_side: int = 1
 
     @property
     def proven_limit(self) -> int:
