@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import select
@@ -586,10 +587,14 @@ def imml_log_summary(path: Path) -> dict:
 
 
 def pct(values: list[float], p: float) -> float | None:
+    """
+    The nearest-rank percentile: the smallest value with at least C{p} % of
+    the values at or below it (of 100 values, p99 is the second largest).
+    """
     if not values:
         return None
     values = sorted(values)
-    return values[min(len(values) - 1, max(0, round(p / 100 * len(values) + 0.5) - 1))]
+    return values[min(len(values) - 1, max(0, math.ceil(round(p / 100 * len(values), 9)) - 1))]
 
 
 def latency_ms(records: list[dict]) -> list[float]:
