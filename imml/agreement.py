@@ -53,7 +53,7 @@ from .canaries import CANARY_TASKS, Comparison, Reading, Unreadable, compare
 from .classify import RequestInfo
 from .fleet import Backend, Fleet
 from .health import describe_failure
-from .upstream import Answer, Discard, Upstream
+from .upstream import Answer, Discard, Upstream, with_extra
 
 #: Cosine similarity a host's canary vectors must reach, by default for
 #: every task.  Rounding (fp16, Core ML) stays above 0.9999.
@@ -368,6 +368,10 @@ class Agreement:
         for image, text in canaries.inputs(model.task):
             content_type, data = canaries.body(model.entries, image, text)
             headers = Headers({b"content-type": [content_type], b"x-imml-canary": [model.task.encode("ascii")]})
+            if backend.settings.headers:
+                # As its requests and its health checks: a host behind an
+                # authenticating proxy needs its headers.
+                headers = with_extra(headers, backend.settings.headers)
             self.sent[(backend.name, model.task)] += 1
             tries.append(
                 self.upstream.exchange(

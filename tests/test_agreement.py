@@ -316,3 +316,17 @@ async def test_a_bad_host_that_joins_a_running_fleet_never_answers_a_request_of_
             assert any(e["backend"] == bad.address and e["verdict"] == "disagrees" for e in events(r, "agreement"))
         finally:
             await bad.stop()
+
+
+def test_canaries_carry_the_hosts_extra_headers_as_its_requests_do():
+    # Two hosts behind an authenticating proxy, each with its own token:
+    # their canaries get through, and their answers are judged.
+    tokens = {"a": "token-a", "b": "token-b"}
+    b = balancer(
+        *[{"name": name, "required_headers": {"X-Token": token}} for name, token in tokens.items()],
+        settings={name: BackendSettings(headers=((b"x-token", token.encode()),)) for name, token in tokens.items()},
+    )
+    assert set(serve(b, 4)) == {"a", "b"}
+    for name in "ab":
+        assert verdict(b, name)["verdict"] == "agrees"
+        assert [r.headers["x-token"] for r in canaries(b.host(name))] == [[tokens[name]]]
