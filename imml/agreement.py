@@ -600,7 +600,8 @@ class Agreement:
         """
         The fleet changed: check hosts that joined or came back up, forget
         those that left, mark those that went down for a new check, and judge
-        again when the reference hosts changed.
+        again when hosts left or the reference hosts changed (a first round
+        that waited only for hosts that left is over).
         """
         if not self.on or self._scanning or not self._models:
             return
@@ -622,7 +623,8 @@ class Agreement:
                     elif check is not None and not backend.health.up:
                         check.stale = True
                 if again:
-                    self._judge(model)
+                    # A first round may have waited only for hosts that left.
+                    self._judge_or_wait(model)
         finally:
             self._scanning = False
 

@@ -330,3 +330,15 @@ def test_canaries_carry_the_hosts_extra_headers_as_its_requests_do():
     for name in "ab":
         assert verdict(b, name)["verdict"] == "agrees"
         assert [r.headers["x-token"] for r in canaries(b.host(name))] == [[tokens[name]]]
+
+
+def test_the_first_round_ends_when_the_host_it_waits_for_leaves():
+    b = balancer({"name": "fast", "service_time": 0.1}, {"name": "slow", "service_time": 0.1, "cold_start": 30.0})
+    first = b.predict()
+    b.advance(1.0, step=0.1)
+    assert first.answer() is None  # the round waits for the slow host
+    fast = b.fleet.backends[0]
+    b.fleet.reconfigure([(fast.address, fast.settings)])  # the slow host is removed
+    b.advance(0.5, step=0.1)
+    assert first.answer()[1][b"x-fake-host"] == b"fast"
+    assert verdict(b, "fast")["verdict"] == "agrees"
