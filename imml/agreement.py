@@ -364,24 +364,47 @@ class Agreement:
             check.asking = False  # asked again once usable (scan)
             self._judge_or_wait(model)
             return
-        tries = []
-        for image, text in canaries.inputs(model.task):
-            content_type, data = canaries.body(model.entries, image, text)
-            headers = Headers({b"content-type": [content_type], b"x-imml-canary": [model.task.encode("ascii")]})
-            if backend.settings.headers:
-                # As its requests and its health checks: a host behind an
-                # authenticating proxy needs its headers.
-                headers = with_extra(headers, backend.settings.headers)
-            self.sent[(backend.name, model.task)] += 1
-            tries.append(
-                self.upstream.exchange(
-                    b"POST", backend.address.url(b"/predict"), headers, _Body(data), lambda answer: Discard()
-                )
-            )
+        try:
+            tries = self._canaries(model, backend)
+        except Exception as e:
+            # Not a verdict on its answers: it serves as after a failed
+            # canary, and is asked again soon.
+            self.log.failure("the agreement check of {backend} could not be sent", backend=backend.name)
+            check.asking = False
+            self._could_not(model, backend, check, f"it could not be sent ({type(e).__name__})")
+            return
         d = check.sending = gatherResults(tries, consumeErrors=True)
         d.addTimeout(self.timeout, self.clock)
         d.addCallbacks(self._answered, self._failed, callbackArgs=(model, backend), errbackArgs=(model, backend))
         d.addErrback(lambda f: self.log.failure("the agreement check of {backend} failed", f, backend=backend.name))
+
+    def _canaries(self, model: ModelCheck, backend: Backend) -> list[Deferred]:
+        """
+        Send C{model}'s canary requests to C{backend}: what each fires with.
+        When one cannot be sent, those sent are cancelled and the error is
+        raised.
+        """
+        tries: list[Deferred] = []
+        try:
+            for image, text in canaries.inputs(model.task):
+                content_type, data = canaries.body(model.entries, image, text)
+                headers = Headers({b"content-type": [content_type], b"x-imml-canary": [model.task.encode("ascii")]})
+                if backend.settings.headers:
+                    # As its requests and its health checks: a host behind an
+                    # authenticating proxy needs its headers.
+                    headers = with_extra(headers, backend.settings.headers)
+                self.sent[(backend.name, model.task)] += 1
+                tries.append(
+                    self.upstream.exchange(
+                        b"POST", backend.address.url(b"/predict"), headers, _Body(data), lambda answer: Discard()
+                    )
+                )
+        except Exception:
+            for sent in tries:
+                sent.addErrback(lambda f: None)
+                sent.cancel()
+            raise
+        return tries
 
     def _current(self, model: ModelCheck, backend: Backend) -> Optional[HostCheck]:
         """

@@ -18,6 +18,7 @@ from twisted.logger import LogLevel
 
 from imml.agreement import MAX_MODELS, RETRY
 from imml.backends import parse_backend
+from imml.canaries import body as canary_body
 from imml.classify import classify
 from imml.fleet import BackendSettings
 from imml.testing import ENTRIES, predict_body, start_fake_hosts
@@ -342,3 +343,24 @@ def test_the_first_round_ends_when_the_host_it_waits_for_leaves():
     b.advance(0.5, step=0.1)
     assert first.answer()[1][b"x-fake-host"] == b"fast"
     assert verdict(b, "fast")["verdict"] == "agrees"
+
+
+def test_a_canary_that_cannot_be_sent_is_no_verdict_and_is_tried_again(monkeypatch):
+    b = balancer({"name": "a"}, {"name": "b"})
+    made = []
+
+    def body(*args):
+        made.append(args)
+        if len(made) == 1:  # the first canary, host a's
+            raise RuntimeError("the picture cannot be encoded")
+        return canary_body(*args)
+
+    monkeypatch.setattr("imml.canaries.body", body)
+    assert set(serve(b, 4)) == {"a", "b"}
+    view = verdict(b, "a")
+    assert view["verdict"] == "failed"
+    assert view["reason"] == "no answer to its last check: it could not be sent (RuntimeError)"
+    [logged] = [e for e in b.events if "log_failure" in e]
+    assert logged["log_failure"].check(RuntimeError)
+    b.advance(RETRY + 1, step=1.0)
+    assert verdict(b, "a")["verdict"] == "agrees"
