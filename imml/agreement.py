@@ -585,8 +585,8 @@ class Agreement:
         against: Optional[Backend] = None,
     ) -> bool:
         """
-        Give C{backend} its C{verdict} on C{model}, and log it; whether that
-        changed whether it serves the task.
+        Give C{backend} its C{verdict} on C{model}, and log it if it is a
+        new one; whether that changed whether it serves the task.
         """
         now = self.clock.seconds()
         was = check.verdict
@@ -599,13 +599,15 @@ class Agreement:
         if verdict in (Verdict.AGREES, Verdict.DISAGREES):
             check.similarity = comparison.similarity
             check.compared_with = against.name if against is not None else None
-        loud = verdict is Verdict.DISAGREES or (was is Verdict.AGREES and verdict is not was)
+        if verdict is was:
+            return False  # (every answer judges every host: said once is enough)
+        loud = verdict is Verdict.DISAGREES or was is Verdict.AGREES
         (self.log.warn if loud else self.log.info)(
             "ML host {backend} {verdict} on {task} ({model}){against}: {reason}{change}",
             backend=backend.name,
             verdict=verdict.value,
             was=was.value,
-            changed=verdict is not was,
+            changed=True,
             task=model.task,
             model=model.model,
             similarity=check.similarity,
@@ -710,8 +712,6 @@ def _unasked(check: Optional[HostCheck]) -> bool:
 
 
 def _change(task: str, was: Verdict, verdict: Verdict) -> str:
-    if was is verdict:
-        return ""
     if verdict is Verdict.DISAGREES:
         return f"; it serves no {task} until it agrees"
     if verdict in SERVES and was not in SERVES:

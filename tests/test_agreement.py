@@ -364,3 +364,12 @@ def test_a_canary_that_cannot_be_sent_is_no_verdict_and_is_tried_again(monkeypat
     assert logged["log_failure"].check(RuntimeError)
     b.advance(RETRY + 1, step=1.0)
     assert verdict(b, "a")["verdict"] == "agrees"
+
+
+def test_a_check_that_finds_what_the_last_one_found_logs_nothing():
+    b = balancer({"name": "a"}, {"name": "b"}, {"name": "c"}, {"name": "bad", "vectors": "other-model"})
+    serve(b, 3)
+    b.advance(3600.0, step=10.0)  # two more checks of each host
+    said = sorted((e["backend"], e["verdict"]) for e in agreement_events(b))
+    assert said == sorted([(address_of(b, n), "agrees") for n in "abc"] + [(address_of(b, "bad"), "disagrees")])
+    assert len(canaries(b.host("a"))) == 3
