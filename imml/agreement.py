@@ -227,7 +227,7 @@ class Agreement:
         """
         self.stop()
         self.on = on
-        self.fleet.changed()
+        self.fleet.changed(hosts=False)
 
     def set_thresholds(self, thresholds: dict[str, float]) -> None:
         self.thresholds = dict(thresholds)
@@ -430,7 +430,7 @@ class Agreement:
         except Unreadable as e:
             check.reading = None
             if self._set(model, backend, check, Verdict.DISAGREES, Comparison(False, None, f"its answer: {e}")):
-                self.fleet.changed()
+                self.fleet.changed(hosts=False)
         self._judge_or_wait(model)
 
     def _failed(self, failure: Failure, model: ModelCheck, backend: Backend) -> None:
@@ -470,7 +470,7 @@ class Agreement:
         )
         self._judge_or_wait(model)
         if was is not check.verdict:
-            self.fleet.changed()
+            self.fleet.changed(hosts=False)
 
     def _schedule(self, model: ModelCheck, backend: Backend, check: HostCheck, delay: float) -> None:
         if check.timer is not None and check.timer.active():
@@ -551,7 +551,7 @@ class Agreement:
             changed |= self._set(model, backend, check, verdict, comparison, against)
         self._conflict(model, leader, groups, references)
         if changed:
-            self.fleet.changed()
+            self.fleet.changed(hosts=False)
 
     def _conflict(self, model: ModelCheck, leader: Backend, groups: dict, references: list) -> None:
         """

@@ -123,8 +123,8 @@ class Fleet:
     def changed(self, hosts: bool = True) -> None:
         """
         Tell the observers the fleet changed; and those of the hosts
-        (L{when_hosts_change}) too unless only a request's end changed it
-        (C{hosts} false).
+        (L{when_hosts_change}) too unless no host changed (C{hosts} false:
+        a request's end, an agreement verdict).
         """
         for callback in list(self._observers):
             callback()

@@ -373,3 +373,13 @@ def test_a_check_that_finds_what_the_last_one_found_logs_nothing():
     said = sorted((e["backend"], e["verdict"]) for e in agreement_events(b))
     assert said == sorted([(address_of(b, n), "agrees") for n in "abc"] + [(address_of(b, "bad"), "disagrees")])
     assert len(canaries(b.host("a"))) == 3
+
+
+def test_verdicts_wake_the_dispatcher_without_telling_the_hosts_observers():
+    # (The health checker and the check's own scan follow the hosts: a
+    # verdict changes none.)
+    b = balancer({"name": "a"}, {"name": "b"}, {"name": "c", "vectors": "other-model"})
+    told = []
+    b.fleet.when_hosts_change(lambda: told.append(1))
+    assert "c" not in serve(b, 6)
+    assert verdict(b, "c")["verdict"] == "disagrees" and told == []
