@@ -198,7 +198,9 @@ class Agreement:
     @ivar thresholds: per task, the similarity a host must reach.
     @ivar interval: seconds between two checks of a host.
     @ivar wait: seconds a first round waits for answers.
-    @ivar sent: canary requests sent, per (host, task).
+    @ivar timeout: seconds a host has to answer its canaries.
+    @ivar sent: canary requests sent, per (host, task), for the hosts in the
+        fleet.
     """
 
     fleet: Fleet
@@ -248,6 +250,7 @@ class Agreement:
         Forget every check: cancel the timers and the canaries under way.
         """
         models, self._models = self._models, {}
+        self._references, self._too_many = (), False
         for model in models.values():
             if model.round_timer is not None and model.round_timer.active():
                 model.round_timer.cancel()
@@ -624,10 +627,15 @@ class Agreement:
     def scan(self) -> None:
         """
         The fleet changed: check hosts that joined or came back up, forget
-        those that left, mark those that went down for a new check, and judge
+        those that left (and their canaries' count), mark those that went down for a new check, and judge
         again when hosts left or the reference hosts changed (a first round
         that waited only for hosts that left is over).
         """
+        # The canaries of hosts that left are no longer counted (a DNS
+        # pool's addresses come and go).
+        names = {b.name for b in self.fleet.backends}
+        for key in [k for k in self.sent if k[0] not in names]:
+            del self.sent[key]
         if not self.on or self._scanning or not self._models:
             return
         self._scanning = True

@@ -237,15 +237,26 @@ def test_no_canary_goes_to_a_host_that_does_not_serve_the_task():
     assert b.host("ocr-only").received == []
 
 
-def test_the_models_followed_are_bounded_whatever_clients_send():
-    b = balancer({"name": "a"}, {"name": "b"})
-    for n in range(MAX_MODELS + 3):
+def send_models(b, count):
+    """Send a request for each of C{count} models, and let them be answered."""
+    for n in range(count):
         entries = '{"clip":{"visual":{"modelName":"made-up-%d"}}}' % n
         content_type, body = predict_body(entries, image=b"\xff\xd8 x")
         b.send(b"POST", b"/predict", body, {b"Content-Type": content_type})
     b.advance(1.0)
+
+
+def test_the_models_followed_are_bounded_whatever_clients_send():
+    b = balancer({"name": "a"}, {"name": "b"})
+    send_models(b, MAX_MODELS + 3)
     assert len(b.agreement.views(b.fleet.backends[0])) == MAX_MODELS
     assert len([e for e in b.events if e.get("imml_event") == "agreement-full"]) == 1
+    # Turned off and on, the check starts afresh: it says so again when full.
+    b.agreement.set_on(False)
+    b.agreement.set_on(True)
+    send_models(b, MAX_MODELS + 1)
+    assert len(b.agreement.views(b.fleet.backends[0])) == MAX_MODELS
+    assert len([e for e in b.events if e.get("imml_event") == "agreement-full"]) == 2
 
 
 def test_with_the_check_off_no_canary_is_sent_and_every_host_serves():
@@ -383,3 +394,13 @@ def test_verdicts_wake_the_dispatcher_without_telling_the_hosts_observers():
     b.fleet.when_hosts_change(lambda: told.append(1))
     assert "c" not in serve(b, 6)
     assert verdict(b, "c")["verdict"] == "disagrees" and told == []
+
+
+def test_the_canaries_of_a_host_that_left_are_no_longer_counted():
+    # A DNS pool in Kubernetes: every pod restart is a new address.
+    b = balancer({"name": "a"}, {"name": "b"})
+    serve(b, 2)
+    assert b.agreement.sent[(address_of(b, "b"), "clip-visual")] == 1
+    kept = b.fleet.backends[0]
+    b.fleet.reconfigure([(kept.address, kept.settings)])
+    assert list(b.agreement.sent) == [(address_of(b, "a"), "clip-visual")]
