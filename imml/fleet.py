@@ -10,8 +10,8 @@ forwarder) that a host went down with requests on it.
 Hosts come from host sources: the configuration (L{CONFIG}), each DNS pool,
 whatever else finds hosts.  Each source offers the whole list of hosts it
 finds now (L{Fleet.offer}); the fleet is every source's hosts, in the order
-the sources first offered, a host offered by two sources counted once (the
-first source's settings).  A host that joins later than the fleet was made
+the sources first offered (or as L{Fleet.order} puts them), a host offered
+by two sources counted once (the first source's settings).  A host that joins later than the fleet was made
 starts slow; one that no source offers any more drains and leaves.
 """
 
@@ -217,6 +217,18 @@ class Fleet:
         self._offers[source] = list(hosts)
         self._whys[source] = why
         self._merge()
+
+    def order(self, sources: Iterable[str]) -> None:
+        """
+        Put the hosts of C{sources} first, in that order, then the other
+        sources' (as they first offered); a source that has offered nothing
+        yet takes its place now, for the hosts it will offer.
+        """
+        offers = {source: self._offers.get(source, []) for source in sources}
+        offers.update(self._offers)
+        if list(offers) != list(self._offers):
+            self._offers = offers
+            self._merge()
 
     def withdraw(self, source: str) -> None:
         """

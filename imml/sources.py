@@ -23,7 +23,7 @@ from twisted.application import service
 
 from .backends import BackendAddress, DnsName, Entry
 from .dnspool import DnsPool
-from .fleet import Fleet
+from .fleet import CONFIG, Fleet
 from .host import BackendSettings
 
 
@@ -53,14 +53,21 @@ class HostSources(service.Service):
 
     def set(self, entries: Iterable[tuple[Entry, BackendSettings]]) -> None:
         """
-        Make the configuration's hosts those of C{entries}, in that order.
+        Make the configuration's hosts those of C{entries}, in that order: a
+        DNS pool's hosts in its entry's place (taken before its name
+        resolves), the plain hosts together in the place of the first of
+        them.
         """
-        plain, pools = [], {}
+        plain, pools, order = [], {}, []
         for entry, settings in entries:
             if isinstance(entry, DnsName):
                 pools[entry] = settings
+                order.append(str(entry))
             else:
                 plain.append((entry, settings))
+                if CONFIG not in order:
+                    order.append(CONFIG)
+        self.fleet.order(order)
         self.fleet.reconfigure(plain + list(self.extra()))
         for entry in [e for e in self.pools if e not in pools]:
             self.pools.pop(entry).stop()

@@ -239,6 +239,26 @@ def test_the_configuration_keeps_a_pool_per_dns_entry_and_drops_one_removed():
     assert clock.getDelayedCalls() == []
 
 
+def test_the_fleet_keeps_the_order_of_the_entries_whenever_a_pool_resolves():
+    # --backends dns+primary.test,backup: failover sends everything to the
+    # first host, the pool's, although the plain host was known first.
+    clock, zone = Clock(), Zone()
+    zone.records["primary.test"] = [("10.0.0.1", 30)]
+    pool, backup = DnsName("primary.test", 3003), BackendAddress("backup", 3003)
+    fleet = Fleet.from_addresses([backup], clock)  # as the balancer is built
+    sources = HostSources(fleet, clock, 30.0, lambda: zone)
+    sources.set([(pool, BackendSettings()), (backup, BackendSettings())])
+    sources.startService()
+    try:
+        assert addresses(fleet) == ["10.0.0.1:3003", "backup:3003"]
+        assert [b.index for b in fleet.backends] == [0, 1]
+        # a reload that puts the plain host first
+        sources.set([(backup, BackendSettings()), (pool, BackendSettings())])
+        assert addresses(fleet) == ["backup:3003", "10.0.0.1:3003"]
+    finally:
+        sources.stopService()
+
+
 async def dns_server(zone: Zone):
     """
     A DNS server for C{zone} on 127.0.0.1 (UDP), and its port.
