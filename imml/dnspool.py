@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from attrs import define, evolve, field, frozen
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.names import client, dns, error, hosts, resolve
 from twisted.names.common import ResolverBase
@@ -65,17 +66,53 @@ class Answer:
     ttl: Optional[float]
 
 
-def system_resolver(reactor: Any, server: Optional[tuple[str, int]] = None) -> ResolverBase:
+def system_resolver(
+    reactor: Any,
+    server: Optional[tuple[str, int]] = None,
+    hosts_file: bytes = b"/etc/hosts",
+    resolv_conf: str = "/etc/resolv.conf",
+) -> ResolverBase:
     """
     The resolver of the DNS pools: the DNS server C{server} if given (as
     from L{imml.backends.parse_dns_server}); else the machine's, C{/etc/hosts} then the name
-    servers of C{/etc/resolv.conf} (read again when it changes).
+    servers of C{/etc/resolv.conf} (read again when it changes: a call
+    delayed on C{reactor} every minute, for as long as the resolver lives;
+    see L{KeptCalls}).
     """
     if server is not None:
         return client.Resolver(servers=[server], reactor=reactor)
-    return resolve.ResolverChain(
-        [hosts.Resolver(b"/etc/hosts"), client.Resolver(resolv="/etc/resolv.conf", reactor=reactor)]
-    )
+    return resolve.ResolverChain([hosts.Resolver(hosts_file), client.Resolver(resolv=resolv_conf, reactor=reactor)])
+
+
+class KeptCalls:
+    """
+    A reactor as a resolver is given it: the calls delayed through it (its
+    reading of C{resolv.conf} again, its questions' timeouts) are kept, so
+    that those still pending are cancelled (L{cancel}) when the resolver is
+    dropped; everything else is the reactor's.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+        self._calls: list[IDelayedCall] = []
+
+    def callLater(self, seconds: float, f: Callable[..., Any], *args: Any, **kwargs: Any) -> IDelayedCall:
+        call = self._reactor.callLater(seconds, f, *args, **kwargs)
+        self._calls = [c for c in self._calls if c.active()]
+        self._calls.append(call)
+        return call
+
+    def cancel(self) -> None:
+        """
+        Cancel every call delayed through it that is still pending.
+        """
+        calls, self._calls = self._calls, []
+        for call in calls:
+            if call.active():
+                call.cancel()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reactor, name)
 
 
 def _records(answers: list, kind: int) -> tuple[list[str], Optional[float]]:
@@ -146,16 +183,26 @@ class DnsPool:
         """
         return str(self.entry)
 
-    def start(self) -> None:
+    def start(self, resolver: Any = None) -> None:
+        """
+        Ask now, and from then on as the TTLs and the interval say; with
+        C{resolver} if given (else the one it was made with).
+        """
+        if resolver is not None:
+            self.resolver = resolver
         self._running = True
         self.resolve()
 
     def stop(self) -> None:
         """
-        Ask no more (the hosts found stay in the fleet).
+        Ask no more, and cancel the question under way (the hosts found stay
+        in the fleet).
         """
         self._running = False
         self._cancel_timer()
+        asking, self._asking = self._asking, None
+        if asking is not None:
+            asking.cancel()
 
     def set_interval(self, seconds: float) -> None:
         """
@@ -245,4 +292,4 @@ class DnsPool:
         self._timer = None
 
 
-__all__ = ["Answer", "DnsPool", "lookup", "system_resolver"]
+__all__ = ["Answer", "DnsPool", "KeptCalls", "lookup", "system_resolver"]

@@ -13,16 +13,18 @@ reload it offers the plain entries of C{--backends}, C{IMML_BACKENDS} or the
 file's C{[[hosts]]} as L{imml.fleet.CONFIG}, and keeps one
 L{imml.dnspool.DnsPool} (a source of its own) per C{dns+} entry: started
 when it appears, withdrawn when it goes, its settings changed in place.
+The pools' resolver is made when the service starts and dropped when it
+stops, with whatever it left pending on the reactor.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 from twisted.application import service
 
 from .backends import BackendAddress, DnsName, Entry
-from .dnspool import DnsPool
+from .dnspool import DnsPool, KeptCalls
 from .fleet import CONFIG, Fleet
 from .host import BackendSettings
 
@@ -37,17 +39,21 @@ class HostSources(service.Service):
         fleet: Fleet,
         clock: Any,
         dns_interval: float,
-        resolver: Callable[[], Any],
+        resolver: Callable[[Any], Any],
         extra: Callable[[], list] = list,
     ) -> None:
         """
-        @param resolver: makes the resolver of the DNS pools
-            (L{imml.dnspool.system_resolver}), the first time one is needed.
+        @param resolver: makes the resolver of the DNS pools on the reactor
+            it is given (L{imml.dnspool.system_resolver}): once running,
+            when a pool first needs one; it is dropped, and whatever it left
+            on the reactor cancelled, when the service stops.
         @param extra: hosts that are not in the configuration but stay (the
             stand-in hosts of C{--demo}).
         """
         self.fleet, self.clock, self.dns_interval = fleet, clock, dns_interval
-        self._make_resolver, self._resolver = resolver, None
+        self._make_resolver = resolver
+        self._resolver: Any = None
+        self._calls: Optional[KeptCalls] = None
         self.extra = extra
         self.pools: dict[DnsName, DnsPool] = {}
 
@@ -77,15 +83,14 @@ class HostSources(service.Service):
             if pool is not None:
                 pool.set_settings(settings)
                 continue
-            pool = self.pools[entry] = DnsPool(
-                entry, settings, self.fleet, self._resolver_now(), self.clock, self.dns_interval
-            )
+            pool = self.pools[entry] = DnsPool(entry, settings, self.fleet, None, self.clock, self.dns_interval)
             if self.running:
-                pool.start()
+                pool.start(self._resolver_now())
 
     def _resolver_now(self) -> Any:
         if self._resolver is None:
-            self._resolver = self._make_resolver()
+            self._calls = KeptCalls(self.clock)
+            self._resolver = self._make_resolver(self._calls)
         return self._resolver
 
     def set_dns_interval(self, seconds: float) -> None:
@@ -99,12 +104,19 @@ class HostSources(service.Service):
     def startService(self) -> None:
         super().startService()
         for pool in self.pools.values():
-            pool.start()
+            pool.start(self._resolver_now())
 
     def stopService(self) -> None:
+        """
+        Stop every pool (the questions under way are cancelled) and drop the
+        resolver: nothing of theirs stays on the reactor.
+        """
         super().stopService()
         for pool in self.pools.values():
             pool.stop()
+        calls, self._calls, self._resolver = self._calls, None, None
+        if calls is not None:
+            calls.cancel()
 
 
 def plain_hosts(entries: Iterable[tuple[Entry, BackendSettings]]) -> list[tuple[BackendAddress, BackendSettings]]:

@@ -316,7 +316,7 @@ def build(options: Any, reactor: Any, signals: bool = True) -> Balancer:
         fleet,
         reactor,
         options["dns-interval"],
-        lambda: system_resolver(reactor, parse_dns_server(options["dns-server"]) if options["dns-server"] else None),
+        lambda kept: system_resolver(kept, parse_dns_server(options["dns-server"]) if options["dns-server"] else None),
         extra=demo.addresses if demo is not None else list,
     )
     sources.set(options["hosts"])

@@ -10,6 +10,7 @@ import pytest
 from support import bounded, rig, until
 from twisted.internet import reactor
 from twisted.internet.defer import fail, succeed
+from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.names import dns, error, server
@@ -217,7 +218,7 @@ def test_the_configuration_keeps_a_pool_per_dns_entry_and_drops_one_removed():
     )
     entries = [(h.address, h.settings) for h in config.hosts]
     fleet = Fleet.from_addresses([], clock)
-    sources = HostSources(fleet, clock, 30.0, lambda: zone)
+    sources = HostSources(fleet, clock, 30.0, lambda reactor: zone)
     sources.set(entries)
     sources.startService()
     try:
@@ -246,7 +247,7 @@ def test_the_fleet_keeps_the_order_of_the_entries_whenever_a_pool_resolves():
     zone.records["primary.test"] = [("10.0.0.1", 30)]
     pool, backup = DnsName("primary.test", 3003), BackendAddress("backup", 3003)
     fleet = Fleet.from_addresses([backup], clock)  # as the balancer is built
-    sources = HostSources(fleet, clock, 30.0, lambda: zone)
+    sources = HostSources(fleet, clock, 30.0, lambda reactor: zone)
     sources.set([(pool, BackendSettings()), (backup, BackendSettings())])
     sources.startService()
     try:
@@ -257,6 +258,78 @@ def test_the_fleet_keeps_the_order_of_the_entries_whenever_a_pool_resolves():
         assert addresses(fleet) == ["backup:3003", "10.0.0.1:3003"]
     finally:
         sources.stopService()
+
+
+def test_nothing_of_the_resolver_stays_on_the_clock_once_the_pools_stop(tmp_path):
+    # The machine's resolver reads resolv.conf again every minute, for as
+    # long as it lives: it lives while the balancer runs.
+    (tmp_path / "hosts").write_text("10.0.0.7 ml.test\n")
+    (tmp_path / "resolv.conf").write_text("nameserver 127.0.0.1\n")
+    clock = Clock()
+    fleet = Fleet.from_addresses([], clock)
+    made = []
+
+    def resolver(reactor):
+        made.append(system_resolver(reactor, None, str(tmp_path / "hosts").encode(), str(tmp_path / "resolv.conf")))
+        return made[-1]
+
+    sources = HostSources(fleet, clock, 30.0, resolver)
+    sources.set([(DnsName("ml.test", 3003), BackendSettings())])
+    assert made == []  # not before it starts
+    sources.startService()
+    assert addresses(fleet) == ["10.0.0.7:3003"] and len(made) == 1
+    sources.stopService()
+    assert clock.getDelayedCalls() == []
+    sources.startService()  # started again, with a resolver of its own
+    assert len(made) == 2
+    sources.stopService()
+    assert clock.getDelayedCalls() == []
+
+
+class Silent(DatagramProtocol):
+    """A DNS server that never answers."""
+
+    def __init__(self) -> None:
+        self.questions: list[bytes] = []
+
+    def datagramReceived(self, data: bytes, address) -> None:
+        self.questions.append(data)
+
+
+def names_calls(before) -> list:
+    """The calls pending on the reactor, not in C{before}, of imml or its resolver."""
+    return [
+        call
+        for call in reactor.getDelayedCalls()
+        if call not in before and call.active() and call.func.__module__.startswith(("imml", "twisted.names"))
+    ]
+
+
+@bounded(30)
+async def test_stopping_cancels_the_question_under_way_and_its_timeouts():
+    silent = Silent()
+    port = reactor.listenUDP(0, silent, interface="127.0.0.1")
+    before, readers = set(reactor.getDelayedCalls()), set(reactor.getReaders())
+    fleet = Fleet.from_addresses([], reactor)
+    sources = HostSources(fleet, reactor, 30.0, lambda r: system_resolver(r, ("127.0.0.1", port.getHost().port)))
+    sources.set([(DnsName("ml.test", 3003), BackendSettings())])
+    events: list = []
+    unwatch = watch(events)
+    try:
+        sources.startService()
+        await until(lambda: silent.questions)
+        assert names_calls(before) != []  # the question's timeout
+        sources.stopService()
+        # The question is over: no timeout pending, its socket closed, and
+        # nothing said of it.
+        assert names_calls(before) == []
+        assert [r for r in reactor.getReaders() if r not in readers] == []
+        assert of(events, "dns-failed") == []
+    finally:
+        unwatch()
+        if sources.running:
+            sources.stopService()
+        await port.stopListening()
 
 
 async def dns_server(zone: Zone):
