@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import signal
 import threading
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from twisted.application import service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
@@ -61,16 +61,16 @@ def _digest(path: str) -> Optional[str]:
         return None
 
 
-def remember_command_line(options: usage.Options) -> None:
+def remember_command_line(options: usage.Options, given: Iterable[str]) -> None:
     """
     Keep, before the options are checked and C{--config} is merged in, what
-    the command line set (C{options["given"]}) and a digest of the
+    the command line set (C{options["given"]}: the options named C{given},
+    whatever their values, the defaults' too) and a digest of the
     configuration file (C{options["config-digest"]}), so that a reload can
     parse them again with the file as it is then.
     """
     if "given" not in options:
-        defaults = _defaults(options)
-        options["given"] = {k: options[k] for k in defaults if options[k] != defaults[k]}
+        options["given"] = {name: options[name] for name in given}
     options["config-digest"] = _digest(options["config"]) if options.get("config") else None
 
 

@@ -222,6 +222,8 @@ class Options(usage.Options):
     ]
     #: Options given once per value (an C{opt_} method each), and their defaults.
     repeated = {"admin-hosts": ()}
+    #: While the command line is parsed, the options it sets.
+    _command_line: Optional[set[str]] = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -231,12 +233,21 @@ class Options(usage.Options):
         #: the host list.
         self.origins: dict[str, Origin] = {}
 
+    def __setitem__(self, name: str, value: Any) -> None:
+        # The parser sets each option the command line gives (its
+        # dispatchers, the opt_ methods): a value equal to the default is
+        # given all the same, and wins over the file.
+        if self._command_line is not None:
+            self._command_line.add(name)
+        super().__setitem__(name, value)
+
     def parseOptions(self, options: Optional[list[str]] = None) -> None:
         """
         Parse the command line.  Run by twistd (as its subcommand), a usage
         error is one line on stderr, first and alone, and exit status 2;
         otherwise it is raised (L{usage.UsageError}).
         """
+        self._command_line = set()
         if self.parent is None:
             return super().parseOptions(options)
         try:
@@ -251,8 +262,8 @@ class Options(usage.Options):
 
     def _apply_file(self) -> None:
         """
-        Read --config: its options apply where the command line left the
-        default; its hosts, with their settings, replace --backends.
+        Read --config: its options apply where the command line did not
+        give them; its hosts, with their settings, replace --backends.
         """
         try:
             config = load_config(self["config"], set(self.defaults) - set(_ELSEWHERE), _ELSEWHERE)
@@ -298,7 +309,8 @@ class Options(usage.Options):
         return read(str(value)) if read is not None else str(value)
 
     def postOptions(self) -> None:
-        remember_command_line(self)
+        given, self._command_line = self._command_line, None
+        remember_command_line(self, given or ())
         self.origins = {name: COMMAND_LINE if name in self["given"] else DEFAULT for name in self.defaults}
         self["hosts"] = []
         self["discover-exclude"] = ()

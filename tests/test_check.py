@@ -15,6 +15,7 @@ import pytest
 from support import ROOT, twistd
 
 from imml import __version__
+from imml.control import reparse
 from imml.summary import report
 from imml.tap import Options
 
@@ -153,6 +154,23 @@ def test_check_prints_the_report_and_exits_0(config, capsys):
         options("--config", str(config), "--check")
     assert e.value.code == 0
     assert rows(capsys.readouterr().out)["strategy"] == ("failover", f"file ({config}, line 2)")
+
+
+def test_a_command_line_value_equal_to_the_default_wins_over_the_file(tmp_path, capsys):
+    path = tmp_path / "imml.toml"
+    path.write_text("[balancer]\ndns-interval = 60\nagreement-wait = 20\n")
+    args = ("--config", str(path), "--backends", "nas", "--dns-interval", "30", "--agreement-wait", "10")
+    with pytest.raises(SystemExit) as e:
+        options(*args, "--check")
+    assert e.value.code == 0
+    settings = rows(capsys.readouterr().out)
+    assert settings["dns-interval"] == ("30", "command line")
+    assert settings["agreement-wait"] == ("10", "command line")
+    # and a reload, with the file changed, keeps them
+    parsed = options(*args)
+    path.write_text("[balancer]\ndns-interval = 90\nagreement-wait = 5\n")
+    again = reparse(parsed)
+    assert (again["dns-interval"], again["agreement-wait"]) == (30.0, 10.0)
 
 
 # The README documents the options.
