@@ -198,7 +198,20 @@ def parse_backends(text: str) -> list[Entry]:
     return addresses
 
 
-def parse_dns_server(text: str) -> tuple[str, int]:
+@frozen
+class DnsServer:
+    """
+    The DNS server that resolves the DNS pools' names (C{--dns-server}).
+    """
+
+    address: str
+    port: int = 53
+
+    def __str__(self) -> str:
+        return f"[{self.address}]:{self.port}" if ":" in self.address else f"{self.address}:{self.port}"
+
+
+def parse_dns_server(text: str) -> DnsServer:
     """
     A DNS server's address and port from C{ADDRESS[:PORT]} (C{[v6]:PORT}
     for IPv6), port 53 when omitted.
@@ -220,4 +233,4 @@ def parse_dns_server(text: str) -> tuple[str, int]:
         raise BackendListError(f"{text!r}: a DNS server is an IP address, with a port if not 53") from None
     if not port.isdigit() or not 1 <= int(port) <= 65535:
         raise BackendListError(f"{text!r}: port {port!r} is not between 1 and 65535")
-    return host, int(port)
+    return DnsServer(host, int(port))

@@ -37,7 +37,7 @@ from twisted.names import client, dns, error, hosts, resolve
 from twisted.names.common import ResolverBase
 from twisted.python.failure import Failure
 
-from .backends import BackendAddress, DnsName
+from .backends import BackendAddress, DnsName, DnsServer
 from .fleet import Fleet
 from .host import BackendSettings
 
@@ -68,19 +68,19 @@ class Answer:
 
 def system_resolver(
     reactor: Any,
-    server: Optional[tuple[str, int]] = None,
+    server: Optional[DnsServer] = None,
     hosts_file: bytes = b"/etc/hosts",
     resolv_conf: str = "/etc/resolv.conf",
 ) -> ResolverBase:
     """
-    The resolver of the DNS pools: the DNS server C{server} if given (as
-    from L{imml.backends.parse_dns_server}); else the machine's, C{/etc/hosts} then the name
+    The resolver of the DNS pools: the DNS server C{server} if given
+    (C{--dns-server}); else the machine's, C{/etc/hosts} then the name
     servers of C{/etc/resolv.conf} (read again when it changes: a call
     delayed on C{reactor} every minute, for as long as the resolver lives;
     see L{KeptCalls}).
     """
     if server is not None:
-        return client.Resolver(servers=[server], reactor=reactor)
+        return client.Resolver(servers=[(server.address, server.port)], reactor=reactor)
     return resolve.ResolverChain([hosts.Resolver(hosts_file), client.Resolver(resolv=resolv_conf, reactor=reactor)])
 
 

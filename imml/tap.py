@@ -67,14 +67,6 @@ def _number(name: str, default: Any, doc: str, **bounds: Any) -> list:
     return [name, None, default, doc, number(name, **bounds)]
 
 
-def _dns_server(text: str) -> str:
-    try:
-        parse_dns_server(text)
-    except BackendListError as e:
-        raise BadValue("dns-server", str(e)) from None
-    return text
-
-
 class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
@@ -105,7 +97,7 @@ class Options(usage.Options):
             None,
             "The DNS server that resolves dns+ entries: ADDRESS[:PORT], port 53 when omitted. "
             "Default: /etc/hosts, then the servers of /etc/resolv.conf.",
-            _dns_server,
+            reading("dns-server", parse_dns_server),
         ],
         ["strategy", "s", DEFAULT_STRATEGY, "How to choose a host: a strategy name or the dotted path of a class."],
         _number("health-interval", 5.0, "Seconds between health checks (GET /ping) of a host that is up."),
@@ -316,11 +308,10 @@ class Options(usage.Options):
         self["discover-exclude"] = ()
         if self["config"]:
             self._apply_file()
-        if isinstance(self["max-body"], str):
-            self["max-body"] = self._coerce("max-body", self["max-body"], self.origins["max-body"])
-        for name, parse in (("agreement", parse_switch), ("agreement-threshold", parse_thresholds)):
-            if isinstance(self[name], str):  # the default, as written
-                self[name] = parse(self[name])
+        for row in self.optParameters:
+            name = row[0]
+            if len(row) > 4 and isinstance(self[name], str):  # a default as written, read as the others
+                self[name] = self._coerce(name, self[name], self.origins[name])
         self._check_log_format()
         self._admin_guard()
         for name in (*_ENDPOINTS, "strategy"):

@@ -22,7 +22,7 @@ from twisted.logger import Logger
 
 from .admin import admin_site
 from .agreement import Agreement
-from .backends import parse_backend, parse_dns_server
+from .backends import parse_backend
 from .control import GracefulStop, OrderedStop, Reloader
 from .discovery import DISCOVERED, Discovered
 from .dispatch import Dispatcher
@@ -316,7 +316,7 @@ def build(options: Any, reactor: Any, signals: bool = True) -> Balancer:
         fleet,
         reactor,
         options["dns-interval"],
-        lambda kept: system_resolver(kept, parse_dns_server(options["dns-server"]) if options["dns-server"] else None),
+        lambda kept: system_resolver(kept, options["dns-server"]),
         extra=demo.addresses if demo is not None else list,
     )
     sources.set(options["hosts"])

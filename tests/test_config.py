@@ -1,7 +1,7 @@
 import pytest
 from twisted.python import usage
 
-from imml.backends import BackendAddress
+from imml.backends import BackendAddress, DnsServer
 from imml.config import ConfigError, load_config, parse_config
 from imml.fleet import BackendSettings
 from imml.tap import Options
@@ -245,3 +245,18 @@ def test_a_reference_host_and_the_agreement_options_in_the_file(tmp_path):
 def test_a_bad_agreement_option_is_a_usage_error(args, words):
     with pytest.raises(usage.UsageError, match=words):
         options("--backends", "a", *args)
+
+
+def test_the_dns_server_is_read_once_wherever_it_is_set(tmp_path):
+    assert options("--backends", "a")["dns-server"] is None
+    assert options("--backends", "a", "--dns-server", "10.0.0.53")["dns-server"] == DnsServer("10.0.0.53", 53)
+    with pytest.raises(usage.UsageError) as e:
+        options("--backends", "a", "--dns-server", "dns.example")
+    assert str(e.value) == "--dns-server 'dns.example': a DNS server is an IP address, with a port if not 53"
+    path = tmp_path / "imml.toml"
+    path.write_text('[balancer]\ndns-server = "[fd00::53]:5353"\n')
+    assert options("--config", str(path), "--backends", "a")["dns-server"] == DnsServer("fd00::53", 5353)
+    path.write_text('[balancer]\ndns-server = "dns.example"\n')
+    with pytest.raises(usage.UsageError) as e:
+        options("--config", str(path), "--backends", "a")
+    assert str(e.value).startswith(f"{path}, line 2: dns-server 'dns.example': a DNS server is an IP address")

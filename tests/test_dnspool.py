@@ -16,7 +16,15 @@ from twisted.logger import globalLogPublisher
 from twisted.names import dns, error, server
 from twisted.names.common import ResolverBase
 
-from imml.backends import BackendAddress, BackendListError, DnsName, parse_backends, parse_dns_server, parse_entry
+from imml.backends import (
+    BackendAddress,
+    BackendListError,
+    DnsName,
+    DnsServer,
+    parse_backends,
+    parse_dns_server,
+    parse_entry,
+)
 from imml.config import parse_config
 from imml.dnspool import MIN_INTERVAL, RETRY, DnsPool, system_resolver
 from imml.fleet import Fleet
@@ -95,8 +103,8 @@ def test_dns_entries_parse_and_a_plain_entry_stays_one_host():
         assert repr(bad) in str(raised.value)
     with pytest.raises(BackendListError, match="listed twice"):
         parse_backends("dns+ml,dns+ml:3003")
-    assert parse_dns_server("127.0.0.1:5353") == ("127.0.0.1", 5353)
-    assert parse_dns_server("[::1]") == ("::1", 53)
+    assert parse_dns_server("127.0.0.1:5353") == DnsServer("127.0.0.1", 5353)
+    assert parse_dns_server("[::1]") == DnsServer("::1", 53) and str(DnsServer("::1", 53)) == "[::1]:53"
     with pytest.raises(BackendListError, match="IP address"):
         parse_dns_server("dns.example")
 
@@ -311,7 +319,9 @@ async def test_stopping_cancels_the_question_under_way_and_its_timeouts():
     port = reactor.listenUDP(0, silent, interface="127.0.0.1")
     before, readers = set(reactor.getDelayedCalls()), set(reactor.getReaders())
     fleet = Fleet.from_addresses([], reactor)
-    sources = HostSources(fleet, reactor, 30.0, lambda r: system_resolver(r, ("127.0.0.1", port.getHost().port)))
+    sources = HostSources(
+        fleet, reactor, 30.0, lambda r: system_resolver(r, DnsServer("127.0.0.1", port.getHost().port))
+    )
     sources.set([(DnsName("ml.test", 3003), BackendSettings())])
     events: list = []
     unwatch = watch(events)
@@ -346,7 +356,7 @@ async def test_hosts_join_and_leave_as_a_real_dns_server_changes_its_records():
     zone.records["ml.test"] = [("10.0.0.1", 300)]
     port = await dns_server(zone)
     try:
-        resolver = system_resolver(reactor, ("127.0.0.1", port.getHost().port))
+        resolver = system_resolver(reactor, DnsServer("127.0.0.1", port.getHost().port))
         fleet, pool = pool_of(resolver, reactor)
         pool.start()
         await until(lambda: addresses(fleet) == ["10.0.0.1:3003"])
