@@ -254,22 +254,23 @@ class Reloader(service.Service):
         clock: Any,
         fleet: Any,
         appliers: dict[str, Callable[[Any], None]],
+        hosts: Callable[[Any], None],
         signals: bool = True,
-        hosts: Optional[Callable[[Any], None]] = None,
     ) -> None:
         """
-        @param fleet: whose hosts the options' hosts become.
+        @param fleet: whose hosts the reload says joined, left or stayed.
         @param appliers: for each option that can change at run time, what
             applies a new value (through the component that owns it); one
             that may fail returns a L{Deferred}, and on its failure the
             option keeps its old value.
-        @param hosts: makes the hosts of the options given (C{options["hosts"]},
-            and the hosts found that they do not pin or exclude) the
-            fleet's; by default, C{fleet.reconfigure} of C{options["hosts"]}.
+        @param hosts: makes the hosts of the options given the fleet's: the
+            configuration's (C{options["hosts"]}, through
+            L{imml.sources.HostSources.set}), and the hosts found that they do
+            not pin or exclude.
         """
         self.options, self.clock, self.fleet, self.signals = options, clock, fleet, signals
         self.appliers = appliers
-        self.set_hosts = hosts if hosts is not None else lambda options: fleet.reconfigure(options["hosts"])
+        self.set_hosts = hosts
         self._seen = options.get("config-digest")
         self._loop: Optional[LoopingCall] = None
         self._previous = None

@@ -214,8 +214,11 @@ class DnsPool:
 
     def set_settings(self, settings: BackendSettings) -> None:
         """
-        The entry's settings changed (a reload): its hosts take them now.
+        The entry's settings (a reload): if they changed, its hosts take
+        them now.
         """
+        if settings == self.settings:
+            return
         self.settings = settings
         if self._last is not None:
             self._offer(self._last)

@@ -94,11 +94,12 @@ class Balancer:
 class _DemoHosts(service.Service):
     """
     Local stand-in ML hosts for --demo, started before the balancer's
-    fleet is checked.
+    fleet is checked; once they listen they join the fleet (and, as any
+    host that joins, are checked at once).
     """
 
-    def __init__(self, reactor: Any, fleet: Fleet, checker: HealthChecker, count: int) -> None:
-        self.reactor, self.fleet, self.checker, self.count = reactor, fleet, checker, count
+    def __init__(self, reactor: Any, fleet: Fleet, count: int) -> None:
+        self.reactor, self.fleet, self.count = reactor, fleet, count
         self.hosts: list = []
         self._started: Deferred[None] = Deferred()
 
@@ -114,7 +115,6 @@ class _DemoHosts(service.Service):
                 log.info("demo ML host {name} listens on {address}", name=host.name, address=host.address)
             for address, settings in self.addresses():
                 self.fleet.add(address, settings)
-            self.checker.check_all()
 
         d.addCallback(started).chainDeferred(self._started)
 
@@ -311,7 +311,7 @@ def build(options: Any, reactor: Any, signals: bool = True) -> Balancer:
     )
     guard = AdminGuard(own_names(socket.gethostname()), options["admin-hosts"], options["admin-token"])
     stopper = GracefulStop(listener, front, fleet, dispatcher, reactor, options["drain-timeout"])
-    demo = _DemoHosts(reactor, fleet, checker, options["demo"]) if options["demo"] else None
+    demo = _DemoHosts(reactor, fleet, options["demo"]) if options["demo"] else None
     sources = HostSources(
         fleet,
         reactor,
@@ -344,8 +344,8 @@ def build(options: Any, reactor: Any, signals: bool = True) -> Balancer:
         reactor,
         fleet,
         appliers(agreement, dispatcher, forwarder, site, fleet, checker, stopper, status, guard, sources, movers),
+        set_hosts,
         signals,
-        hosts=set_hosts,
     )
 
     top = BalancerService(reactor, stopper.hurry if signals else None)
