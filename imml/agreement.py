@@ -108,13 +108,19 @@ class HostCheck:
 
     @ivar since: when it got its verdict.
     @ivar reading: its last answer to the canary, read.
+    @ivar similarity: the cosine similarity of its vectors to those of the
+        host it was compared with (None: no vectors to compare).
     @ivar compared_with: the host its answer was compared with.
+    @ivar reason: why it has its verdict, in words.
     @ivar checked: when its last canary answer came.
     @ivar serving_since: when it last began to agree (the host that served
         a task first keeps it when two disagree).
     @ivar stale: it was down since its verdict: checked again before it
         serves.
-    @ivar asking: a canary is on its way to it.
+    @ivar asking: a canary is on its way to it (or about to be sent).
+    @ivar sending: what its canary requests under way fire with (cancelled
+        when it is forgotten).
+    @ivar timer: when it is checked next.
     """
 
     since: float

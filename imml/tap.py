@@ -71,10 +71,11 @@ class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
         "A reverse proxy for Immich's machine-learning service: point Immich's "
-        "ML URL at it, and it spreads the requests over every ML host in "
-        "--backends, checks their health, and retries failed requests on "
-        "another host.  --check reads the options and the --config file, "
-        "prints the settings in force, and exits."
+        "ML URL at it, and it spreads the requests over its ML hosts (--backends "
+        "or $IMML_BACKENDS, the --config file's [[hosts]], each address of a dns+ "
+        "name, those --discover finds), checks their health, and retries failed "
+        "requests on another host.  --check reads the options and the --config "
+        "file, prints the settings in force, and exits."
     )
     optParameters = [
         ["listen", "l", "tcp:3003", f"Where to listen: {FORMS}."],

@@ -38,15 +38,27 @@ from twisted.web.client import (
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IAgentEndpointFactory, IPolicyForHTTPS, IResponse
+from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
-from .body import RequestBody
 from .health import BadAnswer
 from .tls import HostsPolicy
 
 #: Methods whose requests carry no body unless the client sent one.
 _BODILESS = (b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"TRACE")
+
+
+class Outgoing(TypingProtocol):
+    """
+    A request's body as L{Upstream.exchange} sends it: a client's
+    (L{imml.body.RequestBody}) or a canary's; its length, and a producer
+    per try that reads it from its first byte.
+    """
+
+    @property
+    def length(self) -> int: ...
+
+    def producer(self) -> IBodyProducer: ...
 
 
 class Sink(TypingProtocol):
@@ -168,7 +180,7 @@ class Upstream:
         method: bytes,
         url: bytes,
         headers: Headers,
-        body: RequestBody,
+        body: Outgoing,
         commit: Callable[[Answer], Sink],
         hold: bool = True,
     ) -> Deferred[Answer]:
@@ -194,7 +206,7 @@ class Upstream:
         return d
 
     @staticmethod
-    def _send(agent: IAgent, method: bytes, url: bytes, headers: Headers, body: RequestBody) -> Deferred[IResponse]:
+    def _send(agent: IAgent, method: bytes, url: bytes, headers: Headers, body: Outgoing) -> Deferred[IResponse]:
         # Each try reads the body from its first byte, through a producer
         # of its own.
         producer = body.producer() if body.length or method not in _BODILESS else None
@@ -206,7 +218,7 @@ class Upstream:
         method: bytes,
         url: bytes,
         headers: Headers,
-        body: RequestBody,
+        body: Outgoing,
         commit: Callable[[Answer], Sink],
         hold: bool,
     ) -> Any:
@@ -373,6 +385,7 @@ __all__ = [
     "Answer",
     "Committed",
     "Discard",
+    "Outgoing",
     "Sink",
     "Upstream",
     "make_agent",

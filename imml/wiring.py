@@ -6,8 +6,9 @@ Each component owns its state and its settings; a reload changes a setting
 through the component that owns it (L{appliers}).  The tree's children stop
 one after another, last started first: the graceful stop (the listener
 closes, requests drain), the reloader, the start-up line, the admin
-listener, the mDNS browser (C{--discover mdns}), the health checker, the
-demo hosts, the waker, the agreement check and the connection pool.
+listener, the mDNS browser (C{--discover mdns}), the host sources (the DNS
+pools), the health checker, the demo hosts, the waker, the agreement check
+and the connection pool.
 """
 
 from __future__ import annotations
