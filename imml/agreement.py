@@ -633,9 +633,10 @@ class Agreement:
     def scan(self) -> None:
         """
         The fleet changed: check hosts that joined or came back up, forget
-        those that left (and their canaries' count), mark those that went down for a new check, and judge
-        again when hosts left or the reference hosts changed (a first round
-        that waited only for hosts that left is over).
+        those that left (and their canaries' count), mark those that went
+        down for a new check, and judge again when hosts left or the
+        reference hosts changed (a first round that waited only for hosts
+        that left is over).
         """
         # The canaries of hosts that left are no longer counted (a DNS
         # pool's addresses come and go).
