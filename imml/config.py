@@ -30,7 +30,8 @@ adds per-host settings and the balancer's own.  Example::
     key = "client.key"              # ... and its key, when not in cert
     headers = { X-Token = "..." }   # sent with every request; never shown
 
-Relative paths are read from the file's own directory.
+Relative paths are read from the file's own directory: those of the hosts
+and those of C{[balancer]}'s C{ca-file} and C{admin-token-file}.
 
     [discover]              # hosts found by --discover (discover = ["mdns"])
     exclude = ["Office iMac", "laptop.local"]   # never use these
@@ -63,6 +64,8 @@ _HOST_KEYS = {"address", "name", "slots", "weight", "tier", "tasks", "mac", "ca"
 #: The longest host name.
 _NAME_LENGTH = 64
 _TLS_KEYS = ("ca", "cert", "key")
+#: The C{[balancer]} settings that name files.
+_PATH_SETTINGS = ("ca-file", "admin-token-file")
 #: A header name: an HTTP token.
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 #: Headers that frame the request: the balancer's to set, not the file's.
@@ -294,6 +297,9 @@ def parse_config(
             raise ConfigError(f"{_where(path, lines[key])}: {key} cannot be set in [balancer]: {elsewhere[key]}")
         if known_options is not None and key not in known_options:
             raise ConfigError(f"{_where(path, lines[key])}: unknown balancer setting {key!r}")
+        value = balancer[key]
+        if key in _PATH_SETTINGS and isinstance(value, str) and value and path != "<config>":
+            balancer[key] = os.path.join(os.path.dirname(path), value)
     return Config(hosts, balancer, path, lines, _exclude(data.get("discover", {}), text, path))
 
 

@@ -94,6 +94,23 @@ def test_the_files_hosts_replace_backends_and_its_options_fill_defaults(tmp_path
     assert o["strategy"] == "round-robin"
 
 
+def test_the_files_in_balancer_are_read_from_the_files_own_directory(tmp_path, monkeypatch):
+    """
+    As the hosts' C{ca}, C{[balancer]}'s C{admin-token-file} names a file
+    beside the configuration, wherever the balancer is started from.
+    """
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "admin-token").write_text("s3cret\n")
+    path = etc / "imml.toml"
+    path.write_text('[balancer]\nadmin-token-file = "admin-token"\n')
+    monkeypatch.chdir(tmp_path)
+    o = options("--config", str(path), "--backends", "a")
+    assert o["admin-token"] == "s3cret"
+    (tmp_path / "elsewhere.toml").write_text(f'[balancer]\nadmin-token-file = "{etc / "admin-token"}"\n')
+    assert options("--config", "elsewhere.toml", "--backends", "a")["admin-token"] == "s3cret"
+
+
 def test_a_file_without_hosts_keeps_backends(tmp_path):
     path = tmp_path / "imml.toml"
     path.write_text("[balancer]\nmax-tries = 5\n")
