@@ -41,7 +41,7 @@ bench/realhost.py's light or heavy models, warm before the clients start,
 and the image requests carry a small JPEG:
 
     .venv/bin/python bench/fleet.py --scenarios real --immich /path/to/immich/machine-learning \\
-        --immich-python /path/to/immich-venv/bin/python          # about 15 minutes
+        --immich-python /path/to/immich-venv/bin/python          # about 14 minutes
 
 See bench/README.md, "Fleet benchmarks".  Every process the script starts
 runs in its own process group; all are resumed (SIGCONT) and killed when the
