@@ -32,6 +32,17 @@ image model (about 14 ms per image alone) or a heavy one (about 150 ms):
 - real-light-search, real-heavy-search: 4 clients plus one CLIP text search
   every 250 ms.
 
+With --immich (an Immich checkout's machine-learning/ folder) and
+--immich-python (a venv's interpreter with its CPU extra and onnx), the
+real-like scenarios run over the real Immich ML service instead
+(bench/realservice.py, as bench/realhost.py runs it): the fast host
+unrestricted, the slow one held to 0.4 cores by a cgroup (root), each with
+bench/realhost.py's light or heavy models, warm before the clients start,
+and the image requests carry a small JPEG:
+
+    .venv/bin/python bench/fleet.py --scenarios real --immich /path/to/immich/machine-learning \\
+        --immich-python /path/to/immich-venv/bin/python          # about 14 minutes
+
 See bench/README.md, "Fleet benchmarks".  Every process the script starts
 runs in its own process group; all are resumed (SIGCONT) and killed when the
 script ends, also on Ctrl-C or SIGTERM.
@@ -73,6 +84,7 @@ from balancer import (  # noqa: E402
     versions,
     wait_http,
 )
+from realservice import CPUQuota, Real, clip_requests, immich_problem, immich_version, prepare_models, warm_up  # noqa: E402
 
 from imml.testing import ENTRIES, predict_body  # noqa: E402
 
@@ -97,11 +109,13 @@ HARD_DEADLINE_S = 1500  # the run stops past this, whatever the options
 # name, slots, ms per image request, ms per text search
 HETEROGENEOUS = [("fast", 2, 40.0, 10.0), ("medium", 1, 150.0, 37.5), ("slow", 1, 600.0, 150.0)]
 PAIR = [("a", 2, 100.0, 25.0), ("b", 2, 100.0, 25.0)]
+#: The real-like fleets' slow host: its share of the CPU, in cores.
+SLOW_CORES = 0.4
 # real-like hosts: name, then the fake host's processor options
 REAL_FLEETS = {
     model: [
         ("fast", None, None, None, ["--cpu", model]),
-        ("slow", None, None, None, ["--cpu", model, "--cores", "0.4"]),
+        ("slow", None, None, None, ["--cpu", model, "--cores", f"{SLOW_CORES:g}"]),
     ]
     for model in ("light", "heavy")
 }
@@ -114,6 +128,10 @@ REAL = {
     "real-heavy-8": ("heavy", 8, False),
     "real-heavy-search": ("heavy", 4, True),
 }
+
+#: The picture of the readiness check's image request to fake hosts (they do
+#: not decode it; the real service is sent its JPEG).
+FAKE_PICTURE = bytes(range(256)) * 16
 
 SCENARIOS = ("heterogeneous", "mixed", "sporadic", "all-down")
 ALL_SCENARIOS = SCENARIOS + tuple(REAL)
@@ -329,7 +347,14 @@ PROBES = {
 
 
 def start_proxy(
-    procs: Processes, target: str, fakes: list, tools, imml_extra: list[str], probe: bool = False, profile: bool = False
+    procs: Processes,
+    target: str,
+    fakes: list,
+    tools,
+    imml_extra: list[str],
+    probe: bool = False,
+    profile: bool = False,
+    picture: bytes = FAKE_PICTURE,
 ) -> subprocess.Popen:
     workdir = procs.workdir
     backends = [f.port for f in fakes]
@@ -373,7 +398,7 @@ def start_proxy(
         raise ValueError(target)
     try:
         wait_http(port, "/ping", b"pong", proc)
-        ready(port)
+        ready(port, picture)
     except RuntimeError as e:
         raise RuntimeError(f"{target} did not start: {e}\n{procs.log_of(target.split(':')[0])}") from None
     proc.port = port
@@ -414,12 +439,13 @@ def profile_summary(stats_file: Path, top: int = 25) -> list[str]:
     return out.getvalue().splitlines()
 
 
-def ready(port: int, timeout: float = 15.0) -> None:
+def ready(port: int, picture: bytes = FAKE_PICTURE, timeout: float = 15.0) -> None:
     """
-    Wait until a /predict through the proxy is answered 200: an image, as
-    the batch sends (a search would tell imml that someone searches).
+    Wait until a /predict through the proxy is answered 200: an image
+    (C{picture}), as the batch sends (a search would tell imml that someone
+    searches).
     """
-    content_type, body = predict_body(ENTRIES["clip-visual"], image=bytes(range(256)) * 16)
+    content_type, body = predict_body(ENTRIES["clip-visual"], image=picture)
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
@@ -469,22 +495,59 @@ def client_command(port: int, start_at: float, seconds: float, clients: int, tim
 # --------------------------------------------------------------------------
 
 
+def real_hosts(procs: Processes, args, model: str, quota: CPUQuota) -> tuple[list[Real], dict]:
+    """
+    The real-like fleet of C{model} as the real Immich ML service: fast
+    (unrestricted) and slow (held by C{quota}), started together, then each
+    warmed with a few requests of each kind sent to it directly.  The hosts,
+    and per host the median seconds of an image and of a search alone.
+    """
+    cache, _ = args.real_models[model]
+    slow = Real(procs, args.immich, args.immich_python, cache, "slow", quota)
+    fast = Real(procs, args.immich, args.immich_python, cache, "fast", None)
+    hosts = [fast, slow]
+    for host in hosts:
+        host.ready()
+    picture = (cache / "image.jpg").read_bytes()
+    alone = {host.name: warm_up(host, *clip_requests(host.port, picture), args.request_timeout) for host in hosts}
+    return hosts, alone
+
+
 def run_case(scenario: str, target: str, tools, args, root: Path, live: list) -> dict:
     t = args.timings[scenario]
     casedir = root / f"{scenario}-{target.replace(':', '-')}"
     casedir.mkdir()
     procs = Processes(casedir, None)
     live.append(procs)
+    profile = args.profile and target.startswith("imml:")
+    real = scenario in REAL and args.immich is not None
+    quota = None
     try:
-        if scenario in REAL:
-            specs = REAL_FLEETS[REAL[scenario][0]]
+        picture, client_extra = FAKE_PICTURE, []
+        if real:
+            made = CPUQuota.make(f"imml-fleet-{os.getpid()}", SLOW_CORES)
+            if isinstance(made, str):
+                raise RuntimeError(f"no slow host: {made}")
+            quota = made
+            hosts, alone = real_hosts(procs, args, REAL[scenario][0], quota)
+            say(
+                "    Immich ML warm; alone: "
+                + ", ".join(
+                    f"{name} an image {1000 * x['image']:.0f} ms, a search {1000 * x['text']:.0f} ms"
+                    for name, x in alone.items()
+                )
+            )
+            picture_file = args.real_models[REAL[scenario][0]][0] / "image.jpg"
+            picture, client_extra = picture_file.read_bytes(), ["--image", str(picture_file)]
         else:
-            specs = HETEROGENEOUS if scenario in ("heterogeneous", "mixed") else PAIR
-        fakes = [Fake(procs, spec) for spec in specs]
-        for fake in fakes:
-            fake.start()
-        profile = args.profile and target.startswith("imml:")
-        proxy = start_proxy(procs, target, fakes, tools, args.imml_extra, args.probe, profile)
+            if scenario in REAL:
+                specs = REAL_FLEETS[REAL[scenario][0]]
+            else:
+                specs = HETEROGENEOUS if scenario in ("heterogeneous", "mixed") else PAIR
+            hosts = [Fake(procs, spec) for spec in specs]
+            for fake in hosts:
+                fake.start()
+        proxy = start_proxy(procs, target, hosts, tools, args.imml_extra, args.probe, profile, picture)
         port = proxy.port
         if scenario in REAL:
             clients = REAL[scenario][1]
@@ -492,7 +555,7 @@ def run_case(scenario: str, target: str, tools, args, root: Path, live: list) ->
             clients = 8 if scenario in ("heterogeneous", "mixed") else 4
         out = casedir / "requests.json"
         start_at = time.monotonic() + 0.3
-        cmd = client_command(port, start_at, t["end"], clients, args.request_timeout, out)
+        cmd = client_command(port, start_at, t["end"], clients, args.request_timeout, out) + client_extra
         if searching(scenario):
             cmd += ["--text-interval", "0.25"]
         client = procs.start("client", cmd)
@@ -506,15 +569,19 @@ def run_case(scenario: str, target: str, tools, args, root: Path, live: list) ->
             action()
             events.append((round(time.monotonic() - start_at, 2), what))
 
-        victim = fakes[0]
-        if scenario == "sporadic":
+        victim = hosts[0]
+        host_cpu: list[list[float]] = []
+        if real:
+            for offset in (t["warm"], t["end"]):
+                at(offset, "the hosts' CPU time", lambda: host_cpu.append([h.cpu_seconds() for h in hosts]))
+        elif scenario == "sporadic":
             at(t["pause"], f"SIGSTOP {victim.name}", victim.pause)
             at(t["resume"], f"SIGCONT {victim.name}", victim.resume)
             at(t["kill"], f"SIGKILL {victim.name}", victim.kill)
             at(t["restart"], f"restart {victim.name} on port {victim.port}", victim.start)
         elif scenario == "all-down":
-            at(t["kill"], "SIGKILL every host", lambda: [f.kill() for f in fakes])
-            at(t["restart"], "restart every host on its port", lambda: [f.start() for f in fakes])
+            at(t["kill"], "SIGKILL every host", lambda: [f.kill() for f in hosts])
+            at(t["restart"], "restart every host on its port", lambda: [f.start() for f in hosts])
         try:
             client.wait(start_at + t["end"] - time.monotonic() + args.request_timeout + 15)
         except subprocess.TimeoutExpired:
@@ -523,10 +590,18 @@ def run_case(scenario: str, target: str, tools, args, root: Path, live: list) ->
             raise RuntimeError(f"the load client failed ({client.returncode}): {procs.log_of('client')}")
         cpu = cpu_seconds(proxy.pid) - cpu_at_start
         log = json.loads(out.read_text())
+        # A real host does not name itself (a fake does, in X-Fake-Host):
+        # imml names it in X-Imml-Backend, nginx and HAProxy do not.
+        names = {f"127.0.0.1:{h.port}": h.name for h in hosts}
         for r in log:
             r["start"] -= start_at
             r["end"] -= start_at
+            r["host"] = r.get("host") or names.get(r.get("backend"))
         result = analyse(scenario, log, t)
+        if host_cpu:
+            window = t["end"] - t["warm"]
+            result["host_cores"] = {h.name: (b - a) / window for h, a, b in zip(hosts, *host_cpu)}
+            result["hosts_alone_ms"] = {name: {k: 1000 * v for k, v in x.items()} for name, x in alone.items()}
         # Every request of the run (warm-up too) against the proxy's CPU
         # time over the run: what it costs a NAS that shares its processor.
         result["cpu_us_per_request"] = cpu / max(1, len(log)) * 1e6
@@ -534,12 +609,14 @@ def run_case(scenario: str, target: str, tools, args, root: Path, live: list) ->
         if target.startswith("imml:"):
             result["imml_log"] = imml_log_summary(casedir / "imml.log")
             if args.probe and (casedir / "probe.json").exists():
-                result["probe"] = probe_summary(json.loads((casedir / "probe.json").read_text()), fakes)
+                result["probe"] = probe_summary(json.loads((casedir / "probe.json").read_text()), hosts)
         return result
     finally:
         resume_all(procs)
         procs.stop_all()
         live.remove(procs)
+        if quota is not None:
+            quota.remove()
         if profile and (casedir / PROFILE_STATS).exists():
             # twistd writes the statistics as it stops.
             say("\n".join([f"# cProfile of {target} in {scenario}:", *profile_summary(casedir / PROFILE_STATS)]))
@@ -710,6 +787,14 @@ ROWS = {
 }
 
 
+#: Per host, after each table: its share of the answers (%), the CPU it used (cores).
+HOST_ROWS = [
+    ("image hosts", "image_hosts", 100, ".0f"),
+    ("text hosts", "text_hosts", 100, ".0f"),
+    ("host cores", "host_cores", 1, ".2f"),
+]
+
+
 def verdicts(results: dict, targets: list[str]) -> dict:
     """Per imml strategy and scenario: (figure text, PASS/MISS)."""
     out: dict = {}
@@ -792,6 +877,13 @@ def report(data: dict) -> None:
         f"imml: {' '.join(IMML_HEALTH + data['settings']['imml_extra'])} (otherwise defaults, plain --backends); "
         f"durations: {'quick' if data['settings']['quick'] else 'full'} {json.dumps(data['settings']['timings'])}"
     )
+    immich = data["settings"]["immich"]
+    if immich:
+        say(
+            f"Real-like scenarios over Immich ML {immich['version']} ({immich['folder']}): fast host unrestricted, "
+            f"slow held to {immich['slow_cores']:g} cores by a cgroup; models: "
+            + "; ".join(f"{m} visual {f['visual_ms']} ms, text {f['text_ms']} ms" for m, f in immich["models"].items())
+        )
     width = max(11, *(len(label(t)) for t in targets))
     for scenario in data["scenarios"]:
         say("")
@@ -805,13 +897,12 @@ def report(data: dict) -> None:
                 r = per.get(t)
                 cells.append(fmt(r.get(key) if r else None, spec) if r is not None else "(failed)")
             say(f"{name:16}" + "".join(f"{c:>{width + 1}}" for c in cells))
-        for kind in ("image", "text"):
-            key = f"{kind}_hosts"
+        for name, key, scale, spec in HOST_ROWS:
             if any(key in (per.get(t) or {}) for t in targets):
                 say(
-                    f"{kind + ' hosts':16}"
+                    f"{name:16}"
                     + "".join(
-                        f"{' '.join(f'{h[:1]}{100 * s:.0f}' for h, s in (per.get(t) or {}).get(key, {}).items()):>{width + 1}}"
+                        f"{' '.join(f'{h[:1]}{scale * s:{spec}}' for h, s in (per.get(t) or {}).get(key, {}).items()):>{width + 1}}"
                         for t in targets
                     )
                 )
@@ -850,6 +941,11 @@ def report(data: dict) -> None:
                 say(f"FAILED {label(t)}: {why.splitlines()[0] if why else ''}")
     say("")
     say("hosts: share of 2xx answers per fake host (f fast, m medium, s slow; a, b), %")
+    if immich:
+        say(
+            "real hosts: named only by imml (X-Imml-Backend), nginx's and HAProxy's are unknown (?); "
+            "host cores: the CPU each real host used in the window, in cores"
+        )
     if any(t.endswith("+slots") for t in targets):
         say(
             "+slots: diagnostic, imml told each host's true slots in a --config file (no learned limit); "
@@ -871,6 +967,49 @@ def report(data: dict) -> None:
 # --------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------
+
+
+def immich_models(parser: argparse.ArgumentParser, args, scenarios: list[str]) -> list[str]:
+    """
+    Check --immich and --immich-python (a usage error otherwise): the
+    models the real-like scenarios among C{scenarios} need, or none
+    without --immich.
+    """
+    if args.immich is None:
+        if args.immich_python is not None:
+            parser.error("--immich-python goes with --immich")
+        return []
+    if args.immich_python is None:
+        parser.error("--immich needs --immich-python (the interpreter of a venv with Immich ML's CPU extra)")
+    models = sorted({REAL[s][0] for s in scenarios if s in REAL})
+    if not models:
+        parser.error("--immich runs the real-like scenarios: add some to --scenarios (e.g. --scenarios real)")
+    problem = immich_problem(args.immich, args.immich_python)
+    if problem:
+        parser.error(problem)
+    return models
+
+
+def prepare_real(args, models: list[str], root: Path) -> str | None:
+    """
+    Before any case: check that the slow host's cgroup can be made, and
+    write the C{models} (bench/realhost.py's) under C{root} into
+    C{args.real_models}; why the real hosts cannot run, or None.
+    """
+    args.real_models = {}
+    if not models:
+        return None
+    made = CPUQuota.make(f"imml-fleet-{os.getpid()}", SLOW_CORES)
+    if isinstance(made, str):
+        return f"the slow host needs a cgroup: {made}"
+    made.remove()
+    for model in models:
+        try:
+            args.real_models[model] = prepare_models(args.immich_python, root, model)
+        except (RuntimeError, subprocess.TimeoutExpired, ValueError, IndexError) as e:
+            return str(e)
+        say(f"# {model} models: {args.real_models[model][1]}")
+    return None
 
 
 def main(argv=None) -> int:
@@ -921,6 +1060,17 @@ def main(argv=None) -> int:
         action="store_true",
         help="run imml under cProfile (slower) and print where its CPU time goes, per case",
     )
+    parser.add_argument(
+        "--immich",
+        metavar="PATH",
+        help="run the real-like scenarios over the real Immich ML service: its checkout's machine-learning/ "
+        "folder (needs --immich-python, and root for the slow host's cgroup)",
+    )
+    parser.add_argument(
+        "--immich-python",
+        metavar="PY",
+        help="with --immich: the interpreter of a virtual environment with Immich ML's CPU extra and onnx",
+    )
     parser.add_argument("--quick", action="store_true", help="shorter runs (about 4 minutes instead of 10)")
     parser.add_argument("--no-install", action="store_true", help="never apt-get; nginx/haproxy skipped if missing")
     parser.add_argument("--json", metavar="FILE", help="write every figure to FILE")
@@ -937,6 +1087,7 @@ def main(argv=None) -> int:
         parser.error("targets are nginx, haproxy, imml, minimal")
     if not 1 <= args.request_timeout <= 300:
         parser.error("--request-timeout 1-300")
+    needed_models = immich_models(parser, args, scenarios)
 
     def interrupted(signum, frame):
         raise KeyboardInterrupt
@@ -965,6 +1116,10 @@ def main(argv=None) -> int:
     failures: dict = {}
     say(f"# {len(scenarios)} scenarios x {len(targets)} targets ({', '.join(map(label, targets))}); temp dir {root}")
     try:
+        why_not = prepare_real(args, needed_models, root)
+        if why_not:
+            say(f"# the real-like scenarios cannot run over Immich ML: {why_not}")
+            return 1
         for i, scenario in enumerate(scenarios):
             # Interleave: each scenario starts one target later.
             order = targets[i % len(targets) :] + targets[: i % len(targets)]
@@ -1017,6 +1172,13 @@ def main(argv=None) -> int:
                 "heterogeneous": HETEROGENEOUS,
                 "pair": PAIR,
                 **{f"real-{m}": f for m, f in REAL_FLEETS.items()},
+            },
+            "immich": args.immich
+            and {
+                "folder": args.immich,
+                "version": immich_version(args.immich),
+                "slow_cores": SLOW_CORES,
+                "models": {m: facts for m, (_, facts) in args.real_models.items()},
             },
         },
         "scenarios": scenarios,

@@ -5,7 +5,8 @@ and, optionally, an open-loop stream of text searches, in one asyncio
 process.  Every request and its outcome is written to a JSON file.
 
 - ``--clients N`` closed-loop clients each POST a CLIP visual request (a small
-  picture) and send the next one when the answer arrives; after an error
+  picture: ``--image-kb`` of pseudo-random bytes, or the file ``--image``, a
+  picture the real Immich ML service can decode) and send the next one when the answer arrives; after an error
   (non-2xx, connection error, timeout) a client pauses ``--error-pause``
   seconds, so a proxy that fails at once is not hammered thousands of times a
   second.
@@ -53,8 +54,12 @@ SLOW_PAUSE = 0.05
 SLOW_READ_LIMIT = 1024
 
 
-def bodies(image_kb: int) -> dict[str, tuple[bytes, bytes]]:
-    image = bytes((i * 131 + 7) % 256 for i in range(image_kb * 1024))
+def bodies(image_kb: int, picture: bytes | None = None) -> dict[str, tuple[bytes, bytes]]:
+    """
+    The image request (with C{picture}, or C{image_kb} KiB of bytes no
+    real service could decode) and the search request.
+    """
+    image = picture if picture is not None else bytes((i * 131 + 7) % 256 for i in range(image_kb * 1024))
     return {
         "image": predict_body(ENTRIES["clip-visual"], image=image),
         "text": predict_body(ENTRIES["clip-textual"], text="a photo of a dog on the beach"),
@@ -197,7 +202,7 @@ async def text_stream(args, request: bytes, log: list) -> None:
 
 
 async def run(args) -> list:
-    made = bodies(args.image_kb)
+    made = bodies(args.image_kb, Path(args.image).read_bytes() if args.image else None)
     log: list = []
     delay = args.start_at - time.monotonic()
     if delay > 0:
@@ -222,7 +227,10 @@ def main(argv=None) -> int:
     p.add_argument("--slow-clients", type=int, default=0, help="closed-loop clients that send or read slowly")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds one request may take")
     p.add_argument("--error-pause", type=float, default=0.1, help="a client's pause after an error")
-    p.add_argument("--image-kb", type=int, default=4)
+    p.add_argument("--image-kb", type=int, default=4, help="KiB of the image requests' picture (pseudo-random bytes)")
+    p.add_argument(
+        "--image", metavar="FILE", help="send this picture in the image requests instead (a real host decodes it)"
+    )
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     if not (0 < args.seconds <= 3600 and 0 <= args.clients <= 64 and 0 <= args.slow_clients <= 16):

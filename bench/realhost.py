@@ -32,12 +32,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,26 +46,23 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 import balancer  # noqa: E402
-from balancer import Processes, free_port, group_cpu_seconds, wait_http  # noqa: E402
+from balancer import Processes, group_cpu_seconds  # noqa: E402
 from fleet import Fake, pct  # noqa: E402
+from realservice import (  # noqa: E402
+    MODELS,
+    Connection,
+    CPUQuota,
+    Real,
+    clip_requests,
+    immich_problem,
+    prepare_models,
+    timed_request,
+    warm_up,
+)
 
-from imml.testing import ENTRIES, predict_body  # noqa: E402
 from imml.testing.cpu import PROFILES  # noqa: E402
 
 HARD_DEADLINE_S = 2700  # the run stops past this, whatever the options
-MODEL = "ViT-B-32__openai"
-#: Per model: the depths of its visual and text stacks, the patch size and the
-#: visual stack's width.  On the 2-core machine of bench/README.md the light
-#: one's inference takes about 8.5 ms on one thread (ONNX Runtime does not
-#: split products this small; a request alone takes 13-14 ms, as in issue
-#: 12's measurement), the heavy one's 130-145 ms split over both threads; a
-#: text search a fifth of an image.  --light-ms / --heavy-ms calibrate the
-#: depths on the machine instead.
-MODELS = {
-    "light": {"depth": 700, "text_depth": 10, "patch": 32, "width": 128},
-    "heavy": {"depth": 180, "text_depth": 195, "patch": 16, "width": 768},
-}
-SEARCH_TEXT = "a photo of a dog on the beach"
 
 
 def say(*args) -> None:
@@ -75,97 +70,8 @@ def say(*args) -> None:
 
 
 # --------------------------------------------------------------------------
-# A share of the CPU: a cgroup
-# --------------------------------------------------------------------------
-
-
-class CPUQuota:
-    """
-    A cgroup that holds the processes started in it to C{cores} of CPU:
-    cgroup v2's C{cpu.max}, or the v1 cpu controller's CFS quota.
-    """
-
-    PERIOD_US = 100_000
-
-    def __init__(self, path: Path, procs: Path) -> None:
-        self.path, self.procs = path, procs
-
-    @classmethod
-    def make(cls, name: str, cores: float) -> CPUQuota | str:
-        """The cgroup, or why there is none."""
-        quota = int(cores * cls.PERIOD_US)
-        v2 = Path("/sys/fs/cgroup")
-        controllers = v2 / "cgroup.controllers"
-        v1 = v2 / "cpu"
-        try:
-            if controllers.exists() and "cpu" in controllers.read_text().split():
-                (v2 / "cgroup.subtree_control").write_text("+cpu")
-                path = v2 / name
-                path.mkdir(exist_ok=True)
-                (path / "cpu.max").write_text(f"{quota} {cls.PERIOD_US}")
-            elif (v1 / "cpu.cfs_quota_us").exists():
-                path = v1 / name
-                path.mkdir(exist_ok=True)
-                (path / "cpu.cfs_period_us").write_text(str(cls.PERIOD_US))
-                (path / "cpu.cfs_quota_us").write_text(str(quota))
-            else:
-                return "no cgroup v2 cpu controller and no v1 cpu hierarchy under /sys/fs/cgroup"
-        except OSError as e:
-            return f"cannot make a cgroup under /sys/fs/cgroup ({e.strerror}; run as root)"
-        return cls(path, path / "cgroup.procs")
-
-    def join(self) -> None:
-        """Put the calling process in the cgroup (a child's preexec_fn: its children follow)."""
-        self.procs.write_text(str(os.getpid()))
-
-    def remove(self) -> None:
-        for _ in range(50):
-            try:
-                self.path.rmdir()
-                return
-            except FileNotFoundError:
-                return
-            except OSError:
-                time.sleep(0.1)  # its last processes are still exiting
-
-
-# --------------------------------------------------------------------------
 # The hosts
 # --------------------------------------------------------------------------
-
-
-class Real:
-    """The real Immich ML service, python -m immich_ml, on a loopback port."""
-
-    def __init__(self, procs: Processes, args, cache: Path, name: str, quota: CPUQuota | None) -> None:
-        self.procs, self.name, self.port = procs, name, free_port()
-        python = Path(args.python)
-        env = dict(os.environ)
-        env.update(
-            # Immich's launcher runs "python -m gunicorn": its interpreter must come first.
-            PATH=f"{python.parent}{os.pathsep}{env.get('PATH', '')}",
-            PYTHONPATH=str(Path(args.immich).resolve()),
-            IMMICH_HOST="127.0.0.1",
-            IMMICH_PORT=str(self.port),
-            MACHINE_LEARNING_CACHE_FOLDER=str(cache),
-            MACHINE_LEARNING_MODEL_TTL="0",
-            MACHINE_LEARNING_PRELOAD__CLIP__VISUAL=MODEL,
-            MACHINE_LEARNING_PRELOAD__CLIP__TEXTUAL=MODEL,
-            HF_HUB_OFFLINE="1",
-            NO_COLOR="1",
-        )
-        if args.request_threads:
-            env["MACHINE_LEARNING_REQUEST_THREADS"] = str(args.request_threads)
-        self.proc = procs.start(
-            name,
-            [str(python), "-m", "immich_ml"],
-            env=env,
-            preexec_fn=quota.join if quota is not None else None,
-        )
-        wait_http(self.port, "/ping", b"pong", self.proc, timeout=120)
-
-    def cpu_seconds(self) -> float:
-        return group_cpu_seconds({self.proc.pid})
 
 
 def busy_seconds() -> float:
@@ -200,57 +106,6 @@ class FakeHost:
 # --------------------------------------------------------------------------
 
 
-def request_bytes(port: int, content_type: bytes, body: bytes) -> bytes:
-    head = b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n"
-    return head % (port, content_type, len(body)) + body
-
-
-class Connection:
-    """One kept-alive HTTP/1.1 connection; opened again when the host closed it."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-
-    async def exchange(self, request: bytes) -> int:
-        for attempt in (0, 1):
-            fresh = self.writer is None
-            if fresh:
-                self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
-            try:
-                self.writer.write(request)
-                head = await self.reader.readuntil(b"\r\n\r\n")
-            except (ConnectionError, asyncio.IncompleteReadError):
-                self.close()
-                if fresh or attempt:
-                    raise
-                continue  # a kept-alive connection the host had closed: once more on a new one
-            lines = head.decode("latin-1").split("\r\n")
-            headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-            await self.reader.readexactly(int(headers.get("content-length", "0")))
-            if headers.get("connection", "").lower() == "close":
-                self.close()
-            return int(lines[0].split(" ", 2)[1])
-        raise ConnectionError("unreachable")
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        self.reader = self.writer = None
-
-
-async def _one(conn: Connection, request: bytes, timeout: float, log: list) -> bool:
-    began = time.monotonic()
-    try:
-        ok = await asyncio.wait_for(conn.exchange(request), timeout) == 200
-    except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError, IndexError):
-        conn.close()
-        ok = False
-    log.append((began, time.monotonic(), ok))
-    return ok
-
-
 async def _point(host, image: bytes, in_flight: int, plan: dict, text: bytes | None) -> dict:
     """
     C{in_flight} closed loops of C{image} for the plan's warm-up and window;
@@ -265,7 +120,7 @@ async def _point(host, image: bytes, in_flight: int, plan: dict, text: bytes | N
         conn = Connection(host.port)
         try:
             while not stop.is_set():
-                if not await _one(conn, image, timeout, images):
+                if not await timed_request(conn, image, timeout, images):
                     await asyncio.sleep(0.1)
         finally:
             conn.close()
@@ -276,7 +131,7 @@ async def _point(host, image: bytes, in_flight: int, plan: dict, text: bytes | N
 
         async def search() -> None:
             conn = idle.pop() if idle else Connection(host.port)
-            await _one(conn, text, timeout, texts)
+            await timed_request(conn, text, timeout, texts)
             idle.append(conn)
 
         at = time.monotonic()
@@ -347,24 +202,6 @@ def point(host, image: bytes, in_flight: int, plan: dict, text: bytes | None = N
 # --------------------------------------------------------------------------
 
 
-def prepare_models(args, workdir: Path, model: str) -> tuple[Path, dict]:
-    out = workdir / f"models-{model}"
-    spec = MODELS[model]
-    width = getattr(args, f"{model}_width") or spec["width"]
-    cmd = [args.python, str(HERE / "realhost_models.py"), str(out), "--patch", str(spec["patch"])]
-    cmd += ["--width", str(width), "--image", args.image]
-    calibrate_ms = getattr(args, f"{model}_ms")
-    if calibrate_ms:
-        cmd += ["--visual-ms", f"{calibrate_ms:g}"]
-    else:
-        depth = getattr(args, f"{model}_depth") or spec["depth"]
-        cmd += ["--visual-depth", str(depth), "--text-depth", str(spec["text_depth"])]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    if done.returncode != 0:
-        raise RuntimeError(f"making the {model} models failed: {done.stderr.strip()[-800:]}")
-    return out, json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def plan_for(args, alone_s: float, in_flight: int) -> dict:
     # Long enough for a few answers per request in flight on a slow host.
     warm = max(args.warm, alone_s * in_flight)
@@ -379,31 +216,6 @@ def plan_for(args, alone_s: float, in_flight: int) -> dict:
         "retries": args.retries,
         "pause": 1.0,
     }
-
-
-def warm_up(host, image: bytes, text: bytes, timeout: float) -> dict:
-    """
-    A few requests of each kind, one at a time (the first ones are slow):
-    the median seconds of an image alone and of a text search alone.
-    """
-
-    async def go() -> dict:
-        conn, images, texts = Connection(host.port), [], []
-        try:
-            for _ in range(8):
-                await _one(conn, image, timeout, images)
-            for _ in range(8):
-                await _one(conn, text, timeout, texts)
-        finally:
-            conn.close()
-        if not all(ok for *_, ok in images + texts):
-            raise RuntimeError(f"{host.name} does not answer Immich's CLIP requests")
-        return {
-            "image": statistics.median(e - b for b, e, _ in images[3:]),
-            "text": statistics.median(e - b for b, e, _ in texts[3:]),
-        }
-
-    return asyncio.run(go())
 
 
 def median_range(values: list) -> tuple:
@@ -424,15 +236,11 @@ def run_pair(args, procs: Processes, workdir: Path, model: str, speed: str, cach
             return {"unavailable": made}
         quota = made
     try:
-        real = Real(procs, args, cache, f"real-{model}-{speed}", quota)
+        real = Real(procs, args.immich, args.python, cache, f"real-{model}-{speed}", quota, args.request_threads)
+        real.ready()
         fake = FakeHost(procs, f"fake-{model}-{speed}", model, cores, args.fake_args.split())
         hosts = {"real": real, "fake": fake}
-        bodies = {}
-        for name, host in hosts.items():
-            bodies[name] = (
-                request_bytes(host.port, *predict_body(ENTRIES["clip-visual"], image=image_bytes)),
-                request_bytes(host.port, *predict_body(ENTRIES["clip-textual"], text=SEARCH_TEXT)),
-            )
+        bodies = {name: clip_requests(host.port, image_bytes) for name, host in hosts.items()}
         alone_both = {name: warm_up(host, *bodies[name], args.timeout) for name, host in hosts.items()}
         alone = {name: x["image"] for name, x in alone_both.items()}
         say(
@@ -614,10 +422,9 @@ def main(argv=None) -> int:
         p.error("levels and search images 1-32, rounds 1-20")
     if not (0 < args.seconds <= 60 and 0 < args.slow_cores <= 64 and 0 < args.timeout <= 300):
         p.error("seconds 0-60, slow cores 0-64, timeout 0-300")
-    if not (Path(args.immich) / "immich_ml" / "__main__.py").is_file():
-        p.error(f"{args.immich} is not Immich's machine-learning/ folder (no immich_ml/__main__.py)")
-    if not os.access(args.python, os.X_OK):
-        p.error(f"{args.python} is not an interpreter")
+    problem = immich_problem(args.immich, args.python)
+    if problem:
+        p.error(problem)
 
     def interrupted(signum, frame):
         raise KeyboardInterrupt
@@ -640,7 +447,15 @@ def main(argv=None) -> int:
     say(f"# models {', '.join(models)}; hosts {', '.join(speeds)}; levels {args.levels}; temp dir {workdir}")
     try:
         for model in models:
-            cache, facts = prepare_models(args, workdir, model)
+            cache, facts = prepare_models(
+                args.python,
+                workdir,
+                model,
+                args.image,
+                getattr(args, f"{model}_width"),
+                getattr(args, f"{model}_depth"),
+                getattr(args, f"{model}_ms"),
+            )
             data["models"][model] = facts
             say(f"# {model} models: {facts}")
             image_bytes = (cache / "image.jpg").read_bytes()
