@@ -11,8 +11,9 @@ Hosts come from host sources: the configuration (L{CONFIG}), each DNS pool,
 whatever else finds hosts.  Each source offers the whole list of hosts it
 finds now (L{Fleet.offer}); the fleet is every source's hosts, in the order
 the sources first offered (or as L{Fleet.order} puts them), a host offered
-by two sources counted once (the first source's settings).  A host that joins later than the fleet was made
-starts slow; one that no source offers any more drains and leaves.
+by two sources counted once (the first source's settings).  A host that
+joins later than the fleet was made starts slow; one that no source offers
+any more drains and leaves.
 """
 
 from __future__ import annotations
