@@ -93,7 +93,7 @@ class _Probe:
                 state["estimate_ms"].setdefault(f"{request.task}@{address}", []).append(round(1000 * t, 1))
         if now - state["last_dump"] >= 1.0:
             state["last_dump"] = now
-            state["series"].append([round(now, 2), {str(c): [c.limit, c.in_flight] for c in candidates}])
+            state["series"].append([round(now, 2), {str(c): _limit_state(c) for c in candidates}])
             path = os.environ.get("IMML_PROBE_OUT")
             if path:
                 out = {k: v for k, v in state.items() if k not in ("last_dump", "last_limit", "estimate_ms")}
@@ -105,6 +105,20 @@ class _Probe:
                 with open(path + ".tmp", "w") as f:
                     json.dump(out, f)
                 os.replace(path + ".tmp", path)
+
+
+def _limit_state(view):
+    """
+    A host's limit, requests in flight and, when the view is a host of
+    imml's fleet, what its learned limit measured: work per second by level,
+    and the level seen to buy nothing.
+    """
+    state = [view.limit, view.in_flight]
+    limiter = getattr(getattr(view, "backend", view), "limiter", None)
+    if limiter is not None:
+        rates = {level: round(rate, 3) for level, (rate, _) in sorted(limiter._rates.items())}
+        state += [rates, limiter.ceiling]
+    return state
 
 
 class ShortestDelayProbe(ShortestDelay, _Probe):

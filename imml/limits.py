@@ -15,9 +15,15 @@ at that level, and
 - holds at the knee, the highest level that still does, and tries one more
   only now and then (the probe's request pays for it on a host with slots,
   waiting inside it), less often each time it buys nothing;
-- falls back to the level below as soon as the level it holds gives no more
-  than that one (the host got slower, or busier with other work): a level
-  whose throughput is older than L{STALE} seconds is measured again.
+- falls back to the level below when the level it holds gives no more
+  than that one (the host got slower, or busier with other work): at once
+  when it gives clearly less, else when a second window says so too (on a
+  busy machine one window of a level that pays can measure no better); a
+  level whose throughput is older than L{STALE} seconds is measured again.
+
+A level is measured over at least L{WINDOW} answers and L{MIN_SPAN}
+seconds, so that a moment when the machine takes the host's CPU away
+weighs little.
 
 Work is counted in each answer's unloaded service time for its task, so a
 mix of cheap searches and costly images measures as one throughput.  A host
@@ -50,6 +56,10 @@ GAIN = 0.05
 WINDOW = 20
 #: Seconds after which a level's measured throughput is measured again.
 STALE = 30.0
+#: The shortest span a level is measured over, in seconds: a busy machine
+#: gives a host more and less of its CPU from one tenth of a second to the
+#: next.
+MIN_SPAN = 0.5
 #: Weight of a new measurement of a level in its running throughput.
 SMOOTHING = 0.5
 #: Answers at a probed level after which it is left at once if they took,
@@ -111,6 +121,9 @@ class Limit:
     _held: int = 0
     #: A probe above the ceiling bought throughput once already.
     _confirmed: bool = False
+    #: The level held measured no gain over the one below in its last
+    #: window (not clearly less): one more such window and it is left.
+    _doubted: bool = False
 
     @property
     def value(self) -> int:
@@ -260,7 +273,7 @@ class Limit:
             if below is not None:
                 self._rates[level] = (below[0], now)  # as much work done as below
             self._reject(level)
-        elif window.answers >= max(WINDOW, 4 * level) and now > window.started:
+        elif window.answers >= max(WINDOW, 4 * level) and now - window.started >= MIN_SPAN:
             self._window = None
             self._judge(level, window.work / (now - window.started), now)
 
@@ -290,8 +303,15 @@ class Limit:
         self._rates[level] = (rate, now)
         below = self._fresh(level - 1, now) if level > 1 else None
         above = self._fresh(level + 1, now)
+        doubted, self._doubted = self._doubted, False
         if below is not None and rate < below * (1 + GAIN):
-            self._reject(level)
+            if rate < below * (1 - GAIN) or doubted:
+                self._reject(level)
+            else:
+                # No more than the level below, but not clearly less: one
+                # window on a busy machine can be unlucky, so measure again
+                # (the two smoothed together) before coming down.
+                self._doubted = True
         elif above is not None and below is None:
             # Measured again from above: is the level above still worth it?
             if above >= rate * (1 + GAIN):
@@ -334,3 +354,4 @@ class Limit:
         self.learned = max(1, min(level, MAX_LEARNED))
         self._held = 0
         self._confirmed = False
+        self._doubted = False
