@@ -109,13 +109,16 @@ HARD_DEADLINE_S = 1500  # the run stops past this, whatever the options
 # name, slots, ms per image request, ms per text search
 HETEROGENEOUS = [("fast", 2, 40.0, 10.0), ("medium", 1, 150.0, 37.5), ("slow", 1, 600.0, 150.0)]
 PAIR = [("a", 2, 100.0, 25.0), ("b", 2, 100.0, 25.0)]
-#: The real-like fleets' slow host: its share of the CPU, in cores.
+#: The real-like fleets' slow host: its share of the CPU, in cores, held to
+#: it as a CPU quota does, per period of this many seconds (a cgroup's,
+#: as over the real service).
 SLOW_CORES = 0.4
+SLOW_PERIOD = 0.1
 # real-like hosts: name, then the fake host's processor options
 REAL_FLEETS = {
     model: [
         ("fast", None, None, None, ["--cpu", model]),
-        ("slow", None, None, None, ["--cpu", model, "--cores", f"{SLOW_CORES:g}"]),
+        ("slow", None, None, None, ["--cpu", model, "--cores", f"{SLOW_CORES:g}", "--period", f"{SLOW_PERIOD:g}"]),
     ]
     for model in ("light", "heavy")
 }

@@ -164,3 +164,72 @@ def test_a_fake_host_with_a_processor_answers_as_the_processor_allows():
     # three at once take longer each than one alone, and less than three in turn
     assert all(profile.alone() < seconds < 3 * profile.alone() for _, seconds in answers)
     assert host.in_flight == 0 and host.served == 3
+
+
+#: A light host held to 0.4 cores by a quota of 40 ms of CPU every 100 ms.
+QUOTA = evolve(LIGHT, cores=0.4, period=0.1, machine=2.0)
+
+
+def test_a_quota_runs_the_service_at_full_speed_until_the_period_is_spent():
+    """
+    0.1 CPU-seconds on 2 cores under a quota of 0.04 a period: 20 ms of work,
+    80 ms of waiting, twice, then the last 0.02 in 10 ms.  A smooth share of
+    0.4 cores would take 250 ms.
+    """
+    clock = Clock()
+    profile = CPUProfile(cores=0.4, threads=1, parallelism=2.0, python=0.0, inference=0.1, period=0.1, machine=2.0)
+    cpu = SharedCPU(clock, profile)
+    done = []
+    cpu.submit(0.0, 0.1, lambda: done.append(clock.seconds()))
+    cores = [(0.0, cpu.busy())]
+    while clock.getDelayedCalls():
+        clock.advance(min(c.getTime() for c in clock.getDelayedCalls()) - clock.seconds())
+        cores.append((round(clock.seconds(), 6), cpu.busy()))
+    assert cores == [(0.0, 2.0), (0.02, 0.0), (0.1, 2.0), (0.12, 0.0), (0.2, 2.0), (0.21, 0.0)]
+    assert done == [pytest.approx(0.21)]
+    smooth = SharedCPU(Clock(), evolve(profile, period=None))
+    assert evolve(profile, period=None).alone() == pytest.approx(0.25)
+    assert smooth.profile.speed == 0.4 and profile.speed == 2.0
+
+
+def test_under_a_quota_a_host_alone_is_quick_at_times_and_slow_at_others():
+    """
+    As a real host held to a CPU quota: its throughput is what the quota
+    allows, but an answer alone is quick early in a period
+    and slow when it meets the period's end, so its quickest answers are
+    not its usual ones.
+    """
+    rate, median = closed_loop(QUOTA, 1)
+    assert rate == pytest.approx(QUOTA.cores / (QUOTA.python + QUOTA.inference), rel=0.1)
+    clock, rng = Clock(), random.Random(2)
+    cpu = SharedCPU(clock, QUOTA)
+    times: list[float] = []
+
+    def start() -> None:
+        began = clock.seconds()
+
+        def done() -> None:
+            times.append(clock.seconds() - began)
+            if len(times) < 200:
+                clock.callLater(rng.uniform(0, 0.002), start)
+
+        cpu.submit(QUOTA.python, QUOTA.inference, done)
+
+    start()
+    run_until_idle(clock)
+    assert min(times) == pytest.approx(QUOTA.alone())
+    assert sum(times) / len(times) > 2.5 * min(times)
+    assert median > 2 * QUOTA.alone()
+
+
+def test_the_fake_hosts_command_line_holds_it_to_a_quota_by_period(capsys):
+    from imml.testing.cli import _arguments, _profile
+
+    profile = _profile(_arguments(["--cpu", "light", "--cores", "0.4", "--period", "0.1"]))
+    assert profile == QUOTA
+    assert _profile(_arguments(["--cpu", "light", "--cores", "0.4"])) == evolve(LIGHT, cores=0.4)
+    assert _profile(_arguments([])) is None
+    with pytest.raises(SystemExit) as exit:
+        _arguments(["--cpu", "light", "--period", "0.1"])
+    assert exit.value.code == 2
+    assert "--period goes with --cpu and --cores" in capsys.readouterr().err

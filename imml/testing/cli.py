@@ -4,6 +4,7 @@ The command line of a fake host: C{python -m imml.testing}.
     python -m imml.testing --listen tcp:0:interface=127.0.0.1 --slots 2 \\
         --service-ms 40 --service-ms-task clip-textual=10
     python -m imml.testing --cpu light --cores 0.4     # a real-like host, a fifth of the speed
+    python -m imml.testing --cpu light --cores 0.4 --period 0.1   # ... held to it as by a CPU quota
 
 serves one L{FakeMLHost} on the global reactor, prints C{LISTENING host:port}
 on standard output once bound, logs warnings to standard error and exits with
@@ -16,12 +17,13 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Optional
 
 from attrs import evolve
 from twisted.python.failure import Failure
 
 from .answers import TASKS, VECTORS
-from .cpu import PROFILES
+from .cpu import PROFILES, CPUProfile
 from .fakehost import MODES, FakeMLHost
 
 __all__ = ["main"]
@@ -66,13 +68,36 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         help="a processor shared by the requests running (a real host), with this model, instead of slots",
     )
     parser.add_argument("--cores", type=float, default=None, help="with --cpu: cores the service may use")
+    parser.add_argument(
+        "--period",
+        type=float,
+        default=None,
+        help="with --cpu and --cores: enforce the cores as a CPU quota does, per period of this many seconds "
+        "(Linux's default is 0.1): full speed until the period's share is spent, then nothing until the next",
+    )
     parser.add_argument("--threads", type=int, default=None, help="with --cpu: inferences at once")
     parser.add_argument("--jitter", type=float, default=0.5, help="with --cpu: each request's work varies by +-this")
     parser.add_argument("--seed", type=int, default=0, help="with --cpu: seed of that variation")
     args = parser.parse_args(argv)
     if args.cpu is None and (args.cores is not None or args.threads is not None):
         parser.error("--cores and --threads go with --cpu")
+    if args.period is not None and (args.cores is None or args.period <= 0):
+        parser.error("--period goes with --cpu and --cores, and is a number of seconds above 0")
     return args
+
+
+def _profile(args: argparse.Namespace) -> Optional[CPUProfile]:
+    """
+    The processor the options describe, or None for slots.
+    """
+    if args.cpu is None:
+        return None
+    cpu = PROFILES[args.cpu]
+    if args.cores is not None:
+        cpu = evolve(cpu, cores=args.cores, period=args.period, machine=cpu.cores)
+    if args.threads is not None:
+        cpu = evolve(cpu, threads=args.threads)
+    return cpu
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -102,13 +127,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     times: dict[str, float] = {"*": args.service_ms / 1000}
     times.update((task, ms / 1000) for task, ms in args.service_ms_task)
-    cpu = None
-    if args.cpu is not None:
-        cpu = PROFILES[args.cpu]
-        if args.cores is not None:
-            cpu = evolve(cpu, cores=args.cores)
-        if args.threads is not None:
-            cpu = evolve(cpu, threads=args.threads)
     host = FakeMLHost(
         reactor,
         name=args.name,
@@ -120,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         vectors=args.vectors,
         model_ttl=args.model_ttl_s,
         keepalive_timeout=args.keepalive_s or None,
-        cpu=cpu,
+        cpu=_profile(args),
         jitter=args.jitter,
         seed=args.seed,
     )

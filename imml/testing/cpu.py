@@ -10,7 +10,11 @@ C{MACHINE_LEARNING_REQUEST_THREADS}) without that lock, each inference
 using up to C{parallelism} cores (ONNX Runtime's intra-op threads).  Every
 request running shares the host's C{cores} (a container's CPU quota may make
 that a fraction of one) with the others, in proportion to the threads it
-keeps busy: processor sharing.  When more than one request runs and together
+keeps busy: processor sharing.  A quota is smooth, or, as Linux enforces it,
+by C{period}: the service may use C{cores} times the period in CPU-seconds
+in each period, at the speed of the C{machine}'s cores, then waits for the
+next period, so a request started early in a period is quick and one that
+meets the end of it is slow.  When more than one request runs and together
 they want more than the cores, a share C{waste} of the CPU they get does no
 work: ONNX Runtime's intra-op threads busy-wait for each other while the
 system runs another request's threads.
@@ -25,6 +29,7 @@ process): it says when each request's work is done.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from typing import Callable, Optional
 
@@ -53,6 +58,11 @@ class CPUProfile:
     @ivar inference: CPU-seconds of inference per request.
     @ivar waste: The share of the CPU lost while more than one request runs
         and they want more than the C{cores}.
+    @ivar period: None for a smooth share of C{cores}; else the seconds of
+        the quota's period: in each, the service may use C{cores} times
+        C{period} CPU-seconds on up to C{machine} cores (Linux's CPU
+        bandwidth control; its default period is 0.1 s).
+    @ivar machine: the cores of the machine, with a C{period}.
     """
 
     cores: float = field(default=2.0, validator=validators.gt(0))
@@ -61,12 +71,22 @@ class CPUProfile:
     python: float = field(default=0.004, validator=validators.ge(0))
     inference: float = field(default=0.019, validator=validators.ge(0))
     waste: float = field(default=0.0, validator=[validators.ge(0), validators.lt(1)])
+    period: Optional[float] = field(default=None, validator=validators.optional(validators.gt(0)))
+    machine: float = field(default=2.0, validator=validators.gt(0))
+
+    @property
+    def speed(self) -> float:
+        """
+        The most cores the service runs on at a time.
+        """
+        return self.cores if self.period is None else self.machine
 
     def alone(self) -> float:
         """
-        Seconds one request takes with nothing else running.
+        Seconds one request takes with nothing else running (with a
+        C{period}: one that the end of a period does not stop).
         """
-        return self.python / min(1.0, self.cores) + self.inference / min(self.parallelism, self.cores)
+        return self.python / min(1.0, self.speed) + self.inference / min(self.parallelism, self.speed)
 
 
 # Both profiles are fitted (with a jitter of 0.5) to the real service:
@@ -129,6 +149,11 @@ class SharedCPU:
     _queued: deque[Work] = field(factory=deque)
     _since: float = 0.0
     _call: Optional[IDelayedCall] = None
+    #: Cores in use since C{_since} (the work done, and the waste).
+    _using: float = 0.0
+    #: With a quota's period: which period it is, and the CPU-seconds used in it.
+    _period: int = 0
+    _used: float = 0.0
 
     @property
     def running(self) -> int:
@@ -182,6 +207,13 @@ class SharedCPU:
                 work.left -= work.rate * elapsed
             for work in self._inferring:
                 work.left -= work.rate * elapsed
+            self._used += self._using * elapsed
+        period = self.profile.period
+        if period is not None:
+            # (a timer set for a period's end may fire a hair before it)
+            index = math.floor(now / period + _EPSILON)
+            if index != self._period:
+                self._period, self._used = index, 0.0
 
     def _settle(self) -> None:
         """
@@ -215,6 +247,13 @@ class SharedCPU:
             (w.left / w.rate for w in self._python + self._inferring if w.rate > 0),
             default=None,
         )
+        period = self.profile.period
+        if period is not None and (self._python or self._inferring):
+            # the quota runs out, or the next period begins
+            turn = (self._period + 1) * period - self.clock.seconds()
+            if self._using > 0:
+                turn = min(turn, (self._budget() - self._used) / self._using)
+            soonest = turn if soonest is None else min(soonest, turn)
         if soonest is not None:
             self._call = self.clock.callLater(max(soonest, 0.0), self._tick)
         for work in finished:
@@ -230,13 +269,23 @@ class SharedCPU:
         profile = self.profile
         python = 1.0 if self._python else 0.0
         demand = python + profile.parallelism * len(self._inferring)
-        scale = 1.0 if demand <= profile.cores else profile.cores / demand
-        if demand > profile.cores and len(self._python) + len(self._inferring) > 1:
+        cores = profile.speed
+        if profile.period is not None and self._used >= self._budget() - _EPSILON:
+            cores = 0.0  # the quota is spent until the next period
+        self._using = min(demand, cores)
+        scale = 1.0 if demand <= cores else cores / demand
+        if demand > cores and len(self._python) + len(self._inferring) > 1:
             scale *= 1.0 - profile.waste
         for work in self._python:
             work.rate = scale * python / len(self._python)
         for work in self._inferring:
             work.rate = scale * profile.parallelism
+
+    def _budget(self) -> float:
+        """
+        CPU-seconds the quota allows in one period.
+        """
+        return self.profile.cores * (self.profile.period or 0.0)
 
     def _tick(self) -> None:
         self._call = None
