@@ -302,7 +302,8 @@ class Fleet:
             starts = None
             backend.queued_inside += 1
         joined = frozenset(backend.loads) if backend.in_flight > limiter.side_by_side else None
-        load = Load(backend, task, now, backend.in_flight, starts, owner, joined)
+        backend.started += 1
+        load = Load(backend, task, now, backend.in_flight, starts, owner, joined, backend.started)
         backend.loads.add(load)
         return load
 
@@ -346,7 +347,14 @@ class Fleet:
             # already) or waited for a model to load says little of it; nor
             # does a time measured across a clock set back (negative).
             if seconds >= 0 and (
-                backend.limiter.answered(task, seconds, load.in_flight, self.clock.seconds(), busy)
+                backend.limiter.answered(
+                    task,
+                    seconds,
+                    load.in_flight,
+                    self.clock.seconds(),
+                    busy,
+                    alone=load.in_flight == 1 and load.number == backend.started,
+                )
                 or (task or "other") not in backend.stats.service_time
             ):
                 backend.stats.record_time(task, seconds, self.clock.seconds())

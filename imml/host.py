@@ -183,6 +183,8 @@ class Load:
     starts: Optional[float]
     owner: object = None
     joined: Optional[frozenset] = None
+    #: The how-manieth request started on the host it is.
+    number: int = 0
 
 
 @implementer(IBackendView)
@@ -216,6 +218,8 @@ class Backend:
     last_start: float = float("-inf")
     #: Requests expected to wait inside the host for one of its slots.
     queued_inside: int = 0
+    #: Requests started on it so far.
+    started: int = 0
     #: The time now, as the fleet's clock says (for staleness).
     _now: Callable[[], float] = field(default=lambda: 0.0, repr=False)
 

@@ -158,6 +158,32 @@ def test_a_request_answered_before_every_one_it_joined_shows_the_host_runs_them_
     assert medium.up and medium.limiter.side_by_side == 1
 
 
+def test_answers_given_alone_count_however_long_they_took():
+    """
+    A host held to a CPU quota answers quickly at the start of each period
+    and slowly at its end: its quickest answers are not its usual ones.
+    Answers given alone, start to end, are its service time, whatever
+    their spread; an answer that shared the host with another says little.
+    """
+    clock = task.Clock()
+    fleet = Fleet.from_addresses([BackendAddress("quota")], clock)
+    [host] = fleet.backends
+    fleet.check_passed(host)
+    for seconds in [0.02, 0.09] * 20:
+        load = fleet.start(host, "clip-visual")
+        clock.advance(seconds)
+        fleet.finish(load, seconds)
+    assert 0.045 < host.service_time("clip-visual") < 0.065
+    # one that another request joined is not alone, however it went
+    before = host.service_time("clip-visual")
+    first = fleet.start(host, "clip-visual")
+    second = fleet.start(host, "clip-visual")
+    clock.advance(0.3)
+    fleet.finish(first, 0.3)
+    fleet.finish(second, 0.3)
+    assert host.service_time("clip-visual") == before
+
+
 def test_a_host_going_down_tells_the_subscribers_of_each_request_on_it():
     clock, fleet, medium = _medium_host()
     told = []
