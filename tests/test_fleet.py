@@ -184,6 +184,30 @@ def test_answers_given_alone_count_however_long_they_took():
     assert host.service_time("clip-visual") == before
 
 
+def test_searches_past_the_limit_free_no_slot_of_it():
+    """
+    A heavy host at its limit of one image answers one every 200 ms; a
+    search sent past the limit between two answers frees no slot for the
+    images waiting: the host's throughput, by which they reckon their wait,
+    stays five a second, and the slot time that of an image.
+    """
+    clock = task.Clock()
+    fleet = Fleet.from_addresses([BackendAddress("cpu")], clock, settings=lambda a: BackendSettings(slots=1))
+    [host] = fleet.backends
+    fleet.check_passed(host)
+    image = fleet.start(host, "clip-visual")
+    for _ in range(20):
+        clock.advance(0.1)
+        search = fleet.start(host, "clip-textual")  # past the limit
+        clock.advance(0.05)
+        fleet.finish(search, 0.05)
+        clock.advance(0.05)
+        fleet.finish(image, 0.2)
+        image = fleet.start(host, "clip-visual")
+    assert abs(host.throughput - 5.0) < 0.1
+    assert abs(host.slot_time - 0.2) < 1e-9
+
+
 def test_a_host_going_down_tells_the_subscribers_of_each_request_on_it():
     clock, fleet, medium = _medium_host()
     told = []
