@@ -303,7 +303,8 @@ class Fleet:
             starts = None
             backend.queued_inside += 1
         joined = frozenset(backend.loads) if backend.in_flight > limiter.side_by_side else None
-        load = Load(backend, task, now, backend.in_flight, starts, owner, joined)
+        backend.started += 1
+        load = Load(backend, task, now, backend.in_flight, starts, owner, joined, backend.started)
         backend.loads.add(load)
         return load
 
@@ -341,16 +342,28 @@ class Fleet:
                 backend.limiter.ran_at_once(load.in_flight)
             backend.stats.served += 1
             backend.stats.record_outcome(failed=False)
-            backend.stats.record_answer(self.clock.seconds(), busy)
+            # a search sent past the limit (the room a search may take)
+            # frees no slot of it: its answer says nothing of how often
+            # slots free up, nor how long one is held
+            holds_slot = load.in_flight <= backend.limit
+            if holds_slot:
+                backend.stats.record_answer(self.clock.seconds(), busy)
             # The service time is averaged over fair samples only: an answer
             # that queued inside the host (the wait is in the throughput
             # already) or waited for a model to load says little of it; nor
             # does a time measured across a clock set back (negative).
             if seconds >= 0 and (
-                backend.limiter.answered(task, seconds, load.in_flight, self.clock.seconds(), busy)
+                backend.limiter.answered(
+                    task,
+                    seconds,
+                    load.in_flight,
+                    self.clock.seconds(),
+                    busy,
+                    alone=load.in_flight == 1 and load.number == backend.started,
+                )
                 or (task or "other") not in backend.stats.service_time
             ):
-                backend.stats.record_time(task, seconds, self.clock.seconds())
+                backend.stats.record_time(task, seconds, self.clock.seconds(), holds_slot)
         self.changed(hosts=left)
 
     def task_failed(self, backend: Backend, task: Optional[str]) -> None:

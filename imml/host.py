@@ -125,10 +125,12 @@ class Stats:
             gap = now - last
             self.gap = gap if self.gap is None else self.gap + EWMA_ALPHA * (gap - self.gap)
 
-    def record_time(self, task: Optional[str], seconds: float, now: float = 0.0) -> None:
+    def record_time(self, task: Optional[str], seconds: float, now: float = 0.0, holds_slot: bool = True) -> None:
         """
-        Take a sample.  One slow answer (a model loading) moves the average
-        at most to three times what it was.
+        Take a sample; C{holds_slot}: the request held one of the host's
+        slots (not a search sent past its limit), so it counts in the slot
+        time too.  One slow answer (a model loading) moves the average at
+        most to three times what it was.
         """
         key = task or "other"
         last = self.last_sample
@@ -140,8 +142,9 @@ class Stats:
         else:
             self.service_time[key] = old + EWMA_ALPHA * (min(seconds, 3 * old + 0.001) - old)
         self.updated[key] = now
-        slot = self.slot_time
-        self.slot_time = seconds if slot is None else slot + EWMA_ALPHA * (min(seconds, 3 * slot + 0.001) - slot)
+        if holds_slot:
+            slot = self.slot_time
+            self.slot_time = seconds if slot is None else slot + EWMA_ALPHA * (min(seconds, 3 * slot + 0.001) - slot)
 
     def record_outcome(self, failed: bool) -> None:
         self.error_rate += EWMA_ALPHA * ((1.0 if failed else 0.0) - self.error_rate)
@@ -183,6 +186,8 @@ class Load:
     starts: Optional[float]
     owner: object = None
     joined: Optional[frozenset] = None
+    #: The how-manieth request started on the host it is.
+    number: int = 0
 
 
 @implementer(IBackendView)
@@ -216,6 +221,8 @@ class Backend:
     last_start: float = float("-inf")
     #: Requests expected to wait inside the host for one of its slots.
     queued_inside: int = 0
+    #: Requests started on it so far.
+    started: int = 0
     #: The time now, as the fleet's clock says (for staleness).
     _now: Callable[[], float] = field(default=lambda: 0.0, repr=False)
 

@@ -206,16 +206,25 @@ class Limit:
         self._window = None
 
     def answered(
-        self, task: Optional[str], seconds: float, in_flight: int, now: float = 0.0, busy: bool = False
+        self,
+        task: Optional[str],
+        seconds: float,
+        in_flight: int,
+        now: float = 0.0,
+        busy: bool = False,
+        alone: bool = False,
     ) -> bool:
         """
         A request of C{task} was answered in C{seconds}, at C{now}; C{in_flight}
         requests were on the host when it was sent (itself included); C{busy}:
-        the host had its limit of requests when it answered.
+        the host had its limit of requests when it answered; C{alone}: no
+        other request was on the host from its start to its answer.
 
         @return: whether the answer is a fair sample of the host's unloaded
             service time: not slowed by others on the host, not a model
-            loading.
+            loading.  An answer given alone is, however long it took (a host
+            held to a CPU quota is quick at the start of each period, slow
+            at its end: its quickest answers are not its usual ones).
         """
         key = task or "other"
         baseline = self._baseline.get(key)
@@ -231,7 +240,7 @@ class Limit:
             if self.ramp >= full:
                 self.ramp = None
         outlier = seconds >= baseline * OUTLIER
-        fair = not outlier and seconds <= baseline * QUEUEING + QUEUEING_SLACK
+        fair = not outlier and (alone or seconds <= baseline * QUEUEING + QUEUEING_SLACK)
         if self.slots is None and not outlier and self.ramp is None:
             self._measure(baseline, seconds / baseline if baseline > 0 else 1.0, now, busy)
         return fair

@@ -158,6 +158,56 @@ def test_a_request_answered_before_every_one_it_joined_shows_the_host_runs_them_
     assert medium.up and medium.limiter.side_by_side == 1
 
 
+def test_answers_given_alone_count_however_long_they_took():
+    """
+    A host held to a CPU quota answers quickly at the start of each period
+    and slowly at its end: its quickest answers are not its usual ones.
+    Answers given alone, start to end, are its service time, whatever
+    their spread; an answer that shared the host with another says little.
+    """
+    clock = task.Clock()
+    fleet = Fleet.from_addresses([BackendAddress("quota")], clock)
+    [host] = fleet.backends
+    fleet.check_passed(host)
+    for seconds in [0.02, 0.09] * 20:
+        load = fleet.start(host, "clip-visual")
+        clock.advance(seconds)
+        fleet.finish(load, seconds)
+    assert 0.045 < host.service_time("clip-visual") < 0.065
+    # one that another request joined is not alone, however it went
+    before = host.service_time("clip-visual")
+    first = fleet.start(host, "clip-visual")
+    second = fleet.start(host, "clip-visual")
+    clock.advance(0.3)
+    fleet.finish(first, 0.3)
+    fleet.finish(second, 0.3)
+    assert host.service_time("clip-visual") == before
+
+
+def test_searches_past_the_limit_free_no_slot_of_it():
+    """
+    A heavy host at its limit of one image answers one every 200 ms; a
+    search sent past the limit between two answers frees no slot for the
+    images waiting: the host's throughput, by which they reckon their wait,
+    stays five a second, and the slot time that of an image.
+    """
+    clock = task.Clock()
+    fleet = Fleet.from_addresses([BackendAddress("cpu")], clock, settings=lambda a: BackendSettings(slots=1))
+    [host] = fleet.backends
+    fleet.check_passed(host)
+    image = fleet.start(host, "clip-visual")
+    for _ in range(20):
+        clock.advance(0.1)
+        search = fleet.start(host, "clip-textual")  # past the limit
+        clock.advance(0.05)
+        fleet.finish(search, 0.05)
+        clock.advance(0.05)
+        fleet.finish(image, 0.2)
+        image = fleet.start(host, "clip-visual")
+    assert abs(host.throughput - 5.0) < 0.1
+    assert abs(host.slot_time - 0.2) < 1e-9
+
+
 def test_a_host_going_down_tells_the_subscribers_of_each_request_on_it():
     clock, fleet, medium = _medium_host()
     told = []
