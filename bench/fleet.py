@@ -24,8 +24,9 @@ Scenarios (each target gets fresh fake hosts and a fresh proxy):
 Real-like hosts (--scenarios real, or name them): not slots but a processor
 shared by the requests running on it, as Immich ML's is (python -m
 imml.testing --cpu, see imml/testing/cpu.py): a fast host (2 cores) and a
-slow one (a CPU quota of 0.4 cores: a fifth of the speed), with a light
-image model (about 14 ms per image alone) or a heavy one (about 150 ms):
+slow one (a CPU quota of 0.4 cores, by 100 ms periods as a cgroup's: a fifth
+of the speed), with a light image model (about 14 ms per image alone) or a
+heavy one (about 150 ms):
 
 - real-light, real-heavy: 4 closed-loop clients of CLIP visual requests;
 - real-light-8, real-heavy-8: 8 clients;
