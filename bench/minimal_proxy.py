@@ -6,7 +6,10 @@ HTTPConnectionPool to the backends in turn (round-robin), reads the whole
 answer and returns it.  No retries, no health checks, no logging, no form
 parsing of request bodies (Site(parsePOSTFormSubmission=False)).
 
-    python bench/minimal_proxy.py PORT 127.0.0.1:P1,127.0.0.1:P2
+    python bench/minimal_proxy.py PORT 127.0.0.1:P1,127.0.0.1:P2 [--lean-agent]
+
+With --lean-agent, the Agent is bench/lean_agent.py's: the lean client of
+bench/lean_client.py behind the IAgent interface.
 """
 
 import itertools
@@ -117,9 +120,15 @@ def serve(port, resource):
     reactor.run()
 
 
-def main(port, backends):
-    serve(port, Forward(make_agent(), [b.encode() for b in backends.split(",")]))
+def main(port, backends, *flags):
+    if "--lean-agent" in flags:
+        from lean_agent import LeanAgent  # the lean client behind IAgent
+
+        agent = LeanAgent(reactor)
+    else:
+        agent = make_agent()
+    serve(port, Forward(agent, [b.encode() for b in backends.split(",")]))
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:])
