@@ -40,8 +40,9 @@ class LeanForward(Resource):
         d = self.client.request(
             method, next(self.backends), request.uri, headers, body if body or method == b"POST" else None
         )
-        d.addCallback(lambda answer: reply(request, answer.code, answer.header(b"content-type"), answer.body))
-        return forwarding(request, d)
+        return forwarding(
+            request, d, lambda answer: reply(request, answer.code, answer.header(b"content-type"), answer.body)
+        )
 
 
 def main(port, backends):

@@ -68,7 +68,7 @@ class Forward(Resource):
             content_type = response.headers.getRawHeaders(b"content-type")
             reply(request, response.code, content_type[0] if content_type else None, data)
 
-        return forwarding(request, d.addCallback(done))
+        return forwarding(request, d, done)
 
 
 def reply(request, code, content_type, data):
@@ -81,10 +81,10 @@ def reply(request, code, content_type, data):
     request.finish()
 
 
-def forwarding(request, d):
+def forwarding(request, d, done):
     """
-    C{request} waits on C{d} (which answers it): 502 if C{d} fails, C{d}
-    cancelled if the client goes away.
+    C{request} waits on C{d}: C{done} answers it with C{d}'s result, 502 if
+    C{d} fails; C{d} cancelled if the client goes away.
     """
 
     def failed(failure):
@@ -92,7 +92,7 @@ def forwarding(request, d):
             request.setResponseCode(502)
             request.finish()
 
-    d.addErrback(failed)
+    d.addCallbacks(done, failed)
     request.notifyFinish().addErrback(lambda _: d.cancel())
     return NOT_DONE_YET
 
