@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """
-The cost of one request through imml and through the minimal Agent proxy,
+The cost of one request through imml and through the minimal Agent proxy
+(and its lean variants: bench/lean_client_proxy.py, bench/lean_server_proxy.py),
 in CPU instructions counted by valgrind's callgrind: the same figure
 whatever else the machine is doing, where requests/s on a shared machine
 vary by a quarter from one round to the next.
 
     .venv/bin/python bench/instructions.py                 # about 1 minute
     .venv/bin/python bench/instructions.py --requests 3000 --targets imml
+    .venv/bin/python bench/instructions.py --targets minimal,lean-client,lean-server,lean-both,imml
 
 Each proxy runs under callgrind with counting off; the script sends it
 warm-up requests (pools filled, code paths seen), turns counting on
@@ -42,6 +44,18 @@ import balancer as B  # noqa: E402  (the benchmark's helpers)
 
 from imml.testing import ENTRIES, predict_body  # noqa: E402
 
+#: The proxies other than imml, each a script here and its arguments after PORT BACKENDS.
+PROXIES = {
+    "minimal": ["minimal_proxy.py"],  # twisted.web's Site and Resource; Agent and HTTPConnectionPool
+    "lean-client": ["lean_client_proxy.py"],  # Site and Resource; the lean client on a Protocol
+    "lean-agent": ["minimal_proxy.py", "--lean-agent"],  # minimal, its Agent replaced by the lean client as an IAgent
+    "lean-server": ["lean_server_proxy.py"],  # a bare Protocol server; Agent and HTTPConnectionPool
+    "lean-both": ["lean_server_proxy.py", "--lean-client"],  # a bare Protocol server and the lean client
+    "null-web": ["null_proxy.py"],  # Site and Resource answering themselves: no client to the hosts
+    "null-bare": ["null_proxy.py", "--bare"],  # the bare Protocol server answering itself
+}
+TARGETS = ["imml", *PROXIES]
+
 
 def total_instructions(outputs: list[Path]) -> int:
     total = 0
@@ -75,7 +89,8 @@ def count(procs: B.Processes, target: str, backends: list[int], warm: int, reque
         ]
         ready = "/ping"
     else:
-        cmd = valgrind + [B.PYTHON, str(HERE / "minimal_proxy.py"), str(port), addrs]
+        script, *flags = PROXIES[target]
+        cmd = valgrind + [B.PYTHON, str(HERE / script), str(port), addrs, *flags]
         ready = "/"
     proc = procs.start(target, cmd)
     B.wait_http(port, ready, b"", proc, timeout=180)
@@ -133,14 +148,21 @@ def main(argv=None) -> int:
         default=1,
         help="requests at once, each connection sending one after another (default 1)",
     )
-    parser.add_argument("--targets", default="imml,minimal", help="comma separated: imml, minimal")
+    parser.add_argument(
+        "--targets", default="imml,minimal", help=f"comma separated, of {', '.join(TARGETS)} (default imml,minimal)"
+    )
     parser.add_argument("--upstream", choices=("nginx", "fake"), default="nginx")
     parser.add_argument("--no-install", action="store_true", help="never apt-get")
     parser.add_argument("--json", metavar="FILE", help="write the figures to FILE")
+    parser.add_argument(
+        "--keep",
+        metavar="DIR",
+        help="copy each target's callgrind output into DIR (read it with callgrind_annotate --inclusive=yes)",
+    )
     args = parser.parse_args(argv)
     targets = [t for t in args.targets.split(",") if t]
-    if not set(targets) <= {"imml", "minimal"}:
-        parser.error("--targets: imml and/or minimal")
+    if not targets or not set(targets) <= set(TARGETS):
+        parser.error(f"--targets: some of {', '.join(TARGETS)}")
     if not B.ensure_tools(not args.no_install, {"valgrind": ["valgrind"]})["valgrind"]:
         B.say("valgrind is not installed (Debian package valgrind): nothing measured")
         return 1
@@ -162,12 +184,16 @@ def main(argv=None) -> int:
         for target in targets:
             total = count(procs, target, backends, args.warm_up, args.requests, args.connections)
             figures[target] = total / args.requests
-            B.say(f"  {target:8} {figures[target]:12,.0f} instructions per request ({total:,} for {args.requests})")
+            B.say(f"  {target:11} {figures[target]:12,.0f} instructions per request ({total:,} for {args.requests})")
     except KeyboardInterrupt:
         B.say("# interrupted: every process this run started has been stopped")
         return 130
     finally:
         procs.stop_all()
+        if args.keep:
+            Path(args.keep).mkdir(parents=True, exist_ok=True)
+            for out in workdir.glob("callgrind-*.out*"):
+                shutil.copy(out, args.keep)
         shutil.rmtree(workdir, ignore_errors=True)
     if "imml" in figures and "minimal" in figures:
         ratio = figures["minimal"] / figures["imml"]

@@ -6,7 +6,10 @@ HTTPConnectionPool to the backends in turn (round-robin), reads the whole
 answer and returns it.  No retries, no health checks, no logging, no form
 parsing of request bodies (Site(parsePOSTFormSubmission=False)).
 
-    python bench/minimal_proxy.py PORT 127.0.0.1:P1,127.0.0.1:P2
+    python bench/minimal_proxy.py PORT 127.0.0.1:P1,127.0.0.1:P2 [--lean-agent]
+
+With --lean-agent, the Agent is bench/lean_agent.py's: the lean client of
+bench/lean_client.py behind the IAgent interface.
 """
 
 import itertools
@@ -62,23 +65,36 @@ class Forward(Resource):
 
         def done(result):
             response, data = result
-            request.setResponseCode(response.code)
-            for name in (b"content-type",):
-                value = response.headers.getRawHeaders(name)
-                if value:
-                    request.setHeader(name, value[0])
-            request.setHeader(b"content-length", b"%d" % len(data))
-            request.write(data)
+            content_type = response.headers.getRawHeaders(b"content-type")
+            reply(request, response.code, content_type[0] if content_type else None, data)
+
+        return forwarding(request, d, done)
+
+
+def reply(request, code, content_type, data):
+    """Answer C{request} with a host's answer, read whole."""
+    request.setResponseCode(code)
+    if content_type:
+        request.setHeader(b"content-type", content_type)
+    request.setHeader(b"content-length", b"%d" % len(data))
+    request.write(data)
+    request.finish()
+
+
+def forwarding(request, d, done):
+    """
+    C{request} waits on C{d}: C{done} answers it with C{d}'s result, 502 if
+    C{d} fails; C{d} cancelled if the client goes away.
+    """
+
+    def failed(failure):
+        if not request.finished and not request._disconnected:
+            request.setResponseCode(502)
             request.finish()
 
-        def failed(failure):
-            if not request.finished and not request._disconnected:
-                request.setResponseCode(502)
-                request.finish()
-
-        d.addCallbacks(done, failed)
-        request.notifyFinish().addErrback(lambda _: d.cancel())
-        return NOT_DONE_YET
+    d.addCallbacks(done, failed)
+    request.notifyFinish().addErrback(lambda _: d.cancel())
+    return NOT_DONE_YET
 
 
 class QuietSite(Site):
@@ -86,18 +102,33 @@ class QuietSite(Site):
         pass
 
 
-def main(port, backends):
+def make_agent():
+    """The Agent and its persistent pool, as a proxy to Immich ML would set them."""
     warnings.filterwarnings("ignore", "Using readBody with a transport", DeprecationWarning)
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 16
     pool.cachedConnectionTimeout = 1.0  # below Immich ML's 2 s keep-alive
-    agent = Agent(reactor, pool=pool)
+    return Agent(reactor, pool=pool)
+
+
+def serve(port, resource):
+    """Serve C{resource} with twisted.web on 127.0.0.1:C{port} until stopped."""
     # A proxy forwards bodies byte for byte: no form parsing.
-    site = QuietSite(Forward(agent, [b.encode() for b in backends.split(",")]), parsePOSTFormSubmission=False)
+    site = QuietSite(resource, parsePOSTFormSubmission=False)
     site.noisy = False
     reactor.listenTCP(int(port), site, interface="127.0.0.1")
     reactor.run()
 
 
+def main(port, backends, *flags):
+    if "--lean-agent" in flags:
+        from lean_agent import LeanAgent  # the lean client behind IAgent
+
+        agent = LeanAgent(reactor)
+    else:
+        agent = make_agent()
+    serve(port, Forward(agent, [b.encode() for b in backends.split(",")]))
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:])
