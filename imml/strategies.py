@@ -129,6 +129,12 @@ class ShortestDelay:
     wait for a fast one.  When waiting wins, the request waits: late
     binding sends it to the first slot that frees up.
 
+    A batch request's cost on a free slot is its own time plus the time it
+    adds to the requests already on the host, which it slows down: on a
+    real host, one more request on a fast host already busy can cost the
+    batch more than an idle slower host does.  A search counts its own
+    time only: a person waits for it.
+
     For an interactive request (a search), a free slot above a host's
     L{IBackendView.proven_limit} (a learned limit probing for more, or the
     room the balancer leaves a search past a learned limit) costs what its
@@ -177,7 +183,15 @@ class ShortestDelay:
             if c.has_free_slot():
                 # on a real host, the requests on it slow each other down
                 cost = t * c.stretch(in_flight + 1)
-                if interactive:
+                if not interactive:
+                    # batch work counts the time it adds to those too: the
+                    # time of all the requests on the host grows from
+                    # n x stretch(n) to (n + 1) x stretch(n + 1) (just its
+                    # own where nothing else runs, or on a host with slots)
+                    cost = max(
+                        cost, t * ((in_flight + 1) * c.stretch(in_flight + 1) - in_flight * c.stretch(in_flight))
+                    )
+                else:
                     # a search sent past the proven limit, where the host
                     # was not seen to run that many at once, either waits
                     # inside it for a slot and then runs there (a host

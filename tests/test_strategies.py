@@ -411,3 +411,25 @@ def test_a_free_real_host_is_taken_at_its_cost_under_load():
     assert strategy.choose(BATCH, [fast, slow]) is fast
     fast.stretches[3] = 4.0  # 56 ms: the idle slow host is sooner
     assert strategy.choose(BATCH, [fast, slow]) is slow
+
+
+def test_batch_work_counts_the_time_it_adds_to_the_requests_on_a_real_host():
+    """
+    A real fast host (14 ms an image alone) with three images on it: a
+    fourth would take 48 ms itself (stretch 3.4), and slow the three others
+    from 2.6 to 3.4 times their own time, 83 ms of the batch's time in all.
+    An idle slow host answers in 62 ms and slows nobody: it takes the
+    image.  A search counts its own time only, and takes the fast host.
+    """
+    stretches = {1: 1.0, 2: 1.84, 3: 2.59, 4: 3.43}
+    fast = timed(0, limit=5, in_flight=3, seconds=0.014, stretches=stretches, side_by_side=4)
+    slow = timed(1, limit=1, seconds=0.062)
+    assert ShortestDelay().choose(sed_request(), [fast, slow]) is slow
+    search = RequestInfo(b"POST", b"/predict", "clip-visual", interactive=True)
+    assert ShortestDelay().choose(search, [fast, slow]) is fast
+    # with one image on it, a second slows that one little: the fast host
+    fast.in_flight = 1
+    assert ShortestDelay().choose(sed_request(), [fast, slow]) is fast
+    # a host with slots (no stretch): a request costs its own time only
+    slots = timed(0, limit=5, in_flight=3, seconds=0.014)
+    assert ShortestDelay().choose(sed_request(), [slots, slow]) is slots
