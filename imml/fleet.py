@@ -24,6 +24,7 @@ from attrs import define, field
 from twisted.logger import Logger
 
 from .backends import BackendAddress
+from .classify import INTERACTIVE
 from .health import DOWN, UP, Health, Transition
 from .host import TASK_BLOCK, TASK_FALL, TASK_MAX_BLOCK, Backend, BackendSettings, Load, TaskHealth
 
@@ -340,6 +341,9 @@ class Fleet:
             if load.joined is not None and load.joined <= backend.loads:
                 # answered before every request it joined: it ran at once
                 backend.limiter.ran_at_once(load.in_flight)
+            alone = backend.service_time(task)
+            if task == INTERACTIVE and alone is not None and seconds >= 0:
+                backend.stats.record_search(seconds, alone * backend.stretch(load.in_flight))
             backend.stats.served += 1
             backend.stats.record_outcome(failed=False)
             # a search sent past the limit (the room a search may take)

@@ -35,6 +35,10 @@ TASK_FALL = 3
 #: How long, at first, in seconds; doubled each time, up to TASK_MAX_BLOCK.
 TASK_BLOCK = 30.0
 TASK_MAX_BLOCK = 600.0
+#: Weight of a search's surprise (how many times longer than expected it
+#: took) in a host's average, and the most one search counts for.
+SURPRISE_ALPHA = 0.2
+MAX_SURPRISE = 20.0
 
 
 @frozen
@@ -101,6 +105,9 @@ class Stats:
     #: without one (or began): when it last stopped being cold.
     warmed: float = float("-inf")
     _last_busy_answer: Optional[float] = None
+    #: A moving average of how many times longer than expected its searches
+    #: took (L{record_search}).
+    search_surprise: float = 1.0
 
     @property
     def last_sample(self) -> Optional[float]:
@@ -145,6 +152,16 @@ class Stats:
         if holds_slot:
             slot = self.slot_time
             self.slot_time = seconds if slot is None else slot + EWMA_ALPHA * (min(seconds, 3 * slot + 0.001) - slot)
+
+    def record_search(self, seconds: float, expected: float) -> None:
+        """
+        A search took C{seconds} where C{expected} seconds were expected.
+        Each counts as at least as expected and at most L{MAX_SURPRISE}
+        times it.
+        """
+        if expected > 0:
+            ratio = min(max(seconds / expected, 1.0), MAX_SURPRISE)
+            self.search_surprise += SURPRISE_ALPHA * (ratio - self.search_surprise)
 
     def record_outcome(self, failed: bool) -> None:
         self.error_rate += EWMA_ALPHA * ((1.0 if failed else 0.0) - self.error_rate)
@@ -267,6 +284,10 @@ class Backend:
     @property
     def side_by_side(self) -> int:
         return self.limiter.side_by_side
+
+    @property
+    def search_surprise(self) -> float:
+        return self.stats.search_surprise
 
     @property
     def up(self) -> bool:

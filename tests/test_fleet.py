@@ -276,3 +276,30 @@ def test_the_hosts_observers_hear_of_hosts_not_of_every_request():
     assert heard > 2
     fleet.finish(load, 0.1)
     assert len(hosts) == heard + 1 and fleet.backends == [a]
+
+
+def test_the_fleet_keeps_how_much_longer_than_expected_a_hosts_searches_take():
+    """
+    A host held to a CPU quota: a search alone takes 6 ms, but one sent
+    beside an image often waits for the quota's next period (80 ms more).
+    The host's searches are then surprising, and say so; on a host whose
+    searches beside an image take what its stretch says, they are not.
+    """
+    clock = task.Clock()
+    fleet = Fleet.from_addresses([BackendAddress("quota"), BackendAddress("fast")], clock)
+    quota, fast = fleet.backends
+    for host in (quota, fast):
+        fleet.check_passed(host)
+        search = fleet.start(host, "clip-textual")
+        clock.advance(0.006)
+        fleet.finish(search, 0.006)  # alone: its unloaded time
+    assert quota.search_surprise == fast.search_surprise == 1.0
+    for _ in range(10):
+        for host, seconds in ((quota, 0.086), (fast, 0.006)):
+            image = fleet.start(host, "clip-visual")
+            search = fleet.start(host, "clip-textual")
+            clock.advance(seconds)
+            fleet.finish(search, seconds)
+            fleet.finish(image, 0.05)
+    assert quota.search_surprise > 5.0
+    assert fast.search_surprise == 1.0

@@ -433,3 +433,17 @@ def test_batch_work_counts_the_time_it_adds_to_the_requests_on_a_real_host():
     # a host with slots (no stretch): a request costs its own time only
     slots = timed(0, limit=5, in_flight=3, seconds=0.014)
     assert ShortestDelay().choose(sed_request(), [slots, slow]) is slots
+
+
+def test_a_search_shuns_a_host_where_searches_took_far_longer_than_expected():
+    """
+    An idle slow host held to a CPU quota: searches there are expected to
+    take 7 ms, but beside its images they have taken six times that.  The
+    fast host, with its images, is sooner.
+    """
+    search = RequestInfo(b"POST", b"/predict", "clip-textual", interactive=True)
+    fast = timed(0, limit=4, proven=3, in_flight=3, seconds=0.007, stretches={4: 3.4}, side_by_side=4)
+    quota = timed(1, limit=2, in_flight=1, seconds=0.007, stretches={2: 2.0})
+    assert ShortestDelay().choose(search, [fast, quota]) is quota
+    quota.search_surprise = 6.0
+    assert ShortestDelay().choose(search, [fast, quota]) is fast

@@ -60,6 +60,8 @@ class FakeBackendView:
         for those not given).
     @ivar side_by_side: The most requests it was seen to run at once: 1
         unless set.
+    @ivar search_surprise: How many times longer than expected its
+        searches took: 1.0 unless set.
     """
 
     address: BackendAddress = field(converter=_address)
@@ -76,6 +78,7 @@ class FakeBackendView:
     answer_in: float | None = None
     stretches: dict[int, float] = field(factory=dict)
     side_by_side: int = 1
+    search_surprise: float = 1.0
 
     @property
     def proven_limit(self) -> int:
