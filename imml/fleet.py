@@ -343,7 +343,7 @@ class Fleet:
                 backend.limiter.ran_at_once(load.in_flight)
             alone = backend.service_time(task)
             if task == INTERACTIVE and alone is not None and seconds >= 0:
-                backend.stats.record_search(seconds, alone * backend.stretch(load.in_flight))
+                backend.stats.record_search(seconds, alone * backend.stretch(load.in_flight), alone)
             backend.stats.served += 1
             backend.stats.record_outcome(failed=False)
             # a search sent past the limit (the room a search may take)

@@ -35,8 +35,9 @@ TASK_FALL = 3
 #: How long, at first, in seconds; doubled each time, up to TASK_MAX_BLOCK.
 TASK_BLOCK = 30.0
 TASK_MAX_BLOCK = 600.0
-#: Weight of a search's surprise (how many times longer than expected it
-#: took) in a host's average, and the most one search counts for.
+#: Weight of a search's surprise (one plus how much longer than expected it
+#: took, in its unloaded times) in a host's average, and the most one
+#: search counts for.
 SURPRISE_ALPHA = 0.2
 MAX_SURPRISE = 20.0
 
@@ -105,8 +106,8 @@ class Stats:
     #: without one (or began): when it last stopped being cold.
     warmed: float = float("-inf")
     _last_busy_answer: Optional[float] = None
-    #: A moving average of how many times longer than expected its searches
-    #: took (L{record_search}).
+    #: A moving average of one plus how much longer than expected its
+    #: searches took, in their unloaded times (L{record_search}).
     search_surprise: float = 1.0
 
     @property
@@ -153,15 +154,17 @@ class Stats:
             slot = self.slot_time
             self.slot_time = seconds if slot is None else slot + EWMA_ALPHA * (min(seconds, 3 * slot + 0.001) - slot)
 
-    def record_search(self, seconds: float, expected: float) -> None:
+    def record_search(self, seconds: float, expected: float, alone: float) -> None:
         """
-        A search took C{seconds} where C{expected} seconds were expected.
-        Each counts as at least as expected and at most L{MAX_SURPRISE}
-        times it.
+        A search took C{seconds} where C{expected} seconds were expected,
+        and C{alone} seconds is its unloaded time: its surprise is one plus
+        the time it took beyond the expected, in unloaded times (a wait
+        for a CPU quota's next period adds time, whatever the load), at
+        most L{MAX_SURPRISE}.
         """
-        if expected > 0:
-            ratio = min(max(seconds / expected, 1.0), MAX_SURPRISE)
-            self.search_surprise += SURPRISE_ALPHA * (ratio - self.search_surprise)
+        if alone > 0:
+            surprise = min(1.0 + max(seconds - expected, 0.0) / alone, MAX_SURPRISE)
+            self.search_surprise += SURPRISE_ALPHA * (surprise - self.search_surprise)
 
     def record_outcome(self, failed: bool) -> None:
         self.error_rate += EWMA_ALPHA * ((1.0 if failed else 0.0) - self.error_rate)

@@ -133,10 +133,10 @@ class ShortestDelay:
     adds to the requests already on the host, which it slows down: on a
     real host, one more request on a fast host already busy can cost the
     batch more than an idle slower host does.  A search counts its own
-    time only: a person waits for it, and it is counted as much longer
-    than its unloaded time and stretch say as searches on that host have
-    lately taken (L{IBackendView.search_surprise}: a host held to a CPU
-    quota by periods may make a search wait for the next period).
+    time only: a person waits for it, plus the time searches on that host
+    have lately taken beyond the expected (L{IBackendView.search_surprise}:
+    a host held to a CPU quota by periods may make a search wait for the
+    next period), on a free slot and after a wait alike.
 
     For an interactive request (a search), a free slot above a host's
     L{IBackendView.proven_limit} (a learned limit probing for more, or the
@@ -195,9 +195,9 @@ class ShortestDelay:
                         cost, t * ((in_flight + 1) * c.stretch(in_flight + 1) - in_flight * c.stretch(in_flight))
                     )
                 else:
-                    # as much longer as searches have taken there than
-                    # expected (a host held to a CPU quota by periods)
-                    cost *= max(c.search_surprise, 1.0)
+                    # plus the time searches have lately taken there beyond
+                    # the expected (a host held to a CPU quota by periods)
+                    cost += t * (max(c.search_surprise, 1.0) - 1.0)
                     # a search sent past the proven limit, where the host
                     # was not seen to run that many at once, either waits
                     # inside it for a slot and then runs there (a host
@@ -220,7 +220,9 @@ class ShortestDelay:
                 wait = self._wait(c, in_flight - usable + request.ahead + 1, self._rate(c, limit, t)) * slowdown
                 # once a slot frees, it runs with the host at its (proven)
                 # limit
-                done = wait + t * c.stretch(usable) * (max(c.search_surprise, 1.0) if interactive else 1.0)
+                done = wait + t * c.stretch(usable)
+                if interactive:
+                    done += t * (max(c.search_surprise, 1.0) - 1.0)
                 if done < wait_cost:
                     wait_cost = done
         if interactive:

@@ -60,8 +60,8 @@ class FakeBackendView:
         for those not given).
     @ivar side_by_side: The most requests it was seen to run at once: 1
         unless set.
-    @ivar search_surprise: How many times longer than expected its
-        searches took: 1.0 unless set.
+    @ivar search_surprise: One plus how much longer than expected its
+        searches took, in their unloaded times: 1.0 unless set.
     """
 
     address: BackendAddress = field(converter=_address)
