@@ -447,3 +447,19 @@ def test_a_search_shuns_a_host_where_searches_took_far_longer_than_expected():
     assert ShortestDelay().choose(search, [fast, quota]) is quota
     quota.search_surprise = 6.0
     assert ShortestDelay().choose(search, [fast, quota]) is fast
+
+
+def test_a_hosts_surprise_is_time_added_to_a_search_there_not_a_factor():
+    """
+    Searches on a busy heavy host have lately taken 70 ms (two unloaded
+    times) more than expected.  Waiting 100 ms for an image to end, then
+    70 ms beside the other, plus those 70: 240 ms, sooner than 250 on an
+    idle medium host.  (As a factor on the 70 ms it would be 310.)
+    """
+    search = RequestInfo(b"POST", b"/predict", "clip-textual", interactive=True)
+    heavy = timed(0, limit=2, in_flight=2, seconds=0.035, answer_in=0.1, stretches={2: 2.0}, throughput=6.0)
+    heavy.search_surprise = 3.0
+    medium = timed(1, limit=1, seconds=0.25)
+    assert ShortestDelay().choose(search, [heavy, medium]) is None  # waits for the heavy host
+    heavy.search_surprise = 4.0  # 105 ms more: 275
+    assert ShortestDelay().choose(search, [heavy, medium]) is medium
