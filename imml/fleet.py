@@ -341,9 +341,10 @@ class Fleet:
             if load.joined is not None and load.joined <= backend.loads:
                 # answered before every request it joined: it ran at once
                 backend.limiter.ran_at_once(load.in_flight)
-            alone = backend.service_time(task)
-            if task == INTERACTIVE and alone is not None and seconds >= 0:
-                backend.stats.record_search(seconds, alone * backend.stretch(load.in_flight), alone)
+            if task == INTERACTIVE and seconds >= 0:
+                alone = backend.service_time(task)
+                if alone is not None:
+                    backend.stats.record_search(seconds, alone * backend.stretch(load.in_flight), alone)
             backend.stats.served += 1
             backend.stats.record_outcome(failed=False)
             # a search sent past the limit (the room a search may take)
