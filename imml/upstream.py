@@ -9,10 +9,13 @@ the caller asks for it at once: then it is I{committed} to a sink (the
 client) and the rest streams through.  L{make_pinger} is the health check's
 exchange: C{GET /ping} on a new connection.
 
-The hosts are reached through one L{Agent} with its own connection pool
-(L{make_pool}), and one endpoint per host (L{_Endpoints}); an C{https://}
-host's connections are wrapped in TLS with the connection creator its
-settings give (L{imml.tls.HostsPolicy}).
+Requests go through one L{imml.hostclient.HostAgent}, which keeps a few
+persistent connections per host (L{make_host_agent}); a request sent again
+on a new connection, and the health check, go through Twisted's L{Agent}
+without persistent connections (L{make_agent}).  Both reach each host
+through one endpoint (L{_Endpoints}); an C{https://} host's connections are
+wrapped in TLS with the connection creator its settings give
+(L{imml.tls.HostsPolicy}).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IPoli
 from zope.interface import implementer
 
 from .health import BadAnswer
+from .hostclient import HostAgent
 from .tls import HostsPolicy
 
 #: Methods whose requests carry no body unless the client sent one.
@@ -366,6 +370,21 @@ def make_pool(reactor: Any, persistent: bool = True) -> HTTPConnectionPool:
     return pool
 
 
+def make_host_agent(reactor: Any, connect_timeout: float, tls: Optional[IPolicyForHTTPS] = None) -> HostAgent:
+    """
+    The balancer's client to the ML hosts, with persistent connections
+    (L{imml.hostclient.HostAgent}: at most 16 idle ones per host, closed
+    after 1 s, before Immich ML's own 2 s keep-alive timeout closes them
+    under us).
+
+    @param tls: the TLS settings of C{https://} hosts (default: the
+        system's CAs, no client certificate).
+    """
+    if tls is None:
+        tls = HostsPolicy(lambda host, port: None)
+    return HostAgent(reactor, _Endpoints(reactor, connect_timeout, tls))
+
+
 def make_agent(
     reactor: Any, connect_timeout: float, pool: HTTPConnectionPool, tls: Optional[IPolicyForHTTPS] = None
 ) -> Agent:
@@ -389,6 +408,7 @@ __all__ = [
     "Sink",
     "Upstream",
     "make_agent",
+    "make_host_agent",
     "make_pinger",
     "make_pool",
     "with_extra",

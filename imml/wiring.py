@@ -44,7 +44,7 @@ from .status import Status
 from .strategies import strategy_named
 from .summary import StartLine
 from .tls import HostsPolicy, TLSSettings
-from .upstream import Upstream, make_agent, make_pinger, make_pool
+from .upstream import Upstream, make_agent, make_host_agent, make_pinger, make_pool
 from .wake import Waker
 from .window import RecentWindow
 
@@ -245,11 +245,11 @@ def build(options: Any, reactor: Any, signals: bool = True) -> Balancer:
         fall=options["fall"],
         settings=dict(plain).__getitem__,
     )
-    pool = make_pool(reactor)
     connect_timeout = options["connect-timeout"]
     tls = HostsPolicy(_tls_of(fleet))
+    hosts_agent = make_host_agent(reactor, connect_timeout, tls)
     upstream = Upstream(
-        make_agent(reactor, connect_timeout, pool, tls),
+        hosts_agent,
         fresh_agent=make_agent(reactor, connect_timeout, make_pool(reactor, persistent=False), tls),
     )
     # The agreement check: the dispatcher asks it which hosts may serve.
@@ -350,7 +350,7 @@ def build(options: Any, reactor: Any, signals: bool = True) -> Balancer:
     )
 
     top = BalancerService(reactor, stopper.hurry if signals else None)
-    Running("pool", lambda: None, pool.closeCachedConnections).setServiceParent(top)
+    Running("pool", lambda: None, hosts_agent.closeCachedConnections).setServiceParent(top)
     Running("agreement", lambda: None, agreement.stop).setServiceParent(top)
     Running("waker", lambda: waker.start(dispatcher.waiting), waker.stop).setServiceParent(top)
     if demo is not None:
