@@ -250,7 +250,9 @@ class _Connection(Protocol):
         self.transport.unregisterProducer()
         if consumer.written != exchange.producer.length:
             self._not_produced(
-                Failure(ValueError(f"the body's producer wrote {consumer.written} bytes, not {exchange.producer.length}")),
+                Failure(
+                    ValueError(f"the body's producer wrote {consumer.written} bytes, not {exchange.producer.length}")
+                ),
                 exchange,
                 unregistered=True,
             )

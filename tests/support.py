@@ -25,6 +25,7 @@ from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.internet.task import deferLater
 from twisted.logger import globalLogPublisher
 from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.resource import Resource
 
 from imml.tap import Options
 from imml.testing import ENTRIES, FakeMLHost, predict_body, start_fake_hosts
@@ -334,3 +335,28 @@ def fetch(port: int, path: str) -> Optional[bytes]:
             return answer.read()
     except OSError:
         return None
+
+
+class Recorder(Resource):
+    """A host that answers every request with what it received of it."""
+
+    isLeaf = True
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def render(self, request):
+        self.seen.append(
+            {
+                "method": request.method,
+                "uri": request.uri,
+                "host": request.getHeader(b"host"),
+                "length": request.getHeader(b"content-length"),
+                "task": request.getHeader(b"x-task"),
+                "body": request.content.read(),
+                "port": request.getClientAddress().port,
+            }
+        )
+        request.setHeader(b"content-type", b"application/json")
+        return b'{"clip":[0.5]}'

@@ -10,14 +10,13 @@ import sys
 from contextlib import asynccontextmanager
 
 import pytest
-from support import ROOT, bounded, hear_out
+from support import ROOT, Recorder, bounded, hear_out
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.web.client import RequestNotSent, ResponseFailed, readBody
 from twisted.web.http_headers import Headers
-from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 sys.path.insert(0, str(ROOT / "bench"))
@@ -26,31 +25,6 @@ from lean_agent import LeanAgent  # noqa: E402
 from lean_client import AnswerCut, BadAnswer, HostConnection, LeanClient  # noqa: E402
 from lean_server_proxy import LeanServer  # noqa: E402
 from minimal_proxy import Body  # noqa: E402
-
-
-class Recorder(Resource):
-    """A host that answers every request with what it received of it."""
-
-    isLeaf = True
-
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def render(self, request):
-        self.seen.append(
-            (
-                request.method,
-                request.uri,
-                request.getHeader(b"host"),
-                request.getHeader(b"content-length"),
-                request.getHeader(b"x-task"),
-                request.content.read(),
-                request.getClientAddress().port,
-            )
-        )
-        request.setHeader(b"content-type", b"application/json")
-        return b'{"clip":[0.5]}'
 
 
 class Canned(Protocol):
@@ -106,7 +80,9 @@ async def test_a_request_arrives_whole_and_its_connection_is_reused():
         second = await client.request(b"POST", host, b"/predict", [], b"")
     assert (first.code, first.body, first.header(b"content-type")) == (200, b'{"clip":[0.5]}', b"application/json")
     assert second.code == 200
-    (m1, uri1, host1, len1, task1, body1, port1), (m2, _, host2, len2, task2, body2, port2) = recorder.seen
+    (m1, uri1, host1, len1, task1, body1, port1), (m2, _, host2, len2, task2, body2, port2) = [
+        tuple(seen.values()) for seen in recorder.seen
+    ]
     assert (m1, uri1, host1, len1, task1, body1) == (b"POST", b"/predict?x=1", host, b"6", b"clip", b"a body")
     assert (m2, host2, len2, task2, body2) == (b"POST", host, b"0", None, b"")
     assert port1 == port2  # one connection for both
@@ -239,7 +215,9 @@ async def test_the_lean_agent_sends_a_produced_body_and_streams_the_answer():
         assert await readBody(response) == b'{"clip":[0.5]}'
         again = await agent.request(b"GET", b"http://" + host + b"/")
         await readBody(again)
-    (method, uri, sent_host, length, task, body, port1), (_, _, _, _, _, _, port2) = recorder.seen
+    (method, uri, sent_host, length, task, body, port1), (_, _, _, _, _, _, port2) = [
+        tuple(seen.values()) for seen in recorder.seen
+    ]
     assert (method, uri, sent_host, length, task, body) == (b"POST", b"/predict", host, b"6", b"clip", b"a body")
     assert port1 == port2
 
