@@ -8,10 +8,9 @@ StringTransport where the answer's splitting does.
 
 import pytest
 from support import Recorder, bounded
-from twisted.internet import error, reactor
+from twisted.internet import error, reactor, task
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet import task
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.web.client import (
