@@ -11,7 +11,8 @@ at each level it measures the work the host completes per second while kept
 at that level, and
 
 - raises the limit while a request more in flight buys at least L{GAIN}
-  more throughput than the level below;
+  more throughput than the level below, in two windows running (the
+  second smoothed with the first);
 - holds at the knee, the highest level that still does, and tries one more
   only now and then (the probe's request pays for it on a host with slots,
   waiting inside it), less often each time it buys nothing;
@@ -119,7 +120,8 @@ class Limit:
     _window: Optional[_Window] = None
     #: Answers at the knee since the level above was last tried.
     _held: int = 0
-    #: A probe above the ceiling bought throughput once already.
+    #: The level held (a probe above the ceiling, or a level climbed to)
+    #: bought throughput in its last window already.
     _confirmed: bool = False
     #: The level held measured no gain over the one below in its last
     #: window (not clearly less): one more such window and it is left.
@@ -314,6 +316,7 @@ class Limit:
         above = self._fresh(level + 1, now)
         doubted, self._doubted = self._doubted, False
         if below is not None and rate < below * (1 + GAIN):
+            self._confirmed = False
             if rate < below * (1 - GAIN) or doubted:
                 self._reject(level)
             else:
@@ -347,6 +350,12 @@ class Limit:
             self._held += max(WINDOW, 4 * level)
             if self._held >= self.probe_after:
                 self._move(level + 1)
+        elif level > 1 and not self._confirmed:
+            # The level paid over the one below: climb on once a second
+            # window says so too (one window can be lucky, and a host that
+            # gains nothing from a request more, a CPU quota's, would climb
+            # on luck alone and make every request wait longer).
+            self._confirmed = True
         else:
             self._move(level + 1)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 
+import pytest
 from attrs import define, evolve, field
 from twisted.internet.task import Clock
 
@@ -179,7 +180,7 @@ def test_the_stretch_of_a_request_follows_the_throughput_measured_at_each_level(
     assert 1.2 < limit.stretch(2) < 2.0 and limit.stretch(2) < limit.stretch(3) < 3.0
     # past the highest level measured, each one more is pure waiting
     top = max(level for level in range(1, 20) if limit.throughput(level) is not None)
-    assert limit.stretch(top + 2) == (top + 2) / top * limit.stretch(top)
+    assert limit.stretch(top + 2) == pytest.approx((top + 2) / top * limit.stretch(top))
     slots = Driven(Limit(), SLOTS_2)
     slots.run(30.0)
     assert slots.limit.stretch(2) < 1.2  # two slots: the second request waits for nothing
@@ -233,14 +234,31 @@ def test_one_unlucky_measurement_does_not_bring_the_limit_down():
     """
     On a busy machine one window at a level can measure no better than the
     level below while the level does pay: the limit measures it again before
-    coming down, and climbs on when the second window shows the gain.
+    coming down, and climbs on when two windows show the gain.
     """
     paced = Paced(Limit())
     paced.until_judged(1.0)
     assert paced.limit.value == 2
     assert set(paced.until_judged(0.99)) == {2}  # unlucky, not clearly less: measured again
+    assert set(paced.until_judged(1.2)) == {2}  # a gain: measured again
     paced.until_judged(1.2)
     assert paced.limit.value == 3 and paced.limit.ceiling is None
+
+
+def test_one_lucky_measurement_does_not_raise_the_limit():
+    """
+    A host that gains nothing from a second request (one held to a CPU
+    quota) can measure better at two in one window by luck: the limit
+    climbs only when a second window says so too, and here comes back down.
+    """
+    paced = Paced(Limit())
+    paced.until_judged(1.0)
+    assert paced.limit.value == 2
+    seen = paced.until_judged(1.08)  # lucky
+    seen += paced.until_judged(0.98)
+    seen += paced.until_judged(0.98)
+    assert 3 not in seen
+    assert paced.limit.value == 1 and paced.limit.ceiling == 2
 
 
 def test_a_level_measured_twice_without_gain_is_left():
