@@ -300,6 +300,8 @@ class Fleet:
         now = backend.last_start = self.clock.seconds()
         starts: Optional[float] = now
         limiter = backend.limiter
+        if backend.in_flight == 1:
+            limiter.occupied(now)
         if backend.in_flight > max(limiter.proven, limiter.side_by_side):
             starts = None
             backend.queued_inside += 1
@@ -322,6 +324,8 @@ class Fleet:
         busy = backend.in_flight >= backend.limit
         backend.loads.remove(load)
         backend.in_flight -= 1
+        if not backend.in_flight:
+            backend.limiter.emptied(self.clock.seconds())
         if load.starts is None:
             backend.queued_inside -= 1
         elif backend.queued_inside:

@@ -24,7 +24,9 @@ at that level, and
 
 A level is measured over at least L{WINDOW} answers and L{MIN_SPAN}
 seconds, so that a moment when the machine takes the host's CPU away
-weighs little.
+weighs little, less the time the host had no request at all (between an
+answer and the next request sent, a host at one request in flight is idle
+by the balancer's doing, not its own).
 
 Work is counted in each answer's unloaded service time for its task, so a
 mix of cheap searches and costly images measures as one throughput.  A host
@@ -85,6 +87,8 @@ class _Window:
     #: Answers still to pass before measuring: those sent at the level before.
     skip: int
     started: Optional[float] = None
+    #: The host's idle seconds in all (L{Limit.idle_total}) when it started.
+    idle_at_start: float = 0.0
     work: float = 0.0
     answers: int = 0
     #: The sum of its answers' stretches.
@@ -126,6 +130,10 @@ class Limit:
     #: The level held measured no gain over the one below in its last
     #: window (not clearly less): one more such window and it is left.
     _doubted: bool = False
+    #: Seconds the host had no request at all, in all, and since when it has
+    #: none now (None: it has some).
+    idle_total: float = 0.0
+    _idle_since: Optional[float] = None
 
     @property
     def value(self) -> int:
@@ -190,6 +198,20 @@ class Limit:
         """
         if level > self.side_by_side:
             self.side_by_side = level
+
+    def emptied(self, now: float) -> None:
+        """
+        The host's last request in flight ended at C{now}: it is idle.
+        """
+        self._idle_since = now
+
+    def occupied(self, now: float) -> None:
+        """
+        A request was sent to the idle host at C{now}.
+        """
+        since, self._idle_since = self._idle_since, None
+        if since is not None and now > since:
+            self.idle_total += now - since
 
     def restart(self) -> None:
         """
@@ -269,7 +291,7 @@ class Limit:
         previous = self._stretches.get(level)
         self._stretches[level] = stretch if previous is None else previous + STRETCH_ALPHA * (stretch - previous)
         if window.started is None:
-            window.started = now
+            window.started, window.idle_at_start = now, self.idle_total
             return
         window.work += work
         window.answers += 1
@@ -286,7 +308,11 @@ class Limit:
             self._reject(level)
         elif window.answers >= max(WINDOW, 4 * level) and now - window.started >= MIN_SPAN:
             self._window = None
-            self._judge(level, window.work / (now - window.started), now)
+            # The time the host had no request is not the host's: at one in
+            # flight, the balancer kept it idle between its requests.
+            span = now - window.started - (self.idle_total - window.idle_at_start)
+            if span > 0:
+                self._judge(level, window.work / span, now)
 
     def _only_waiting(self, level: int, stretch: float) -> bool:
         """

@@ -3,6 +3,7 @@ What the fleet learns from answers: throughput at the limit, fair service
 times.
 """
 
+import pytest
 from twisted.internet import task
 
 from imml.backends import BackendAddress
@@ -28,6 +29,20 @@ def test_throughput_is_measured_from_answers_while_the_host_is_kept_busy():
     fleet.finish(loads.pop(0), 0.04)
     assert abs(fast.throughput - 50.0) < 0.5
     assert fast.in_flight == 0 and fast.loads == set()
+
+
+def test_the_limit_is_told_when_a_host_has_no_request():
+    clock = task.Clock()
+    fleet = Fleet.from_addresses([BackendAddress("slow")], clock)
+    slow = fleet.backends[0]
+    fleet.check_passed(slow)
+    for _ in range(3):  # 50 ms with a request, then 30 ms with none
+        load = fleet.start(slow, "clip-visual")
+        clock.advance(0.05)
+        fleet.finish(load, 0.05)
+        clock.advance(0.03)
+    fleet.start(slow, "clip-visual")
+    assert slow.limiter.idle_total == pytest.approx(0.09)
 
 
 def _medium_host():

@@ -275,3 +275,25 @@ def test_a_level_clearly_worse_than_the_one_below_is_left_at_once():
     paced.until_judged(1.0)
     paced.until_judged(0.9)
     assert paced.limit.value == 1 and paced.limit.ceiling == 2
+
+
+def test_the_time_a_host_had_no_request_is_not_counted():
+    """
+    A host at one request in flight that the balancer leaves idle between
+    its requests (the next one went elsewhere) is measured over the time it
+    had one: as fast as it is, not half as fast, or a second request in
+    flight would seem to double its throughput.
+    """
+    limit = Limit()
+    now, work = 0.0, 0.01
+    limit.answered("clip-visual", work, 1, now)  # alone: the baseline
+    limit.emptied(now)
+    for _ in range(200):
+        now += work  # idle as long as it works
+        limit.occupied(now)
+        now += work
+        limit.emptied(now)
+        limit.answered("clip-visual", work, 1, now, busy=True, alone=True)
+        if limit.throughput(1) is not None:
+            break
+    assert limit.throughput(1) == pytest.approx(1.0)
