@@ -357,22 +357,21 @@ class Fleet:
             holds_slot = load.in_flight <= backend.limit
             if holds_slot:
                 backend.stats.record_answer(self.clock.seconds(), busy)
-            # The service time is averaged over fair samples only: an answer
-            # that queued inside the host (the wait is in the throughput
+            # The service time is averaged over what answers say of the
+            # host's unloaded time (Limit.answered): an answer that queued
+            # inside a host with slots (the wait is in the throughput
             # already) or waited for a model to load says little of it; nor
             # does a time measured across a clock set back (negative).
-            if seconds >= 0 and (
-                backend.limiter.answered(
-                    task,
-                    seconds,
-                    load.in_flight,
-                    self.clock.seconds(),
-                    busy,
-                    alone=load.in_flight == 1 and load.number == backend.started,
-                )
-                or (task or "other") not in backend.stats.service_time
-            ):
-                backend.stats.record_time(task, seconds, self.clock.seconds(), holds_slot)
+            if seconds >= 0:
+                now = self.clock.seconds()
+                alone = load.in_flight == 1 and load.number == backend.started
+                unloaded = backend.limiter.answered(task, seconds, load.in_flight, now, busy, alone)
+                if unloaded == seconds or (task or "other") not in backend.stats.service_time:
+                    backend.stats.record_time(task, seconds, now, holds_slot)
+                elif unloaded is not None:
+                    # beside others: the time it would have taken alone,
+                    # which says nothing of how long it held its slot
+                    backend.stats.record_time(task, unloaded, now, holds_slot=False)
         self.changed(hosts=left)
 
     def task_failed(self, backend: Backend, task: Optional[str]) -> None:

@@ -237,18 +237,25 @@ class Limit:
         now: float = 0.0,
         busy: bool = False,
         alone: bool = False,
-    ) -> bool:
+    ) -> Optional[float]:
         """
         A request of C{task} was answered in C{seconds}, at C{now}; C{in_flight}
         requests were on the host when it was sent (itself included); C{busy}:
         the host had its limit of requests when it answered; C{alone}: no
         other request was on the host from its start to its answer.
 
-        @return: whether the answer is a fair sample of the host's unloaded
-            service time: not slowed by others on the host, not a model
-            loading.  An answer given alone is, however long it took (a host
-            held to a CPU quota is quick at the start of each period, slow
-            at its end: its quickest answers are not its usual ones).
+        @return: what the answer says of the host's unloaded service time,
+            or None when it says nothing (a model loading; a wait inside a
+            host with slots):
+              - an answer given alone: its time, however long it took (a
+                host held to a CPU quota is quick at the start of each
+                period, slow at its end: its quickest answers are not its
+                usual ones);
+              - an answer hardly slower than the quickest: its time;
+              - an answer given beside others, at a level whose throughput
+                is measured: its time over the stretch there.  Taking the
+                quick ones alone would tell a quota-held host's quickest
+                answers, not its usual ones.
         """
         key = task or "other"
         baseline = self._baseline.get(key)
@@ -263,11 +270,15 @@ class Limit:
             full = self.slots if self.slots is not None else self.learned
             if self.ramp >= full:
                 self.ramp = None
-        outlier = seconds >= baseline * OUTLIER
-        fair = not outlier and (alone or seconds <= baseline * QUEUEING + QUEUEING_SLACK)
-        if self.slots is None and not outlier and self.ramp is None:
+        if seconds >= baseline * OUTLIER:
+            return None
+        if self.slots is None and self.ramp is None:
             self._measure(baseline, seconds / baseline if baseline > 0 else 1.0, now, busy)
-        return fair
+        if alone or seconds <= baseline * QUEUEING + QUEUEING_SLACK:
+            return seconds
+        if in_flight > 1 and in_flight in self._rates:
+            return seconds / self.stretch(in_flight)
+        return None
 
     # -- climbing the throughput curve --------------------------------------
 

@@ -146,7 +146,7 @@ def test_the_limit_learns_nothing_while_the_host_is_not_kept_at_it():
 def test_a_cold_model_load_teaches_nothing():
     limit = Limit(learned=3)
     limit.answered("clip-visual", 0.04, 3)
-    assert limit.answered("clip-visual", 20.0, 3) is False  # the model was loading
+    assert limit.answered("clip-visual", 20.0, 3) is None  # the model was loading
     assert limit.value == 3
 
 
