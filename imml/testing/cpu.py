@@ -17,7 +17,11 @@ next period, so a request started early in a period is quick and one that
 meets the end of it is slow.  When more than one request runs and together
 they want more than the cores, a share C{waste} of the CPU they get does no
 work: ONNX Runtime's intra-op threads busy-wait for each other while the
-system runs another request's threads.
+system runs another request's threads.  When an inference ends and no other
+is running, its threads C{spin} a while before they sleep, sharing the cores
+with the next request's Python work: under a quota that spends the period's
+CPU, so a quota-held host running one request at a time does less than one
+kept busy with two.
 
 So, as on a real host, each request takes longer with more in flight, and
 throughput rises only while one request's Python work can overlap another's
@@ -63,6 +67,8 @@ class CPUProfile:
         C{period} CPU-seconds on up to C{machine} cores (Linux's CPU
         bandwidth control; its default period is 0.1 s).
     @ivar machine: the cores of the machine, with a C{period}.
+    @ivar spin: seconds an inference's threads keep spinning once it ends,
+        until another inference starts.
     """
 
     cores: float = field(default=2.0, validator=validators.gt(0))
@@ -73,6 +79,7 @@ class CPUProfile:
     waste: float = field(default=0.0, validator=[validators.ge(0), validators.lt(1)])
     period: Optional[float] = field(default=None, validator=validators.optional(validators.gt(0)))
     machine: float = field(default=2.0, validator=validators.gt(0))
+    spin: float = field(default=0.0, validator=validators.ge(0))
 
     @property
     def speed(self) -> float:
@@ -98,22 +105,25 @@ class CPUProfile:
 # takes 4-6 ms.  Immich gives each model 2 intra-op threads, and the second
 # spins while the first computes: an inference keeps 2 cores busy even when
 # its operators run on one thread (parallelism 2.0, the spinning counted in
-# its CPU-seconds).  With 2 or more requests contending for the cores, the
-# threads' busy-waiting wastes a share of them.  The fake host's own
-# handling adds about 2 ms to an answer alone (0.3 ms at full load), which
-# the light profile leaves out: its processor alone takes 12 ms for the
-# 14 ms a client sees.
+# its CPU-seconds), and both spin on for about 10 ms after it, beside the
+# next request's handling: held to 0.4 cores by a cgroup, the service spends
+# 28 ms of CPU per light image one at a time and 24 ms two at a time, and
+# does 14 images/s one at a time against 16-17 with more.  With 2 or more
+# requests contending for the cores, the threads' busy-waiting wastes a
+# share of them.  The fake host's own handling adds about 2 ms to an answer
+# alone (0.3 ms at full load), which the light profile leaves out: its
+# processor alone takes 12 ms for the 14 ms a client sees.
 
 #: A light image model whose operators are too small for ONNX Runtime to
 #: split (as the light model of issue 12's measurement): alone 13-14 ms per
 #: image and 68-70 images/s; 2 in flight 75-85/s, 3 to 6 in flight 82-88/s,
 #: at 70 ms each with 6.
-LIGHT = CPUProfile(cores=2.0, threads=2, parallelism=2.0, python=0.0045, inference=0.0155, waste=0.12)
+LIGHT = CPUProfile(cores=2.0, threads=2, parallelism=2.0, python=0.0045, inference=0.0155, waste=0.12, spin=0.01)
 #: A heavy image model (130-145 ms of inference alone, its products split
 #: over both threads): one request fills the cores, and with 2 or more in
 #: flight the waste costs about a sixth of the throughput: alone 154-167 ms
 #: and 5.9-6.4 images/s, then 4.9-5.9/s.
-HEAVY = CPUProfile(cores=2.0, threads=2, parallelism=2.0, python=0.006, inference=0.30, waste=0.15)
+HEAVY = CPUProfile(cores=2.0, threads=2, parallelism=2.0, python=0.006, inference=0.30, waste=0.15, spin=0.01)
 #: The profiles by name (C{python -m imml.testing --cpu NAME}).
 PROFILES = {"light": LIGHT, "heavy": HEAVY}
 
@@ -154,6 +164,9 @@ class SharedCPU:
     #: With a quota's period: which period it is, and the CPU-seconds used in it.
     _period: int = 0
     _used: float = 0.0
+    #: Until when the threads of the last inference spin, and on how many cores.
+    _spin_until: float = float("-inf")
+    _spinning: float = 0.0
 
     @property
     def running(self) -> int:
@@ -166,7 +179,8 @@ class SharedCPU:
         """
         Cores in use now.
         """
-        return sum(w.rate for w in self._python) + sum(w.rate for w in self._inferring)
+        spinning = self._spinning if self.clock.seconds() < self._spin_until else 0.0
+        return sum(w.rate for w in self._python) + sum(w.rate for w in self._inferring) + spinning
 
     def submit(self, python: float, inference: float, done: Callable[[], None]) -> Work:
         """
@@ -208,6 +222,7 @@ class SharedCPU:
             for work in self._inferring:
                 work.left -= work.rate * elapsed
             self._used += self._using * elapsed
+            self._used += self._spinning * max(0.0, min(now, self._spin_until) - (now - elapsed))
         period = self.profile.period
         if period is not None:
             # (a timer set for a period's end may fire a hair before it)
@@ -234,6 +249,8 @@ class SharedCPU:
                 work.state = _DONE
                 finished.append(work)
                 moved = True
+                if not self._inferring:
+                    self._spin_until = self.clock.seconds() + self.profile.spin
             while self._queued and len(self._inferring) < self.profile.threads:
                 work = self._queued.popleft()
                 work.state = _INFERRING
@@ -247,12 +264,17 @@ class SharedCPU:
             (w.left / w.rate for w in self._python + self._inferring if w.rate > 0),
             default=None,
         )
+        now = self.clock.seconds()
+        if self._spinning and now < self._spin_until:
+            # the threads go to sleep
+            soonest = self._spin_until - now if soonest is None else min(soonest, self._spin_until - now)
         period = self.profile.period
         if period is not None and (self._python or self._inferring):
             # the quota runs out, or the next period begins
-            turn = (self._period + 1) * period - self.clock.seconds()
-            if self._using > 0:
-                turn = min(turn, (self._budget() - self._used) / self._using)
+            turn = (self._period + 1) * period - now
+            using = self._using + (self._spinning if now < self._spin_until else 0.0)
+            if using > 0:
+                turn = min(turn, (self._budget() - self._used) / using)
             soonest = turn if soonest is None else min(soonest, turn)
         if soonest is not None:
             self._call = self.clock.callLater(max(soonest, 0.0), self._tick)
@@ -268,12 +290,18 @@ class SharedCPU:
         """
         profile = self.profile
         python = 1.0 if self._python else 0.0
+        # the threads of the last inference spin until another starts or
+        # they go to sleep, sharing the cores as any thread does
+        if self._inferring:
+            self._spin_until = float("-inf")
+        spin = profile.parallelism if self.clock.seconds() < self._spin_until else 0.0
         demand = python + profile.parallelism * len(self._inferring)
         cores = profile.speed
         if profile.period is not None and self._used >= self._budget() - _EPSILON:
             cores = 0.0  # the quota is spent until the next period
-        self._using = min(demand, cores)
-        scale = 1.0 if demand <= cores else cores / demand
+        scale = 1.0 if demand + spin <= cores else cores / (demand + spin)
+        self._spinning = spin * scale
+        self._using = demand * scale
         if demand > cores and len(self._python) + len(self._inferring) > 1:
             scale *= 1.0 - profile.waste
         for work in self._python:
