@@ -307,11 +307,15 @@ class Limit:
         window.work += work
         window.answers += 1
         window.stretched += stretch
-        probing = self.ceiling is not None and level >= self.ceiling
+        # Trying again a level that bought nothing before, on a host not
+        # seen to run that many requests at once (a host with slots: the
+        # request more waits inside it) ...
+        probing = self.ceiling is not None and level >= self.ceiling and self.side_by_side < level
         if probing and window.answers == QUICK and self._only_waiting(level, window.stretched / QUICK):
-            # Trying again a level that bought nothing before, the answers
-            # took as much longer as if the request more in flight only
-            # waited (a host with slots): no need to pay for measuring on.
+            # ... the answers took as much longer as if the request more in
+            # flight only waited: no need to pay for measuring on.  (On a
+            # host that shares its processor, a few answers cannot tell a
+            # small gain from none: the level is measured in full.)
             self._window = None
             below = self._rates.get(level - 1)
             if below is not None:

@@ -14,7 +14,7 @@ import pytest
 from attrs import define, evolve, field
 from twisted.internet.task import Clock
 
-from imml.limits import PROBE_AFTER, Limit
+from imml.limits import PROBE_AFTER, QUICK, Limit
 from imml.testing.cpu import HEAVY, LIGHT, CPUProfile, SharedCPU
 
 #: Two slots of 40 ms: a host that is a set of slots.
@@ -297,3 +297,28 @@ def test_the_time_a_host_had_no_request_is_not_counted():
         if limit.throughput(1) is not None:
             break
     assert limit.throughput(1) == pytest.approx(1.0)
+
+
+def test_a_probe_on_a_host_that_runs_requests_at_once_is_measured_in_full():
+    """
+    On a host seen to run three requests at once (a real host), the first
+    few answers of a probe of three that took as long as pure waiting
+    would make them (an unlucky moment) do not end it: the level is
+    measured in full, and kept when it pays.  On a host with slots they
+    would (the request more waits inside it).
+    """
+    for side_by_side, kept in ((3, True), (2, False)):
+        paced = Paced(Limit())
+        paced.limit.ran_at_once(side_by_side)
+        paced.until_judged(1.0)
+        paced.until_judged(1.2)
+        paced.until_judged(1.2)
+        assert paced.limit.value == 3
+        paced.until_judged(1.2)
+        paced.until_judged(1.2)  # no gain at 3, twice: the ceiling
+        assert paced.limit.value == 2 and paced.limit.ceiling == 3
+        while paced.limit.value == 2:
+            paced.answers(1.2, 1)  # held at the knee until the probe
+        seen = paced.answers(0.9, QUICK + 3)  # unlucky first answers
+        seen += paced.until_judged(1.45)
+        assert (min(seen) == 3) is kept
