@@ -89,10 +89,11 @@ def ours_seconds(procs: Processes) -> float:
 
 
 class FakeHost:
-    """The fake, python -m imml.testing --cpu MODEL [--cores C]."""
+    """The fake, python -m imml.testing --cpu MODEL [--cores C --period 0.1]."""
 
     def __init__(self, procs: Processes, name: str, model: str, cores: float | None, extra: list[str]) -> None:
-        options = ["--cpu", model] + (["--cores", f"{cores:g}"] if cores else []) + extra
+        # a slow host's quota by 100 ms periods, as the real one's cgroup holds it
+        options = ["--cpu", model] + (["--cores", f"{cores:g}", "--period", "0.1"] if cores else []) + extra
         self.fake = Fake(procs, (name, None, None, None, options))
         self.fake.start()
         self.procs, self.name, self.port, self.proc = procs, name, self.fake.port, self.fake.proc

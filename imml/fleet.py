@@ -357,11 +357,12 @@ class Fleet:
             holds_slot = load.in_flight <= backend.limit
             if holds_slot:
                 backend.stats.record_answer(self.clock.seconds(), busy)
-            # The service time is averaged over what answers say of the
-            # host's unloaded time (Limit.answered): an answer that queued
-            # inside a host with slots (the wait is in the throughput
-            # already) or waited for a model to load says little of it; nor
-            # does a time measured across a clock set back (negative).
+            # The service time is averaged over what each answer says of
+            # the host's unloaded time (Limit.answered): its own time, or
+            # its time beside others over the stretch measured at their
+            # number; nothing when it waited for a model to load or was
+            # slowed where nothing is measured, nor when it was measured
+            # across a clock set back (negative).
             if seconds >= 0:
                 now = self.clock.seconds()
                 alone = load.in_flight == 1 and load.number == backend.started

@@ -18,10 +18,11 @@ meets the end of it is slow.  When more than one request runs and together
 they want more than the cores, a share C{waste} of the CPU they get does no
 work: ONNX Runtime's intra-op threads busy-wait for each other while the
 system runs another request's threads.  When an inference ends and no other
-is running, its threads C{spin} a while before they sleep, sharing the cores
-with the next request's Python work: under a quota that spends the period's
-CPU, so a quota-held host running one request at a time does less than one
-kept busy with two.
+is running, its threads C{spin} a while before they sleep, on the cores no
+work wants (between two requests, and beside the next one's Python work):
+that costs a host with cores to spare nothing, but under a quota it spends
+the period's CPU, so a quota-held host running one request at a time does
+less than one kept busy with two.
 
 So, as on a real host, each request takes longer with more in flight, and
 throughput rises only while one request's Python work can overlap another's
@@ -68,7 +69,7 @@ class CPUProfile:
         bandwidth control; its default period is 0.1 s).
     @ivar machine: the cores of the machine, with a C{period}.
     @ivar spin: seconds an inference's threads keep spinning once it ends,
-        until another inference starts.
+        until another inference starts, on the cores no work wants.
     """
 
     cores: float = field(default=2.0, validator=validators.gt(0))
@@ -105,10 +106,11 @@ class CPUProfile:
 # takes 4-6 ms.  Immich gives each model 2 intra-op threads, and the second
 # spins while the first computes: an inference keeps 2 cores busy even when
 # its operators run on one thread (parallelism 2.0, the spinning counted in
-# its CPU-seconds), and both spin on for about 10 ms after it, beside the
-# next request's handling: held to 0.4 cores by a cgroup, the service spends
-# 28 ms of CPU per light image one at a time and 24 ms two at a time, and
-# does 14 images/s one at a time against 16-17 with more.  With 2 or more
+# its CPU-seconds), and both spin on for about 10 ms after it, between two
+# requests and beside the next one's handling: held to 0.4 cores by a
+# cgroup, the service spends 26-28 ms of CPU per light image one at a time
+# and 22-24 ms two at a time, and does 14-15 images/s one at a time against
+# 16-18 with more.  With 2 or more
 # requests contending for the cores, the threads' busy-waiting wastes a
 # share of them.  The fake host's own handling adds about 2 ms to an answer
 # alone (0.3 ms at full load), which the light profile leaves out: its
@@ -290,18 +292,17 @@ class SharedCPU:
         """
         profile = self.profile
         python = 1.0 if self._python else 0.0
-        # the threads of the last inference spin until another starts or
-        # they go to sleep, sharing the cores as any thread does
-        if self._inferring:
-            self._spin_until = float("-inf")
-        spin = profile.parallelism if self.clock.seconds() < self._spin_until else 0.0
         demand = python + profile.parallelism * len(self._inferring)
         cores = profile.speed
         if profile.period is not None and self._used >= self._budget() - _EPSILON:
             cores = 0.0  # the quota is spent until the next period
-        scale = 1.0 if demand + spin <= cores else cores / (demand + spin)
-        self._spinning = spin * scale
-        self._using = demand * scale
+        self._using = min(demand, cores)
+        # the threads of the last inference spin on the cores no work wants,
+        # until another inference starts or they go to sleep
+        if self._inferring:
+            self._spin_until = float("-inf")
+        self._spinning = max(0.0, min(profile.parallelism, cores - self._using))
+        scale = 1.0 if demand <= cores else cores / demand
         if demand > cores and len(self._python) + len(self._inferring) > 1:
             scale *= 1.0 - profile.waste
         for work in self._python:
