@@ -74,7 +74,10 @@ MAX_IDLE = 16
 IDLE_SECONDS = 1.0
 
 _DEFAULT_PORT = {b"http": b"80", b"https": b"443"}
-_BODILESS = (b"POST", b"PUT")
+#: Methods whose requests say C{Content-Length: 0} when they carry no body.
+_LENGTH_ZERO = (b"POST", b"PUT")
+#: The most URLs' hosts kept (a DNS pool's hosts may change for ever).
+_MAX_HOSTS = 1024
 
 # What the parser of a connection expects next.
 _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILER, _UNTIL_CLOSE = range(7)
@@ -512,6 +515,8 @@ class HostAgent:
         base, path = (uri, b"/") if start < 0 else (uri[:start], uri[start:])
         host = self._hosts.get(base)
         if host is None:
+            if len(self._hosts) >= _MAX_HOSTS:
+                self._hosts.clear()
             host = self._hosts[base] = _host_of(base)
         key, host_value = host
         lines = [method, b" ", path, b" HTTP/1.1\r\n"]
@@ -521,7 +526,7 @@ class HostAgent:
             if bodyProducer.length is UNKNOWN_LENGTH:
                 return fail(ValueError("a request body of unknown length"))
             lines += [b"Content-Length: %d\r\n" % bodyProducer.length]
-        elif method in _BODILESS:
+        elif method in _LENGTH_ZERO:
             lines += [b"Content-Length: 0\r\n"]
         if headers is not None:
             for name, values in headers.getAllRawHeaders():
