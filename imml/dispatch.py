@@ -80,6 +80,36 @@ class _Slots:
         return str(self.backend)
 
 
+@implementer(IBackendView)
+class _Untried:
+    """
+    An idle host that answered nothing for a while (L{Backend.untried}), as
+    batch work sees it: its estimates unknown, so that a strategy that
+    goes by them tries it again rather than shun it for good.
+    """
+
+    __slots__ = ("backend",)
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.backend, name)
+
+    def service_time(self, task: Optional[str]) -> None:
+        return None
+
+    @property
+    def slot_time(self) -> None:
+        return None
+
+    def has_free_slot(self) -> bool:
+        return self.backend.has_free_slot()
+
+    def __str__(self) -> str:
+        return str(self.backend)
+
+
 class Gate(Protocol):
     """
     Who else decides whether a host may serve a request (the agreement
@@ -237,8 +267,9 @@ class Dispatcher:
                 else b
                 for b in candidates
             ]
+        views = [_Untried(b) if b.untried() else b for b in candidates]
         if now - self._searched >= self.pace_while_searching:
-            return candidates
+            return views
         quickest = self._quickest_for_searches()
         return [
             _Slots(b, b.limit - 1, max(1, b.proven_limit - 1))
@@ -247,8 +278,8 @@ class Dispatcher:
             and b.limit >= 2
             and b.limiter.knows(b.limit)
             and self._long(b, info.task)
-            else b
-            for b in candidates
+            else v
+            for b, v in zip(candidates, views)
         ]
 
     def _quickest_for_searches(self) -> Optional[Backend]:
@@ -286,7 +317,7 @@ class Dispatcher:
                 backend=str(chosen),
             )
             return None
-        if isinstance(chosen, _Slots):
+        if isinstance(chosen, (_Slots, _Untried)):
             chosen = chosen.backend
         if chosen is not None and not info.interactive and now - self._searched < self.pace_while_searching:
             ready = self._paced_until(chosen, now)

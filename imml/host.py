@@ -25,6 +25,13 @@ EWMA_ALPHA = 0.2
 #: A service-time average older than this many seconds is not trusted: the
 #: host may have warmed up (or gone cold) since.
 STALE_AFTER = 60.0
+#: A host with nothing in flight that answered nothing for this many
+#: seconds is tried again: batch work sees it as untried (its estimates
+#: unknown, L{imml.dispatch}), and its next answer starts its estimates
+#: afresh.  A host once found slow (one answer that met the end of a CPU
+#: quota's period) would otherwise get no work, and so no answer to show
+#: it is faster.
+RETRY_IDLE = 10.0
 #: Immich ML unloads a model after this many idle seconds (its default
 #: MACHINE_LEARNING_MODEL_TTL): a host that answered nothing for longer is
 #: cold, and its next answer will be slow.
@@ -145,14 +152,17 @@ class Stats:
         if last is None or now - last > MODEL_TTL:
             self.warmed = now
         old = self.service_time.get(key)
-        if old is None:
+        if old is None or now - self.updated.get(key, now) > RETRY_IDLE:
             self.service_time[key] = seconds
         else:
             self.service_time[key] = old + EWMA_ALPHA * (min(seconds, 3 * old + 0.001) - old)
         self.updated[key] = now
         if holds_slot:
             slot = self.slot_time
-            self.slot_time = seconds if slot is None else slot + EWMA_ALPHA * (min(seconds, 3 * slot + 0.001) - slot)
+            if slot is None or last is None or now - last > RETRY_IDLE:
+                self.slot_time = seconds
+            else:
+                self.slot_time = slot + EWMA_ALPHA * (min(seconds, 3 * slot + 0.001) - slot)
 
     def record_search(self, seconds: float, expected: float, alone: float) -> None:
         """
@@ -312,6 +322,14 @@ class Backend:
         """
         last = self.stats.last_sample
         return self.health.up and (last is None or self._now() - last > MODEL_TTL)
+
+    def untried(self) -> bool:
+        """
+        Whether the host is to be tried again: nothing in flight, and no
+        answer for L{RETRY_IDLE} seconds (it has answered before).
+        """
+        last = self.stats.last_sample
+        return not self.in_flight and last is not None and self._now() - last > RETRY_IDLE
 
     def stretch(self, in_flight: int) -> float:
         return self.limiter.stretch(in_flight)

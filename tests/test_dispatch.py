@@ -446,3 +446,38 @@ def test_a_search_runs_beside_batch_work_past_a_learned_limit_when_that_is_no_sl
         assert search == [] and host.in_flight == 1
         fleet.finish(image.load, 0.3)
         assert search == [host]
+
+
+def test_an_idle_host_once_found_slow_is_tried_again_by_batch_work_not_searches():
+    """
+    A host whose answers were slow gets no work from shortest-delay while a
+    faster one has room; once it has had nothing for RETRY_IDLE seconds, a
+    batch request tries it again (its estimates unknown), and its answer
+    starts them afresh.  Searches still go by what is known.
+    """
+    from imml.host import RETRY_IDLE
+
+    clock, fleet, _ = make(slots=4)
+    dispatcher = Dispatcher(fleet, ShortestDelay(), clock, 10.0, 100, pace_while_searching=0)
+    fast, slow = fleet.backends
+    for backend, seconds in ((fast, 0.01), (slow, 0.5)):
+        for info in (BATCH, SEARCH):
+            fleet.finish(fleet.start(backend, info.task), seconds)
+    running = fleet.start(fast, BATCH.task)  # the fast host has room for more
+
+    def served(info):
+        got = result(dispatcher.acquire(info))
+        fleet.finish(got.load, 0.01 if got[0] is fast else 0.05)
+        return got[0]
+
+    assert served(BATCH) is fast  # the slow host is shunned ...
+    clock.advance(RETRY_IDLE / 2)
+    assert served(BATCH) is fast
+    clock.advance(RETRY_IDLE)
+    assert slow.untried()
+    assert served(SEARCH) is fast  # ... by searches also once idle ...
+    assert served(BATCH) is slow  # ... but batch work tries it again
+    assert slow.service_time("clip-visual") == 0.05  # afresh: not 0.5 moved a fifth of the way
+    assert not slow.untried()
+    assert served(BATCH) is fast
+    fleet.finish(running, 0.01)
