@@ -322,3 +322,22 @@ def test_a_probe_on_a_host_that_runs_requests_at_once_is_measured_in_full():
         seen = paced.answers(0.9, QUICK + 3)  # unlucky first answers
         seen += paced.until_judged(1.45)
         assert (min(seen) == 3) is kept
+
+
+def test_an_answer_beside_others_tells_the_unloaded_time_over_the_stretch_there():
+    """
+    An answer given beside another request, slower than the quickest by
+    more than queueing's margin, still tells the host's unloaded time: its
+    time over the stretch measured at two in flight (a host held to a CPU
+    quota is quick only early in a period: taking its quick answers alone
+    would take it for faster than it is).  Where nothing is measured, it
+    tells nothing.
+    """
+    paced = Paced(Limit())
+    paced.until_judged(1.0)
+    paced.until_judged(1.0)
+    limit = paced.limit
+    assert limit.throughput(2) is not None
+    assert limit.answered("clip-visual", 0.05, 2, paced.now) == pytest.approx(0.05 / limit.stretch(2))
+    assert limit.answered("clip-visual", 0.05, 5, paced.now) is None  # five in flight: never measured
+    assert limit.answered("clip-visual", 0.012, 2, paced.now) == 0.012  # hardly slower than the quickest
