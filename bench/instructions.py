@@ -48,7 +48,7 @@ from imml.testing import ENTRIES, predict_body  # noqa: E402
 PROXIES = {
     "minimal": ["minimal_proxy.py"],  # twisted.web's Site and Resource; Agent and HTTPConnectionPool
     "lean-client": ["lean_client_proxy.py"],  # Site and Resource; the lean client on a Protocol
-    "lean-agent": ["minimal_proxy.py", "--lean-agent"],  # minimal, its Agent replaced by the lean client as an IAgent
+    "lean-agent": ["minimal_proxy.py", "--lean-agent"],  # minimal, its Agent replaced by imml's HostAgent
     "lean-server": ["lean_server_proxy.py"],  # a bare Protocol server; Agent and HTTPConnectionPool
     "lean-both": ["lean_server_proxy.py", "--lean-client"],  # a bare Protocol server and the lean client
     "null-web": ["null_proxy.py"],  # Site and Resource answering themselves: no client to the hosts

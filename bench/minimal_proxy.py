@@ -8,8 +8,9 @@ parsing of request bodies (Site(parsePOSTFormSubmission=False)).
 
     python bench/minimal_proxy.py PORT 127.0.0.1:P1,127.0.0.1:P2 [--lean-agent]
 
-With --lean-agent, the Agent is bench/lean_agent.py's: the lean client of
-bench/lean_client.py behind the IAgent interface.
+With --lean-agent, the Agent is imml's own client to its hosts
+(imml/hostclient.py's HostAgent), which grew out of the lean client of
+bench/lean_client.py put behind the IAgent interface.
 """
 
 import itertools
@@ -122,9 +123,9 @@ def serve(port, resource):
 
 def main(port, backends, *flags):
     if "--lean-agent" in flags:
-        from lean_agent import LeanAgent  # the lean client behind IAgent
+        from imml.upstream import make_host_agent  # imml's own IAgent
 
-        agent = LeanAgent(reactor)
+        agent = make_host_agent(reactor, 5.0)
     else:
         agent = make_agent()
     serve(port, Forward(agent, [b.encode() for b in backends.split(",")]))

@@ -103,9 +103,6 @@ class _Untried:
     def slot_time(self) -> None:
         return None
 
-    def has_free_slot(self) -> bool:
-        return self.backend.has_free_slot()
-
     def __str__(self) -> str:
         return str(self.backend)
 

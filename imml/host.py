@@ -328,8 +328,10 @@ class Backend:
         Whether the host is to be tried again: nothing in flight, and no
         answer for L{RETRY_IDLE} seconds (it has answered before).
         """
+        if self.in_flight:
+            return False
         last = self.stats.last_sample
-        return not self.in_flight and last is not None and self._now() - last > RETRY_IDLE
+        return last is not None and self._now() - last > RETRY_IDLE
 
     def stretch(self, in_flight: int) -> float:
         return self.limiter.stretch(in_flight)

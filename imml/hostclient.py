@@ -297,13 +297,9 @@ class _Connection(Protocol):
         while data:
             state = self.state
             if state == _LENGTH:
-                remaining = self.remaining
-                if len(data) < remaining:
-                    self.remaining = remaining - len(data)
-                    exchange.response.received(data)
-                    return
-                exchange.response.received(data[:remaining])
-                self._complete(exchange, data[remaining:])
+                rest = self._take(data, exchange)
+                if rest is not None:
+                    self._complete(exchange, rest)
                 return
             if state == _HEAD:
                 end = data.find(b"\r\n\r\n")
@@ -324,14 +320,10 @@ class _Connection(Protocol):
                 exchange.response.received(data)
                 return
             elif state == _CHUNK_DATA:
-                remaining = self.remaining
-                if len(data) < remaining:
-                    self.remaining = remaining - len(data)
-                    exchange.response.received(data)
+                rest = self._take(data, exchange)
+                if rest is None:
                     return
-                exchange.response.received(data[:remaining])
-                data = data[remaining:]
-                self.state = _CHUNK_END
+                data, self.state = rest, _CHUNK_END
             elif state == _CHUNK_END:
                 if len(data) < 2:
                     self.buffer = data
@@ -363,8 +355,19 @@ class _Connection(Protocol):
                 self.state = _CHUNK_DATA if self.remaining else _TRAILER
             if exchange.stopped:
                 return  # the body's reader stopped it
-        if self.state == _LENGTH and not self.remaining:
-            self._complete(exchange, b"")
+
+    def _take(self, data: bytes, exchange: _Exchange) -> Optional[bytes]:
+        """
+        Pass on what C{data} holds of the C{remaining} bytes of the body (or
+        of its chunk); what follows them, or None while more are to come.
+        """
+        remaining = self.remaining
+        if len(data) < remaining:
+            self.remaining = remaining - len(data)
+            exchange.response.received(data)
+            return None
+        exchange.response.received(data[:remaining])
+        return data[remaining:]
 
     def _headed(self, exchange: _Exchange, head: bytes) -> bool:
         """

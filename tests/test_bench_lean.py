@@ -15,16 +15,12 @@ from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
-from twisted.web.client import RequestNotSent, ResponseFailed, readBody
-from twisted.web.http_headers import Headers
 from twisted.web.server import Site
 
 sys.path.insert(0, str(ROOT / "bench"))
 
-from lean_agent import LeanAgent  # noqa: E402
 from lean_client import AnswerCut, BadAnswer, HostConnection, LeanClient  # noqa: E402
 from lean_server_proxy import LeanServer  # noqa: E402
-from minimal_proxy import Body  # noqa: E402
 
 
 class Canned(Protocol):
@@ -201,70 +197,6 @@ async def test_a_connection_refused_fails_the_request():
     with pytest.raises(Exception) as caught:
         await LeanClient(reactor).request(b"GET", host, b"/", [])
     assert "refused" in str(caught.value).lower()
-
-
-@bounded(10)
-async def test_the_lean_agent_sends_a_produced_body_and_streams_the_answer():
-    recorder, agent = Recorder(), LeanAgent(reactor)
-    async with hosted(Site(recorder), agent.client) as host:
-        response = await agent.request(
-            b"POST", b"http://" + host + b"/predict", Headers({b"X-Task": [b"clip"]}), Body(b"a body")
-        )
-        assert (response.code, response.length) == (200, len(b'{"clip":[0.5]}'))
-        assert response.headers.getRawHeaders(b"content-type") == [b"application/json"]
-        assert await readBody(response) == b'{"clip":[0.5]}'
-        again = await agent.request(b"GET", b"http://" + host + b"/")
-        await readBody(again)
-    (method, uri, sent_host, length, task, body, port1), (_, _, _, _, _, _, port2) = [
-        tuple(seen.values()) for seen in recorder.seen
-    ]
-    assert (method, uri, sent_host, length, task, body) == (b"POST", b"/predict", host, b"6", b"clip", b"a body")
-    assert port1 == port2
-
-
-@bounded(10)
-async def test_the_lean_agent_fails_a_body_cut_short():
-    agent = LeanAgent(reactor)
-    async with hosted(canned_host([b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabcCLOSE"]), agent.client) as host:
-        response = await agent.request(b"GET", b"http://" + host + b"/")
-        with pytest.raises(ResponseFailed):
-            await readBody(response)
-
-
-@bounded(10)
-async def test_the_lean_agent_does_not_resend_a_produced_body():
-    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-    agent = LeanAgent(reactor)
-    async with hosted(canned_host([ok], [ok]), agent.client) as host:
-        url = b"http://" + host + b"/predict"
-        await readBody(await agent.request(b"POST", url, None, Body(b"1")))
-        with pytest.raises(RequestNotSent):
-            await agent.request(b"POST", url, None, Body(b"2"))
-
-
-@bounded(10)
-async def test_the_lean_agent_stops_a_body_answered_before_it_is_sent_and_drops_its_connection():
-    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-    agent = LeanAgent(reactor)
-
-    class Slow(Body):
-        """Writes the first bytes of its body and waits for the rest."""
-
-        stopped = False
-
-        def startProducing(self, consumer):
-            consumer.write(self.data[:3])
-            return Deferred()
-
-        def stopProducing(self):
-            self.stopped = True
-
-    slow = Slow(b"a long body")
-    async with hosted(canned_host([ok], [ok]), agent.client) as host:
-        url = b"http://" + host + b"/predict"
-        first = await readBody(await agent.request(b"POST", url, None, slow))
-        second = await readBody(await agent.request(b"POST", url, None, Body(b"2")))
-    assert (first, second, slow.stopped) == (b"ok", b"ok", True)
 
 
 def served(forward=None):
