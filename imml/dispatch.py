@@ -25,6 +25,12 @@ learned limit of two or more), so that a search does not wait behind a
 batch request there, for a slot or for a thread of the host's pool.
 Configured slots are kept as they are.
 
+While batch work waits in the queue and nobody searches, the request at
+its head may go past a learned limit, by one request, on a host with room
+there (L{imml.limits.Limit.room}: a real host where one request more did no
+less work): it would only wait in the balancer, and there it keeps the
+host a little busier.  The strategy chooses among the hosts with room.
+
 A search may also go past a learned limit, by one request: on a real host
 it then runs beside the batch requests there, sharing the processor, rather
 than waiting for one of them to end.  The strategy sees that room (a view
@@ -386,6 +392,14 @@ class Dispatcher:
             # own, while others wait, is one they could not use.)
             ahead = bisect_left(self._waiting, order, key=_order) if self._waiting else 0
             chosen = self._choose(info, candidates, ahead, now)
+            if chosen is None and not ahead:
+                chosen = self._room(info, candidates, now)
+            if chosen is not None:
+                d = Deferred()
+                d.callback(self._bind(chosen, info, owner))
+                return d
+        elif candidates and not self._waiting:
+            chosen = self._room(info, candidates, now)
             if chosen is not None:
                 d = Deferred()
                 d.callback(self._bind(chosen, info, owner))
@@ -486,5 +500,43 @@ class Dispatcher:
                         continue
                     self._leave(waiter)
                     waiter.deferred.callback(self._bind(chosen, waiter.info, waiter.owner))
+                if not self._again and self._waiting:
+                    self._again = self._fill_room(now)
         finally:
             self._pumping = False
+
+    def _fill_room(self, now: float) -> bool:
+        """
+        Send the request at the head of the queue past a learned limit, on
+        a host with room there (see L{_room}).
+
+        @return: whether it was sent.
+        """
+        waiter = self._waiting[0]
+        candidates = self.candidates(waiter.info, waiter.avoid)
+        chosen = self._room(waiter.info, candidates, now) if candidates else None
+        if chosen is None:
+            return False
+        self._leave(waiter)
+        waiter.deferred.callback(self._bind(chosen, waiter.info, waiter.owner))
+        return True
+
+    def _room(self, info: RequestInfo, candidates: list[Backend], now: float) -> Optional[Backend]:
+        """
+        A host for a batch request that would wait, while nobody searches,
+        among those at their learned limit with room for one more
+        (L{imml.limits.Limit.room}), as the strategy chooses; or None.
+        """
+        if info.interactive or now - self._searched < self.pace_while_searching:
+            return None
+        roomy = [
+            _Slots(b, b.limit + 1, b.proven_limit) for b in candidates if b.in_flight == b.limit and b.limiter.room(now)
+        ]
+        if not roomy:
+            return None
+        try:
+            chosen = self.strategy.choose(info, roomy)
+        except Exception:
+            self.log.failure("strategy {strategy} failed; taking the first free host", strategy=self.strategy.name)
+            chosen = roomy[0]
+        return chosen.backend if chosen in roomy else None

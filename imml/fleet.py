@@ -300,8 +300,7 @@ class Fleet:
         now = backend.last_start = self.clock.seconds()
         starts: Optional[float] = now
         limiter = backend.limiter
-        if backend.in_flight == 1:
-            limiter.occupied(now)
+        limiter.holds(backend.in_flight, now)
         if backend.in_flight > max(limiter.proven, limiter.side_by_side):
             starts = None
             backend.queued_inside += 1
@@ -322,10 +321,10 @@ class Fleet:
         if load not in backend.loads:
             return
         busy = backend.in_flight >= backend.limit
+        over = backend.in_flight > backend.limit
         backend.loads.remove(load)
         backend.in_flight -= 1
-        if not backend.in_flight:
-            backend.limiter.emptied(self.clock.seconds())
+        backend.limiter.holds(backend.in_flight, self.clock.seconds())
         if load.starts is None:
             backend.queued_inside -= 1
         elif backend.queued_inside:
@@ -366,7 +365,7 @@ class Fleet:
             if seconds >= 0:
                 now = self.clock.seconds()
                 alone = load.in_flight == 1 and load.number == backend.started
-                unloaded = backend.limiter.answered(task, seconds, load.in_flight, now, busy, alone)
+                unloaded = backend.limiter.answered(task, seconds, load.in_flight, now, busy, alone, over)
                 if unloaded == seconds or (task or "other") not in backend.stats.service_time:
                     backend.stats.record_time(task, seconds, now, holds_slot)
                 elif unloaded is not None:

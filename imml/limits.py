@@ -26,7 +26,17 @@ A level is measured over at least L{WINDOW} answers and L{MIN_SPAN}
 seconds, so that a moment when the machine takes the host's CPU away
 weighs little, less the time the host had no request at all (between an
 answer and the next request sent, a host at one request in flight is idle
-by the balancer's doing, not its own).
+by the balancer's doing, not its own) and the time it had more than its
+limit.
+
+While requests wait in the balancer anyway, a real host may take one
+request past its limit (L{Limit.room}): when the level above its knee was
+lately measured to do no less work than the knee (it bought too little to
+climb to: on a real host each request more in flight still buys a little),
+the request more waits inside the host rather than in the balancer, and
+the host does a little more.  Answers given while the host has more than
+its limit (the room, a search past it) measure nothing; the level above is
+measured again by the knee's probe.
 
 Work is counted in each answer's unloaded service time for its task, so a
 mix of cheap searches and costly images measures as one throughput.  A host
@@ -87,8 +97,10 @@ class _Window:
     #: Answers still to pass before measuring: those sent at the level before.
     skip: int
     started: Optional[float] = None
-    #: The host's idle seconds in all (L{Limit.idle_total}) when it started.
+    #: The host's idle seconds, and seconds over its limit, in all
+    #: (L{Limit.idle_total}, L{Limit.over_total}) when it started.
     idle_at_start: float = 0.0
+    over_at_start: float = 0.0
     work: float = 0.0
     answers: int = 0
     #: The sum of its answers' stretches.
@@ -130,10 +142,12 @@ class Limit:
     #: The level held measured no gain over the one below in its last
     #: window (not clearly less): one more such window and it is left.
     _doubted: bool = False
-    #: Seconds the host had no request at all, in all, and since when it has
-    #: none now (None: it has some).
+    #: Seconds the host had no request at all, in all; seconds it had more
+    #: than its learned limit, in all; how many it has now, since when.
     idle_total: float = 0.0
-    _idle_since: Optional[float] = None
+    over_total: float = 0.0
+    _holding: int = 0
+    _holding_since: Optional[float] = None
 
     @property
     def value(self) -> int:
@@ -199,19 +213,37 @@ class Limit:
         if level > self.side_by_side:
             self.side_by_side = level
 
-    def emptied(self, now: float) -> None:
+    def room(self, now: float) -> bool:
         """
-        The host's last request in flight ended at C{now}: it is idle.
+        Whether the host may take one request past its learned limit while
+        requests wait in the balancer: it was seen to run that many at
+        once (a real host, sharing its processor: the request runs at once
+        rather than waiting inside for a slot), and that many in flight
+        were measured, in the last L{STALE} seconds, to do no less work
+        than its limit (the level bought too little to climb to, but
+        something).  Once that measurement is older, the host is held at
+        its limit until the level above is tried again.
         """
-        self._idle_since = now
+        if self.slots is not None or self.ramp is not None:
+            return False
+        level = self.learned
+        if self.side_by_side <= level:
+            return False
+        here, above = self.throughput(level), self._fresh(level + 1, now)
+        return here is not None and above is not None and above >= here
 
-    def occupied(self, now: float) -> None:
+    def holds(self, in_flight: int, now: float) -> None:
         """
-        A request was sent to the idle host at C{now}.
+        The host holds C{in_flight} requests from C{now} on: the time it
+        held none, or more than its learned limit, is kept apart.
         """
-        since, self._idle_since = self._idle_since, None
+        held, since = self._holding, self._holding_since
         if since is not None and now > since:
-            self.idle_total += now - since
+            if held == 0:
+                self.idle_total += now - since
+            elif self.slots is None and held > self.learned:
+                self.over_total += now - since
+        self._holding, self._holding_since = in_flight, now
 
     def restart(self) -> None:
         """
@@ -237,12 +269,14 @@ class Limit:
         now: float = 0.0,
         busy: bool = False,
         alone: bool = False,
+        over: bool = False,
     ) -> Optional[float]:
         """
         A request of C{task} was answered in C{seconds}, at C{now}; C{in_flight}
         requests were on the host when it was sent (itself included); C{busy}:
-        the host had its limit of requests when it answered; C{alone}: no
-        other request was on the host from its start to its answer.
+        the host had its limit of requests when it answered; C{over}: it had
+        more (the room past a learned limit, a search); C{alone}: no other
+        request was on the host from its start to its answer.
 
         @return: what the answer says of the host's unloaded service time,
             or None when it says nothing (a model loading; a wait inside a
@@ -273,7 +307,8 @@ class Limit:
         if seconds >= baseline * OUTLIER:
             return None
         if self.slots is None and self.ramp is None:
-            self._measure(baseline, seconds / baseline if baseline > 0 else 1.0, now, busy)
+            if not over:
+                self._measure(baseline, seconds / baseline if baseline > 0 else 1.0, now, busy)
         if alone or seconds <= baseline * QUEUEING + QUEUEING_SLACK:
             return seconds
         if in_flight > 1 and in_flight in self._rates:
@@ -302,7 +337,7 @@ class Limit:
         previous = self._stretches.get(level)
         self._stretches[level] = stretch if previous is None else previous + STRETCH_ALPHA * (stretch - previous)
         if window.started is None:
-            window.started, window.idle_at_start = now, self.idle_total
+            window.started, window.idle_at_start, window.over_at_start = now, self.idle_total, self.over_total
             return
         window.work += work
         window.answers += 1
@@ -324,8 +359,14 @@ class Limit:
         elif window.answers >= max(WINDOW, 4 * level) and now - window.started >= MIN_SPAN:
             self._window = None
             # The time the host had no request is not the host's: at one in
-            # flight, the balancer kept it idle between its requests.
-            span = now - window.started - (self.idle_total - window.idle_at_start)
+            # flight, the balancer kept it idle between its requests.  The
+            # time it had more than the level is the room's.
+            span = (
+                now
+                - window.started
+                - (self.idle_total - window.idle_at_start)
+                - (self.over_total - window.over_at_start)
+            )
             if span > 0:
                 self._judge(level, window.work / span, now)
 

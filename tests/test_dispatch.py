@@ -481,3 +481,74 @@ def test_an_idle_host_once_found_slow_is_tried_again_by_batch_work_not_searches(
     assert not slow.untried()
     assert served(BATCH) is fast
     fleet.finish(running, 0.01)
+
+
+class _Roomy(Limit):
+    """A learned limit with room for one request past it (L{Limit.room})."""
+
+    def room(self, now: float) -> bool:
+        return self.ramp is None
+
+
+def test_batch_work_that_would_wait_goes_past_a_limit_with_room():
+    """
+    A real host with a learned limit of two and room for a third: while
+    nobody searches, the batch request that would wait takes the room at
+    once, and the request at the head of the queue takes it again when an
+    answer frees it; the next waits.  A host without room makes it wait,
+    and so does a search in the last seconds.
+    """
+
+    def fleet_of(*limits):
+        clock = task.Clock()
+        fleet = Fleet.from_addresses([BackendAddress(f"h{i}") for i in range(len(limits))], clock)
+        for host, limit in zip(fleet.backends, limits):
+            fleet.check_passed(host)
+            host.limiter = limit
+        return clock, fleet, Dispatcher(fleet, ShortestDelay(), clock, 60.0, 100)
+
+    clock, fleet, dispatcher = fleet_of(_Roomy(learned=2))
+    [host] = fleet.backends
+    first, second, third, fourth = (result(dispatcher.acquire(BATCH)) for _ in range(4))
+    assert first == second == third == [host] and host.in_flight == 3
+    assert fourth == [] and dispatcher.queue_depth == 1
+    fleet.finish(first.load, 0.05)
+    assert fourth == [host] and host.in_flight == 3
+    fleet.finish(second.load, 0.05)
+    assert host.in_flight == 2 and dispatcher.queue_depth == 0
+
+    # of two hosts at their limits, the one with room
+    clock, fleet, dispatcher = fleet_of(Limit(learned=1), _Roomy(learned=1))
+    plain, roomy = fleet.backends
+    for _ in range(2):
+        dispatcher.acquire(BATCH)
+    assert plain.in_flight == roomy.in_flight == 1
+    assert result(dispatcher.acquire(BATCH)) == [roomy] and roomy.in_flight == 2
+    assert result(dispatcher.acquire(BATCH)) == [] and dispatcher.queue_depth == 1
+
+    # a free host far slower than waiting for a busy one: the room there
+    clock, fleet, dispatcher = fleet_of(_Roomy(learned=1), Limit(learned=1))
+    fast, slow = fleet.backends
+    fleet.finish(fleet.start(fast, "clip-visual"), 0.01)
+    fleet.finish(fleet.start(slow, "clip-visual"), 0.5)
+    assert result(dispatcher.acquire(BATCH)) == [fast]
+    assert result(dispatcher.acquire(BATCH)) == [fast] and fast.in_flight == 2 and slow.in_flight == 0
+
+    # no room: the request waits
+    clock, fleet, dispatcher = fleet_of(Limit(learned=2))
+    for _ in range(2):
+        dispatcher.acquire(BATCH)
+    assert result(dispatcher.acquire(BATCH)) == [] and dispatcher.queue_depth == 1
+
+    # someone searched: the room is left to searches
+    clock, fleet, dispatcher = fleet_of(_Roomy(learned=2))
+    [host] = fleet.backends
+    fleet.finish(result(dispatcher.acquire(SEARCH)).load, 0.01)
+    batch = [result(dispatcher.acquire(BATCH)) for _ in range(3)]
+    for _ in range(10):
+        clock.advance(0.01)  # batch starts are paced while people search
+    assert batch[0] == batch[1] == [host] and batch[2] == [] and host.in_flight == 2
+    clock.advance(dispatcher.pace_while_searching + 1)
+    fleet.finish(batch[0].load, 0.05)
+    assert batch[2] == [host] and host.in_flight == 2
+    assert result(dispatcher.acquire(BATCH)) == [host] and host.in_flight == 3

@@ -45,6 +45,34 @@ def test_the_limit_is_told_when_a_host_has_no_request():
     assert slow.limiter.idle_total == pytest.approx(0.09)
 
 
+def test_the_limit_is_told_when_a_host_has_more_than_its_limit():
+    """
+    The time a host with a learned limit holds more requests than that
+    (the room past it, a search) is kept apart from its limit's
+    measurement, and so are the answers given then.
+    """
+    clock = task.Clock()
+    fleet = Fleet.from_addresses([BackendAddress("cpu")], clock)
+    cpu = fleet.backends[0]
+    fleet.check_passed(cpu)
+    told = []
+
+    class Told(Limit):
+        def answered(self, *args):
+            told.append(args[-1])  # over the limit when it answered
+            return super().answered(*args)
+
+    cpu.limiter = Told()
+    first = fleet.start(cpu, "clip-visual")
+    second = fleet.start(cpu, "clip-visual")  # past a limit of one
+    clock.advance(0.04)
+    fleet.finish(first, 0.04)
+    clock.advance(0.03)
+    fleet.finish(second, 0.07)
+    assert cpu.limiter.over_total == pytest.approx(0.04)
+    assert told == [True, False]
+
+
 def _medium_host():
     """A host that has answered an image in 150 ms."""
     clock = task.Clock()

@@ -14,7 +14,7 @@ import pytest
 from attrs import define, evolve, field
 from twisted.internet.task import Clock
 
-from imml.limits import PROBE_AFTER, QUICK, Limit
+from imml.limits import PROBE_AFTER, QUICK, STALE, Limit
 from imml.testing.cpu import HEAVY, LIGHT, CPUProfile, SharedCPU
 
 #: Two slots of 40 ms: a host that is a set of slots.
@@ -287,12 +287,12 @@ def test_the_time_a_host_had_no_request_is_not_counted():
     limit = Limit()
     now, work = 0.0, 0.01
     limit.answered("clip-visual", work, 1, now)  # alone: the baseline
-    limit.emptied(now)
+    limit.holds(0, now)
     for _ in range(200):
         now += work  # idle as long as it works
-        limit.occupied(now)
+        limit.holds(1, now)
         now += work
-        limit.emptied(now)
+        limit.holds(0, now)
         limit.answered("clip-visual", work, 1, now, busy=True, alone=True)
         if limit.throughput(1) is not None:
             break
@@ -341,3 +341,82 @@ def test_an_answer_beside_others_tells_the_unloaded_time_over_the_stretch_there(
     assert limit.answered("clip-visual", 0.05, 2, paced.now) == pytest.approx(0.05 / limit.stretch(2))
     assert limit.answered("clip-visual", 0.05, 5, paced.now) is None  # five in flight: never measured
     assert limit.answered("clip-visual", 0.012, 2, paced.now) == 0.012  # hardly slower than the quickest
+
+
+def _over(paced: Paced, rate: float, seconds: float) -> None:
+    """
+    Answers at C{rate} for C{seconds} while the host holds one request more
+    than its limit (the room past it), each answer's request sent again at
+    once.
+    """
+    limit = paced.limit
+    level = limit.value + 1
+    limit.holds(level, paced.now)
+    end = paced.now + seconds
+    while paced.now < end:
+        gap = paced.work / rate
+        paced.now += gap
+        limit.holds(level - 1, paced.now)
+        limit.answered("clip-visual", level * gap, level, paced.now, busy=True, over=True)
+        limit.holds(level, paced.now)
+    limit.holds(limit.value, paced.now)
+
+
+def _knee_at_two(side_by_side: int = 3, third: float = 1.22) -> Paced:
+    """
+    A host whose third request in flight did C{third} work per second against
+    1.2 at two: too little to climb to.
+    """
+    paced = Paced(Limit())
+    paced.limit.ran_at_once(side_by_side)
+    paced.until_judged(1.0)
+    paced.until_judged(1.2)
+    paced.until_judged(1.2)
+    assert paced.limit.value == 3
+    paced.until_judged(third)
+    if paced.limit.value == 3:
+        paced.until_judged(third)
+    assert paced.limit.value == 2 and paced.limit.ceiling == 3
+    return paced
+
+
+def test_a_level_above_the_knee_that_does_no_less_is_room_while_requests_wait():
+    """
+    A real host whose third request in flight bought too little to climb to,
+    but something, has room for it while requests wait in the balancer.  A
+    host with slots (not seen to run three at once) has none, nor one where
+    three did clearly less.
+    """
+    paced = _knee_at_two()
+    assert paced.limit.room(paced.now)
+    assert not _knee_at_two(side_by_side=2).limit.room(paced.now)
+    assert not _knee_at_two(third=1.0).limit.room(paced.now)
+    slots = Limit(slots=2)
+    slots.ran_at_once(3)
+    assert not slots.room(0.0)
+
+
+def test_the_room_measures_nothing_and_lasts_until_the_level_above_is_measured_again():
+    """
+    The time the host holds the room, and the answers then, are not the
+    knee's: a few seconds of room between its answers do not make the knee
+    look slower.  The room lasts as long as the level above was measured
+    in the last STALE seconds; then the host is held at its knee until the
+    level above is tried again, which gives the room back if it still
+    does no less.
+    """
+    paced = _knee_at_two()
+    paced.answers(1.2, 10)
+    _over(paced, 1.25, STALE / 2)
+    assert paced.limit.room(paced.now)
+    paced.until_judged(1.2)
+    assert paced.limit.value == 2 and paced.limit.throughput(2) == pytest.approx(1.2, abs=0.01)
+    _over(paced, 1.25, STALE)
+    assert not paced.limit.room(paced.now)
+    assert paced.limit.value == 2
+    curve = {1: 1.0, 2: 1.2, 3: 1.21}
+    for _ in range(5000):  # at the knee (the level below measured again) until the probe is judged
+        paced.answers(curve[paced.limit.value], 1)
+        if paced.limit.value == 2 and paced.limit.room(paced.now):
+            break
+    assert paced.limit.value == 2 and paced.limit.room(paced.now)
