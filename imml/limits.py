@@ -181,9 +181,12 @@ class Limit:
         """
         How many times longer a request takes with C{in_flight} requests on
         the host than alone: C{in_flight} over the throughput gained there
-        (Little's law).  Past the highest level measured, more in flight
-        buys nothing: each one more is pure waiting.  1.0 when nothing is
-        known.
+        (Little's law).  A level not measured yet within the learned limit
+        (the limit climbed to it, so the level below paid) is expected to
+        pay as well: to stretch requests no more than the highest level
+        measured below it, so that the host is kept at the level until it
+        is measured.  Past the limit, more in flight buys nothing: each one
+        more is pure waiting.  1.0 when nothing is known.
         """
         one = self.throughput(1)
         if one is None or in_flight <= 1:
@@ -194,6 +197,8 @@ class Limit:
             level -= 1
         if level == 1:
             return 1.0
+        if level < in_flight <= self.learned:
+            return level * one / rates[level][0]
         return in_flight * one / rates[level][0]
 
     def knows(self, level: int) -> bool:

@@ -187,6 +187,24 @@ def test_the_stretch_of_a_request_follows_the_throughput_measured_at_each_level(
     assert Limit().stretch(4) == 1.0  # nothing known
 
 
+def test_a_level_the_limit_climbed_to_is_expected_to_pay_until_it_is_measured():
+    """
+    The limit climbed to three because two paid: until three is measured,
+    a third request is expected to stretch the others no more than two
+    did, so that the host is kept at three and three gets measured.  Past
+    the limit, it would be pure waiting.
+    """
+    paced = Paced(Limit())
+    paced.until_judged(1.0)
+    paced.until_judged(1.5)
+    paced.until_judged(1.5)
+    limit = paced.limit
+    assert limit.value == 3 and limit.throughput(3) is None
+    assert limit.stretch(2) == pytest.approx(2 / 1.5)
+    assert limit.stretch(3) == pytest.approx(limit.stretch(2))
+    assert limit.stretch(4) == pytest.approx(4 / 1.5)
+
+
 @define
 class Paced:
     """
