@@ -643,6 +643,10 @@ def probe_summary(probe: dict, fakes: list) -> dict:
             name(a): {k: round(v / max(1, sum(c.values())), 3) for k, v in c.items()} for a, c in probe["limit"].items()
         },
         "limit_changes": {name(a): n for a, n in probe["limit_changes"].items()},
+        "in_flight_share": {
+            name(a): {k: round(v / max(1, sum(c.values())), 3) for k, v in c.items()}
+            for a, c in probe.get("in_flight", {}).items()
+        },
         "estimate_ms": {name(k): v for k, v in probe["estimate_ms"].items()},
         "series": [[t, {name(a): v for a, v in hosts.items()}] for t, hosts in probe["series"]],
     }
@@ -935,6 +939,12 @@ def report(data: dict) -> None:
                 for host, share in pr["limit_share"].items():
                     say(
                         f"    limit of {host}: "
+                        + ", ".join(f"{k}: {100 * v:.0f}%" for k, v in share.items())
+                        + " of decisions"
+                    )
+                for host, share in pr.get("in_flight_share", {}).items():
+                    say(
+                        f"    in flight on {host}: "
                         + ", ".join(f"{k}: {100 * v:.0f}%" for k, v in share.items())
                         + " of decisions"
                     )

@@ -85,6 +85,7 @@ class _Probe:
         for c in candidates:
             address = str(c)
             state["limit"].setdefault(address, Counter())[c.limit] += 1
+            state.setdefault("in_flight", {}).setdefault(address, Counter())[c.in_flight] += 1
             if state["last_limit"].get(address) not in (None, c.limit):
                 state["limit_changes"][address] += 1
             state["last_limit"][address] = c.limit
@@ -102,6 +103,7 @@ class _Probe:
                     for k, v in state["estimate_ms"].items()
                 }
                 out["limit"] = {a: dict(sorted(c.items())) for a, c in state["limit"].items()}
+                out["in_flight"] = {a: dict(sorted(c.items())) for a, c in state.get("in_flight", {}).items()}
                 with open(path + ".tmp", "w") as f:
                     json.dump(out, f)
                 os.replace(path + ".tmp", path)
