@@ -27,8 +27,8 @@ Configured slots are kept as they are.
 
 While batch work waits in the queue and nobody searches, the request at
 its head may go past a learned limit, by one request, on a host with room
-there (L{imml.limits.Limit.room}: a real host where one request more did no
-less work): it would only wait in the balancer, and there it keeps the
+there (L{imml.limits.Limit.room}: a real host where one request more did
+not clearly less work): it would only wait in the balancer, and there it keeps the
 host a little busier.  The strategy chooses among the hosts with room.
 
 A search may also go past a learned limit, by one request: on a real host

@@ -31,8 +31,9 @@ limit.
 
 While requests wait in the balancer anyway, a real host may take one
 request past its limit (L{Limit.room}): when the level above its knee was
-lately measured to do no less work than the knee (it bought too little to
-climb to: on a real host each request more in flight still buys a little),
+lately measured to do not clearly less work than the knee (it bought too
+little to climb to: on a real host each request more in flight still buys
+a little, which one window cannot tell from nothing),
 the request more waits inside the host rather than in the balancer, and
 the host does a little more.  Answers given while the host has more than
 its limit (the room, a search past it) measure nothing; the level above is
@@ -224,9 +225,10 @@ class Limit:
         requests wait in the balancer: it was seen to run that many at
         once (a real host, sharing its processor: the request runs at once
         rather than waiting inside for a slot), and that many in flight
-        were measured, in the last L{STALE} seconds, to do no less work
-        than its limit (the level bought too little to climb to, but
-        something).  Once that measurement is older, the host is held at
+        were measured, in the last L{STALE} seconds, to do not clearly less
+        work than its limit (no less by more than L{GAIN}: the level bought
+        too little to climb to, and one window cannot tell a little from
+        nothing).  Once that measurement is older, the host is held at
         its limit until the level above is tried again.
         """
         if self.slots is not None or self.ramp is not None:
@@ -235,7 +237,7 @@ class Limit:
         if self.side_by_side <= level:
             return False
         here, above = self.throughput(level), self._fresh(level + 1, now)
-        return here is not None and above is not None and above >= here
+        return here is not None and above is not None and above >= here * (1 - GAIN)
 
     def holds(self, in_flight: int, now: float) -> None:
         """

@@ -400,13 +400,15 @@ def _knee_at_two(side_by_side: int = 3, third: float = 1.22) -> Paced:
 
 def test_a_level_above_the_knee_that_does_no_less_is_room_while_requests_wait():
     """
-    A real host whose third request in flight bought too little to climb to,
-    but something, has room for it while requests wait in the balancer.  A
-    host with slots (not seen to run three at once) has none, nor one where
-    three did clearly less.
+    A real host whose third request in flight bought too little to climb to
+    has room for it while requests wait in the balancer, as long as three
+    did not clearly less than two (one window cannot tell a little less
+    from a little more).  A host with slots (not seen to run three at
+    once) has none, nor one where three did clearly less.
     """
     paced = _knee_at_two()
     assert paced.limit.room(paced.now)
+    assert _knee_at_two(third=1.16).limit.room(paced.now)
     assert not _knee_at_two(side_by_side=2).limit.room(paced.now)
     assert not _knee_at_two(third=1.0).limit.room(paced.now)
     slots = Limit(slots=2)
