@@ -33,9 +33,9 @@ While requests wait in the balancer anyway, a real host may take one
 request past its limit (L{Limit.room}): when the level above its knee was
 lately measured to do not clearly less work than the knee (it bought too
 little to climb to: on a real host each request more in flight still buys
-a little, which one window cannot tell from nothing),
-the request more waits inside the host rather than in the balancer, and
-the host does a little more.  Answers given while the host has more than
+a little, which one window cannot tell from nothing), the request more
+waits inside the host rather than in the balancer, and the host does a
+little more.  Answers given while the host has more than
 its limit (the room, a search past it) measure nothing; the level above is
 measured again by the knee's probe.
 
