@@ -384,34 +384,30 @@ class Dispatcher:
             priority = 1
         order = (priority, now if since is None else since, next(self._sequence))
         candidates = self.candidates(info, avoid)
+        # Its place in the queue.  The strategy sees how many wait ahead: a
+        # free slow host may beat waiting behind them.  (A request with a
+        # free host of its own, while others wait, is one they could not
+        # use.)
+        ahead = bisect_left(self._waiting, order, key=_order) if self._waiting else 0
+        chosen = None
         # Only a host with a free slot can be chosen: when there is none
         # (the usual case when the fleet is saturated), the strategy need
         # not be asked, but for a search (which may have room past a limit).
         if candidates and (info.interactive or any(c.has_free_slot() for c in candidates)):
-            # The strategy sees how many wait ahead: a free slow host may
-            # beat waiting behind them.  (A request with a free host of its
-            # own, while others wait, is one they could not use.)
-            ahead = bisect_left(self._waiting, order, key=_order) if self._waiting else 0
             chosen = self._choose(info, candidates, ahead, now)
-            if chosen is None and not ahead:
-                chosen = self._room(info, candidates, now)
-            if chosen is not None:
-                d = Deferred()
-                d.callback(self._bind(chosen, info, owner))
-                return d
-        elif candidates and not self._waiting:
+        if chosen is None and candidates and not ahead:
             chosen = self._room(info, candidates, now)
-            if chosen is not None:
-                d = Deferred()
-                d.callback(self._bind(chosen, info, owner))
-                return d
+        if chosen is not None:
+            d = Deferred()
+            d.callback(self._bind(chosen, info, owner))
+            return d
         if len(self._waiting) >= self.max_queue:
             d = Deferred()
             d.errback(NoBackendAvailable(f"the balancer's queue is full ({self.max_queue} requests waiting)"))
             return d
         waiter = _Waiter(info, avoid, None, order, owner, now + self.queue_timeout, now)
         waiter.deferred = Deferred(lambda d: self._leave(waiter))
-        self._waiting.insert(bisect_left(self._waiting, order, key=_order), waiter)
+        self._waiting.insert(ahead, waiter)
         self._arrivals.append(waiter)
         if self._timer is None:
             self._timer = self.clock.callLater(self.queue_timeout, self._expire)

@@ -248,6 +248,24 @@ class Paced:
         return seen
 
 
+def _knee_at_two(side_by_side: int = 3, third: float = 1.22) -> Paced:
+    """
+    A host whose third request in flight did C{third} work per second against
+    1.2 at two: too little to climb to.
+    """
+    paced = Paced(Limit())
+    paced.limit.ran_at_once(side_by_side)
+    paced.until_judged(1.0)
+    paced.until_judged(1.2)
+    paced.until_judged(1.2)
+    assert paced.limit.value == 3
+    paced.until_judged(third)
+    if paced.limit.value == 3:
+        paced.until_judged(third)
+    assert paced.limit.value == 2 and paced.limit.ceiling == 3
+    return paced
+
+
 def test_one_unlucky_measurement_does_not_bring_the_limit_down():
     """
     On a busy machine one window at a level can measure no better than the
@@ -326,15 +344,7 @@ def test_a_probe_on_a_host_that_runs_requests_at_once_is_measured_in_full():
     would (the request more waits inside it).
     """
     for side_by_side, kept in ((3, True), (2, False)):
-        paced = Paced(Limit())
-        paced.limit.ran_at_once(side_by_side)
-        paced.until_judged(1.0)
-        paced.until_judged(1.2)
-        paced.until_judged(1.2)
-        assert paced.limit.value == 3
-        paced.until_judged(1.2)
-        paced.until_judged(1.2)  # no gain at 3, twice: the ceiling
-        assert paced.limit.value == 2 and paced.limit.ceiling == 3
+        paced = _knee_at_two(side_by_side, third=1.2)  # no gain at 3, twice: the ceiling
         while paced.limit.value == 2:
             paced.answers(1.2, 1)  # held at the knee until the probe
         seen = paced.answers(0.9, QUICK + 3)  # unlucky first answers
@@ -378,24 +388,6 @@ def _over(paced: Paced, rate: float, seconds: float) -> None:
         limit.answered("clip-visual", level * gap, level, paced.now, busy=True, over=True)
         limit.holds(level, paced.now)
     limit.holds(limit.value, paced.now)
-
-
-def _knee_at_two(side_by_side: int = 3, third: float = 1.22) -> Paced:
-    """
-    A host whose third request in flight did C{third} work per second against
-    1.2 at two: too little to climb to.
-    """
-    paced = Paced(Limit())
-    paced.limit.ran_at_once(side_by_side)
-    paced.until_judged(1.0)
-    paced.until_judged(1.2)
-    paced.until_judged(1.2)
-    assert paced.limit.value == 3
-    paced.until_judged(third)
-    if paced.limit.value == 3:
-        paced.until_judged(third)
-    assert paced.limit.value == 2 and paced.limit.ceiling == 3
-    return paced
 
 
 def test_a_level_above_the_knee_that_does_no_less_is_room_while_requests_wait():
