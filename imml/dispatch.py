@@ -482,12 +482,15 @@ class Dispatcher:
             while self._again and self._waiting:
                 self._again = False
                 ahead = 0
+                # Binding a request changes no host's usability: the
+                # requests of one kind have the same candidates all through.
+                kinds: dict = {}
                 for waiter in list(self._waiting):
                     if not any(b.has_free_slot() for b in self.fleet.backends):
                         break  # nothing to bind: the strategy need not be asked
                     if waiter.gone:
                         continue
-                    candidates = self.candidates(waiter.info, waiter.avoid)
+                    candidates = self._candidates_of(waiter, kinds)
                     if not candidates:
                         ahead += 1
                         continue
@@ -497,12 +500,28 @@ class Dispatcher:
                         continue
                     self._leave(waiter)
                     waiter.deferred.callback(self._bind(chosen, waiter.info, waiter.owner))
+                    if self._again:
+                        kinds.clear()  # the fleet changed meanwhile (a host failed at once)
                 if not self._again and self._waiting:
-                    self._again = self._fill_room(now)
+                    self._again = self._fill_room(now, kinds)
         finally:
             self._pumping = False
 
-    def _fill_room(self, now: float) -> bool:
+    def _candidates_of(self, waiter: _Waiter, kinds: dict) -> list[Backend]:
+        """
+        L{candidates} for C{waiter}, the same for each request of a kind
+        (its task and model, no host to avoid) in C{kinds}.
+        """
+        if waiter.avoid:
+            return self.candidates(waiter.info, waiter.avoid)
+        info = waiter.info
+        kind = (info.task, info.entries)
+        candidates = kinds.get(kind)
+        if candidates is None:
+            candidates = kinds[kind] = self.candidates(info)
+        return candidates
+
+    def _fill_room(self, now: float, kinds: dict) -> bool:
         """
         Send the request at the head of the queue past a learned limit, on
         a host with room there (see L{_room}).
@@ -510,7 +529,7 @@ class Dispatcher:
         @return: whether it was sent.
         """
         waiter = self._waiting[0]
-        candidates = self.candidates(waiter.info, waiter.avoid)
+        candidates = self._candidates_of(waiter, kinds)
         chosen = self._room(waiter.info, candidates, now) if candidates else None
         if chosen is None:
             return False

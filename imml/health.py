@@ -197,7 +197,9 @@ class HealthChecker:
         C{fast_interval} from now on, as long as requests wait (the first
         at once, if its last check is that long ago).
         """
-        self._schedule()
+        # Only a host that is down is checked sooner while requests wait.
+        if not all(b.health.up for b in self.fleet.backends):
+            self._schedule()
 
     def fleet_changed(self) -> None:
         """
