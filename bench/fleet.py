@@ -522,6 +522,8 @@ def real_hosts(procs: Processes, args, model: str, quota: CPUQuota) -> tuple[lis
     cache, _ = args.real_models[model]
     slow = Real(procs, args.immich, args.immich_python, cache, "slow", quota)
     fast = Real(procs, args.immich, args.immich_python, cache, "fast", None)
+    # --slots-diagnostic gives them the fake hosts' slots
+    fast.slots, slow.slots = DIAGNOSTIC_SLOTS[model]
     hosts = [fast, slow]
     for host in hosts:
         host.ready()
@@ -961,6 +963,13 @@ def report(data: dict) -> None:
                         + ", ".join(f"{k}: {100 * v:.0f}%" for k, v in share.items())
                         + " of decisions"
                     )
+                last = pr["series"][-1][1] if pr.get("series") else {}
+                for host, state in last.items():
+                    if len(state) >= 6:
+                        say(
+                            f"    {host} at the end: limit {state[0]}, work/s by level {state[2]}, "
+                            f"ceiling {state[3]}, seen side by side {state[4]}, knee {state[5]}"
+                        )
                 for key, e in pr["estimate_ms"].items():
                     say(f"    service-time estimate {key}: median {e['median']} ms (min {e['min']}, max {e['max']})")
         if data["failures"].get(scenario):
