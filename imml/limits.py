@@ -28,12 +28,14 @@ Searches want fewer: while people search, batch work is held at the
 host's L{Limit.knee}, the level past which a request more bought less than
 L{KNEE} (it mostly waits there, and a search beside it waits too).
 
-A level is measured over at least L{WINDOW} answers and L{MIN_SPAN}
-seconds, so that a moment when the machine takes the host's CPU away
-weighs little, less the time the host had no request at all (between an
-answer and the next request sent, a host at one request in flight is idle
-by the balancer's doing, not its own) and the time it had more than its
-limit.
+A level is measured as the work the host did while it held just that
+many requests, over the time it held them: not the time it had none
+(between an answer and the next request sent, a host at one request in
+flight is idle by the balancer's doing, not its own), fewer (the next
+request went elsewhere) or more (the room past the limit, a search).  A
+measurement takes at least L{WINDOW} answers and L{MIN_SPAN} seconds at
+the level, so that a moment when the machine takes the host's CPU away
+weighs little.
 
 While requests wait in the balancer anyway, a real host may take one
 request past its limit (L{Limit.room}): when the level above its knee was
@@ -115,10 +117,9 @@ class _Window:
     #: Answers still to pass before measuring: those sent at the level before.
     skip: int
     started: Optional[float] = None
-    #: The host's idle seconds, and seconds over its limit, in all
-    #: (L{Limit.idle_total}, L{Limit.over_total}) when it started.
-    idle_at_start: float = 0.0
-    over_at_start: float = 0.0
+    #: The seconds the host held its limit, in all (L{Limit.at_limit}),
+    #: when it started.
+    at_start: float = 0.0
     work: float = 0.0
     answers: int = 0
     #: The sum of its answers' stretches.
@@ -160,10 +161,9 @@ class Limit:
     #: The level held measured no gain over the one below in its last
     #: window (not clearly less): one more such window and it is left.
     _doubted: bool = False
-    #: Seconds the host had no request at all, in all; seconds it had more
-    #: than its learned limit, in all; how many it has now, since when.
-    idle_total: float = 0.0
-    over_total: float = 0.0
+    #: Seconds the host held just its learned limit of requests, in all;
+    #: how many it holds now, since when.
+    at_limit: float = 0.0
     _holding: int = 0
     _holding_since: Optional[float] = None
 
@@ -279,14 +279,11 @@ class Limit:
     def holds(self, in_flight: int, now: float) -> None:
         """
         The host holds C{in_flight} requests from C{now} on: the time it
-        held none, or more than its learned limit, is kept apart.
+        held just its learned limit is the time its level is measured over.
         """
         held, since = self._holding, self._holding_since
-        if since is not None and now > since:
-            if held == 0:
-                self.idle_total += now - since
-            elif self.slots is None and held > self.learned:
-                self.over_total += now - since
+        if since is not None and now > since and held == self.learned:
+            self.at_limit += now - since
         self._holding, self._holding_since = in_flight, now
 
     def restart(self) -> None:
@@ -364,16 +361,19 @@ class Limit:
     def _measure(self, work: float, stretch: float, now: float, busy: bool) -> None:
         """
         Count an answer of C{work} unloaded seconds, which took C{stretch}
-        times that, towards the level's throughput: only while the host is
-        kept at its limit, else the level says nothing of what the host can
-        do.
+        times that, towards the level's throughput: the work the host did
+        while it held its limit, over the time it held it (L{holds}).  An
+        answer given with fewer requests on the host says nothing of the
+        level, nor does the time it held fewer.  (Throwing away what was
+        measured whenever the host was not full would keep only the runs
+        of answers in which it stayed full: those in which it answered
+        quickly enough to be chosen again and again, a measure biased high.)
         """
         level = self.learned
         window = self._window
         if window is None or window.level != level:
             window = self._window = _Window(level, skip=level)
         if not busy:
-            window.started, window.work, window.answers = None, 0.0, 0
             return
         if window.skip:
             window.skip -= 1
@@ -381,7 +381,7 @@ class Limit:
         previous = self._stretches.get(level)
         self._stretches[level] = stretch if previous is None else previous + STRETCH_ALPHA * (stretch - previous)
         if window.started is None:
-            window.started, window.idle_at_start, window.over_at_start = now, self.idle_total, self.over_total
+            window.started, window.at_start = now, self.at_limit
             return
         window.work += work
         window.answers += 1
@@ -400,19 +400,13 @@ class Limit:
             if below is not None:
                 self._rates[level] = (below[0], now)  # as much work done as below
             self._reject(level)
-        elif window.answers >= max(WINDOW, 4 * level) and now - window.started >= MIN_SPAN:
+        elif window.answers >= max(WINDOW, 4 * level) and self.at_limit - window.at_start >= MIN_SPAN:
             self._window = None
-            # The time the host had no request is not the host's: at one in
-            # flight, the balancer kept it idle between its requests.  The
-            # time it had more than the level is the room's.
-            span = (
-                now
-                - window.started
-                - (self.idle_total - window.idle_at_start)
-                - (self.over_total - window.over_at_start)
-            )
-            if span > 0:
-                self._judge(level, window.work / span, now)
+            # Over the time the host held the level: not the time it had
+            # no request (at one in flight, the balancer kept it idle
+            # between its requests), nor fewer (the next request went
+            # elsewhere), nor more (the room's, a search's).
+            self._judge(level, window.work / (self.at_limit - window.at_start), now)
 
     def _only_waiting(self, level: int, stretch: float) -> bool:
         """

@@ -53,11 +53,13 @@ class Driven:
     def _send(self) -> None:
         self.in_flight += 1
         sent, at = self.clock.seconds(), self.in_flight
+        self.limit.holds(self.in_flight, sent)
         jitter = self._random.uniform
 
         def done() -> None:
             busy = self.in_flight >= self.limit.value
             self.in_flight -= 1
+            self.limit.holds(self.in_flight, self.clock.seconds())
             self.answers += 1
             self.limit.answered("clip-visual", self.clock.seconds() - sent, at, self.clock.seconds(), busy)
             self.seen.append(self.limit.value)
@@ -230,7 +232,9 @@ class Paced:
         for _ in range(count):
             level = self.limit.value
             gap = self.work / rate
+            self.limit.holds(level, self.now)
             self.now += gap
+            self.limit.holds(level, self.now)  # the next request is sent at once
             self.limit.answered("clip-visual", level * gap, level, self.now, busy=True)
             seen.append(self.limit.value)
         return seen
@@ -333,6 +337,37 @@ def test_the_time_a_host_had_no_request_is_not_counted():
         if limit.throughput(1) is not None:
             break
     assert limit.throughput(1) == pytest.approx(1.0)
+
+
+def test_a_level_is_measured_over_the_time_the_host_held_it_though_not_full_all_along():
+    """
+    With a few clients over two hosts, the fast one holds its limit only
+    part of the time: now and then the next request goes to the other host,
+    and for a while it holds one fewer.  The level is measured over the
+    time the host held it, at the rate it worked then; the answers and the
+    time below it count for nothing.  (Were each such answer to throw the
+    measurement away, only the runs in which the host stayed full would be
+    measured: the runs in which it answered quickly enough to be chosen
+    again and again.)
+    """
+    limit = Limit(learned=2)
+    now, work = 0.0, 0.01
+    limit.answered("clip-visual", work, 1, now)  # alone: the baseline
+    limit.holds(2, now)
+    for answer in range(1000):
+        gap = work / 1.5  # held at two, the host does 1.5 s of work a second
+        now += gap
+        limit.holds(1, now)
+        limit.answered("clip-visual", 2 * gap, 2, now, busy=True)
+        if answer % 3 == 2:
+            # the next request went elsewhere: the host holds one, slowly
+            now += 0.05
+            limit.holds(0, now)
+            limit.answered("clip-visual", 0.06, 2, now)  # sent beside another
+        limit.holds(2, now)
+        if limit.throughput(2) is not None:
+            break
+    assert limit.throughput(2) == pytest.approx(1.5, rel=0.01)
 
 
 def test_a_probe_on_a_host_that_runs_requests_at_once_is_measured_in_full():
