@@ -259,12 +259,10 @@ class Dispatcher:
         processor) and is not starting slow; the strategy weighs running
         beside the host's requests against waiting for one of them to end.
 
-        While people search, batch work sees the host searches are
-        quickest on held at its knee (L{imml.limits.Limit.knee}: past it, a
-        request more mostly waits, and a search beside it would wait too),
-        and one slot less than that when its batch requests there are long
-        and the knee is measured (a limit being tried for the first time is
-        left to be measured).
+        While people search, batch work sees one slot less on the host
+        searches are quickest on, when its batch requests there are long
+        and its limit is learned and measured (a limit being tried for the
+        first time is left to be measured).
         """
         if info.interactive:
             return [
@@ -277,14 +275,16 @@ class Dispatcher:
         if now - self._searched >= self.pace_while_searching:
             return views
         quickest = self._quickest_for_searches()
-        if quickest is None or quickest.limiter.slots is not None or quickest not in candidates:
-            return views
-        held = knee = quickest.limiter.knee
-        if knee >= 2 and quickest.limiter.knows(knee) and self._long(quickest, info.task, knee):
-            held -= 1
-        if held >= quickest.limit:
-            return views
-        return [_Slots(b, held, min(b.proven_limit, held)) if b is quickest else v for b, v in zip(candidates, views)]
+        return [
+            _Slots(b, b.limit - 1, max(1, b.proven_limit - 1))
+            if b is quickest
+            and b.limiter.slots is None
+            and b.limit >= 2
+            and b.limiter.knows(b.limit)
+            and self._long(b, info.task)
+            else v
+            for b, v in zip(candidates, views)
+        ]
 
     def _quickest_for_searches(self) -> Optional[Backend]:
         """
@@ -295,13 +295,13 @@ class Dispatcher:
         return min(known, key=lambda k: k[:2])[2] if known else None
 
     @staticmethod
-    def _long(backend: Backend, task: Optional[str], level: int) -> bool:
+    def _long(backend: Backend, task: Optional[str]) -> bool:
         """
         Whether a batch request of C{task} takes longer than L{LONG_BATCH}
-        on C{backend} with C{level} in flight.
+        on C{backend} at its limit.
         """
         alone = backend.service_time(task)
-        return alone is not None and alone * backend.stretch(level) > LONG_BATCH
+        return alone is not None and alone * backend.stretch(backend.limit) > LONG_BATCH
 
     def _choose(self, info: RequestInfo, candidates: list[Backend], ahead: int, now: float) -> Optional[Backend]:
         if ahead:

@@ -12,21 +12,15 @@ at that level, and
 
 - raises the limit while a request more in flight buys at least L{GAIN}
   more throughput than the level below, in two windows running (the
-  second smoothed with the first): on a real host each request more buys
-  a little, up to several in flight, and where requests wait in the
-  balancer anyway a request more on the host is only throughput;
-- holds at the highest level that still does, and tries one more only now
-  and then (the probe's request pays for it on a host with slots, waiting
-  inside it), less often each time it buys nothing;
+  second smoothed with the first);
+- holds at the knee, the highest level that still does, and tries one more
+  only now and then (the probe's request pays for it on a host with slots,
+  waiting inside it), less often each time it buys nothing;
 - falls back to the level below when the level it holds gives no more
   than that one (the host got slower, or busier with other work): at once
   when it gives clearly less, else when a second window says so too (on a
   busy machine one window of a level that pays can measure no better); a
   level whose throughput is older than L{STALE} seconds is measured again.
-
-Searches want fewer: while people search, batch work is held at the
-host's L{Limit.knee}, the level past which a request more bought less than
-L{KNEE} (it mostly waits there, and a search beside it waits too).
 
 A level is measured as the work the host did while it held just that
 many requests, over the time it held them: not the time it had none
@@ -71,19 +65,8 @@ BASELINE_DRIFT = 0.05
 #: The most a learned limit grows to.
 MAX_LEARNED = 64
 #: A level is worth keeping when it completes this much more work per second
-#: than the level below ...
+#: than the level below.
 GAIN = 0.05
-#: ... or this much, on a host seen to run that many requests at once (a
-#: real host, sharing its processor: each request more buys a little, up
-#: to several in flight, where on a host with slots it only waits).
-SHARED_GAIN = 0.02
-#: A level measured to do this much less work than the one below is
-#: clearly worse; within it, one window cannot tell a level from the one
-#: below.
-NOISE = 0.05
-#: The knee: past the level where a request more buys less than this, it
-#: mostly waits (L{Limit.knee}).
-KNEE = 0.05
 #: Answers measured at a level before it is judged: at least this many, and
 #: at least four per request in flight.
 WINDOW = 20
@@ -219,26 +202,6 @@ class Limit:
             return level * one / rates[level][0]
         return in_flight * one / rates[level][0]
 
-    @property
-    def knee(self) -> int:
-        """
-        The limit, or the lowest level below it past which, as measured, a
-        request more in flight bought less than L{KNEE} more throughput:
-        where the request more mostly waits on the host, and a search sent
-        beside it would wait too.  A level not measured is taken to pay, as
-        in L{stretch}.
-        """
-        value = self.value
-        if self.slots is not None:
-            return value
-        rates, level = self._rates, 1
-        while level < value:
-            here, above = rates.get(level), rates.get(level + 1)
-            if here is not None and above is not None and above[0] < here[0] * (1 + KNEE):
-                break
-            level += 1
-        return level
-
     def knows(self, level: int) -> bool:
         """
         Whether the host's throughput at C{level} has been measured (so that
@@ -263,7 +226,7 @@ class Limit:
         once (a real host, sharing its processor: the request runs at once
         rather than waiting inside for a slot), and that many in flight
         were measured, in the last L{STALE} seconds, to do not clearly less
-        work than its limit (no less by more than L{NOISE}: the level bought
+        work than its limit (no less by more than L{GAIN}: the level bought
         too little to climb to, and one window cannot tell a little from
         nothing).  Once that measurement is older, the host is held at
         its limit until the level above is tried again.
@@ -274,7 +237,7 @@ class Limit:
         if self.side_by_side <= level:
             return False
         here, above = self.throughput(level), self._fresh(level + 1, now)
-        return here is not None and above is not None and above >= here * (1 - NOISE)
+        return here is not None and above is not None and above >= here * (1 - GAIN)
 
     def holds(self, in_flight: int, now: float) -> None:
         """
@@ -416,7 +379,7 @@ class Limit:
         flight stretches each answer by level / (level - 1)).
         """
         below = self._stretches.get(level - 1)
-        return below is not None and level > 1 and stretch >= below * level / (level - 1) * (1 - NOISE)
+        return below is not None and level > 1 and stretch >= below * level / (level - 1) * (1 - GAIN)
 
     def _fresh(self, level: int, now: float) -> Optional[float]:
         measured = self._rates.get(level)
@@ -435,9 +398,9 @@ class Limit:
         below = self._fresh(level - 1, now) if level > 1 else None
         above = self._fresh(level + 1, now)
         doubted, self._doubted = self._doubted, False
-        if below is not None and rate < below * (1 + self._gain(level)):
+        if below is not None and rate < below * (1 + GAIN):
             self._confirmed = False
-            if rate < below * (1 - NOISE) or doubted:
+            if rate < below * (1 - GAIN) or doubted:
                 self._reject(level)
             else:
                 # No more than the level below, but not clearly less: one
@@ -446,7 +409,7 @@ class Limit:
                 self._doubted = True
         elif above is not None and below is None:
             # Measured again from above: is the level above still worth it?
-            if above >= rate * (1 + self._gain(level + 1)):
+            if above >= rate * (1 + GAIN):
                 self._move(level + 1)
             else:
                 self.ceiling = level + 1
@@ -478,13 +441,6 @@ class Limit:
             self._confirmed = True
         else:
             self._move(level + 1)
-
-    def _gain(self, level: int) -> float:
-        """
-        How much more work C{level} must do than the level below to be
-        worth keeping.
-        """
-        return SHARED_GAIN if self.side_by_side >= level else GAIN
 
     def _reject(self, level: int) -> None:
         """

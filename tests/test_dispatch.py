@@ -390,39 +390,6 @@ def test_while_people_search_long_batch_work_leaves_a_slot_free_for_them():
     assert first == [host] and result(dispatcher.acquire(BATCH)) == [host]
 
 
-def test_while_people_search_batch_work_is_held_at_the_knee_of_their_host():
-    """
-    A real host whose limit climbed to four on small gains, where its
-    third and fourth requests in flight bought little (its knee is two):
-    while people search, batch work keeps two in flight there, so that a
-    search does not run beside four; with nobody searching it keeps four.
-    """
-    clock = task.Clock()
-    fleet = Fleet.from_addresses([BackendAddress("cpu")], clock)
-    [host] = fleet.backends
-    fleet.check_passed(host)
-    fleet.finish(fleet.start(host, "clip-visual"), 0.03)
-    fleet.finish(fleet.start(host, "clip-textual"), 0.006)
-    host.limiter = Limit(learned=4, rates={1: (1.0, 0.0), 2: (1.5, 0.0), 3: (1.53, 0.0), 4: (1.56, 0.0)})
-    assert host.limiter.knee == 2
-    dispatcher = Dispatcher(fleet, LeastConnections(), clock, 60.0, 100)
-    dispatcher.pace_while_searching = 10.0
-    batch = [result(dispatcher.acquire(BATCH)) for _ in range(4)]
-    assert all(b == [host] for b in batch)  # nobody searched: four in flight
-    for b in batch:
-        fleet.finish(b.load, 0.03)
-    fleet.finish(result(dispatcher.acquire(SEARCH)).load, 0.006)  # someone searches
-    clock.advance(1)
-    batch = [result(dispatcher.acquire(BATCH)) for _ in range(4)]
-    for _ in range(5):
-        clock.advance(0.5)  # batch starts are paced while people search
-        dispatcher.pump()
-    assert [len(b) for b in batch] == [1, 1, 0, 0] and host.in_flight == 2
-    clock.advance(dispatcher.pace_while_searching)  # people stopped searching
-    dispatcher.pump()
-    assert all(b == [host] for b in batch) and host.in_flight == 4
-
-
 def test_a_search_runs_beside_batch_work_past_a_learned_limit_when_that_is_no_slower():
     """
     A heavy model on a real host: its learned limit holds at one image (300

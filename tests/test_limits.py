@@ -387,44 +387,6 @@ def test_a_probe_on_a_host_that_runs_requests_at_once_is_measured_in_full():
         assert (min(seen) == 3) is kept
 
 
-def test_on_a_host_that_runs_requests_at_once_a_small_gain_is_worth_a_request_more():
-    """
-    A real host (seen to run three requests at once) whose requests more in
-    flight each buy a few per cent (the real fast host: 73.5, 76, 81.8 and
-    86.4 a second at one to four): the limit climbs on them, where requests
-    would wait in the balancer anyway.  A host with slots, where a request
-    more only waits inside, does not climb on so little: it measured no
-    gain, only luck.
-    """
-    for side_by_side, climbs in ((3, True), (1, False)):
-        paced = Paced(Limit())
-        paced.limit.ran_at_once(side_by_side)
-        paced.until_judged(1.0)
-        assert paced.limit.value == 2
-        paced.until_judged(1.03)
-        paced.until_judged(1.03)
-        assert (paced.limit.value == 3) is climbs
-        if not climbs:
-            assert paced.limit.value == 1 and paced.limit.ceiling == 2
-
-
-def test_the_knee_is_where_a_request_more_bought_little_though_the_limit_climbed_on():
-    """
-    Searches want a host at its knee: past it, a request more in flight
-    bought less than KNEE more throughput, and a search beside it waits
-    too.  The limit may climb past it (each level still bought a little);
-    the knee stays where the big gains ended.  With configured slots, the
-    knee is the slots.
-    """
-    paced = Paced(Limit())
-    paced.limit.ran_at_once(4)
-    for rate in (1.0, 1.5, 1.5, 1.54, 1.54):
-        paced.until_judged(rate)
-    assert paced.limit.value == 4 and paced.limit.knee == 2
-    assert Limit(learned=3).knee == 3  # nothing measured: every level is taken to pay
-    assert Limit(slots=3).knee == 3
-
-
 def test_an_answer_beside_others_tells_the_unloaded_time_over_the_stretch_there():
     """
     An answer given beside another request, slower than the quickest by
