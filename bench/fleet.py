@@ -965,10 +965,10 @@ def report(data: dict) -> None:
                     )
                 last = pr["series"][-1][1] if pr.get("series") else {}
                 for host, state in last.items():
-                    if len(state) >= 6:
+                    if len(state) >= 5:
                         say(
                             f"    {host} at the end: limit {state[0]}, work/s by level {state[2]}, "
-                            f"ceiling {state[3]}, seen side by side {state[4]}, knee {state[5]}"
+                            f"ceiling {state[3]}, seen side by side {state[4]}"
                         )
                 for key, e in pr["estimate_ms"].items():
                     say(f"    service-time estimate {key}: median {e['median']} ms (min {e['min']}, max {e['max']})")

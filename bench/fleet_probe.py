@@ -113,14 +113,14 @@ def _limit_state(view):
     """
     A host's limit, requests in flight and, when the view is a host of
     imml's fleet, what its learned limit measured: work per second by level,
-    the level seen to buy nothing, the most requests seen to run at once
-    and the knee.
+    the level seen to buy nothing, and the most requests seen to run at
+    once.
     """
     state = [view.limit, view.in_flight]
     limiter = getattr(getattr(view, "backend", view), "limiter", None)
     if limiter is not None:
         rates = {level: round(rate, 3) for level, (rate, _) in sorted(limiter._rates.items())}
-        state += [rates, limiter.ceiling, limiter.side_by_side, limiter.knee]
+        state += [rates, limiter.ceiling, limiter.side_by_side]
     return state
 
 
