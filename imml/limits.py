@@ -343,8 +343,11 @@ class Limit:
             return
         previous = self._stretches.get(level)
         self._stretches[level] = stretch if previous is None else previous + STRETCH_ALPHA * (stretch - previous)
-        if window.started is None:
+        if window.started is None or now - window.started > STALE:
+            # A first answer; or a window the host has held its level too
+            # little of for too long: what it holds would be stale.
             window.started, window.at_start = now, self.at_limit
+            window.work, window.answers, window.stretched = 0.0, 0, 0.0
             return
         window.work += work
         window.answers += 1

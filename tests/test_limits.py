@@ -14,7 +14,7 @@ import pytest
 from attrs import define, evolve, field
 from twisted.internet.task import Clock
 
-from imml.limits import PROBE_AFTER, QUICK, STALE, Limit
+from imml.limits import PROBE_AFTER, QUICK, STALE, WINDOW, Limit
 from imml.testing.cpu import HEAVY, LIGHT, CPUProfile, SharedCPU
 
 #: Two slots of 40 ms: a host that is a set of slots.
@@ -368,6 +368,25 @@ def test_a_level_is_measured_over_the_time_the_host_held_it_though_not_full_all_
         if limit.throughput(2) is not None:
             break
     assert limit.throughput(2) == pytest.approx(1.5, rel=0.01)
+
+
+def test_a_level_held_too_seldom_is_measured_afresh_not_over_minutes():
+    """
+    A host that held its limit for a moment now and then, over more than
+    STALE seconds, is not measured over all those moments at once: the
+    oldest tell little of the host now.  The window starts again.
+    """
+    limit = Limit(learned=2)
+    now, work = 0.0, 0.05
+    limit.answered("clip-visual", work, 1, now)  # alone: the baseline
+    for _ in range(4):
+        for _ in range(WINDOW // 2):  # held at two for a third of a second
+            limit.holds(2, now)
+            now += work / 1.5
+            limit.holds(1, now)
+            limit.answered("clip-visual", 2 * work / 1.5, 2, now, busy=True)
+        now += STALE / 2  # then a long while with one
+    assert limit.throughput(2) is None
 
 
 def test_a_probe_on_a_host_that_runs_requests_at_once_is_measured_in_full():
