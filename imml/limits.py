@@ -368,10 +368,6 @@ class Limit:
             self._reject(level)
         elif window.answers >= max(WINDOW, 4 * level) and self.at_limit - window.at_start >= MIN_SPAN:
             self._window = None
-            # Over the time the host held the level: not the time it had
-            # no request (at one in flight, the balancer kept it idle
-            # between its requests), nor fewer (the next request went
-            # elsewhere), nor more (the room's, a search's).
             self._judge(level, window.work / (self.at_limit - window.at_start), now)
 
     def _only_waiting(self, level: int, stretch: float) -> bool:

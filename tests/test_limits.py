@@ -232,9 +232,11 @@ class Paced:
         for _ in range(count):
             level = self.limit.value
             gap = self.work / rate
-            self.limit.holds(level, self.now)
+            self.limit.holds(level, self.now)  # (the level the limit says now)
             self.now += gap
-            self.limit.holds(level, self.now)  # the next request is sent at once
+            # held at the level until the answer, whose request is sent
+            # again at once: the host never holds fewer
+            self.limit.holds(level, self.now)
             self.limit.answered("clip-visual", level * gap, level, self.now, busy=True)
             seen.append(self.limit.value)
         return seen
