@@ -113,7 +113,7 @@ class _Response:
         for data in kept:
             protocol.dataReceived(data)
         if self._end is not None:
-            protocol.connectionLost(self._end)
+            self.ended(self._end)
 
     def setPreviousResponse(self, response: IResponse) -> None:
         self.previousResponse = response
@@ -125,10 +125,18 @@ class _Response:
             self._protocol.dataReceived(data)
 
     def ended(self, reason: Failure) -> None:
-        if self._protocol is None:
+        """
+        The body ended with C{reason}.  Its protocol and transport are let
+        go once told: the transport holds the exchange, which holds this
+        answer, and an answer that ends its part in that cycle is freed
+        with its request, not by the cycle collector some time later.
+        """
+        protocol = self._protocol
+        if protocol is None:
             self._end = reason
         else:
-            self._protocol.connectionLost(reason)
+            self._protocol = self._transport = self._end = None
+            protocol.connectionLost(reason)
 
 
 class _BodyTransport:

@@ -6,6 +6,9 @@ Over loopback sockets where the wire matters, and byte by byte through a
 StringTransport where the answer's splitting does.
 """
 
+import gc
+import weakref
+
 import pytest
 from support import Recorder, bounded
 from twisted.internet import error, reactor, task
@@ -252,6 +255,34 @@ def test_an_answer_to_the_end_of_the_connection_ends_with_it():
     got, reason = reader.ended.result
     assert (fired[0].length, got) == (UNKNOWN_LENGTH, b"some bytes")
     assert reason.check(PotentialDataLoss)
+
+
+@pytest.mark.parametrize("how", ["read as it comes", "read once whole", "lost mid-answer"])
+def test_an_answer_whose_body_ended_is_freed_with_its_reader(how):
+    """
+    The balancer's requests are freed as they end, not by the cycle
+    collector now and then: between its runs, garbage from every request
+    answered meanwhile would pile up (and leave the memory it took behind).
+    """
+    gc.disable()
+    try:
+        reader = Body()
+        agent, connection, fired = requested(body=None if how == "read once whole" else reader)
+        connection.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhel")
+        if how == "lost mid-answer":
+            connection.connectionLost(error.ConnectionLost())
+        else:
+            connection.dataReceived(b"lo")
+        response = fired.pop()
+        if how == "read once whole":
+            response.deliverBody(reader)
+        got, reason = reader.ended.result
+        assert reason.check(ResponseFailed if how == "lost mid-answer" else ResponseDone)
+        answer = weakref.ref(response)
+        del response, reader
+        assert answer() is None
+    finally:
+        gc.enable()
 
 
 @pytest.mark.parametrize(
