@@ -372,13 +372,17 @@ class Limit:
 
     def _only_waiting(self, level: int, stretch: float) -> bool:
         """
-        Whether the first answers at C{level} took, on average, as much
-        longer than at the level below as if the request more in flight
-        bought nothing (Little's law: the same throughput with one more in
-        flight stretches each answer by level / (level - 1)).
+        Whether the first answers at C{level} took, on average, nearly as
+        much longer than at the level below as if the request more in
+        flight bought nothing (Little's law: the same throughput with one
+        more in flight stretches each answer by level / (level - 1)): they
+        show less than half of L{GAIN}.  On a host with slots they show
+        none; on Immich ML, whose pool of threads makes the request more
+        wait for one while its decoding overlaps the others' inference,
+        they show a little, which only the full window can weigh.
         """
         below = self._stretches.get(level - 1)
-        return below is not None and level > 1 and stretch >= below * level / (level - 1) * (1 - GAIN)
+        return below is not None and level > 1 and stretch >= below * level / (level - 1) / (1 + GAIN / 2)
 
     def _fresh(self, level: int, now: float) -> Optional[float]:
         measured = self._rates.get(level)

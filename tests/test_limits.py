@@ -408,6 +408,23 @@ def test_a_probe_on_a_host_that_runs_requests_at_once_is_measured_in_full():
         assert (min(seen) == 3) is kept
 
 
+def test_a_probe_whose_first_answers_gain_a_little_is_measured_in_full():
+    """
+    Immich ML's pool of two threads makes a third request in flight wait
+    for a thread, but its decoding overlaps the others' inference: the
+    host is not seen to run three at once, yet three do a little more than
+    two.  First answers of a probe of three that show such a gain, not the
+    pure waiting of a host with slots, do not end it: the level is measured
+    in full, and kept when it pays.
+    """
+    paced = _knee_at_two(side_by_side=2, third=1.2)
+    while paced.limit.value == 2:
+        paced.answers(1.2, 1)  # held at the knee until the probe
+    seen = paced.answers(1.25, QUICK + 4)  # 4 % more than two: a little
+    seen += paced.until_judged(1.45)
+    assert min(seen) == 3
+
+
 def test_an_answer_beside_others_tells_the_unloaded_time_over_the_stretch_there():
     """
     An answer given beside another request, slower than the quickest by
