@@ -306,7 +306,7 @@ class Fleet:
             backend.queued_inside += 1
         joined = frozenset(backend.loads) if backend.in_flight > limiter.side_by_side else None
         backend.started += 1
-        load = Load(backend, task, now, backend.in_flight, starts, owner, joined, backend.started)
+        load = Load(backend, task, now, backend.in_flight, starts, owner, joined, backend.started, limiter.shares())
         backend.loads.add(load)
         return load
 
@@ -365,7 +365,7 @@ class Fleet:
             if seconds >= 0:
                 now = self.clock.seconds()
                 alone = load.in_flight == 1 and load.number == backend.started
-                unloaded = backend.limiter.answered(task, seconds, load.in_flight, now, busy, alone, over)
+                unloaded = backend.limiter.answered(task, seconds, load.in_flight, now, busy, alone, over, load.shares)
                 if unloaded == seconds or (task or "other") not in backend.stats.service_time:
                     backend.stats.record_time(task, seconds, now, holds_slot)
                 elif unloaded is not None:

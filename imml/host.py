@@ -218,6 +218,8 @@ class Load:
     joined: Optional[frozenset] = None
     #: The how-manieth request started on the host it is.
     number: int = 0
+    #: The host's clock of shares when it was sent (L{imml.limits.Limit.shares}).
+    shares: Optional[tuple] = None
 
 
 @implementer(IBackendView)

@@ -103,6 +103,8 @@ class _Window:
     #: The seconds the host held its limit, in all (L{Limit.at_limit}),
     #: when it started.
     at_start: float = 0.0
+    #: The host's shares at the level (L{Limit.shares}) when it started.
+    shares_start: float = 0.0
     work: float = 0.0
     answers: int = 0
     #: The sum of its answers' stretches.
@@ -149,6 +151,10 @@ class Limit:
     at_limit: float = 0.0
     _holding: int = 0
     _holding_since: Optional[float] = None
+    #: Per number of requests held (the index), in all, the seconds the
+    #: host held just that many times the share of its throughput each of
+    #: them had there (L{_share_of}): how far each request got there.
+    _shares: list[float] = field(factory=list)
 
     @property
     def value(self) -> int:
@@ -245,9 +251,40 @@ class Limit:
         held just its learned limit is the time its level is measured over.
         """
         held, since = self._holding, self._holding_since
-        if since is not None and now > since and held == self.learned:
-            self.at_limit += now - since
+        if since is not None and now > since and held:
+            if held == self.learned:
+                self.at_limit += now - since
+            shares = self._shares
+            if len(shares) <= held:
+                shares.extend([0.0] * (held + 1 - len(shares)))
+            shares[held] += (now - since) * self._share_of(held)
         self._holding, self._holding_since = in_flight, now
+
+    def _share_of(self, level: int) -> float:
+        """
+        The share of the host's throughput one of C{level} requests has
+        there: the throughput measured at the level (or the highest level
+        measured below it: past it, more in flight is taken to buy nothing)
+        over C{level}; one over C{level} while nothing is measured.  A host
+        with slots does twice as much with two in flight, each as fast as
+        one alone; a processor shared by two does about as much, each at
+        half the speed.
+        """
+        rates = self._rates
+        if 1 not in rates:
+            return 1.0 / level
+        known = level
+        while known not in rates:
+            known -= 1
+        return rates[known][0] / level
+
+    def shares(self) -> tuple[float, ...]:
+        """
+        The host's clock of shares now (see L{holds}): given back with a
+        request's answer (L{answered}), it tells how far the request got at
+        each number of requests held while it ran.
+        """
+        return tuple(self._shares)
 
     def restart(self) -> None:
         """
@@ -274,13 +311,15 @@ class Limit:
         busy: bool = False,
         alone: bool = False,
         over: bool = False,
+        sent: Optional[tuple[float, ...]] = None,
     ) -> Optional[float]:
         """
         A request of C{task} was answered in C{seconds}, at C{now}; C{in_flight}
         requests were on the host when it was sent (itself included); C{busy}:
         the host had its limit of requests when it answered; C{over}: it had
         more (the room past a learned limit, a search); C{alone}: no other
-        request was on the host from its start to its answer.
+        request was on the host from its start to its answer; C{sent}: the
+        host's L{shares} when it was sent, if known.
 
         @return: what the answer says of the host's unloaded service time,
             or None when it says nothing (a model loading; a wait inside a
@@ -311,8 +350,9 @@ class Limit:
         if seconds >= baseline * OUTLIER:
             return None
         if self.slots is None and self.ramp is None:
-            if not over:
-                self._measure(baseline, seconds / baseline if baseline > 0 else 1.0, now, busy)
+            if sent is not None or not over:
+                share = self._share(sent) if sent is not None else (1.0 if busy else 0.0)
+                self._measure(baseline, seconds / baseline if baseline > 0 else 1.0, now, share)
         if alone or seconds <= baseline * QUEUEING + QUEUEING_SLACK:
             return seconds
         if in_flight > 1 and in_flight in self._rates:
@@ -321,22 +361,48 @@ class Limit:
 
     # -- climbing the throughput curve --------------------------------------
 
-    def _measure(self, work: float, stretch: float, now: float, busy: bool) -> None:
+    def _share(self, sent: tuple[float, ...]) -> float:
         """
-        Count an answer of C{work} unloaded seconds, which took C{stretch}
-        times that, towards the level's throughput: the work the host did
-        while it held its limit, over the time it held it (L{holds}).  An
-        answer given with fewer requests on the host says nothing of the
-        level, nor does the time it held fewer.  (Throwing away what was
-        measured whenever the host was not full would keep only the runs
-        of answers in which it stayed full: those in which it answered
-        quickly enough to be chosen again and again, a measure biased high.)
+        The share of its work an answer whose request was sent at C{sent}
+        (L{shares}) did while the host held its learned limit, and since
+        the window measuring it started: how far it got there over how far
+        it got in all, each level's pace taken from the throughput measured
+        there (L{_share_of}).  A pace not yet measured right makes the
+        level's measure a little wrong in the same direction, and the next
+        measure less so.
+        """
+        shares, level = self._shares, self.learned
+        total = sum(shares) - sum(sent)
+        if total <= 0 or level >= len(shares):
+            return 0.0
+        before = sent[level] if level < len(sent) else 0.0
+        window = self._window
+        if window is not None and window.level == level and window.started is not None:
+            before = max(before, window.shares_start)
+        return max(0.0, shares[level] - before) / total
+
+    def _measure(self, work: float, stretch: float, now: float, share: float) -> None:
+        """
+        Count C{share} of an answer of C{work} unloaded seconds, which took
+        C{stretch} times that, towards the level's throughput: the work the
+        host did while it held its limit, over the time it held it
+        (L{holds}).  The share is what of the answer's work was done at the
+        level (L{_share}), or, its request's share of the host not known,
+        all of it when the host held its limit at the answer and none
+        otherwise.  The time the host held fewer says nothing of the level.
+        (Throwing away what was measured whenever the host was not full
+        would keep only the runs of answers in which it stayed full: those
+        in which it answered quickly enough to be chosen again and again, a
+        measure biased high.  Counting an answer's work all at the level
+        where it was given biases short stays at a level high too: on a
+        host that shares its processor, a request sent when an answer left
+        joins others nearly done, whose work was mostly done below.)
         """
         level = self.learned
         window = self._window
         if window is None or window.level != level:
             window = self._window = _Window(level, skip=level)
-        if not busy:
+        if share <= 0:
             return
         if window.skip:
             window.skip -= 1
@@ -347,9 +413,10 @@ class Limit:
             # A first answer; or a window the host has held its level too
             # little of for too long: what it holds would be stale.
             window.started, window.at_start = now, self.at_limit
+            window.shares_start = self._shares[level] if level < len(self._shares) else 0.0
             window.work, window.answers, window.stretched = 0.0, 0, 0.0
             return
-        window.work += work
+        window.work += work * share
         window.answers += 1
         window.stretched += stretch
         # Trying again a level that bought nothing before, on a host not

@@ -49,7 +49,8 @@ def test_the_limit_is_told_when_a_host_has_more_than_its_limit():
     """
     The time a host with a learned limit holds more requests than that
     (the room past it, a search) is kept apart from its limit's
-    measurement, and so are the answers given then.
+    measurement; the limit is told which answers were given then, and
+    the share of the host each request had while it ran.
     """
     clock = task.Clock()
     fleet = Fleet.from_addresses([BackendAddress("cpu")], clock)
@@ -59,7 +60,7 @@ def test_the_limit_is_told_when_a_host_has_more_than_its_limit():
 
     class Told(Limit):
         def answered(self, *args):
-            told.append(args[-1])  # over the limit when it answered
+            told.append((args[6], args[7]))  # over the limit when it answered; the shares when sent
             return super().answered(*args)
 
     cpu.limiter = Told()
@@ -70,7 +71,8 @@ def test_the_limit_is_told_when_a_host_has_more_than_its_limit():
     clock.advance(0.03)
     fleet.finish(second, 0.07)
     assert cpu.limiter.at_limit == pytest.approx(0.03)  # not the 40 ms with two
-    assert told == [True, False]
+    assert told == [(True, ()), (False, ())]  # both sent before the host held any
+    assert cpu.limiter.shares() == pytest.approx((0.0, 0.03, 0.02))  # 30 ms alone, 40 ms shared by two
 
 
 def _medium_host():
