@@ -152,8 +152,8 @@ class Limit:
     _holding: int = 0
     _holding_since: Optional[float] = None
     #: Per number of requests held (the index), in all, the seconds the
-    #: host held just that many times the share of its throughput each of
-    #: them had there (L{_share_of}): how far each request got there.
+    #: host held just that many over that number: the share of the host
+    #: each of them had there, processor sharing's clock.
     _shares: list[float] = field(factory=list)
 
     @property
@@ -257,26 +257,8 @@ class Limit:
             shares = self._shares
             if len(shares) <= held:
                 shares.extend([0.0] * (held + 1 - len(shares)))
-            shares[held] += (now - since) * self._share_of(held)
+            shares[held] += (now - since) / held
         self._holding, self._holding_since = in_flight, now
-
-    def _share_of(self, level: int) -> float:
-        """
-        The share of the host's throughput one of C{level} requests has
-        there: the throughput measured at the level (or the highest level
-        measured below it: past it, more in flight is taken to buy nothing)
-        over C{level}; one over C{level} while nothing is measured.  A host
-        with slots does twice as much with two in flight, each as fast as
-        one alone; a processor shared by two does about as much, each at
-        half the speed.
-        """
-        rates = self._rates
-        if 1 not in rates:
-            return 1.0 / level
-        known = level
-        while known not in rates:
-            known -= 1
-        return rates[known][0] / level
 
     def shares(self) -> tuple[float, ...]:
         """
@@ -365,11 +347,14 @@ class Limit:
         """
         The share of its work an answer whose request was sent at C{sent}
         (L{shares}) did while the host held its learned limit, and since
-        the window measuring it started: how far it got there over how far
-        it got in all, each level's pace taken from the throughput measured
-        there (L{_share_of}).  A pace not yet measured right makes the
-        level's measure a little wrong in the same direction, and the next
-        measure less so.
+        the window measuring it started: the share of the host it had there
+        over the share it had in all.  That is how far it got there where
+        the host shares its processor and does as much at each level; where
+        a level does more (two slots do twice what one does) its share
+        there is counted a little short, and less so the more of its time
+        the request spent at one level, as it does on a host kept at its
+        limit.  (Weighing each level's share by the throughput measured
+        there would feed a level's error back into its next measure.)
         """
         shares, level = self._shares, self.learned
         total = sum(shares) - sum(sent)
