@@ -106,7 +106,10 @@ class _Window:
     #: The host's shares at the level (L{Limit.shares}) when it started.
     shares_start: float = 0.0
     work: float = 0.0
+    #: The answers counted, and how many whole answers' work they did at
+    #: the level (their shares there, L{Limit._share}).
     answers: int = 0
+    whole: float = 0.0
     #: The sum of its answers' stretches.
     stretched: float = 0.0
 
@@ -399,10 +402,11 @@ class Limit:
             # little of for too long: what it holds would be stale.
             window.started, window.at_start = now, self.at_limit
             window.shares_start = self._shares[level] if level < len(self._shares) else 0.0
-            window.work, window.answers, window.stretched = 0.0, 0, 0.0
+            window.work, window.answers, window.whole, window.stretched = 0.0, 0, 0.0, 0.0
             return
         window.work += work * share
         window.answers += 1
+        window.whole += share
         window.stretched += stretch
         # Trying again a level that bought nothing before, on a host not
         # seen to run that many requests at once (a host with slots: the
@@ -418,7 +422,7 @@ class Limit:
             if below is not None:
                 self._rates[level] = (below[0], now)  # as much work done as below
             self._reject(level)
-        elif window.answers >= max(WINDOW, 4 * level) and self.at_limit - window.at_start >= MIN_SPAN:
+        elif window.whole >= max(WINDOW, 4 * level) and self.at_limit - window.at_start >= MIN_SPAN:
             self._window = None
             self._judge(level, window.work / (self.at_limit - window.at_start), now)
 
