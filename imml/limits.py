@@ -26,10 +26,15 @@ A level is measured as the work the host did while it held just that
 many requests, over the time it held them: not the time it had none
 (between an answer and the next request sent, a host at one request in
 flight is idle by the balancer's doing, not its own), fewer (the next
-request went elsewhere) or more (the room past the limit, a search).  A
-measurement takes at least L{WINDOW} answers and L{MIN_SPAN} seconds at
-the level, so that a moment when the machine takes the host's CPU away
-weighs little.
+request went elsewhere) or more (the room past the limit, a search).  The
+work is each answer's share done at the level: a request carries the
+host's clock of shares from its sending (L{Limit.shares}), and its answer
+counts the share of the host it had at the level over the share it had in
+all (a request sent as another is nearly done ends a short stay at a
+level with an answer whose work was mostly done below it).  A
+measurement takes at least L{WINDOW} answers' work and L{MIN_SPAN}
+seconds at the level, so that a moment when the machine takes the host's
+CPU away weighs little.
 
 While requests wait in the balancer anyway, a real host may take one
 request past its limit (L{Limit.room}): when the level above its knee was
