@@ -340,9 +340,8 @@ class Limit:
         if seconds >= baseline * OUTLIER:
             return None
         if self.slots is None and self.ramp is None:
-            if sent is not None or not over:
-                share = self._share(sent) if sent is not None else (1.0 if busy else 0.0)
-                self._measure(baseline, seconds / baseline if baseline > 0 else 1.0, now, share)
+            share = self._share(sent) if sent is not None else (1.0 if busy and not over else 0.0)
+            self._measure(baseline, seconds / baseline if baseline > 0 else 1.0, now, share)
         if alone or seconds <= baseline * QUEUEING + QUEUEING_SLACK:
             return seconds
         if in_flight > 1 and in_flight in self._rates:
