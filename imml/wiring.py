@@ -44,6 +44,7 @@ from .status import Status
 from .strategies import strategy_named
 from .summary import StartLine
 from .tls import HostsPolicy, TLSSettings
+from .trim import give_back_free_memory
 from .upstream import Upstream, make_agent, make_host_agent, make_pinger, make_pool
 from .wake import Waker
 from .window import RecentWindow
@@ -373,6 +374,9 @@ def build(options: Any, reactor: Any, signals: bool = True) -> Balancer:
         [demo.joined] if demo is not None else [],
     ).setServiceParent(top)
     reloader.setServiceParent(top)
+    trimmer = give_back_free_memory(reactor)
+    if trimmer is not None:
+        trimmer.setServiceParent(top)
     # The graceful stop, last started, stops the listener first of all.
     stopper.setServiceParent(top)
     return Balancer(
