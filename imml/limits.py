@@ -67,6 +67,8 @@ QUEUEING_SLACK = 0.005
 OUTLIER = 10.0
 #: How fast a baseline follows slower answers given alone (a new normal).
 BASELINE_DRIFT = 0.05
+#: Weight of a new answer given alone in its task's unit of work.
+UNIT_ALPHA = 0.02
 #: The most a learned limit grows to.
 MAX_LEARNED = 64
 #: A level is worth keeping when it completes this much more work per second
@@ -138,8 +140,12 @@ class Limit:
     #: The most requests in flight at which one was seen to run at once
     #: (L{ran_at_once}).
     side_by_side: int = 1
-    #: Per task, the host's unloaded service time.
+    #: Per task, the host's unloaded service time: its quickest answer,
+    #: or one given alone since.
     _baseline: dict[str, float] = field(factory=dict)
+    #: Per task, the unit its work is counted in: a slowly moving average
+    #: of its answers given alone.
+    _unit: dict[str, float] = field(factory=dict)
     #: Per level, the work per second measured there, and when.
     _rates: dict[int, tuple[float, float]] = field(factory=dict)
     #: Per level, a moving average of how many times its unloaded time an
@@ -339,9 +345,14 @@ class Limit:
                 self.ramp = None
         if seconds >= baseline * OUTLIER:
             return None
+        unit = self._unit.get(key)
+        if alone:
+            unit = self._unit[key] = seconds if unit is None else unit + UNIT_ALPHA * (seconds - unit)
+        elif unit is None:
+            unit = baseline
         if self.slots is None and self.ramp is None:
             share = self._share(sent) if sent is not None else (1.0 if busy and not over else 0.0)
-            self._measure(baseline, seconds / baseline if baseline > 0 else 1.0, now, share)
+            self._measure(unit, seconds / unit if unit > 0 else 1.0, now, share)
         if alone or seconds <= baseline * QUEUEING + QUEUEING_SLACK:
             return seconds
         if in_flight > 1 and in_flight in self._rates:
