@@ -46,8 +46,13 @@ little more.  Answers given while the host has more than
 its limit (the room, a search past it) measure nothing; the level above is
 measured again by the knee's probe.
 
-Work is counted in each answer's unloaded service time for its task, so a
-mix of cheap searches and costly images measures as one throughput.  A host
+Work is counted in each answer's usual time alone on the host for its task
+(a slowly moving average of its answers given alone), so a mix of cheap
+searches and costly images measures as one throughput, and levels measured
+at different moments compare in one unit.  (The quickest answer, which
+every quicker one lowers at once, would not: where answers vary, it counts
+a level measured just after a quick answer in a smaller unit than one
+measured before.)  A host
 that comes back up starts slow: its limit is capped at one request and the
 cap grows by one with each answer, until the full limit is reached.
 """
@@ -148,7 +153,7 @@ class Limit:
     _unit: dict[str, float] = field(factory=dict)
     #: Per level, the work per second measured there, and when.
     _rates: dict[int, tuple[float, float]] = field(factory=dict)
-    #: Per level, a moving average of how many times its unloaded time an
+    #: Per level, a moving average of how many times its usual time alone an
     #: answer took there.
     _stretches: dict[int, float] = field(factory=dict)
     _window: Optional[_Window] = None
@@ -192,7 +197,7 @@ class Limit:
 
     def throughput(self, level: int) -> Optional[float]:
         """
-        The work per second (in unloaded service seconds) measured with
+        The work per second (in seconds of answers given alone) measured with
         C{level} requests in flight, or None.
         """
         measured = self._rates.get(level)
@@ -386,7 +391,7 @@ class Limit:
 
     def _measure(self, work: float, stretch: float, now: float, share: float) -> None:
         """
-        Count C{share} of an answer of C{work} unloaded seconds, which took
+        Count C{share} of an answer of C{work} seconds alone, which took
         C{stretch} times that, towards the level's throughput: the work the
         host did while it held its limit, over the time it held it
         (L{holds}).  The share is what of the answer's work was done at the

@@ -42,6 +42,7 @@ class Driven:
     answers: int = 0
     cpu: SharedCPU = field(init=False)
     _random: random.Random = field(factory=lambda: random.Random(3))
+    _alone: dict = field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
         self.cpu = SharedCPU(self.clock, self.profile)
@@ -56,13 +57,22 @@ class Driven:
         self.limit.holds(self.in_flight, sent)
         shares = self.limit.shares()
         jitter = self._random.uniform
+        # Whether it is alone on the host from its start to its answer: the
+        # requests on it are no longer alone once it joins them.
+        for running in self._alone:
+            self._alone[running] = False
+        me = object()
+        self._alone[me] = at == 1
 
         def done() -> None:
             busy = self.in_flight >= self.limit.value
             self.in_flight -= 1
             self.limit.holds(self.in_flight, self.clock.seconds())
             self.answers += 1
-            self.limit.answered("clip-visual", self.clock.seconds() - sent, at, self.clock.seconds(), busy, sent=shares)
+            alone = self._alone.pop(me)
+            self.limit.answered(
+                "clip-visual", self.clock.seconds() - sent, at, self.clock.seconds(), busy, alone=alone, sent=shares
+            )
             self.seen.append(self.limit.value)
             self.fill()
 
@@ -549,3 +559,24 @@ def test_the_room_measures_nothing_and_lasts_until_the_level_above_is_measured_a
         if paced.limit.value == 2 and paced.limit.room(paced.now):
             break
     assert paced.limit.value == 2 and paced.limit.room(paced.now)
+
+
+#: One core the requests share, and nothing else: a request more in flight
+#: buys nothing.
+ONE_CORE = CPUProfile(cores=1.0, threads=8, parallelism=1.0, python=0.0, inference=0.02)
+
+
+def test_work_is_counted_in_the_usual_time_alone_not_the_quickest():
+    """
+    Answers that vary by half their time either way: the quickest is half
+    the usual, and a unit that every quicker answer lowers at once would
+    count one level's work in one unit and the next level's in another.
+    Counted in the average time alone, one core does one second of work a
+    second, at one request in flight as at two.
+    """
+    driven = Driven(Limit(), ONE_CORE, jitter=0.5, handling=0.0)
+    driven.run(60.0)
+    one, two = driven.limit.throughput(1), driven.limit.throughput(2)
+    assert one == pytest.approx(1.0, abs=0.05)
+    assert two is not None and two < one * 1.05
+    assert driven.share(since=200)[1] > 0.6
