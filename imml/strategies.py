@@ -123,7 +123,14 @@ class ShortestDelay:
     A free host is taken unless waiting for a busy one is expected to be
     clearly sooner: more than C{patience} times, and C{slack} seconds,
     sooner.  A wait is an estimate, a free slot is not; and a host left
-    idle while requests wait is throughput lost.  A search (interactive)
+    idle while requests wait is throughput lost.  Nor is a free host left
+    idle for batch work whose cost there is no more than C{near} times what
+    a request takes on a busy host once it runs, however short the wait for
+    that host: its answer is hardly slower than the busy host's own, and
+    while batch work waits (a job's steady stream), a host left idle is
+    throughput lost.  (A host several times slower, whose answers would
+    make the fleet's tail, is kept for when the wait is long.)  A search
+    (interactive)
     takes whichever is expected sooner: searches are few, a person waits for
     each, and a free slow host can take several times longer than a short
     wait for a fast one.  When waiting wins, the request waits: late
@@ -154,6 +161,7 @@ class ShortestDelay:
     #: host failing half its requests looks three times slower.
     error_penalty: float = 4.0
     patience: float = 1.5
+    near: float = 2.5
     slack: float = 0.005
     _turn: int = 0
 
@@ -176,6 +184,8 @@ class ShortestDelay:
         best = None
         best_key = None
         wait_cost = float("inf")
+        # the shortest time a request takes on a busy host once it runs
+        running = float("inf")
         self._turn += 1
         count = len(candidates)
         for i, c in enumerate(candidates):
@@ -220,7 +230,9 @@ class ShortestDelay:
                 wait = self._wait(c, in_flight - usable + request.ahead + 1, self._rate(c, limit, t)) * slowdown
                 # once a slot frees, it runs with the host at its (proven)
                 # limit
-                done = wait + t * c.stretch(usable)
+                runs = t * c.stretch(usable)
+                running = min(running, runs)
+                done = wait + runs
                 if interactive:
                     done += t * (max(c.search_surprise, 1.0) - 1.0)
                 if done < wait_cost:
@@ -228,7 +240,9 @@ class ShortestDelay:
         if interactive:
             if best is None or wait_cost < best_key[0]:
                 return None
-        elif best is None or wait_cost * self.patience + self.slack < best_key[0]:
+        elif best is None:
+            return None
+        elif wait_cost * self.patience + self.slack < best_key[0] and best_key[0] > running * self.near:
             return None
         return best
 

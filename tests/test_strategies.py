@@ -280,8 +280,26 @@ def test_shortest_delay_keeps_a_free_host_busy_unless_waiting_is_clearly_sooner(
     free.seconds = 0.030
     assert ShortestDelay().choose(sed_request(), [busy, free]) is None
     assert (
-        ShortestDelay(patience=1.0, slack=0.0).choose(sed_request(), [busy, timed(1, limit=2, seconds=0.016)]) is None
+        ShortestDelay(patience=1.0, slack=0.0, near=1.0).choose(sed_request(), [busy, timed(1, limit=2, seconds=0.016)])
+        is None
     )
+
+
+def test_batch_work_keeps_a_free_host_busy_whose_answers_are_hardly_slower():
+    """
+    A real fast host at its limit of three answers each request in 36 ms
+    (12 ms alone, stretched three times), one of them every 12 ms; an idle
+    slower host answers in 80 ms.  Waiting is sooner (12 + 36 ms), yet the
+    slower host's answer takes little more than twice the fast host's own:
+    left idle while batch work waits, it is throughput lost.  A host whose
+    answers take several times longer is kept for when the wait is long.
+    """
+    fast = timed(0, limit=3, in_flight=3, seconds=0.012, answer_in=0.012, stretches={3: 3.0}, throughput=83.0)
+    slower = timed(1, limit=1, seconds=0.080)
+    assert ShortestDelay().choose(sed_request(), [fast, slower]) is slower
+    slower.seconds = 0.150
+    assert ShortestDelay().choose(sed_request(), [fast, slower]) is None
+    assert ShortestDelay(near=1.0).choose(sed_request(), [fast, timed(1, limit=1, seconds=0.080)]) is None
 
 
 def test_a_search_takes_whatever_is_sooner_without_patience():
