@@ -47,14 +47,14 @@ its limit (the room, a search past it) measure nothing; the level above is
 measured again by the knee's probe.
 
 Work is counted in each answer's usual time alone on the host for its task
-(a slowly moving average of its answers given alone), so a mix of cheap
-searches and costly images measures as one throughput, and levels measured
-at different moments compare in one unit.  (The quickest answer, which
-every quicker one lowers at once, would not: where answers vary, it counts
-a level measured just after a quick answer in a smaller unit than one
-measured before.)  A host
-that comes back up starts slow: its limit is capped at one request and the
-cap grows by one with each answer, until the full limit is reached.
+(the average of its answers given alone, slowly moving; its quickest answer
+until there is one), so a mix of cheap searches and costly images measures
+as one throughput, and levels measured at different moments compare in one
+unit.  (The quickest answer, which every quicker one lowers at once, would
+not: where answers vary, it counts a level measured just after a quick
+answer in a smaller unit than one measured before.)  A host that comes back
+up starts slow: its limit is capped at one request and the cap grows by one
+with each answer, until the full limit is reached.
 """
 
 from __future__ import annotations
@@ -72,8 +72,11 @@ QUEUEING_SLACK = 0.005
 OUTLIER = 10.0
 #: How fast a baseline follows slower answers given alone (a new normal).
 BASELINE_DRIFT = 0.05
-#: Weight of a new answer given alone in its task's unit of work.
+#: Weight of a new answer given alone in its task's unit of work, once
+#: there are 1 / UNIT_ALPHA of them (the first ones are averaged plainly).
 UNIT_ALPHA = 0.02
+#: An answer counts in the unit as at most this many times the unit.
+UNIT_CAP = 3.0
 #: The most a learned limit grows to.
 MAX_LEARNED = 64
 #: A level is worth keeping when it completes this much more work per second
@@ -146,11 +149,12 @@ class Limit:
     #: (L{ran_at_once}).
     side_by_side: int = 1
     #: Per task, the host's unloaded service time: its quickest answer,
-    #: or one given alone since.
+    #: moving (L{BASELINE_DRIFT}) towards slower answers sent while it held
+    #: no other.
     _baseline: dict[str, float] = field(factory=dict)
-    #: Per task, the unit its work is counted in: a slowly moving average
-    #: of its answers given alone.
-    _unit: dict[str, float] = field(factory=dict)
+    #: Per task, the unit its work is counted in (L{_unit_of}), and how many
+    #: answers it averages.
+    _unit: dict[str, tuple[float, int]] = field(factory=dict)
     #: Per level, the work per second measured there, and when.
     _rates: dict[int, tuple[float, float]] = field(factory=dict)
     #: Per level, a moving average of how many times its usual time alone an
@@ -293,6 +297,9 @@ class Limit:
         """
         self.ramp = 1
         self.side_by_side = 1
+        # Its units are averaged afresh from its next answers given alone
+        # (it may be other hardware now); until then, they stay.
+        self._unit = {key: (value, 0) for key, (value, _) in self._unit.items()}
         self._rates.clear()
         self._stretches.clear()
         self._window = None
@@ -337,6 +344,9 @@ class Limit:
         """
         key = task or "other"
         baseline = self._baseline.get(key)
+        # A task's first answer may have loaded its model; answers while the
+        # host starts again may be its first since.
+        usual = alone and baseline is not None and self.ramp is None
         if baseline is None or seconds < baseline:
             self._baseline[key] = baseline = seconds
         elif in_flight == 1 and seconds < baseline * OUTLIER:
@@ -350,11 +360,7 @@ class Limit:
                 self.ramp = None
         if seconds >= baseline * OUTLIER:
             return None
-        unit = self._unit.get(key)
-        if alone:
-            unit = self._unit[key] = seconds if unit is None else unit + UNIT_ALPHA * (seconds - unit)
-        elif unit is None:
-            unit = baseline
+        unit = self._unit_of(key, seconds if usual else None, baseline)
         if self.slots is None and self.ramp is None:
             share = self._share(sent) if sent is not None else (1.0 if busy and not over else 0.0)
             self._measure(unit, seconds / unit if unit > 0 else 1.0, now, share)
@@ -363,6 +369,22 @@ class Limit:
         if in_flight > 1 and in_flight in self._rates:
             return seconds / self.stretch(in_flight)
         return None
+
+    def _unit_of(self, key: str, seconds: Optional[float], baseline: float) -> float:
+        """
+        The unit the work of task C{key} is counted in, taking into it an
+        answer given alone in C{seconds} (None: no such answer): the
+        average of those answers, plain over the first ones, then slowly
+        moving, each counting as at most L{UNIT_CAP} units (a model loaded
+        again after a while idle).  Its C{baseline} until there is one.
+        """
+        known = self._unit.get(key)
+        if seconds is not None:
+            value, count = known if known is not None else (seconds, 0)
+            count += 1
+            value += max(UNIT_ALPHA, 1.0 / count) * (min(seconds, UNIT_CAP * value) - value)
+            self._unit[key] = known = (value, count)
+        return known[0] if known is not None else baseline
 
     # -- climbing the throughput curve --------------------------------------
 

@@ -579,4 +579,19 @@ def test_work_is_counted_in_the_usual_time_alone_not_the_quickest():
     one, two = driven.limit.throughput(1), driven.limit.throughput(2)
     assert one == pytest.approx(1.0, abs=0.05)
     assert two is not None and two < one * 1.05
+    # a request more, which buys nothing, is seldom kept
     assert driven.share(since=200)[1] > 0.6
+
+
+def test_a_first_answer_that_loaded_the_model_is_not_the_unit():
+    """
+    A task's first answer took a hundred times the usual (its model was
+    loading): the work done since is counted in the usual time all the same.
+    """
+    limit = Limit()
+    limit.answered("clip-visual", 2.0, 1, 0.0, alone=True)
+    driven = Driven(limit, ONE_CORE, jitter=0.5, handling=0.0)
+    driven.run(2.0)
+    # the first levels measured, one second of work a second each
+    assert limit.throughput(1) == pytest.approx(1.0, abs=0.1)
+    assert limit.throughput(2) == pytest.approx(1.0, abs=0.1)
