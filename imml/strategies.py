@@ -160,9 +160,14 @@ class ShortestDelay:
     #: How much a host's error rate (0 to 1) raises its estimate: at 4, a
     #: host failing half its requests looks three times slower.
     error_penalty: float = 4.0
+    #: Batch work waits for a busy host only when that is more than this
+    #: many times sooner than a free host ...
     patience: float = 1.5
-    near: float = 2.5
+    #: ... and this many seconds sooner ...
     slack: float = 0.005
+    #: ... and the free host costs more than this many times what a request
+    #: takes on the busy host once it runs.
+    near: float = 2.5
     _turn: int = 0
 
     def choose(self, request: IRequestInfo, candidates: Sequence[IBackendView]) -> Optional[IBackendView]:
@@ -184,7 +189,8 @@ class ShortestDelay:
         best = None
         best_key = None
         wait_cost = float("inf")
-        # the shortest time a request takes on a busy host once it runs
+        # what a request takes, once it runs, on the busy host it would
+        # wait for
         running = float("inf")
         self._turn += 1
         count = len(candidates)
@@ -231,12 +237,11 @@ class ShortestDelay:
                 # once a slot frees, it runs with the host at its (proven)
                 # limit
                 runs = t * c.stretch(usable)
-                running = min(running, runs)
                 done = wait + runs
                 if interactive:
                     done += t * (max(c.search_surprise, 1.0) - 1.0)
                 if done < wait_cost:
-                    wait_cost = done
+                    wait_cost, running = done, runs
         if interactive:
             if best is None or wait_cost < best_key[0]:
                 return None
