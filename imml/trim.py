@@ -8,8 +8,8 @@ balancer's heap fragments: the requests held while a host stalls (their
 hedges, their bodies) live for seconds while thousands of others come and
 go around them, and the pages freed between them stay resident, a few
 megabytes more after each stall.  So every L{EVERY} seconds the balancer
-asks glibc (C{malloc_trim}) to give its free pages back; they cost nothing
-to take again.  Where the C library has no C{malloc_trim} (musl, macOS),
+asks glibc (C{malloc_trim}) to give its free pages back; taking them again
+costs little.  Where the C library has no C{malloc_trim} (musl, macOS),
 nothing is done.
 """
 
@@ -31,7 +31,7 @@ def malloc_trim() -> Optional[Callable[[], object]]:
     """
     try:
         trim = ctypes.CDLL(None).malloc_trim
-    except (AttributeError, OSError):
+    except (AttributeError, OSError, TypeError):  # no such function; no C library to ask (Windows)
         return None
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     return lambda: trim(0)
