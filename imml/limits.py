@@ -207,6 +207,13 @@ class Limit:
         measured = self._rates.get(level)
         return measured[0] if measured is not None else None
 
+    def measured(self) -> dict[int, float]:
+        """
+        The work per second measured at each level (L{throughput}), by
+        level: the host's throughput curve as far as it was climbed.
+        """
+        return {level: rate for level, (rate, _) in sorted(self._rates.items())}
+
     def stretch(self, in_flight: int) -> float:
         """
         How many times longer a request takes with C{in_flight} requests on

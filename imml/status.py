@@ -52,6 +52,24 @@ def state_and_since(backend: Backend) -> tuple[str, float]:
     return next((name, since(backend)) for name, test, since in STATES if test(backend))
 
 
+def learning(backend: Backend) -> Optional[dict]:
+    """
+    What C{backend}'s learned limit has found, or None for a host with
+    configured slots: the work it did per second at each level measured
+    (in seconds of answers given alone), the lowest level seen to buy
+    nothing (tried again now and then), and the most requests it was seen
+    to run at once.
+    """
+    limiter = backend.limiter
+    if limiter.slots is not None:
+        return None
+    return {
+        "work_per_second": {str(level): round(rate, 3) for level, rate in limiter.measured().items()},
+        "ceiling": limiter.ceiling,
+        "ran_at_once": limiter.side_by_side,
+    }
+
+
 @define(eq=False)
 class Status:
     """
@@ -106,6 +124,8 @@ class Status:
             "in_flight": backend.in_flight,
             "slots": backend.limit,
             "slots_configured": settings.slots,
+            "learning": learning(backend),
+            "search_surprise": round(backend.search_surprise, 3),
             "weight": settings.weight,
             "tier": settings.tier,
             "tasks": sorted(settings.tasks) if settings.tasks is not None else None,

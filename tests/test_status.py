@@ -4,6 +4,7 @@ task.Clock: how long each host has been in its state, the queue, the
 fleet's rate and the alerts.
 """
 
+import pytest
 from twisted.internet.task import Clock
 
 from imml.backends import parse_backends
@@ -123,3 +124,21 @@ def test_an_alert_when_the_queue_is_nearly_full():
     assert alerts(status)["queue-nearly-full"].startswith("the queue is nearly full: 9 of 10 requests wait")
     dispatcher.acquire(BATCH)
     assert alerts(status)["queue-nearly-full"].startswith("the queue is full: 10 of 10 requests wait")
+
+
+def test_a_learned_limit_shows_what_it_found_and_searches_their_surprise():
+    clock, fleet, dispatcher, status = make("a")
+    [a] = fleet.backends
+    fleet.check_passed(a)
+    for _ in range(300):  # three seconds of answers one at a time, 10 ms each
+        load = fleet.start(a, "clip-visual")
+        clock.advance(0.01)
+        fleet.finish(load, 0.01)
+    [host] = status.snapshot()["hosts"]
+    learned = host["learning"]
+    # kept busy at one request in flight: one second of work a second
+    assert learned["work_per_second"]["1"] == pytest.approx(1.0, abs=0.02)
+    assert learned["ran_at_once"] == 1
+    assert host["search_surprise"] == 1.0  # no search took longer than expected
+    _, _, _, status = make("a", slots=2)
+    assert status.snapshot()["hosts"][0]["learning"] is None  # configured slots: nothing to learn
