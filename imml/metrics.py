@@ -230,6 +230,17 @@ class FleetCollector:
             "Most requests kept in flight on an ML host (hosts with a limit only).",
             labels=["backend"],
         )
+        work = GaugeMetricFamily(
+            "imml_backend_work_per_second",
+            "Work an ML host did per second with this many requests in flight, in seconds of its answers "
+            "given alone (hosts with a learned limit only).",
+            labels=["backend", "in_flight"],
+        )
+        surprise = GaugeMetricFamily(
+            "imml_backend_search_surprise",
+            "One plus how much longer than expected an ML host's searches lately took, in their times alone.",
+            labels=["backend"],
+        )
         up = GaugeMetricFamily("imml_backend_up", "1 while an ML host passes its health checks.", labels=["backend"])
         state = GaugeMetricFamily(
             "imml_backend_state",
@@ -241,11 +252,15 @@ class FleetCollector:
             in_flight.add_metric([name], backend.in_flight)
             if backend.limit is not None:
                 slots.add_metric([name], backend.limit)
+            if backend.limiter.slots is None:
+                for level, rate in backend.limiter.measured().items():
+                    work.add_metric([name, str(level)], rate)
+            surprise.add_metric([name], backend.search_surprise)
             up.add_metric([name], 1 if backend.health.up else 0)
             current = host_state(backend)
             for s in STATE_NAMES:
                 state.add_metric([name, s], 1 if s == current else 0)
-        yield from (in_flight, slots, up, state)
+        yield from (in_flight, slots, work, surprise, up, state)
         dispatcher = self.dispatcher
         yield GaugeMetricFamily(
             "imml_queue_depth", "Requests waiting in the balancer for a host.", value=dispatcher.queue_depth

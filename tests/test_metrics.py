@@ -8,6 +8,7 @@ import gzip
 import sys
 from typing import Any, Iterator, Optional
 
+import pytest
 import treq
 from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
@@ -132,6 +133,24 @@ def test_levels_are_read_from_the_fleet_when_scraped() -> None:
     assert value("imml_queue_oldest_wait_seconds", {}) == 0
     assert value("imml_queue_max", {}) == dispatcher.max_queue == 1000
     assert value("imml_build_info", {"version": __import__("imml").__version__, "strategy": "round-robin"}) == 1
+
+
+def test_a_learned_limit_s_curve_and_the_searches_surprise_are_read_when_scraped() -> None:
+    clock = Clock()
+    fleet = Fleet.from_addresses(parse_backends("a"), clock)
+    m = Metrics(fleet, Dispatcher(fleet, strategy_named("round-robin"), clock), clock)
+    [a] = fleet.backends
+    fleet.check_passed(a)
+    for _ in range(300):  # three seconds of answers one at a time, 10 ms each
+        load = fleet.start(a, "clip-visual")
+        clock.advance(0.01)
+        fleet.finish(load, 0.01)
+    value = m.registry.get_sample_value
+    work = "imml_backend_work_per_second"
+    # kept busy at one request in flight: one second of work a second
+    assert value(work, {"backend": "a:3003", "in_flight": "1"}) == pytest.approx(1.0, abs=0.02)
+    assert value(work, {"backend": "a:3003", "in_flight": "3"}) is None  # not measured
+    assert value("imml_backend_search_surprise", {"backend": "a:3003"}) == 1.0
 
 
 def hosts(n: int, **kw: Any) -> list[dict[str, Any]]:
