@@ -306,7 +306,8 @@ class Fleet:
             backend.queued_inside += 1
         joined = frozenset(backend.loads) if backend.in_flight > limiter.side_by_side else None
         backend.started += 1
-        load = Load(backend, task, now, backend.in_flight, starts, owner, joined, backend.started, limiter.shares())
+        shares = limiter.shares() if limiter.slots is None else None  # (slots measure nothing)
+        load = Load(backend, task, now, backend.in_flight, starts, owner, joined, backend.started, shares)
         backend.loads.add(load)
         return load
 

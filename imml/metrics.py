@@ -252,9 +252,8 @@ class FleetCollector:
             in_flight.add_metric([name], backend.in_flight)
             if backend.limit is not None:
                 slots.add_metric([name], backend.limit)
-            if backend.limiter.slots is None:
-                for level, rate in backend.limiter.measured().items():
-                    work.add_metric([name, str(level)], rate)
+            for level, rate in backend.limiter.measured().items():  # (none with slots)
+                work.add_metric([name, str(level)], rate)
             surprise.add_metric([name], backend.search_surprise)
             up.add_metric([name], 1 if backend.health.up else 0)
             current = host_state(backend)

@@ -130,10 +130,9 @@ class ShortestDelay:
     while batch work waits (a job's steady stream), a host left idle is
     throughput lost.  (A host several times slower, whose answers would
     make the fleet's tail, is kept for when the wait is long.)  A search
-    (interactive)
-    takes whichever is expected sooner: searches are few, a person waits for
-    each, and a free slow host can take several times longer than a short
-    wait for a fast one.  When waiting wins, the request waits: late
+    (interactive) takes whichever is expected sooner: searches are few, a
+    person waits for each, and a free slow host can take several times
+    longer than a short wait for a fast one.  When waiting wins, the request waits: late
     binding sends it to the first slot that frees up.
 
     A batch request's cost on a free slot is its own time plus the time it
@@ -245,9 +244,9 @@ class ShortestDelay:
         if interactive:
             if best is None or wait_cost < best_key[0]:
                 return None
-        elif best is None:
-            return None
-        elif wait_cost * self.patience + self.slack < best_key[0] and best_key[0] > running * self.near:
+        elif best is None or (
+            wait_cost * self.patience + self.slack < best_key[0] and best_key[0] > running * self.near
+        ):
             return None
         return best
 

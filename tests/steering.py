@@ -11,6 +11,18 @@ from prometheus_client.parser import text_string_to_metric_families
 from support import Rig
 
 
+def answered_one_at_a_time(clock, fleet, backend, seconds: float = 3.0, each: float = 0.01) -> None:
+    """
+    C{backend} answers C{seconds} of requests one at a time, C{each} seconds
+    each, another sent at once: a learned limit measures one second of work
+    a second at one request in flight.
+    """
+    for _ in range(round(seconds / each)):
+        load = fleet.start(backend, "clip-visual")
+        clock.advance(each)
+        fleet.finish(load, each)
+
+
 def admin_url(r: Rig) -> str:
     port = r.balancer.admin.port.getHost().port
     return f"http://127.0.0.1:{port}"

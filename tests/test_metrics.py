@@ -12,7 +12,7 @@ import pytest
 import treq
 from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
-from steering import admin_url, metrics, sample
+from steering import admin_url, answered_one_at_a_time, metrics, sample
 from support import bounded, rig, until
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
@@ -141,10 +141,7 @@ def test_a_learned_limit_s_curve_and_the_searches_surprise_are_read_when_scraped
     m = Metrics(fleet, Dispatcher(fleet, strategy_named("round-robin"), clock), clock)
     [a] = fleet.backends
     fleet.check_passed(a)
-    for _ in range(300):  # three seconds of answers one at a time, 10 ms each
-        load = fleet.start(a, "clip-visual")
-        clock.advance(0.01)
-        fleet.finish(load, 0.01)
+    answered_one_at_a_time(clock, fleet, a)
     value = m.registry.get_sample_value
     work = "imml_backend_work_per_second"
     # kept busy at one request in flight: one second of work a second

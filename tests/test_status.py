@@ -5,6 +5,7 @@ fleet's rate and the alerts.
 """
 
 import pytest
+from steering import answered_one_at_a_time
 from twisted.internet.task import Clock
 
 from imml.backends import parse_backends
@@ -130,10 +131,7 @@ def test_a_learned_limit_shows_what_it_found_and_searches_their_surprise():
     clock, fleet, dispatcher, status = make("a")
     [a] = fleet.backends
     fleet.check_passed(a)
-    for _ in range(300):  # three seconds of answers one at a time, 10 ms each
-        load = fleet.start(a, "clip-visual")
-        clock.advance(0.01)
-        fleet.finish(load, 0.01)
+    answered_one_at_a_time(clock, fleet, a)
     [host] = status.snapshot()["hosts"]
     learned = host["learning"]
     # kept busy at one request in flight: one second of work a second
