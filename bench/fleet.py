@@ -577,6 +577,8 @@ def run_case(scenario: str, target: str, tools, args, root: Path, live: list) ->
         cmd = client_command(port, start_at, t["end"], clients, args.request_timeout, out) + client_extra
         if searching(scenario):
             cmd += ["--text-interval", "0.25"]
+        if args.new_connections:
+            cmd.append("--new-connections")
         client = procs.start("client", cmd)
         cpu_at_start = cpu_seconds(proxy.pid)
         events = []
@@ -1108,6 +1110,11 @@ def main(argv=None) -> int:
         help="with --immich: the interpreter of a virtual environment with Immich ML's CPU extra and onnx",
     )
     parser.add_argument("--quick", action="store_true", help="shorter runs (about 4 minutes instead of 10)")
+    parser.add_argument(
+        "--new-connections",
+        action="store_true",
+        help="each request on a new connection (Connection: close); by default the clients keep theirs, as Immich does",
+    )
     parser.add_argument("--no-install", action="store_true", help="never apt-get; nginx/haproxy skipped if missing")
     parser.add_argument("--json", metavar="FILE", help="write every figure to FILE")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs, request records)")

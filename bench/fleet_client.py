@@ -17,8 +17,13 @@ process.  Every request and its outcome is written to a JSON file.
   request), then one its body (a faces request with a larger picture), then
   one reads the answer a few bytes at a time (an OCR request).
 
-Each request uses a new connection (``Connection: close``): a closed keep-alive
-connection can then never be mistaken for a proxy's error.  Times are
+The image clients and the searches keep their connections open between
+requests and share them, as Immich's server does (Node's ``fetch``: one pool
+of keep-alive connections per origin, an idle one closed after
+``KEEP_IDLE`` seconds); a request that fails on a kept connection counts as
+an error, as it would for Immich.  ``--new-connections`` sends each request on
+a new connection (``Connection: close``) instead.  The slow clients always
+use a new connection.  Times are
 ``time.monotonic()`` (one clock for every process on Linux), so the
 orchestrator can place its events (pause, kill) on the same time line.
 
@@ -41,6 +46,9 @@ from imml.testing import ENTRIES, predict_body  # noqa: E402
 #: The most requests one closed-loop client sends (a bound, never reached at
 #: these rates).
 MAX_PER_CLIENT = 100_000
+
+#: Seconds an idle kept connection stays in the pool (Node's fetch: 4 s).
+KEEP_IDLE = 4.0
 
 #: What the slow clients do, in turn: the kind of request, and its task.
 SLOW_KINDS = {"slow-head": "clip-visual", "slow-body": "faces", "slow-read": "ocr"}
@@ -66,10 +74,11 @@ def bodies(image_kb: int, picture: bytes | None = None) -> dict[str, tuple[bytes
     }
 
 
-def raw_request(port: int, content_type: bytes, body: bytes) -> bytes:
+def raw_request(port: int, content_type: bytes, body: bytes, keep: bool = False) -> bytes:
     return (
         b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: %s\r\n"
-        b"Content-Length: %d\r\nConnection: close\r\n\r\n" % (port, content_type, len(body))
+        b"Content-Length: %d\r\nConnection: %s\r\n\r\n"
+        % (port, content_type, len(body), b"keep-alive" if keep else b"close")
     ) + body
 
 
@@ -118,6 +127,52 @@ async def exchange(port: int, request: bytes) -> tuple[int, dict[str, str], byte
         return await read_answer(reader)
     finally:
         writer.close()
+
+
+class Kept:
+    """
+    Keep-alive connections to the proxy, shared by every request of the
+    process: a request takes the connection idle the shortest time (or opens
+    one), and gives it back once its answer is whole, unless the answer
+    closes it.  A connection idle for L{KEEP_IDLE} seconds is closed.
+    """
+
+    def __init__(self) -> None:
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []
+        self.opened = 0
+
+    async def take(self, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        now = time.monotonic()
+        while self.idle:
+            reader, writer, since = self.idle.pop()
+            if now - since < KEEP_IDLE and not reader.at_eof() and not writer.is_closing():
+                return reader, writer
+            writer.close()
+        self.opened += 1
+        return await asyncio.open_connection("127.0.0.1", port)
+
+    def give(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.idle.append((reader, writer, time.monotonic()))
+
+    def close(self) -> None:
+        for _, writer, _ in self.idle:
+            writer.close()
+        self.idle.clear()
+
+    async def exchange(self, port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+        reader, writer = await self.take(port)
+        kept = False
+        try:
+            writer.write(request)
+            await writer.drain()
+            status, headers, body = await read_answer(reader)
+            if headers.get("connection", "").lower() != "close" and "content-length" in headers:
+                self.give(reader, writer)
+                kept = True
+            return status, headers, body
+        finally:
+            if not kept:
+                writer.close()
 
 
 def slow_exchange(kind: str):
@@ -173,7 +228,7 @@ async def closed_loop(args, request: bytes, log: list) -> None:
     for _ in range(MAX_PER_CLIENT):
         if time.monotonic() >= args.end_at:
             return
-        if not await one(args.port, "image", request, args.timeout, log):
+        if not await one(args.port, "image", request, args.timeout, log, args.exchange):
             await asyncio.sleep(args.error_pause)
 
 
@@ -197,7 +252,7 @@ async def text_stream(args, request: bytes, log: list) -> None:
             await asyncio.sleep(delay)
         if time.monotonic() >= args.end_at:
             break
-        tasks.append(asyncio.ensure_future(one(args.port, "text", request, args.timeout, log)))
+        tasks.append(asyncio.ensure_future(one(args.port, "text", request, args.timeout, log, args.exchange)))
     await asyncio.gather(*tasks)
 
 
@@ -207,13 +262,19 @@ async def run(args) -> list:
     delay = args.start_at - time.monotonic()
     if delay > 0:
         await asyncio.sleep(delay)
-    jobs = [closed_loop(args, raw_request(args.port, *made["image"]), log) for _ in range(args.clients)]
+    keep = not args.new_connections
+    kept = Kept()
+    args.exchange = kept.exchange if keep else exchange
+    jobs = [closed_loop(args, raw_request(args.port, *made["image"], keep), log) for _ in range(args.clients)]
     if args.text_interval > 0:
-        jobs.append(text_stream(args, raw_request(args.port, *made["text"]), log))
+        jobs.append(text_stream(args, raw_request(args.port, *made["text"], keep), log))
     if args.slow_clients:
         slow = {kind: raw_request(args.port, *parts) for kind, parts in slow_bodies(args.image_kb).items()}
         jobs += [slow_loop(args, number, slow, log) for number in range(args.slow_clients)]
-    await asyncio.gather(*jobs)
+    try:
+        await asyncio.gather(*jobs)
+    finally:
+        kept.close()
     return log
 
 
@@ -230,6 +291,11 @@ def main(argv=None) -> int:
     p.add_argument("--image-kb", type=int, default=4, help="KiB of the image requests' picture (pseudo-random bytes)")
     p.add_argument(
         "--image", metavar="FILE", help="send this picture in the image requests instead (a real host decodes it)"
+    )
+    p.add_argument(
+        "--new-connections",
+        action="store_true",
+        help="send each request on a new connection (Connection: close) instead of keeping them",
     )
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
