@@ -119,6 +119,16 @@ class BalancerChannel(HTTPChannel):
         self.closing = True
         super().loseConnection()
 
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Headers) -> None:
+        # An answer's head in one piece: twisted.web writes it as a sequence
+        # of four pieces a header, each checked on its own by the transport.
+        lines = [b"%s %s %s\r\n" % (version, code, reason)]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                lines.append(b"%s: %s\r\n" % (name, value))
+        lines.append(b"\r\n")
+        self.transport.write(b"".join(lines))
+
     def rawDataReceived(self, data: bytes) -> None:
         if self.refused:
             return
