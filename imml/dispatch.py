@@ -68,8 +68,9 @@ LONG_BATCH = 0.1
 class _Slots:
     """
     A host as one request sees it: with another limit (batch work while
-    people search: one slot less; a search: room for one request past the
-    host's proven limit) and the proven limit that goes with it.
+    people search: one slot less, or what the host was seen to run at
+    once; a search: room for one request past the host's proven limit)
+    and the proven limit that goes with it.
     """
 
     __slots__ = ("backend", "limit", "proven_limit")
@@ -262,7 +263,15 @@ class Dispatcher:
         While people search, batch work sees one slot less on the host
         searches are quickest on, when its batch requests there are long
         and its limit is learned and measured (a limit being tried for the
-        first time is left to be measured).
+        first time is left to be measured).  On a host with a learned limit
+        seen to run several requests at once but not that many
+        (L{imml.limits.Limit.ran_at_once}), it sees no more than it was
+        seen to run: a batch request past that would wait inside the host
+        (one with two slots whose limit grew to three, as a third request
+        keeps both busy between an answer and the next request's arrival),
+        and a search sent next would wait behind it there.  (A host seen
+        to run one at a time is not judged by it: a real host's batch
+        requests, all alike, seldom show that they run at once.)
         """
         if info.interactive:
             return [
@@ -275,16 +284,19 @@ class Dispatcher:
         if now - self._searched >= self.pace_while_searching:
             return views
         quickest = self._quickest_for_searches()
-        return [
-            _Slots(b, b.limit - 1, max(1, b.proven_limit - 1))
-            if b is quickest
-            and b.limiter.slots is None
-            and b.limit >= 2
-            and b.limiter.knows(b.limit)
-            and self._long(b, info.task)
-            else v
-            for b, v in zip(candidates, views)
-        ]
+        seen = []
+        for b, v in zip(candidates, views):
+            limiter = b.limiter
+            if limiter.slots is not None or v is not b:
+                seen.append(v)
+            elif b is quickest and b.limit >= 2 and limiter.knows(b.limit) and self._long(b, info.task):
+                seen.append(_Slots(b, b.limit - 1, max(1, b.proven_limit - 1)))
+            elif 1 < limiter.side_by_side < b.limit:
+                at_once = limiter.side_by_side
+                seen.append(_Slots(b, at_once, min(b.proven_limit, at_once)))
+            else:
+                seen.append(v)
+        return seen
 
     def _quickest_for_searches(self) -> Optional[Backend]:
         """

@@ -552,3 +552,44 @@ def test_batch_work_that_would_wait_goes_past_a_limit_with_room():
     fleet.finish(batch[0].load, 0.05)
     assert batch[2] == [host] and host.in_flight == 2
     assert result(dispatcher.acquire(BATCH)) == [host] and host.in_flight == 3
+
+
+def test_while_people_search_batch_work_keeps_to_what_a_host_was_seen_to_run_at_once():
+    """
+    A host with two slots whose learned limit grew to three (a third
+    request, waiting inside, keeps both busy between an answer and the
+    next request's arrival): while people search, batch work keeps to the
+    two it was seen to run at once, so that the next search starts at once
+    rather than behind a batch request inside the host; once nobody
+    searches, batch work takes all three.  A host seen to run three at
+    once keeps three.
+    """
+
+    def host_seen_at_once(at_once):
+        clock = task.Clock()
+        fleet = Fleet.from_addresses([BackendAddress("slots")], clock)
+        [host] = fleet.backends
+        fleet.check_passed(host)
+        host.limiter = Limit(learned=3)
+        host.limiter.ran_at_once(at_once)
+        dispatcher = Dispatcher(fleet, LeastConnections(), clock, 60.0, 100)
+        fleet.finish(result(dispatcher.acquire(SEARCH)).load, 0.01)  # someone searches
+        batch = []
+        for _ in range(3):
+            clock.advance(1)  # (batch starts are paced while people search)
+            batch.append(result(dispatcher.acquire(BATCH)))
+        return clock, fleet, host, dispatcher, batch
+
+    clock, fleet, host, dispatcher, batch = host_seen_at_once(2)
+    assert batch[0] == batch[1] == [host] and batch[2] == [] and host.in_flight == 2
+    search = result(dispatcher.acquire(SEARCH))
+    assert search == [host] and host.in_flight == 3
+    fleet.finish(search.load, 0.01)
+    assert batch[2] == [] and dispatcher.queue_depth == 1
+    clock.advance(dispatcher.pace_while_searching + 1)  # people stopped searching
+    fleet.finish(batch[0].load, 0.04)
+    assert batch[2] == [host]
+    assert result(dispatcher.acquire(BATCH)) == [host] and host.in_flight == 3
+
+    clock, fleet, host, dispatcher, batch = host_seen_at_once(3)
+    assert batch[0] == batch[1] == batch[2] == [host] and host.in_flight == 3
