@@ -20,7 +20,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
 from twisted.web import server
-from twisted.web.http import RESPONSES, HTTPChannel
+from twisted.web.http import RESPONSES, HTTPChannel, datetimeToString
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.resource import Resource
@@ -250,8 +250,17 @@ class BalancerRequest(server.Request):
     def process(self) -> None:
         # A request refused while its body arrived was answered then: what
         # of its body still arrived in the same read is not served.
-        if not self.refused:
-            super().process()
+        if self.refused:
+            return
+        # twisted.web's, less the walk down a tree of resources: the site's
+        # one resource answers every path.
+        self.site = site = self.channel.site
+        self.setHeader(b"server", server.version)
+        self.setHeader(b"date", datetimeToString())
+        try:
+            self.render(site.resource)
+        except BaseException:
+            self.processingFailed(Failure())
 
     def refuse(self, code: int, detail: str) -> None:
         """
@@ -365,7 +374,8 @@ class BalancerRequest(server.Request):
 class BalancerSite(server.Site):
     """
     The balancer's listener: requests of up to C{max_body} bytes, their
-    bodies kept by C{bodies}.
+    bodies kept by C{bodies}, each rendered by its one resource, whatever
+    its path.
 
     @ivar report: told of each request the site answers itself (refused,
         C{/ping}) or whose client went away before it was whole; a
