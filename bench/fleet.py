@@ -1211,6 +1211,7 @@ def main(argv=None) -> int:
             "imml_extra": args.imml_extra,
             "imml_health": IMML_HEALTH,
             "request_timeout": args.request_timeout,
+            "new_connections": args.new_connections,
             "fleets": {
                 "heterogeneous": HETEROGENEOUS,
                 "pair": PAIR,

@@ -134,12 +134,12 @@ class Kept:
     Keep-alive connections to the proxy, shared by every request of the
     process: a request takes the connection idle the shortest time (or opens
     one), and gives it back once its answer is whole, unless the answer
-    closes it.  A connection idle for L{KEEP_IDLE} seconds is closed.
+    closes it.  A connection found idle for L{KEEP_IDLE} seconds or more
+    when a request looks for one is closed, not used.
     """
 
     def __init__(self) -> None:
         self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []
-        self.opened = 0
 
     async def take(self, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         now = time.monotonic()
@@ -148,7 +148,6 @@ class Kept:
             if now - since < KEEP_IDLE and not reader.at_eof() and not writer.is_closing():
                 return reader, writer
             writer.close()
-        self.opened += 1
         return await asyncio.open_connection("127.0.0.1", port)
 
     def give(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -22,8 +22,10 @@ Where batch requests are long (a heavy model: over L{LONG_BATCH} seconds
 each at the host's limit), pacing is not enough: while people search, batch
 work leaves one of its slots free on the host searches are quickest on (a
 learned limit of two or more), so that a search does not wait behind a
-batch request there, for a slot or for a thread of the host's pool.
-Configured slots are kept as they are.
+batch request there, for a slot or for a thread of the host's pool.  Nor
+does batch work there go past what the host was seen to run at once, where
+its learned limit grew past that: the request more would wait inside the
+host, and a search behind it.  Configured slots are kept as they are.
 
 While batch work waits in the queue and nobody searches, the request at
 its head may go past a learned limit, by one request, on a host with room
@@ -260,18 +262,18 @@ class Dispatcher:
         processor) and is not starting slow; the strategy weighs running
         beside the host's requests against waiting for one of them to end.
 
-        While people search, batch work sees one slot less on the host
-        searches are quickest on, when its batch requests there are long
-        and its limit is learned and measured (a limit being tried for the
-        first time is left to be measured).  On a host with a learned limit
-        seen to run several requests at once but not that many
-        (L{imml.limits.Limit.ran_at_once}), it sees no more than it was
-        seen to run: a batch request past that would wait inside the host
-        (one with two slots whose limit grew to three, as a third request
-        keeps both busy between an answer and the next request's arrival),
-        and a search sent next would wait behind it there.  (A host seen
-        to run one at a time is not judged by it: a real host's batch
-        requests, all alike, seldom show that they run at once.)
+        While people search, batch work sees less of the host searches
+        are quickest on, when its limit is learned and measured (a limit
+        being tried for the first time is left to be measured): one slot
+        less when its batch requests there are long; and no more than it
+        was seen to run at once (L{imml.limits.Limit.ran_at_once}) when
+        that is several requests but fewer than its limit: a batch request
+        past that would wait inside the host (one that runs two at a time
+        and whose limit grew to three, as a third request keeps both busy
+        between an answer and the next request's arrival), and a search
+        sent next would wait behind it there.  (A host seen to run one at
+        a time is not judged by it: a real host's batch requests, all
+        alike, seldom show that they run at once.)
         """
         if info.interactive:
             return [
@@ -284,19 +286,19 @@ class Dispatcher:
         if now - self._searched >= self.pace_while_searching:
             return views
         quickest = self._quickest_for_searches()
-        seen = []
-        for b, v in zip(candidates, views):
-            limiter = b.limiter
-            if limiter.slots is not None or v is not b:
-                seen.append(v)
-            elif b is quickest and b.limit >= 2 and limiter.knows(b.limit) and self._long(b, info.task):
-                seen.append(_Slots(b, b.limit - 1, max(1, b.proven_limit - 1)))
-            elif 1 < limiter.side_by_side < b.limit:
-                at_once = limiter.side_by_side
-                seen.append(_Slots(b, at_once, min(b.proven_limit, at_once)))
-            else:
-                seen.append(v)
-        return seen
+        if quickest is None or quickest not in candidates:
+            return views
+        limiter, limit = quickest.limiter, quickest.limit
+        if limiter.slots is not None or limit < 2 or not limiter.knows(limit):
+            return views
+        kept = limit - 1 if self._long(quickest, info.task) else limit
+        if 1 < limiter.side_by_side < kept:
+            kept = limiter.side_by_side
+        if kept == limit:
+            return views
+        at = candidates.index(quickest)
+        views[at] = _Slots(quickest, kept, max(1, quickest.proven_limit - (limit - kept)))
+        return views
 
     def _quickest_for_searches(self) -> Optional[Backend]:
         """

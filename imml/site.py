@@ -257,6 +257,9 @@ class BalancerRequest(server.Request):
         self.site = site = self.channel.site
         self.setHeader(b"server", server.version)
         self.setHeader(b"date", datetimeToString())
+        if self.path == b"*":
+            self._handleStar()  # OPTIONS *: the server's own answer
+            return
         try:
             self.render(site.resource)
         except BaseException:

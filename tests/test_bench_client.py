@@ -33,7 +33,7 @@ async def _load(tmp_path, *extra: str) -> tuple[FakeMLHost, list[dict]]:
                 "--port",
                 str(host.port),
                 "--start-at",
-                repr(time.monotonic() + 0.3),
+                repr(time.monotonic() + 1.0),  # once the child has started
                 "--seconds",
                 "1",
                 "--clients",

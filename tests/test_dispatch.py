@@ -556,40 +556,57 @@ def test_batch_work_that_would_wait_goes_past_a_limit_with_room():
 
 def test_while_people_search_batch_work_keeps_to_what_a_host_was_seen_to_run_at_once():
     """
-    A host with two slots whose learned limit grew to three (a third
-    request, waiting inside, keeps both busy between an answer and the
-    next request's arrival): while people search, batch work keeps to the
-    two it was seen to run at once, so that the next search starts at once
-    rather than behind a batch request inside the host; once nobody
-    searches, batch work takes all three.  A host seen to run three at
-    once keeps three.
+    A host that runs two requests at a time, whose learned limit grew to
+    three (a third request, waiting inside, keeps both busy between an
+    answer and the next request's arrival): while people search, batch
+    work keeps to the two it was seen to run at once, so that the next
+    search starts at once rather than behind a batch request inside the
+    host; once nobody searches, batch work takes all three.  A host seen
+    to run three at once keeps three, and so does one seen to run one at
+    a time (a real host's batch requests seldom show more), or whose limit
+    is being tried for the first time, or where searches are slower.
     """
 
-    def host_seen_at_once(at_once):
+    def fleet_of(at_once, limit=None, searches=(0.01,)):
         clock = task.Clock()
-        fleet = Fleet.from_addresses([BackendAddress("slots")], clock)
-        [host] = fleet.backends
-        fleet.check_passed(host)
-        host.limiter = Limit(learned=3)
-        host.limiter.ran_at_once(at_once)
+        fleet = Fleet.from_addresses([BackendAddress(f"h{i}") for i in range(len(searches))], clock)
+        for host, search in zip(fleet.backends, searches):
+            fleet.check_passed(host)
+            host.limiter = limit or _Measured(learned=3)
+            host.limiter.ran_at_once(at_once)
+            fleet.finish(fleet.start(host, "clip-textual"), search)
         dispatcher = Dispatcher(fleet, LeastConnections(), clock, 60.0, 100)
         fleet.finish(result(dispatcher.acquire(SEARCH)).load, 0.01)  # someone searches
+        return clock, fleet, fleet.backends[0], dispatcher
+
+    def batch_of(clock, dispatcher, count=3):
         batch = []
-        for _ in range(3):
+        for _ in range(count):
             clock.advance(1)  # (batch starts are paced while people search)
             batch.append(result(dispatcher.acquire(BATCH)))
-        return clock, fleet, host, dispatcher, batch
+        return batch
 
-    clock, fleet, host, dispatcher, batch = host_seen_at_once(2)
+    clock, fleet, host, dispatcher = fleet_of(2)
+    batch = batch_of(clock, dispatcher)
     assert batch[0] == batch[1] == [host] and batch[2] == [] and host.in_flight == 2
     search = result(dispatcher.acquire(SEARCH))
-    assert search == [host] and host.in_flight == 3
-    fleet.finish(search.load, 0.01)
-    assert batch[2] == [] and dispatcher.queue_depth == 1
-    clock.advance(dispatcher.pace_while_searching + 1)  # people stopped searching
-    fleet.finish(batch[0].load, 0.04)
-    assert batch[2] == [host]
+    assert search == [host] and host.in_flight == 3  # the search starts at once
+    fleet.finish(batch[0].load, 0.02)
+    clock.advance(1)
+    assert batch[2] == [] and host.in_flight == 2  # batch work keeps to two
+    fleet.finish(search.load, 0.02)  # after the batch request it joined
+    clock.advance(1)
+    assert batch[2] == [host] and host.in_flight == 2 and host.limiter.side_by_side == 2
+    clock.advance(dispatcher.pace_while_searching)  # people stopped searching
     assert result(dispatcher.acquire(BATCH)) == [host] and host.in_flight == 3
 
-    clock, fleet, host, dispatcher, batch = host_seen_at_once(3)
-    assert batch[0] == batch[1] == batch[2] == [host] and host.in_flight == 3
+    for at_once, limit in ((3, None), (1, None), (2, Limit(learned=3))):
+        clock, fleet, host, dispatcher = fleet_of(at_once, limit)
+        batch = batch_of(clock, dispatcher)
+        assert batch == [[host]] * 3 and host.in_flight == 3
+
+    # where searches are quicker elsewhere, batch work takes all three
+    clock, fleet, host, dispatcher = fleet_of(2, searches=(0.05, 0.01))
+    slow, quick = fleet.backends
+    batch_of(clock, dispatcher, 6)
+    assert slow.in_flight == 3 and quick.in_flight == 2 and dispatcher.queue_depth == 1

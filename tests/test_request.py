@@ -175,3 +175,35 @@ def test_a_body_that_cannot_be_spooled_gets_503_at_once(tmp_path, monkeypatch):
     assert status == 503 and "missing" in detail["detail"]
     assert transport.disconnecting
     assert transport.value().count(b"HTTP/1.1") == 1 and seen.calls == 0
+
+
+class _Writes(StringTransport):
+    """A transport that keeps each write apart."""
+
+    def __init__(self):
+        super().__init__()
+        self.writes = []
+
+    def write(self, data):
+        self.writes.append(data)
+        super().write(data)
+
+    def writeSequence(self, seq):
+        self.writes.append(list(seq))
+        super().writeSequence(seq)
+
+
+def test_an_answer_head_goes_out_in_one_piece_with_the_server_and_date():
+    seen, site, channel, transport = connect(transport=_Writes())
+    feed(channel, head(length=0))
+    assert seen.calls == 1
+    first = transport.writes[0]
+    assert isinstance(first, bytes) and first.startswith(b"HTTP/1.1 200 OK\r\n") and first.endswith(b"\r\n\r\n")
+    names = {line.partition(b":")[0].lower() for line in first.split(b"\r\n")[1:-2]}
+    assert {b"server", b"date", b"content-length"} <= names
+
+
+def test_options_star_gets_the_servers_own_answer_not_the_resources():
+    seen, site, channel, transport = connect()
+    feed(channel, b"OPTIONS * HTTP/1.1\r\nHost: balancer\r\n\r\n")
+    assert transport.value().startswith(b"HTTP/1.1 200 OK\r\n") and seen.calls == 0
