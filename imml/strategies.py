@@ -132,8 +132,8 @@ class ShortestDelay:
     make the fleet's tail, is kept for when the wait is long.)  A search
     (interactive) takes whichever is expected sooner: searches are few, a
     person waits for each, and a free slow host can take several times
-    longer than a short wait for a fast one.  When waiting wins, the request waits: late
-    binding sends it to the first slot that frees up.
+    longer than a short wait for a fast one.  When waiting wins, the
+    request waits: late binding sends it to the first slot that frees up.
 
     A batch request's cost on a free slot is its own time plus the time it
     adds to the requests already on the host, which it slows down: on a
