@@ -58,3 +58,67 @@ def test_a_missing_interpreter_is_named(checkout, tmp_path):
 def test_immich_without_a_real_like_scenario_is_refused(checkout):
     line = refused(fleet("--scenarios", "heterogeneous,mixed", "--immich", checkout, "--immich-python", sys.executable))
     assert line.startswith("fleet.py: error: --immich runs the real-like scenarios")
+
+
+def test_rounds_out_of_bounds_are_refused():
+    line = refused(fleet("--scenarios", "real-light", "--rounds", "0"))
+    assert line == "fleet.py: error: --rounds 1-20"
+
+
+@pytest.fixture
+def figures():
+    """bench/fleet.py as a module, for its figures' arithmetic."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import fleet as module
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    return module
+
+
+def case(rps, p99, errors, shares, max_ms, kinds=None):
+    return {
+        "requests": 100,
+        "errors": errors,
+        "error_kinds": kinds or {},
+        "image_rps": rps,
+        "image_p99_ms": p99,
+        "image_max_ms": max_ms,
+        "image_hosts": shares,
+        "cpu_us_per_request": 600.0,
+        "probe": {"round": rps},
+    }
+
+
+def test_rounds_give_medians_counts_added_up_and_the_largest_maximum(figures):
+    runs = [
+        case(120.0, 110.0, 0, {"fast": 0.8, "slow": 0.2}, 300.0),
+        case(100.0, 180.0, 2, {"fast": 0.9, "slow": 0.1}, 900.0, {"timeout": 2}),
+        case(110.0, 100.0, 1, {"fast": 1.0}, 250.0, {"timeout": 1}),
+    ]
+    got = figures.combine(runs)
+    assert got["image_rps"] == 110.0
+    assert got["image_p99_ms"] == 110.0
+    assert got["requests"] == 300
+    assert got["errors"] == 3
+    assert got["error_kinds"] == {"timeout": 3}
+    assert got["image_max_ms"] == 900.0
+    assert got["image_hosts"] == {"fast": 0.9, "slow": 0.1}
+    assert got["each_round"]["image_rps"] == [120.0, 100.0, 110.0]
+    assert got["probe"] == {"round": 110.0}
+
+
+def test_one_round_is_reported_as_it_ran(figures):
+    run = case(120.0, 110.0, 0, {"fast": 1.0}, 300.0)
+    assert figures.combine([run]) is run
+
+
+def test_the_real_verdict_gives_each_rounds_ratio_beside_the_medians(figures):
+    mine = figures.combine([case(90.0, 80.0, 0, {}, 1.0), case(120.0, 90.0, 0, {}, 1.0), case(100.0, 85.0, 0, {}, 1.0)])
+    peer = figures.combine(
+        [case(100.0, 200.0, 0, {}, 1.0), case(100.0, 210.0, 0, {}, 1.0), case(100.0, 190.0, 0, {}, 1.0)]
+    )
+    text, ok, ratio = figures.real_verdict(mine, [peer], None)
+    assert ratio == 1.0
+    assert ok
+    assert "req/s by round 0.90, 1.20, 1.00 x" in text
