@@ -534,9 +534,9 @@ def real_hosts(procs: Processes, args, model: str, quota: CPUQuota) -> tuple[lis
     return hosts, alone
 
 
-def run_case(scenario: str, target: str, tools, args, root: Path, live: list) -> dict:
+def run_case(scenario: str, target: str, tools, args, root: Path, live: list, round_: int = 0) -> dict:
     t = args.timings[scenario]
-    casedir = root / f"{scenario}-{target.replace(':', '-')}"
+    casedir = root / f"{scenario}-{target.replace(':', '-')}{f'-{round_ + 1}' if args.rounds > 1 else ''}"
     casedir.mkdir()
     procs = Processes(casedir, None)
     live.append(procs)
@@ -1250,7 +1250,7 @@ def main(argv=None) -> int:
                     raise RuntimeError("hard deadline reached")
                 t0 = time.monotonic()
                 try:
-                    r = run_case(scenario, target, tools, args, root, live)
+                    r = run_case(scenario, target, tools, args, root, live, round_)
                 except RuntimeError as e:
                     failures.setdefault(scenario, {})[target] = str(e)
                     say(f"  {scenario:14} {label(target):28} FAILED: {e}")
