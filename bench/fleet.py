@@ -985,7 +985,9 @@ def report(data: dict) -> None:
                 )
         for key in EACH_ROUND:
             if any(key in (per.get(t) or {}).get("each_round", {}) for t in targets):
-                name = next((n for n, k, _ in ROWS[scenario] if k == key), key)
+                name = {"cpu_us_per_request": "CPU us"}.get(key) or next(
+                    (n for n, k, _ in ROWS[scenario] if k == key), key
+                )
                 cells = [
                     "/".join(fmt(x) for x in (per.get(t) or {}).get("each_round", {}).get(key, [])) for t in targets
                 ]
