@@ -42,9 +42,9 @@ TASK_FALL = 3
 #: How long, at first, in seconds; doubled each time, up to TASK_MAX_BLOCK.
 TASK_BLOCK = 30.0
 TASK_MAX_BLOCK = 600.0
-#: Weight of a search's surprise (one plus how much longer than expected it
-#: took, in its unloaded times) in a host's average, and the most one
-#: search counts for.
+#: How far a search's surprise (one plus how much longer than expected it
+#: took, in its unloaded times) lowers a host's, when lower; and the most
+#: one search counts for.
 SURPRISE_ALPHA = 0.2
 MAX_SURPRISE = 20.0
 
@@ -113,8 +113,8 @@ class Stats:
     #: without one (or began): when it last stopped being cold.
     warmed: float = float("-inf")
     _last_busy_answer: Optional[float] = None
-    #: A moving average of one plus how much longer than expected its
-    #: searches took, in their unloaded times (L{record_search}).
+    #: One plus how much longer than expected its searches took lately, in
+    #: their unloaded times: the worst, slowly forgotten (L{record_search}).
     search_surprise: float = 1.0
 
     @property
@@ -171,10 +171,20 @@ class Stats:
         the time it took beyond the expected, in unloaded times (a wait
         for a CPU quota's next period adds time, whatever the load), at
         most L{MAX_SURPRISE}.
+
+        The host's surprise rises at once to a higher one, and falls by
+        L{SURPRISE_ALPHA} of the way to a lower one: a search's goal is its
+        tail, and on a host held to a quota by periods only some searches
+        wait for the next period.  An average of them lets searches back
+        after a few that did not wait, and the next one waits again.
         """
         if alone > 0:
             surprise = min(1.0 + max(seconds - expected, 0.0) / alone, MAX_SURPRISE)
-            self.search_surprise += SURPRISE_ALPHA * (surprise - self.search_surprise)
+            current = self.search_surprise
+            if surprise > current:
+                self.search_surprise = surprise
+            else:
+                self.search_surprise = current + SURPRISE_ALPHA * (surprise - current)
 
     def record_outcome(self, failed: bool) -> None:
         self.error_rate += EWMA_ALPHA * ((1.0 if failed else 0.0) - self.error_rate)

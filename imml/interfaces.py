@@ -79,12 +79,13 @@ class IBackendView(Interface):
         "inside the host for a slot, whatever the proven limit."
     )
     search_surprise = Attribute(
-        "A moving average of one plus how much longer than expected the "
-        "host's searches took (their unloaded time stretched by the requests "
-        "on the host when sent), in their unloaded times; 1.0 when they took "
-        "what was expected.  On a host held to a CPU quota by periods a "
-        "search beside its other work may wait for the next period, which "
-        "neither its unloaded time nor its stretch shows."
+        "One plus how much longer than expected the host's searches took "
+        "lately (their unloaded time stretched by the requests on the host "
+        "when sent), in their unloaded times: the worst of them, slowly "
+        "forgotten as searches take less; 1.0 when they took what was "
+        "expected.  On a host held to a CPU quota by periods a search beside "
+        "its other work may wait for the next period, which neither its "
+        "unloaded time nor its stretch shows."
     )
     error_rate = Attribute("A moving average of the host's failures: 0.0 none, 1.0 all.")
     throughput = Attribute(

@@ -348,3 +348,40 @@ def test_the_fleet_keeps_how_much_longer_than_expected_a_hosts_searches_take():
             fleet.finish(image, 0.05)
     assert quota.search_surprise > 5.0
     assert fast.search_surprise == 1.0
+
+
+def test_a_hosts_surprise_rises_at_once_and_is_forgotten_slowly():
+    """
+    A host held to a CPU quota by periods: of its searches beside an image,
+    one in three waits for the quota's next period (80 ms more than the
+    6 ms expected).  The host's surprise is that search's at once, and
+    each search after it that did not wait lowers it a fifth of the way
+    only: a search's goal is its tail.  (As an average, the one that
+    waited would have counted a fifth, and the next two would have made
+    the host look nearly as good as one that never waits.)
+    """
+    clock = task.Clock()
+    fleet = Fleet.from_addresses([BackendAddress("quota")], clock)
+    (quota,) = fleet.backends
+    fleet.check_passed(quota)
+    search = fleet.start(quota, "clip-textual")
+    clock.advance(0.006)
+    fleet.finish(search, 0.006)  # alone: its unloaded time
+
+    def beside_an_image(seconds):
+        image = fleet.start(quota, "clip-visual")
+        search = fleet.start(quota, "clip-textual")
+        clock.advance(seconds)
+        fleet.finish(search, seconds)
+        fleet.finish(image, 0.05)
+
+    beside_an_image(0.006)
+    assert quota.search_surprise == 1.0
+    beside_an_image(0.086)
+    worst = quota.search_surprise
+    assert worst >= 1.0 + 0.080 / 0.006 - 0.01
+    beside_an_image(0.006)
+    beside_an_image(0.006)
+    assert quota.search_surprise == pytest.approx(1.0 + (worst - 1.0) * 0.8 * 0.8)
+    beside_an_image(0.046)  # waited, less long: the surprise stays above its
+    assert quota.search_surprise >= 1.0 + 0.040 / 0.006 - 0.01
