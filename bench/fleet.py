@@ -107,7 +107,7 @@ def dump():
 reactor.addSystemEventTrigger("after", "shutdown", dump)
 profile.runcall(run)
 """
-HARD_DEADLINE_S = 1500  # the run stops past this, whatever the options
+HARD_DEADLINE_S = 1500  # seconds a round: the run stops past this many times --rounds, and reports
 
 # name, slots, ms per image request, ms per text search
 HETEROGENEOUS = [("fast", 2, 40.0, 10.0), ("medium", 1, 150.0, 37.5), ("slow", 1, 600.0, 150.0)]
@@ -536,7 +536,8 @@ def real_hosts(procs: Processes, args, model: str, quota: CPUQuota) -> tuple[lis
 
 def run_case(scenario: str, target: str, tools, args, root: Path, live: list, round_: int = 0) -> dict:
     t = args.timings[scenario]
-    casedir = root / f"{scenario}-{target.replace(':', '-')}{f'-{round_ + 1}' if args.rounds > 1 else ''}"
+    suffix = f"-{round_ + 1}" if args.rounds > 1 else ""
+    casedir = root / f"{scenario}-{target.replace(':', '-')}{suffix}"
     casedir.mkdir()
     procs = Processes(casedir, None)
     live.append(procs)
@@ -714,33 +715,58 @@ def shares(records: list[dict]) -> dict[str, float]:
 #: Figures of a case that --rounds adds up over the rounds (counts), and
 #: those it takes the largest of; every other number is the median.
 SUMMED = frozenset(
-    {"requests", "errors", "text_requests", "text_errors", "answered", "over_3s", "down_sent", "down_answered"}
-    | {"down_failed"}
+    {
+        "requests",
+        "errors",
+        "text_requests",
+        "text_errors",
+        "answered",
+        "over_3s",
+        "down_sent",
+        "down_answered",
+        "down_failed",
+    }
 )
 LARGEST = frozenset({"image_max_ms", "text_max_ms", "max_ms"})
-#: The figures whose every round the report shows beside the median.
-EACH_ROUND = ("image_rps", "image_p99_ms", "text_p99_ms", "cpu_us_per_request")
+#: The figures whose every round the report shows beside the median, and
+#: the names of their rows.
+EACH_ROUND = {
+    "image_rps": "req/s each",
+    "image_p99_ms": "p99 ms each",
+    "text_p99_ms": "search p99 each",
+    "cpu_us_per_request": "CPU us each",
+}
 
 
-def combine(runs: list[dict]) -> dict:
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def combine(runs: list) -> dict | None:
     """
-    One case's figures over its rounds: counts added up, maxima the
-    largest, every other number (and each host's share or cores) the median;
-    the errors' kinds added up, the imml log's counts too; the rest (events,
-    probe) of the last round.  C{each_round} keeps some figures of every
-    round.
+    One case's figures over its rounds (None for a round that failed):
+    counts added up, maxima the largest, every other number (and each
+    host's share or cores) the median of the rounds that have it; the
+    errors' kinds added up, the imml log's counts too; the rest (events,
+    probe) of the last round that has it.  C{each_round} keeps some
+    figures of every round in order (None where a round failed or had
+    none), and C{failed_rounds} counts the rounds that failed.  None when
+    no round ran.
     """
+    ran = [r for r in runs if r is not None]
+    if not ran:
+        return None
     if len(runs) == 1:
-        return runs[0]
-    out = dict(runs[-1])
-    for key, last in runs[-1].items():
-        values = [r.get(key) for r in runs]
-        numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        return ran[0]
+    out: dict = {}
+    for key in {k for r in ran for k in r}:
+        values = [r.get(key) for r in ran]
+        numbers = [v for v in values if _number(v)]
         if key in SUMMED:
             out[key] = sum(numbers)
         elif key in LARGEST:
             out[key] = max(numbers, default=None)
-        elif isinstance(last, (int, float)) and not isinstance(last, bool):
+        elif numbers or all(v is None for v in values):
             out[key] = statistics.median(numbers) if numbers else None
         elif key in ("error_kinds", "imml_log"):
             total: Counter = Counter()
@@ -752,7 +778,10 @@ def combine(runs: list[dict]) -> dict:
         elif key in ("image_hosts", "text_hosts", "host_cores"):
             names = {n for v in values for n in v or {}}
             out[key] = {n: statistics.median((v or {}).get(n, 0.0) for v in values) for n in sorted(names)}
-    out["each_round"] = {k: [r.get(k) for r in runs] for k in EACH_ROUND if k in runs[-1]}
+        else:
+            out[key] = next(v for v in reversed(values) if v is not None)
+    out["each_round"] = {k: [r.get(k) if r else None for r in runs] for k in EACH_ROUND if any(k in r for r in ran)}
+    out["failed_rounds"] = len(runs) - len(ran)
     return out
 
 
@@ -916,6 +945,11 @@ def verdicts(results: dict, targets: list[str]) -> dict:
                     [results[scenario][p] for p in peers if p in results[scenario]],
                     TARGET_REAL_SEARCH_P99_MS[model] if searches else None,
                 )
+        for scenario, (text, ok, ratio) in list(v.items()):
+            # a round that failed is a miss, whatever the others gave
+            failed = results[scenario][target].get("failed_rounds")
+            if failed:
+                v[scenario] = (f"{text}; {failed} round{'s' if failed > 1 else ''} failed", False, ratio)
     return out
 
 
@@ -935,8 +969,9 @@ def real_verdict(r: dict, peers: list[dict], search_p99_ms) -> tuple:
     mine, theirs = (x.get("each_round", {}).get("image_rps") for x in (r, best or {}))
     if mine and theirs and len(mine) == len(theirs):
         # the same round's figures side by side: the ratio that holds on a
-        # noisy machine
-        text += " (req/s by round " + ", ".join(f"{a / b:.2f}" for a, b in zip(mine, theirs) if a and b) + " x)"
+        # noisy machine ("-" where either failed)
+        ratios = (f"{a / b:.2f}" if a is not None and b else "-" for a, b in zip(mine, theirs))
+        text += f" (req/s by round {', '.join(ratios)} x)"
     if search_p99_ms is not None:
         ok = ok and r.get("text_p99_ms") is not None and r["text_p99_ms"] <= search_p99_ms
         text += f", search p99 {fmt(r.get('text_p99_ms'))} ms (<= {search_p99_ms:g})"
@@ -983,15 +1018,12 @@ def report(data: dict) -> None:
                         for t in targets
                     )
                 )
-        for key in EACH_ROUND:
+        for key, name in EACH_ROUND.items():
             if any(key in (per.get(t) or {}).get("each_round", {}) for t in targets):
-                name = {"cpu_us_per_request": "CPU us"}.get(key) or next(
-                    (n for n, k, _ in ROWS[scenario] if k == key), key
-                )
                 cells = [
                     "/".join(fmt(x) for x in (per.get(t) or {}).get("each_round", {}).get(key, [])) for t in targets
                 ]
-                say(f"{name + ' each':16}" + "".join(f"{c:>{width + 1}}" for c in cells))
+                say(f"{name:16}" + "".join(f"{c:>{width + 1}}" for c in cells))
         kinds = {t: (per.get(t) or {}).get("error_kinds") for t in targets}
         if any(kinds.values()):
             say("error kinds: " + "; ".join(f"{label(t)}: {k}" for t, k in kinds.items() if k))
@@ -1233,56 +1265,73 @@ def main(argv=None) -> int:
     live: list[Processes] = []
     rounds: dict = {}
     failures: dict = {}
+    stopped = False
     say(f"# {len(scenarios)} scenarios x {len(targets)} targets ({', '.join(map(label, targets))}); temp dir {root}")
     try:
         why_not = prepare_real(args, needed_models, root)
         if why_not:
             say(f"# the real-like scenarios cannot run over Immich ML: {why_not}")
             return 1
-        for round_, i, scenario in (
-            (round_, i, scenario) for round_ in range(args.rounds) for i, scenario in enumerate(scenarios)
-        ):
-            if args.rounds > 1 and i == 0:
+        for round_ in range(args.rounds):
+            if stopped:
+                break
+            if args.rounds > 1:
                 say(f"# round {round_ + 1} of {args.rounds}")
-            # Interleave: each scenario, and each round, starts one target later.
-            shift = (i + round_) % len(targets)
-            order = targets[shift:] + targets[:shift]
-            for target in order:
-                if time.monotonic() - started > HARD_DEADLINE_S * args.rounds:
-                    raise RuntimeError("hard deadline reached")
-                t0 = time.monotonic()
-                try:
-                    r = run_case(scenario, target, tools, args, root, live, round_)
-                except RuntimeError as e:
-                    failures.setdefault(scenario, {})[target] = str(e)
-                    say(f"  {scenario:14} {label(target):28} FAILED: {e}")
-                    continue
-                rounds.setdefault(scenario, {}).setdefault(target, []).append(r)
-                brief = {
-                    "heterogeneous": lambda: (
-                        f"{r['image_rps']:.1f} req/s p50 {fmt(r['image_p50_ms'])} p99 {fmt(r['image_p99_ms'])} ms"
-                    ),
-                    "mixed": lambda: (
-                        f"text p50 {fmt(r['text_p50_ms'])} p99 {fmt(r['text_p99_ms'])} ms, "
-                        f"images {r['image_rps']:.1f} req/s"
-                    ),
-                    "sporadic": lambda: f"max {fmt(r['max_ms'])} ms",
-                    "all-down": lambda: f"{r['answered']} answered",
-                    **{
-                        s: lambda: (
-                            f"{r['image_rps']:.1f} req/s p50 {fmt(r['image_p50_ms'])} p99 {fmt(r['image_p99_ms'])} ms"
-                            + (f", search p99 {fmt(r['text_p99_ms'])} ms" if searching(scenario) else "")
+            for i, scenario in enumerate(scenarios):
+                # Interleave: each scenario, and each round, starts one target later.
+                shift = (i + round_) % len(targets)
+                order = targets[shift:] + targets[:shift]
+                for target in order:
+                    if time.monotonic() - started > HARD_DEADLINE_S * args.rounds:
+                        say("# the hard deadline is reached: the cases that ran are reported")
+                        stopped = True
+                        break
+                    t0 = time.monotonic()
+                    runs = rounds.setdefault(scenario, {}).setdefault(target, [])
+                    try:
+                        r = run_case(scenario, target, tools, args, root, live, round_)
+                    except RuntimeError as e:
+                        # A failed round keeps its place (None): each round's
+                        # figures stay side by side with the others'.
+                        runs.append(None)
+                        failures.setdefault(scenario, {})[target] = (
+                            f"round {round_ + 1}: {e}" if args.rounds > 1 else str(e)
                         )
-                        for s in REAL
-                    },
-                }[scenario]()
-                say(
-                    f"  {scenario:14} {label(target):28} {brief}, {r['errors']} errors, "
-                    f"{r['cpu_us_per_request']:.0f} us CPU/request ({time.monotonic() - t0:.0f} s)"
-                )
+                        say(f"  {scenario:14} {label(target):28} FAILED: {e}")
+                        continue
+                    runs.append(r)
+                    brief = {
+                        "heterogeneous": lambda: (
+                            f"{r['image_rps']:.1f} req/s p50 {fmt(r['image_p50_ms'])} p99 {fmt(r['image_p99_ms'])} ms"
+                        ),
+                        "mixed": lambda: (
+                            f"text p50 {fmt(r['text_p50_ms'])} p99 {fmt(r['text_p99_ms'])} ms, "
+                            f"images {r['image_rps']:.1f} req/s"
+                        ),
+                        "sporadic": lambda: f"max {fmt(r['max_ms'])} ms",
+                        "all-down": lambda: f"{r['answered']} answered",
+                        **{
+                            s: lambda: (
+                                f"{r['image_rps']:.1f} req/s p50 {fmt(r['image_p50_ms'])} p99 {fmt(r['image_p99_ms'])} ms"
+                                + (f", search p99 {fmt(r['text_p99_ms'])} ms" if searching(scenario) else "")
+                            )
+                            for s in REAL
+                        },
+                    }[scenario]()
+                    say(
+                        f"  {scenario:14} {label(target):28} {brief}, {r['errors']} errors, "
+                        f"{r['cpu_us_per_request']:.0f} us CPU/request ({time.monotonic() - t0:.0f} s)"
+                    )
+                if stopped:
+                    break
     finally:
         clean_up(live, root, args.keep)
-    results = {scenario: {target: combine(runs) for target, runs in per.items()} for scenario, per in rounds.items()}
+    results: dict = {}
+    for scenario, per in rounds.items():
+        for target, runs in per.items():
+            combined = combine(runs)
+            if combined is not None:
+                results.setdefault(scenario, {})[target] = combined
     data = {
         "versions": versions(tools),
         "loadavg": loadavg,

@@ -1,7 +1,8 @@
 """
-bench/fleet.py's options for the real Immich ML service (--immich,
---immich-python): a mistake is a usage error naming it, before anything
-starts.  The runs themselves need Immich and are not tested here.
+bench/fleet.py: its options for the real Immich ML service (--immich,
+--immich-python) and --rounds, a mistake a usage error naming it before
+anything starts; and the figures of several rounds put together.  The runs
+themselves need nginx, HAProxy or Immich and are not tested here.
 """
 
 import subprocess
@@ -60,19 +61,21 @@ def test_immich_without_a_real_like_scenario_is_refused(checkout):
     assert line.startswith("fleet.py: error: --immich runs the real-like scenarios")
 
 
-def test_rounds_out_of_bounds_are_refused():
-    line = refused(fleet("--scenarios", "real-light", "--rounds", "0"))
+@pytest.mark.parametrize("rounds", ["0", "21"])
+def test_rounds_out_of_bounds_are_refused(rounds):
+    line = refused(fleet("--scenarios", "real-light", "--rounds", rounds))
     assert line == "fleet.py: error: --rounds 1-20"
 
 
 @pytest.fixture
 def figures():
     """bench/fleet.py as a module, for its figures' arithmetic."""
+    path = list(sys.path)
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         import fleet as module
     finally:
-        sys.path.remove(str(ROOT / "bench"))
+        sys.path[:] = path
     return module
 
 
@@ -122,3 +125,35 @@ def test_the_real_verdict_gives_each_rounds_ratio_beside_the_medians(figures):
     assert ratio == 1.0
     assert ok
     assert "req/s by round 0.90, 1.20, 1.00 x" in text
+
+
+def test_a_failed_round_keeps_its_place_and_fails_the_verdict(figures):
+    mine = figures.combine([case(90.0, 80.0, 0, {}, 1.0), None, case(110.0, 90.0, 0, {}, 1.0)])
+    peer = figures.combine([None, case(100.0, 200.0, 0, {}, 1.0), case(100.0, 210.0, 0, {}, 1.0)])
+    assert mine["each_round"]["image_rps"] == [90.0, None, 110.0]
+    assert mine["image_rps"] == 100.0
+    assert mine["failed_rounds"] == 1
+    text, ok, ratio = figures.real_verdict(mine, [peer], None)
+    assert "req/s by round -, -, 1.10 x" in text
+    verdict = figures.verdicts(
+        {"real-light": {"imml:shortest-delay": mine, "nginx": peer}}, ["nginx", "imml:shortest-delay"]
+    )
+    text, ok, _ = verdict["imml:shortest-delay"]["real-light"]
+    assert not ok and text.endswith("1 round failed")
+    assert figures.combine([None, None]) is None
+
+
+def test_a_round_without_a_figure_does_not_hide_the_others(figures):
+    runs = [case(100.0, 50.0, 0, {}, 1.0), case(100.0, 60.0, 0, {}, 1.0), case(100.0, None, 0, {}, 1.0)]
+    del runs[2]["probe"]
+    got = figures.combine(runs)
+    assert got["image_p99_ms"] == 55.0
+    assert got["probe"] == {"round": 100.0}
+    assert got["each_round"]["image_p99_ms"] == [50.0, 60.0, None]
+
+
+def test_a_round_of_nothing_shows_in_the_ratios(figures):
+    mine = figures.combine([case(0.0, 80.0, 0, {}, 1.0), case(100.0, 90.0, 0, {}, 1.0)])
+    peer = figures.combine([case(100.0, 200.0, 0, {}, 1.0), case(100.0, 210.0, 0, {}, 1.0)])
+    text, _, _ = figures.real_verdict(mine, [peer], None)
+    assert "req/s by round 0.00, 1.00 x" in text
