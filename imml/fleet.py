@@ -348,7 +348,9 @@ class Fleet:
             if task == INTERACTIVE and seconds >= 0:
                 alone = backend.service_time(task)
                 if alone is not None:
-                    backend.stats.record_search(seconds, alone * backend.stretch(load.in_flight), alone)
+                    backend.stats.record_search(
+                        seconds, alone * backend.stretch(load.in_flight), alone, self.clock.seconds()
+                    )
             backend.stats.served += 1
             backend.stats.record_outcome(failed=False)
             # a search sent past the limit (the room a search may take)

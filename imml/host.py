@@ -47,6 +47,10 @@ TASK_MAX_BLOCK = 600.0
 #: one search counts for.
 SURPRISE_ALPHA = 0.2
 MAX_SURPRISE = 20.0
+#: Seconds in which what a host's surprise has beyond 1 halves, searches
+#: or none: a host that searches shun (one search that met a model load, a
+#: host held to a CPU quota) gets one again in a minute or two.
+SURPRISE_HALF_LIFE = 30.0
 
 
 @frozen
@@ -114,8 +118,10 @@ class Stats:
     warmed: float = float("-inf")
     _last_busy_answer: Optional[float] = None
     #: One plus how much longer than expected its searches took lately, in
-    #: their unloaded times: the worst, slowly forgotten (L{record_search}).
+    #: their unloaded times, as of C{surprised} (L{record_search},
+    #: L{surprise}).
     search_surprise: float = 1.0
+    surprised: float = 0.0
 
     @property
     def last_sample(self) -> Optional[float]:
@@ -164,7 +170,18 @@ class Stats:
             else:
                 self.slot_time = slot + EWMA_ALPHA * (min(seconds, 3 * slot + 0.001) - slot)
 
-    def record_search(self, seconds: float, expected: float, alone: float) -> None:
+    def surprise(self, now: float) -> float:
+        """
+        One plus how much longer than expected the host's searches took
+        lately, in their unloaded times, at C{now}: what is beyond 1 halves
+        every L{SURPRISE_HALF_LIFE} seconds.
+        """
+        value = self.search_surprise
+        if value == 1.0 or now <= self.surprised:
+            return value
+        return 1.0 + (value - 1.0) * 0.5 ** ((now - self.surprised) / SURPRISE_HALF_LIFE)
+
+    def record_search(self, seconds: float, expected: float, alone: float, now: float) -> None:
         """
         A search took C{seconds} where C{expected} seconds were expected,
         and C{alone} seconds is its unloaded time: its surprise is one plus
@@ -172,19 +189,21 @@ class Stats:
         for a CPU quota's next period adds time, whatever the load), at
         most L{MAX_SURPRISE}.
 
-        The host's surprise rises at once to a higher one, and falls by
-        L{SURPRISE_ALPHA} of the way to a lower one: a search's goal is its
-        tail, and on a host held to a quota by periods only some searches
-        wait for the next period.  An average of them lets searches back
-        after a few that did not wait, and the next one waits again.
+        The host's surprise, as of C{now} (L{surprise}), rises at once to a
+        higher one, and falls by L{SURPRISE_ALPHA} of the way to a lower
+        one: a search's goal is its tail, and on a host held to a quota by
+        periods only some searches wait for the next period.  An average
+        of them lets searches back after a few that did not wait, and the
+        next one waits again.
         """
         if alone > 0:
             surprise = min(1.0 + max(seconds - expected, 0.0) / alone, MAX_SURPRISE)
-            current = self.search_surprise
+            current = self.surprise(now)
             if surprise > current:
                 self.search_surprise = surprise
             else:
                 self.search_surprise = current + SURPRISE_ALPHA * (surprise - current)
+            self.surprised = now
 
     def record_outcome(self, failed: bool) -> None:
         self.error_rate += EWMA_ALPHA * ((1.0 if failed else 0.0) - self.error_rate)
@@ -312,7 +331,7 @@ class Backend:
 
     @property
     def search_surprise(self) -> float:
-        return self.stats.search_surprise
+        return self.stats.surprise(self._now())
 
     @property
     def up(self) -> bool:

@@ -81,11 +81,11 @@ class IBackendView(Interface):
     search_surprise = Attribute(
         "One plus how much longer than expected the host's searches took "
         "lately (their unloaded time stretched by the requests on the host "
-        "when sent), in their unloaded times: the worst of them, slowly "
-        "forgotten as searches take less; 1.0 when they took what was "
-        "expected.  On a host held to a CPU quota by periods a search beside "
-        "its other work may wait for the next period, which neither its "
-        "unloaded time nor its stretch shows."
+        "when sent), in their unloaded times: the worst of them, lowered by "
+        "searches that take less and halved, beyond 1.0, every 30 s; 1.0 "
+        "when they took what was expected.  On a host held to a CPU quota "
+        "by periods a search beside its other work may wait for the next "
+        "period, which neither its unloaded time nor its stretch shows."
     )
     error_rate = Attribute("A moving average of the host's failures: 0.0 none, 1.0 all.")
     throughput = Attribute(

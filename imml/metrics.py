@@ -238,7 +238,7 @@ class FleetCollector:
         )
         surprise = GaugeMetricFamily(
             "imml_backend_search_surprise",
-            "One plus how much longer than expected an ML host's searches lately took, in their times alone.",
+            "One plus how much longer than expected an ML host's searches lately took at worst, in their times alone.",
             labels=["backend"],
         )
         up = GaugeMetricFamily("imml_backend_up", "1 while an ML host passes its health checks.", labels=["backend"])

@@ -7,8 +7,10 @@ import pytest
 from twisted.internet import task
 
 from imml.backends import BackendAddress
+from imml.classify import RequestInfo
 from imml.fleet import BackendSettings, Fleet
 from imml.limits import Limit
+from imml.strategies import ShortestDelay
 
 
 def test_throughput_is_measured_from_answers_while_the_host_is_kept_busy():
@@ -382,6 +384,48 @@ def test_a_hosts_surprise_rises_at_once_and_is_forgotten_slowly():
     assert worst >= 1.0 + 0.080 / 0.006 - 0.01
     beside_an_image(0.006)
     beside_an_image(0.006)
-    assert quota.search_surprise == pytest.approx(1.0 + (worst - 1.0) * 0.8 * 0.8)
+    assert quota.search_surprise == pytest.approx(1.0 + (worst - 1.0) * 0.8 * 0.8, rel=0.01)
     beside_an_image(0.046)  # waited, less long: the surprise stays above its
     assert quota.search_surprise >= 1.0 + 0.040 / 0.006 - 0.01
+    # forgotten with time: halved in 30 s, nearly gone in three minutes
+    before = quota.search_surprise
+    clock.advance(30)
+    assert quota.search_surprise == pytest.approx(1.0 + (before - 1.0) / 2)
+    clock.advance(150)
+    assert quota.search_surprise < 1.0 + (before - 1.0) / 30
+
+
+def test_searches_come_back_to_a_host_after_one_surprising_search():
+    """
+    A fast host answers searches in 10 ms, a slower one in 25 ms.  One
+    search on the fast host takes 1.5 s (its model was loading): searches
+    go to the slower host for a while, and to the fast host again within
+    two minutes, with no search sent there meanwhile.
+    """
+    clock = task.Clock()
+    fleet = Fleet.from_addresses([BackendAddress("fast"), BackendAddress("slow")], clock)
+    fast, slow = fleet.backends
+    search = RequestInfo(b"POST", b"/predict", "clip-textual", interactive=True)
+    strategy = ShortestDelay()
+
+    def searched(host, seconds):
+        load = fleet.start(host, "clip-textual")
+        clock.advance(seconds)
+        fleet.finish(load, seconds)
+
+    for host, seconds in ((fast, 0.010), (slow, 0.025)):
+        fleet.check_passed(host)
+        for _ in range(5):
+            searched(host, seconds)
+    assert strategy.choose(search, fleet.backends) is fast
+    searched(fast, 1.5)
+    assert strategy.choose(search, fleet.backends) is slow
+    for _ in range(24):  # a search every 5 s, all on the slower host
+        clock.advance(5)
+        assert fast.search_surprise > 1.0
+        if strategy.choose(search, fleet.backends) is fast:
+            break
+        searched(slow, 0.025)
+    else:
+        raise AssertionError("searches never came back to the fast host")
+    assert clock.seconds() < 125
