@@ -834,6 +834,38 @@ def analyse(scenario: str, log: list[dict], t: dict) -> dict:
 # --------------------------------------------------------------------------
 
 
+def cases(scenarios: list[str], targets: list[str], rounds: int):
+    """
+    The cases to run, in order, as (round, scenario, target): round after
+    round, each scenario's targets starting one later than the last
+    scenario's, and each round's one later than the last round's.  Says
+    where each round begins.
+    """
+    for round_ in range(rounds):
+        if rounds > 1:
+            say(f"# round {round_ + 1} of {rounds}")
+        for i, scenario in enumerate(scenarios):
+            shift = (i + round_) % len(targets)
+            for target in targets[shift:] + targets[:shift]:
+                yield round_, scenario, target
+
+
+def brief(scenario: str, r: dict) -> str:
+    """
+    A case's figures in a few words, as it ends.
+    """
+    if scenario == "mixed":
+        return f"text p50 {fmt(r['text_p50_ms'])} p99 {fmt(r['text_p99_ms'])} ms, images {r['image_rps']:.1f} req/s"
+    if scenario == "sporadic":
+        return f"max {fmt(r['max_ms'])} ms"
+    if scenario == "all-down":
+        return f"{r['answered']} answered"
+    text = f"{r['image_rps']:.1f} req/s p50 {fmt(r['image_p50_ms'])} p99 {fmt(r['image_p99_ms'])} ms"
+    if searching(scenario):
+        text += f", search p99 {fmt(r['text_p99_ms'])} ms"
+    return text
+
+
 def label(target: str) -> str:
     return target.replace("imml:", "imml ").replace("+slots", " +slots")
 
@@ -1072,9 +1104,9 @@ def report(data: dict) -> None:
                 say(f"FAILED {label(t)}: {why.splitlines()[0] if why else ''}")
     say("")
     say("hosts: share of 2xx answers per fake host (f fast, m medium, s slow; a, b), %")
-    if data["rounds"] > 1:
+    if data["settings"]["rounds"] > 1:
         say(
-            f"figures: the median of {data['rounds']} interleaved rounds (errors and counts added up, maxima the "
+            f"figures: the median of {data['settings']['rounds']} interleaved rounds (errors and counts added up, maxima the "
             "largest); '... each': every round's, in order"
         )
     if immich:
@@ -1265,65 +1297,32 @@ def main(argv=None) -> int:
     live: list[Processes] = []
     rounds: dict = {}
     failures: dict = {}
-    stopped = False
     say(f"# {len(scenarios)} scenarios x {len(targets)} targets ({', '.join(map(label, targets))}); temp dir {root}")
     try:
         why_not = prepare_real(args, needed_models, root)
         if why_not:
             say(f"# the real-like scenarios cannot run over Immich ML: {why_not}")
             return 1
-        for round_ in range(args.rounds):
-            if stopped:
+        for round_, scenario, target in cases(scenarios, targets, args.rounds):
+            if time.monotonic() - started > HARD_DEADLINE_S * args.rounds:
+                say("# the hard deadline is reached: the cases that ran are reported")
                 break
-            if args.rounds > 1:
-                say(f"# round {round_ + 1} of {args.rounds}")
-            for i, scenario in enumerate(scenarios):
-                # Interleave: each scenario, and each round, starts one target later.
-                shift = (i + round_) % len(targets)
-                order = targets[shift:] + targets[:shift]
-                for target in order:
-                    if time.monotonic() - started > HARD_DEADLINE_S * args.rounds:
-                        say("# the hard deadline is reached: the cases that ran are reported")
-                        stopped = True
-                        break
-                    t0 = time.monotonic()
-                    runs = rounds.setdefault(scenario, {}).setdefault(target, [])
-                    try:
-                        r = run_case(scenario, target, tools, args, root, live, round_)
-                    except RuntimeError as e:
-                        # A failed round keeps its place (None): each round's
-                        # figures stay side by side with the others'.
-                        runs.append(None)
-                        failures.setdefault(scenario, {})[target] = (
-                            f"round {round_ + 1}: {e}" if args.rounds > 1 else str(e)
-                        )
-                        say(f"  {scenario:14} {label(target):28} FAILED: {e}")
-                        continue
-                    runs.append(r)
-                    brief = {
-                        "heterogeneous": lambda: (
-                            f"{r['image_rps']:.1f} req/s p50 {fmt(r['image_p50_ms'])} p99 {fmt(r['image_p99_ms'])} ms"
-                        ),
-                        "mixed": lambda: (
-                            f"text p50 {fmt(r['text_p50_ms'])} p99 {fmt(r['text_p99_ms'])} ms, "
-                            f"images {r['image_rps']:.1f} req/s"
-                        ),
-                        "sporadic": lambda: f"max {fmt(r['max_ms'])} ms",
-                        "all-down": lambda: f"{r['answered']} answered",
-                        **{
-                            s: lambda: (
-                                f"{r['image_rps']:.1f} req/s p50 {fmt(r['image_p50_ms'])} p99 {fmt(r['image_p99_ms'])} ms"
-                                + (f", search p99 {fmt(r['text_p99_ms'])} ms" if searching(scenario) else "")
-                            )
-                            for s in REAL
-                        },
-                    }[scenario]()
-                    say(
-                        f"  {scenario:14} {label(target):28} {brief}, {r['errors']} errors, "
-                        f"{r['cpu_us_per_request']:.0f} us CPU/request ({time.monotonic() - t0:.0f} s)"
-                    )
-                if stopped:
-                    break
+            t0 = time.monotonic()
+            runs = rounds.setdefault(scenario, {}).setdefault(target, [])
+            try:
+                r = run_case(scenario, target, tools, args, root, live, round_)
+            except RuntimeError as e:
+                # A failed round keeps its place (None): each round's
+                # figures stay side by side with the others'.
+                runs.append(None)
+                failures.setdefault(scenario, {})[target] = f"round {round_ + 1}: {e}" if args.rounds > 1 else str(e)
+                say(f"  {scenario:14} {label(target):28} FAILED: {e}")
+                continue
+            runs.append(r)
+            say(
+                f"  {scenario:14} {label(target):28} {brief(scenario, r)}, {r['errors']} errors, "
+                f"{r['cpu_us_per_request']:.0f} us CPU/request ({time.monotonic() - t0:.0f} s)"
+            )
     finally:
         clean_up(live, root, args.keep)
     results: dict = {}
@@ -1359,7 +1358,6 @@ def main(argv=None) -> int:
         },
         "scenarios": scenarios,
         "targets": targets,
-        "rounds": args.rounds,
         "results": results,
         "by_round": rounds,
         "failures": failures,

@@ -157,3 +157,13 @@ def test_a_round_of_nothing_shows_in_the_ratios(figures):
     peer = figures.combine([case(100.0, 200.0, 0, {}, 1.0), case(100.0, 210.0, 0, {}, 1.0)])
     text, _, _ = figures.real_verdict(mine, [peer], None)
     assert "req/s by round 0.00, 1.00 x" in text
+
+
+def test_each_scenario_and_each_round_starts_one_target_later(figures):
+    order = list(figures.cases(["a", "b"], ["x", "y", "z"], 2))
+    assert order == [
+        (0, "a", "x"), (0, "a", "y"), (0, "a", "z"),
+        (0, "b", "y"), (0, "b", "z"), (0, "b", "x"),
+        (1, "a", "y"), (1, "a", "z"), (1, "a", "x"),
+        (1, "b", "z"), (1, "b", "x"), (1, "b", "y"),
+    ]  # fmt: skip
