@@ -519,16 +519,20 @@ def _over(paced: Paced, rate: float, seconds: float) -> None:
 
 def test_a_level_above_the_knee_that_does_no_less_is_room_while_requests_wait():
     """
-    A real host whose third request in flight bought too little to climb to
-    has room for it while requests wait in the balancer, as long as three
-    did not clearly less than two (one window cannot tell a little less
-    from a little more).  A host with slots (not seen to run three at
-    once) has none, nor one where three did clearly less.
+    A host whose third request in flight bought too little to climb to has
+    room for it while requests wait in the balancer, as long as three did
+    not clearly less than two (one window cannot tell a little less from a
+    little more): a real host that runs three at once, and one seen to run
+    its two at once (Immich ML with two threads, or two slots), where the
+    third waits inside only for the first of them to end.  A host seen to
+    run only one at once has none (a request already waits inside it at
+    two), nor one where three did clearly less.
     """
     paced = _knee_at_two()
     assert paced.limit.room(paced.now)
     assert _knee_at_two(third=1.16).limit.room(paced.now)
-    assert not _knee_at_two(side_by_side=2).limit.room(paced.now)
+    assert _knee_at_two(side_by_side=2).limit.room(paced.now)
+    assert not _knee_at_two(side_by_side=1).limit.room(paced.now)
     assert not _knee_at_two(third=1.0).limit.room(paced.now)
     slots = Limit(slots=2)
     slots.ran_at_once(3)
