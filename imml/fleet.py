@@ -293,8 +293,9 @@ class Fleet:
         A request of C{task} is sent to C{backend}: it counts in the host's
         C{in_flight} until L{finish}.  It starts being served at once unless
         the host already has its proven limit of requests (a learned limit
-        probing for more, a search past the limit), and more than it was
-        seen to run at once: then it waits inside the host until one ends.
+        probing for more, a search past the limit, batch work in the room
+        past a limit), and more than it was seen to run at once: then it
+        waits inside the host until one ends.
         """
         backend.in_flight += 1
         now = backend.last_start = self.clock.seconds()

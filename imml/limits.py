@@ -37,12 +37,13 @@ seconds at the level, so that a moment when the machine takes the host's
 CPU away weighs little.
 
 While requests wait in the balancer anyway, a host seen to run its limit
-at once may take one request past it (L{Limit.room}): when the level above
-its knee was lately measured to do not clearly less work than the knee (it
-bought too little to climb to: on a real host each request more in flight
-still buys a little, which one window cannot tell from nothing), the
-request more waits inside the host rather than in the balancer, starts as
-soon as the host can take it, and the host does a little more.  Answers given while the host has more than
+(two or more) at once may take one request past it (L{Limit.room}): when
+the level above its knee was lately measured to do not clearly less work
+than the knee (it bought too little to climb to: on a real host each
+request more in flight still buys a little, which one window cannot tell
+from nothing), the request more waits inside the host rather than in the
+balancer, starts as soon as the host can take it, and the host does a
+little more.  Answers given while the host has more than
 its limit (the room, a search past it) measure nothing; the level above is
 measured again by the knee's probe.
 
@@ -258,24 +259,27 @@ class Limit:
     def room(self, now: float) -> bool:
         """
         Whether the host may take one request past its learned limit while
-        requests wait in the balancer: it was seen to run its limit at
-        once, so that the request more waits inside the host at most for
-        the first of them to end (on Immich ML, for a thread of its pool,
-        while its decoding overlaps the others' inference), as it would
-        wait in the balancer for that end, and then starts without a trip
-        back to it; and one more in flight was measured, in the last
-        L{STALE} seconds, to do not clearly less work than its limit (no
-        less by more than L{GAIN}: the level bought too little to climb
-        to, and one window cannot tell a little from nothing).  Once that
-        measurement is older, the host is held at its limit until the
-        level above is tried again.  A limit that climbed past what the
-        host was seen to run at once has no room: a request already waits
-        inside it.
+        requests wait in the balancer: it was seen to run that many at once
+        (a real host, sharing its processor: the request runs at once), or
+        at least two and its limit (the request more waits inside the host
+        only for the first of them to end, as it would wait in the
+        balancer for that end, and then starts without a trip back: on
+        Immich ML it waits for a thread of its pool while its decoding
+        overlaps the others' inference); and one more in flight was
+        measured, in the last L{STALE} seconds, to do not clearly less
+        work than its limit (no less by more than L{GAIN}: the level
+        bought too little to climb to, and one window cannot tell a little
+        from nothing).  Once that measurement is older, the host is held
+        at its limit until the level above is tried again.  A host seen to
+        run only one at once has no room at one (the request more would
+        wait a whole request inside it), nor one whose limit climbed past
+        what it was seen to run at once (a request may already wait
+        inside it).
         """
         if self.slots is not None or self.ramp is not None:
             return False
         level = self.learned
-        if self.side_by_side < level:
+        if self.side_by_side < max(level, 2):
             return False
         here, above = self.throughput(level), self._fresh(level + 1, now)
         return here is not None and above is not None and above >= here * (1 - GAIN)

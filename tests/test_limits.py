@@ -523,10 +523,12 @@ def test_a_level_above_the_knee_that_does_no_less_is_room_while_requests_wait():
     room for it while requests wait in the balancer, as long as three did
     not clearly less than two (one window cannot tell a little less from a
     little more): a real host that runs three at once, and one seen to run
-    its two at once (Immich ML with two threads, or two slots), where the
-    third waits inside only for the first of them to end.  A host seen to
-    run only one at once has none (a request already waits inside it at
-    two), nor one where three did clearly less.
+    its two at once (Immich ML with two threads), where the third waits
+    inside only for the first of them to end.  A host seen to run only one
+    at once has none (a request may already wait inside it at two), nor one
+    where three did clearly less, nor one with configured slots.  At a
+    knee of one, the host must have been seen to run two at once: the
+    request more would wait a whole request inside a host that runs one.
     """
     paced = _knee_at_two()
     assert paced.limit.room(paced.now)
@@ -537,6 +539,25 @@ def test_a_level_above_the_knee_that_does_no_less_is_room_while_requests_wait():
     slots = Limit(slots=2)
     slots.ran_at_once(3)
     assert not slots.room(0.0)
+    one = _knee_at_one(side_by_side=1)
+    assert not one.limit.room(one.now)
+    two = _knee_at_one(side_by_side=2)
+    assert two.limit.room(two.now)
+
+
+def _knee_at_one(side_by_side: int) -> Paced:
+    """
+    A host whose second request in flight did about as much as one: too
+    little to climb to, not clearly less.
+    """
+    paced = Paced(Limit())
+    paced.limit.ran_at_once(side_by_side)
+    paced.until_judged(1.0)
+    for _ in range(2):
+        if paced.limit.value == 2:
+            paced.until_judged(1.01)
+    assert paced.limit.value == 1 and paced.limit.ceiling == 2
+    return paced
 
 
 def test_the_room_measures_nothing_and_lasts_until_the_level_above_is_measured_again():
@@ -599,3 +620,70 @@ def test_a_first_answer_that_loaded_the_model_is_not_the_unit():
     # the first levels measured, one second of work a second each
     assert limit.throughput(1) == pytest.approx(1.0, abs=0.1)
     assert limit.throughput(2) == pytest.approx(1.0, abs=0.1)
+
+
+def test_batch_work_that_would_wait_takes_the_room_and_waits_inside_for_the_first_answer():
+    """
+    A host whose learned limit of two was measured as above (three did no
+    less), seen to run its two at once: while nobody searches, a third
+    batch request goes to it rather than waiting in the balancer, counted
+    as waiting inside the host, and starts at the first answer, when the
+    request at the head of the queue takes the room again.  A search then
+    is not sent in past the limit (the host does not run three at once):
+    it waits in the balancer, ahead of the batch, for the answer after the
+    request inside has started (one answer more than without the room,
+    once: the room is left to searches from then on).  On a host seen to
+    run only one at once, the third batch request waits in the balancer.
+    """
+    from imml.backends import BackendAddress
+    from imml.classify import RequestInfo
+    from imml.dispatch import Dispatcher
+    from imml.fleet import Fleet
+    from imml.strategies import ShortestDelay
+
+    batch = RequestInfo(b"POST", b"/predict", "clip-visual")
+    search = RequestInfo(b"POST", b"/predict", "clip-textual", interactive=True)
+
+    def host_with(paced: Paced):
+        clock = Clock()
+        clock.advance(paced.now)
+        fleet = Fleet.from_addresses([BackendAddress("h0")], clock)
+        [host] = fleet.backends
+        fleet.check_passed(host)
+        host.limiter = paced.limit
+        return clock, fleet, host, Dispatcher(fleet, ShortestDelay(), clock, 60.0, 100)
+
+    def bound(d):
+        got = []
+        d.addCallback(got.append)
+        return got[0] if got else None
+
+    clock, fleet, host, dispatcher = host_with(_knee_at_two(side_by_side=2))
+    first, second, third = (bound(dispatcher.acquire(batch)) for _ in range(3))
+    assert first and second and third and host.in_flight == 3
+    assert third.starts is None and host.queued_inside == 1
+    fourth = dispatcher.acquire(batch)
+    fourth_bound = []
+    fourth.addCallback(fourth_bound.append)
+    assert not fourth_bound and dispatcher.queue_depth == 1
+    clock.advance(0.02)
+    fleet.finish(first, 0.02)
+    assert third.starts == clock.seconds()
+    [fourth] = fourth_bound
+    assert host.in_flight == 3 and fourth.starts is None and host.queued_inside == 1
+    searched = []
+    dispatcher.acquire(search).addCallback(searched.append)
+    assert not searched and dispatcher.queue_depth == 1 and host.in_flight == 3
+    clock.advance(0.02)
+    fleet.finish(second, 0.02)
+    assert fourth.starts == clock.seconds() and not searched and host.in_flight == 2
+    clock.advance(0.02)
+    fleet.finish(third, 0.04)
+    assert searched and host.in_flight == 2 and dispatcher.queue_depth == 0
+    batch_again = []
+    dispatcher.acquire(batch).addCallback(batch_again.append)
+    assert not batch_again and dispatcher.queue_depth == 1  # no room while people search
+
+    clock, fleet, host, dispatcher = host_with(_knee_at_two(side_by_side=1))
+    first, second, third = (bound(dispatcher.acquire(batch)) for _ in range(3))
+    assert first and second and third is None and host.in_flight == 2 and dispatcher.queue_depth == 1
