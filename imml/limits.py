@@ -36,16 +36,17 @@ measurement takes at least L{WINDOW} answers' work and L{MIN_SPAN}
 seconds at the level, so that a moment when the machine takes the host's
 CPU away weighs little.
 
-While requests wait in the balancer anyway, a host seen to run its limit
-(two or more) at once may take one request past it (L{Limit.room}): when
-the level above its knee was lately measured to do not clearly less work
-than the knee (it bought too little to climb to: on a real host each
-request more in flight still buys a little, which one window cannot tell
-from nothing), the request more waits inside the host rather than in the
+While requests wait in the balancer anyway, a host seen to run one more
+than its limit at once, or its limit of two or more, may take one request
+past it (L{Limit.room}): when the level above its knee was lately
+measured to do not clearly less work than the knee (it bought too little
+to climb to: on a real host each request more in flight still buys a
+little, which one window cannot tell from nothing), the request more runs
+at once or waits inside the host for the first answer rather than in the
 balancer, starts as soon as the host can take it, and the host does a
-little more.  Answers given while the host has more than
-its limit (the room, a search past it) measure nothing; the level above is
-measured again by the knee's probe.
+little more.  Answers given while the host has more than its limit (the
+room, a search past it) measure nothing; the level above is measured
+again by the knee's probe.
 
 Work is counted in each answer's usual time alone on the host for its task
 (the average of its answers given alone, slowly moving; its quickest answer
