@@ -236,6 +236,12 @@ class FleetCollector:
             "given alone (hosts with a learned limit only).",
             labels=["backend", "in_flight"],
         )
+        at_once = GaugeMetricFamily(
+            "imml_backend_ran_at_once",
+            "Most requests an ML host was seen to run side by side (hosts with a learned limit only): "
+            "past that many, a request waits inside it.",
+            labels=["backend"],
+        )
         surprise = GaugeMetricFamily(
             "imml_backend_search_surprise",
             "One plus how much longer than expected an ML host's searches lately took at worst, in their times alone.",
@@ -252,14 +258,17 @@ class FleetCollector:
             in_flight.add_metric([name], backend.in_flight)
             if backend.limit is not None:
                 slots.add_metric([name], backend.limit)
-            for level, rate in backend.limiter.measured().items():  # (none with slots)
+            limiter = backend.limiter
+            if limiter.slots is None:
+                at_once.add_metric([name], limiter.side_by_side)
+            for level, rate in limiter.measured().items():  # (none with slots)
                 work.add_metric([name, str(level)], rate)
             surprise.add_metric([name], backend.search_surprise)
             up.add_metric([name], 1 if backend.health.up else 0)
             current = host_state(backend)
             for s in STATE_NAMES:
                 state.add_metric([name, s], 1 if s == current else 0)
-        yield from (in_flight, slots, work, surprise, up, state)
+        yield from (in_flight, slots, work, at_once, surprise, up, state)
         dispatcher = self.dispatcher
         yield GaugeMetricFamily(
             "imml_queue_depth", "Requests waiting in the balancer for a host.", value=dispatcher.queue_depth

@@ -26,6 +26,7 @@ from imml.backends import parse_backend, parse_backends
 from imml.dispatch import Dispatcher
 from imml.fleet import BackendSettings, Fleet
 from imml.interfaces import IReporter
+from imml.limits import Limit
 from imml.metrics import Metrics
 from imml.records import ANSWERED, CANCELLED, RETRIED, AttemptRecord, RequestRecord
 from imml.status import STATE_NAMES
@@ -135,7 +136,7 @@ def test_levels_are_read_from_the_fleet_when_scraped() -> None:
     assert value("imml_build_info", {"version": __import__("imml").__version__, "strategy": "round-robin"}) == 1
 
 
-def test_a_learned_limit_s_curve_and_the_searches_surprise_are_read_when_scraped() -> None:
+def test_a_learned_limit_s_curve_what_the_host_ran_at_once_and_the_searches_surprise_are_read_when_scraped() -> None:
     clock = Clock()
     fleet = Fleet.from_addresses(parse_backends("a"), clock)
     m = Metrics(fleet, Dispatcher(fleet, strategy_named("round-robin"), clock), clock)
@@ -147,7 +148,15 @@ def test_a_learned_limit_s_curve_and_the_searches_surprise_are_read_when_scraped
     # kept busy at one request in flight: one second of work a second
     assert value(work, {"backend": "a:3003", "in_flight": "1"}) == pytest.approx(1.0, abs=0.02)
     assert value(work, {"backend": "a:3003", "in_flight": "3"}) is None  # not measured
+    assert value("imml_backend_ran_at_once", {"backend": "a:3003"}) == 1
+    a.limiter.ran_at_once(3)
+    assert value("imml_backend_ran_at_once", {"backend": "a:3003"}) == 3
     assert value("imml_backend_search_surprise", {"backend": "a:3003"}) == 1.0
+    slots = Fleet.from_addresses(parse_backends("b"), clock)
+    [b] = slots.backends
+    b.limiter = Limit(slots=2)
+    seen = Metrics(slots, Dispatcher(slots, strategy_named("round-robin"), clock), clock).registry.get_sample_value
+    assert seen("imml_backend_ran_at_once", {"backend": "b:3003"}) is None  # configured slots: nothing learned
 
 
 def hosts(n: int, **kw: Any) -> list[dict[str, Any]]:
