@@ -29,8 +29,9 @@ host, and a search behind it.  Configured slots are kept as they are.
 
 While batch work waits in the queue and nobody searches, the request at
 its head may go past a learned limit, by one request, on a host with room
-there (L{imml.limits.Limit.room}: a host seen to run its limit, two or
-more, at once, where one request more did not clearly less work): it
+there (L{imml.limits.Limit.room}: a host seen to run one more than its
+limit at once, or its limit of two or more, where one request more did
+not clearly less work): it
 would only wait in the balancer, and in the host it starts as soon as the
 host can take it, keeping the host a little busier.  (A search that comes
 then may find it there, ahead of the search: one answer's wait more, once,

@@ -262,9 +262,9 @@ class Limit:
         Whether the host may take one request past its learned limit while
         requests wait in the balancer: it was seen to run that many at once
         (a real host, sharing its processor: the request runs at once), or
-        at least two and its limit (the request more waits inside the host
-        only for the first of them to end, as it would wait in the
-        balancer for that end, and then starts without a trip back: on
+        its limit when that is two or more (the request more waits inside
+        the host only for the first of them to end, as it would wait in
+        the balancer for that end, and then starts without a trip back: on
         Immich ML it waits for a thread of its pool while its decoding
         overlaps the others' inference); and one more in flight was
         measured, in the last L{STALE} seconds, to do not clearly less
