@@ -14,7 +14,12 @@ import pytest
 from attrs import define, evolve, field
 from twisted.internet.task import Clock
 
+from imml.backends import BackendAddress
+from imml.classify import RequestInfo
+from imml.dispatch import Dispatcher
+from imml.fleet import Fleet
 from imml.limits import PROBE_AFTER, QUICK, STALE, WINDOW, Limit
+from imml.strategies import ShortestDelay
 from imml.testing.cpu import HEAVY, LIGHT, CPUProfile, SharedCPU
 
 #: Two slots of 40 ms: a host that is a set of slots.
@@ -635,12 +640,6 @@ def test_batch_work_that_would_wait_takes_the_room_and_waits_inside_for_the_firs
     once: the room is left to searches from then on).  On a host seen to
     run only one at once, the third batch request waits in the balancer.
     """
-    from imml.backends import BackendAddress
-    from imml.classify import RequestInfo
-    from imml.dispatch import Dispatcher
-    from imml.fleet import Fleet
-    from imml.strategies import ShortestDelay
-
     batch = RequestInfo(b"POST", b"/predict", "clip-visual")
     search = RequestInfo(b"POST", b"/predict", "clip-textual", interactive=True)
 
