@@ -44,9 +44,13 @@ to climb to: on a real host each request more in flight still buys a
 little, which one window cannot tell from nothing), the request more runs
 at once or waits inside the host for the first answer rather than in the
 balancer, starts as soon as the host can take it, and the host does a
-little more.  Answers given while the host has more than its limit (the
-room, a search past it) measure nothing; the level above is measured
-again by the knee's probe.
+little more.  What the host does while it holds one more than its limit
+(the room, a search past it) does not count for the knee: it measures the
+level above (L{Limit._measure_room}).  A host kept in its room (a job's
+steady stream) holds its knee only for moments, so the room measures
+itself while it is used, stays open while it does not clearly less work
+than the knee, and closes once it does; the host then holds its knee
+until the level above is tried again.  The room raises no limit.
 
 Work is counted in each answer's usual time alone on the host for its task
 (the average of its answers given alone, slowly moving; its quickest answer
@@ -163,6 +167,9 @@ class Limit:
     #: answer took there.
     _stretches: dict[int, float] = field(factory=dict)
     _window: Optional[_Window] = None
+    #: Answers being measured at the level above the learned limit while
+    #: the host holds it (the room past the limit, a search past it).
+    _room_window: Optional[_Window] = None
     #: Answers at the knee since the level above was last tried.
     _held: int = 0
     #: The level held (a probe above the ceiling, or a level climbed to)
@@ -270,11 +277,12 @@ class Limit:
         measured, in the last L{STALE} seconds, to do not clearly less
         work than its limit (no less by more than L{GAIN}: the level
         bought too little to climb to, and one window cannot tell a little
-        from nothing).  Once that measurement is older, the host is held
-        at its limit until the level above is tried again.  A host seen to
-        run only one at once has no room at one (the request more would
-        wait a whole request inside it), nor one whose limit climbed past
-        what it was seen to run at once (a request may already wait
+        from nothing).  The room's own answers keep that measure fresh
+        while it is used (L{_measure_room}); once it is older, the host is
+        held at its limit until the level above is tried again.  A host
+        seen to run only one at once has no room at one (the request more
+        would wait a whole request inside it), nor one whose limit climbed
+        past what it was seen to run at once (a request may already wait
         inside it).
         """
         if self.slots is not None or self.ramp is not None:
@@ -320,12 +328,14 @@ class Limit:
         self._rates.clear()
         self._stretches.clear()
         self._window = None
+        self._room_window = None
 
     def failed(self) -> None:
         """
         A request failed on the host: what is being measured is spoilt.
         """
         self._window = None
+        self._room_window = None
 
     def answered(
         self,
@@ -379,8 +389,14 @@ class Limit:
             return None
         unit = self._unit_of(key, seconds if usual else None, baseline)
         if self.slots is None and self.ramp is None:
-            share = self._share(sent) if sent is not None else (1.0 if busy and not over else 0.0)
+            share = (
+                self._share(sent, self.learned, self._window)
+                if sent is not None
+                else (1.0 if busy and not over else 0.0)
+            )
             self._measure(unit, seconds / unit if unit > 0 else 1.0, now, share)
+            if sent is not None:
+                self._measure_room(unit, now, sent)
         if alone or seconds <= baseline * QUEUEING + QUEUEING_SLACK:
             return seconds
         if in_flight > 1 and in_flight in self._rates:
@@ -405,25 +421,25 @@ class Limit:
 
     # -- climbing the throughput curve --------------------------------------
 
-    def _share(self, sent: tuple[float, ...]) -> float:
+    def _share(self, sent: tuple[float, ...], level: int, window: Optional[_Window]) -> float:
         """
         The share of its work an answer whose request was sent at C{sent}
-        (L{shares}) did while the host held its learned limit, and since
-        the window measuring it started: the share of the host it had there
-        over the share it had in all.  That is how far it got there where
-        the host shares its processor and does as much at each level; where
-        a level does more (two slots do twice what one does) its share
-        there is counted a little short, and less so the more of its time
-        the request spent at one level, as it does on a host kept at its
-        limit.  (Weighing each level's share by the throughput measured
-        there would feed a level's error back into its next measure.)
+        (L{shares}) did while the host held C{level} requests, and since
+        C{window} measuring that level started: the share of the host it
+        had there over the share it had in all.  That is how far it got
+        there where the host shares its processor and does as much at each
+        level; where a level does more (two slots do twice what one does)
+        its share there is counted a little short, and less so the more of
+        its time the request spent at one level, as it does on a host kept
+        at its limit.  (Weighing each level's share by the throughput
+        measured there would feed a level's error back into its next
+        measure.)
         """
-        shares, level = self._shares, self.learned
+        shares = self._shares
         total = sum(shares) - sum(sent)
         if total <= 0 or level >= len(shares):
             return 0.0
         before = sent[level] if level < len(sent) else 0.0
-        window = self._window
         if window is not None and window.level == level and window.started is not None:
             before = max(before, window.shares_start)
         return max(0.0, shares[level] - before) / total
@@ -484,6 +500,44 @@ class Limit:
         elif window.whole >= max(WINDOW, 4 * level) and self.at_limit - window.at_start >= MIN_SPAN:
             self._window = None
             self._judge(level, window.work / (self.at_limit - window.at_start), now)
+
+    def _measure_room(self, work: float, now: float, sent: tuple[float, ...]) -> None:
+        """
+        Count an answer of C{work} seconds alone towards the level above the
+        learned limit, for its share done while the host held that many
+        (the room past the limit, a search past it; L{_share}): the room is
+        measured while it is used.  A host kept in its room holds its limit
+        only for moments, between an answer and the request that takes its
+        place, so the measure of the level above, which keeps the room
+        open, would otherwise only age, and with it the room would close
+        (and the host wait at its limit for its probe).  A completed window
+        refreshes that level's throughput, smoothed as any level's is: the
+        room stays open while it does not clearly less work than the limit,
+        and closes once it does.  It raises no limit: a level is climbed to
+        only as L{_judge} says, its gain judged over the limit measured at
+        the same time.
+        """
+        level = self.learned + 1
+        window = self._room_window
+        if window is None or window.level != level:
+            window = self._room_window = _Window(level, skip=0)
+        share = self._share(sent, level, window)
+        if share <= 0:
+            return
+        shares = self._shares
+        if window.started is None or now - window.started > STALE:
+            window.started, window.shares_start = now, shares[level]
+            window.work, window.whole = 0.0, 0.0
+            return
+        window.work += work * share
+        window.whole += share
+        held = (shares[level] - window.shares_start) * level  # seconds
+        if window.whole >= max(WINDOW, 4 * level) and held >= MIN_SPAN:
+            self._room_window = None
+            fresh, rate = self._fresh(level, now), window.work / held
+            if fresh is not None:
+                rate = fresh + SMOOTHING * (rate - fresh)
+            self._rates[level] = (rate, now)
 
     def _only_waiting(self, level: int, stretch: float) -> bool:
         """

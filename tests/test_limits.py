@@ -8,7 +8,7 @@ task.Clock: kept at their limit, as when requests wait in the balancer.
 from __future__ import annotations
 
 import random
-from collections import Counter
+from collections import Counter, deque
 
 import pytest
 from attrs import define, evolve, field
@@ -529,18 +529,20 @@ def _over(paced: Paced, rate: float, seconds: float) -> None:
     """
     Answers at C{rate} for C{seconds} while the host holds one request more
     than its limit (the room past it), each answer's request sent again at
-    once.
+    once, each answer given with the host's clock of shares at its sending.
     """
     limit = paced.limit
     level = limit.value + 1
     limit.holds(level, paced.now)
+    sent = deque([limit.shares()] * level)
     end = paced.now + seconds
     while paced.now < end:
         gap = paced.work / rate
         paced.now += gap
         limit.holds(level - 1, paced.now)
-        limit.answered("clip-visual", level * gap, level, paced.now, busy=True, over=True)
+        limit.answered("clip-visual", level * gap, level, paced.now, busy=True, over=True, sent=sent.popleft())
         limit.holds(level, paced.now)
+        sent.append(limit.shares())
     limit.holds(limit.value, paced.now)
 
 
@@ -587,14 +589,17 @@ def _knee_at_one(side_by_side: int) -> Paced:
     return paced
 
 
-def test_the_room_measures_nothing_and_lasts_until_the_level_above_is_measured_again():
+def test_the_room_is_measured_while_it_is_used_and_the_knee_is_not_slowed_by_it():
     """
     The time the host holds the room, and the answers then, are not the
     knee's: a few seconds of room between its answers do not make the knee
-    look slower.  The room lasts as long as the level above was measured
-    in the last STALE seconds; then the host is held at its knee until the
-    level above is tried again, which gives the room back if it still
-    does no less.
+    look slower.  They measure the level above instead: a host kept in its
+    room for minutes (a job's steady stream) holds its knee only for
+    moments, and the room stays open as long as it does not clearly less
+    work than the knee, however long ago the knee's probe was.  It raises
+    no limit.  Once the room does clearly less, it closes, and the host is
+    held at its knee until the level above is tried again, which gives the
+    room back if it does no less.
     """
     paced = _knee_at_two()
     paced.answers(1.2, 10)
@@ -602,7 +607,12 @@ def test_the_room_measures_nothing_and_lasts_until_the_level_above_is_measured_a
     assert paced.limit.room(paced.now)
     paced.until_judged(1.2)
     assert paced.limit.value == 2 and paced.limit.throughput(2) == pytest.approx(1.2, abs=0.01)
-    _over(paced, 1.25, STALE)
+    _over(paced, 1.25, 3 * STALE)
+    assert paced.limit.room(paced.now)
+    assert paced.limit.throughput(3) == pytest.approx(1.25, abs=0.03)
+    _over(paced, 1.5, STALE)  # more than a probe that pays, but not the knee's measure
+    assert paced.limit.value == 2 and paced.limit.room(paced.now)
+    _over(paced, 1.0, STALE / 2)
     assert not paced.limit.room(paced.now)
     assert paced.limit.value == 2
     curve = {1: 1.0, 2: 1.2, 3: 1.21}
