@@ -73,8 +73,9 @@ from attrs import define, field
 QUEUEING = 1.25
 #: ... plus this many seconds, so that tiny service times are not noise.
 QUEUEING_SLACK = 0.005
-#: An answer slower than this many times the baseline is an outlier (a model
-#: loading): it tells nothing.
+#: An answer slower than this many times its task's usual time alone (its
+#: quickest answer until there is one), times the requests in flight when
+#: it was sent, is an outlier (a model loading): it tells nothing.
 OUTLIER = 10.0
 #: How fast a baseline follows slower answers given alone (a new normal).
 BASELINE_DRIFT = 0.05
@@ -385,7 +386,12 @@ class Limit:
             full = self.slots if self.slots is not None else self.learned
             if self.ramp >= full:
                 self.ramp = None
-        if seconds >= baseline * OUTLIER:
+        # Against the task's usual time alone, not its quickest: a host held
+        # to a CPU quota by periods answers at full speed at a period's
+        # start, ten times quicker than at its end, and its answers beside
+        # others are its work all the same.
+        known = self._unit.get(key)
+        if seconds >= max(baseline, known[0] if known is not None else 0.0) * OUTLIER * max(1, in_flight):
             return None
         unit = self._unit_of(key, seconds if usual else None, baseline)
         if self.slots is None and self.ramp is None:

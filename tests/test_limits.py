@@ -168,6 +168,25 @@ def test_a_cold_model_load_teaches_nothing():
     assert limit.value == 3
 
 
+def test_a_host_quick_at_the_start_of_a_quota_period_is_measured_by_its_usual_answers():
+    """
+    A host held to a CPU quota by periods answers alone at full speed at a
+    period's start, many times quicker than at its end.  Its answers are
+    its work all the same: only an answer far slower than its usual time
+    alone, for the requests on the host, is a model loading.  (Measured
+    against its quickest answer, every usual answer looked like one, and
+    the level was never measured.)
+    """
+    limit = Limit()
+    limit.answered("clip-visual", 0.001, 1, 0.0)  # at a period's start
+    for i in range(20):  # alone, at the start of a period or further on
+        limit.answered("clip-visual", 0.001 if i % 2 else 0.009, 1, 0.0, alone=True)
+    paced = Paced(limit)  # then kept at its limit, each answer ten times the quickest
+    paced.until_judged(1.0)
+    assert limit.throughput(1) is not None and limit.value == 2
+    assert limit.answered("clip-visual", 2.0, 2, paced.now) is None  # the model was loading
+
+
 def test_slow_start_after_coming_back():
     limit = Limit(slots=4)
     limit.restart()
