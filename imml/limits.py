@@ -586,19 +586,12 @@ class Limit:
                 # (the two smoothed together) before coming down.
                 self._doubted = True
         elif above is not None and below is None:
-            # Measured again from above (or at one, with nothing below): is
-            # the level above still worth it?
+            # Measured again from above: is the level above still worth it?
             if above >= rate * (1 + GAIN):
                 self._move(level + 1)
-            elif self.ceiling != level + 1:
+            else:
                 self.ceiling = level + 1
                 self._held = 0
-            else:
-                # At the knee: as below, the level above is tried again
-                # now and then, not only once its measure is stale.
-                self._held += max(WINDOW, 4 * level)
-                if self._held >= self.probe_after:
-                    self._move(level + 1)
         elif below is None and level > 1:
             # Nothing recent to compare with: measure the level below again.
             self._move(level - 1)

@@ -309,28 +309,6 @@ def _knee_at_two(side_by_side: int = 3, third: float = 1.22) -> Paced:
     return paced
 
 
-def test_at_a_knee_of_one_the_level_above_is_tried_again_while_its_measure_is_fresh():
-    """
-    A host a second request does not pay on (a CPU quota's, at times) comes
-    back to one; at one there is no level below to compare with, and the
-    level above was just measured.  The limit still tries two again after
-    its answers at the knee, as at any knee, not only once that measure is
-    L{STALE}: on a host where two do a tenth more work than one, one
-    unlucky window would cost that tenth for half a minute.
-    """
-    paced = Paced(Limit())
-    paced.until_judged(1.0)
-    assert paced.limit.value == 2
-    paced.until_judged(1.0)
-    paced.until_judged(1.0)
-    assert paced.limit.value == 1 and paced.limit.ceiling == 2
-    came_down = paced.now
-    seen = paced.answers(1.0, 1000)
-    assert 2 in seen
-    tried = came_down + seen.index(2) * paced.work
-    assert tried - came_down < STALE / 4
-
-
 def test_one_unlucky_measurement_does_not_bring_the_limit_down():
     """
     On a busy machine one window at a level can measure no better than the
