@@ -4,7 +4,7 @@ The balancer's decisions over simulated hosts, on a simulated clock: what
 its learned limits and its strategy make of a fleet over minutes, in
 seconds, the same on every run.
 
-    .venv/bin/python bench/simulate.py                       # real-light-8, 30 s, 8 seeds
+    .venv/bin/python bench/simulate.py                       # real-light, 8 clients, 30 s, 8 seeds
     .venv/bin/python bench/simulate.py --seconds 120         # the steady state
     .venv/bin/python bench/simulate.py --fleet heterogeneous --clients 8
     .venv/bin/python bench/simulate.py --imml-from /tmp/other-checkout   # another imml package
@@ -22,7 +22,9 @@ bench/fleet.py measures the real processes over 25 s; the limits are
 learned from scratch at each start, so its runs show the first half
 minute.  This shows what the fleet settles to after minutes (C{--seconds}),
 and which seeds do worse: a run is a few seconds for a simulated minute.
-It prints, for each target, the throughput and p99 (medians over the seeds
+C{--imml-from} takes the whole imml package from another checkout, its
+model of the hosts (imml/testing/cpu.py) too.  It prints, for each target,
+the throughput and p99 (medians over the seeds
 and their range), each host's share of the time at each number of
 requests in flight and at each limit, and with C{--verbose} the curve each
 host's learned limit measured.  The figures are the model's, not a
@@ -36,9 +38,10 @@ import random
 import statistics
 import sys
 from collections import Counter
+from typing import Optional
 
 
-def _parse() -> argparse.Namespace:
+def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fleet", choices=("real-light", "real-heavy", "heterogeneous"), default="real-light")
     parser.add_argument("--clients", type=int, default=8, help="closed-loop clients (default 8)")
@@ -48,13 +51,14 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--strategy", default="shortest-delay", help="imml's strategy (default shortest-delay)")
     parser.add_argument("--imml-from", metavar="PATH", help="simulate the imml package of another checkout")
     parser.add_argument("--verbose", action="store_true", help="each run's learned curves")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.clients < 1 or args.seconds <= args.warm or args.seeds < 1:
         parser.error("needs --clients >= 1, --seconds > --warm and --seeds >= 1")
     return args
 
 
-ARGS = _parse()
+# Parsed before imml is imported: --imml-from says which imml that is.
+ARGS = _parse(None if __name__ == "__main__" else [])
 if ARGS.imml_from:
     sys.path.insert(0, ARGS.imml_from)
 
@@ -107,6 +111,8 @@ def run(target: str, seed: int) -> dict:
     cpus = {backend: SharedCPU(clock, profile) for backend, profile in zip(fleet.backends, profiles.values())}
     dispatcher = Dispatcher(fleet, strategy_named(ARGS.strategy), clock, 60.0, 1000)
     latencies: list[float] = []
+    #: requests the dispatcher refused (none, unless a host never answers)
+    lost: list = []
     seen = {backend: Counter() for backend in fleet.backends}
 
     def send() -> None:
@@ -130,7 +136,7 @@ def run(target: str, seed: int) -> dict:
             clock.callLater(draw.uniform(0, HANDLING[0]), cpu.submit, python, inference, done)
 
         if target == "imml":
-            dispatcher.acquire(BATCH).addCallback(bound)
+            dispatcher.acquire(BATCH).addCallbacks(bound, lost.append)
         else:
             fewest = min(fleet.backends, key=lambda b: (b.in_flight, draw.random()))
             bound(fleet.start(fewest, BATCH.task))
@@ -154,6 +160,7 @@ def run(target: str, seed: int) -> dict:
         "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else float("nan"),
         "seen": {str(b.address.host): counts for b, counts in seen.items()},
         "curves": curves,
+        "lost": len(lost),
     }
 
 
@@ -165,7 +172,8 @@ def _shares(counts: list[Counter], kind: type) -> dict:
         whole = sum(keys.values()) or 1
         for key, value in keys.items():
             total[key] += value / whole / len(counts)
-    return {key: f"{100 * share:.0f}%" for key, share in sorted(total.items()) if share >= 0.005}
+    order = sorted(total, key=lambda key: int(str(key).lstrip("L")))
+    return {key: f"{100 * total[key]:.0f}%" for key in order if total[key] >= 0.005}
 
 
 def main() -> None:
@@ -180,6 +188,7 @@ def main() -> None:
         print(
             f"{target:10}  {statistics.median(rates):6.1f} req/s ({min(rates):.1f}-{max(rates):.1f}),"
             f" p99 {statistics.median(p99s):5.0f} ms ({min(p99s):.0f}-{max(p99s):.0f})"
+            + (f", {sum(r['lost'] for r in runs)} refused" if any(r["lost"] for r in runs) else "")
         )
         for host in runs[0]["seen"]:
             counts = [r["seen"][host] for r in runs]

@@ -50,7 +50,10 @@ level above (L{Limit._measure_room}).  A host kept in its room (a job's
 steady stream) holds its knee only for moments, so the room measures
 itself while it is used, stays open while it does not clearly less work
 than the knee, and closes once it does; the host then holds its knee
-until the level above is tried again.  The room raises no limit.
+until the level above is tried again.  The room's measure is the level
+above's: when the knee is next judged with nothing recent below it (as for
+a host long in its room), a room that did L{GAIN} more than the knee is
+climbed to, as a level measured again from above.
 
 Work is counted in each answer's usual time alone on the host for its task
 (the average of its answers given alone, slowly moving; its quickest answer
@@ -519,9 +522,9 @@ class Limit:
         (and the host wait at its limit for its probe).  A completed window
         refreshes that level's throughput, smoothed as any level's is: the
         room stays open while it does not clearly less work than the limit,
-        and closes once it does.  It raises no limit: a level is climbed to
-        only as L{_judge} says, its gain judged over the limit measured at
-        the same time.
+        and closes once it does.  It moves no limit itself: the knee's next
+        judgement weighs it (L{_judge}: with nothing recent below the knee,
+        a level above that does L{GAIN} more is climbed to).
         """
         level = self.learned + 1
         window = self._room_window

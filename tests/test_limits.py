@@ -178,10 +178,10 @@ def test_a_host_quick_at_the_start_of_a_quota_period_is_measured_by_its_usual_an
     the level was never measured.)
     """
     limit = Limit()
-    limit.answered("clip-visual", 0.001, 1, 0.0)  # at a period's start
+    limit.answered("clip-visual", 0.0009, 1, 0.0)  # at a period's start
     for i in range(20):  # alone, at the start of a period or further on
-        limit.answered("clip-visual", 0.001 if i % 2 else 0.009, 1, 0.0, alone=True)
-    paced = Paced(limit)  # then kept at its limit, each answer ten times the quickest
+        limit.answered("clip-visual", 0.0009 if i % 2 else 0.008, 1, 0.0, alone=True)
+    paced = Paced(limit)  # then kept at its limit, each answer eleven times the quickest
     paced.until_judged(1.0)
     assert limit.throughput(1) is not None and limit.value == 2
     assert limit.answered("clip-visual", 2.0, 2, paced.now) is None  # the model was loading
@@ -593,10 +593,10 @@ def test_the_room_is_measured_while_it_is_used_and_the_knee_is_not_slowed_by_it(
     look slower.  They measure the level above instead: a host kept in its
     room for minutes (a job's steady stream) holds its knee only for
     moments, and the room stays open as long as it does not clearly less
-    work than the knee, however long ago the knee's probe was.  It raises
-    no limit.  Once the room does clearly less, it closes, and the host is
-    held at its knee until the level above is tried again, which gives the
-    room back if it does no less.
+    work than the knee, however long ago the knee's probe was; its own
+    answers move no limit.  Once the room does clearly less, it closes, and
+    the host is held at its knee until the level above is tried again,
+    which gives the room back if it does no less.
     """
     paced = _knee_at_two()
     paced.answers(1.2, 10)
@@ -618,6 +618,26 @@ def test_the_room_is_measured_while_it_is_used_and_the_knee_is_not_slowed_by_it(
         if paced.limit.value == 2 and paced.limit.room(paced.now):
             break
     assert paced.limit.value == 2 and paced.limit.room(paced.now)
+
+
+def test_a_room_that_pays_is_climbed_to_when_the_knee_is_judged_again():
+    """
+    The room's measure is the level above's.  A host long in its room has
+    nothing recent below its knee to compare the knee with: when the knee
+    is judged again, a room that did a twentieth more than it is climbed
+    to, as a level measured again from above; one that did about as much
+    is not.
+    """
+    paying = _knee_at_two()
+    paying.answers(1.2, 10)
+    _over(paying, 1.5, STALE)
+    paying.until_judged(1.2)
+    assert paying.limit.value == 3
+    even = _knee_at_two()
+    even.answers(1.2, 10)
+    _over(even, 1.22, STALE)
+    even.until_judged(1.2)
+    assert even.limit.value == 2 and even.limit.room(even.now)
 
 
 #: One core the requests share, and nothing else: a request more in flight
