@@ -80,6 +80,11 @@ QUEUEING_SLACK = 0.005
 #: quickest answer until there is one), times the requests in flight when
 #: it was sent, is an outlier (a model loading): it tells nothing.
 OUTLIER = 10.0
+#: Seconds a task may go unanswered on a host before its model may have
+#: been unloaded (Immich ML's MACHINE_LEARNING_MODEL_TTL, by default): the
+#: requests sent after such a pause, until one of them is answered, may have
+#: waited for the model to load.
+MODEL_TTL = 300.0
 #: How fast a baseline follows slower answers given alone (a new normal).
 BASELINE_DRIFT = 0.05
 #: Weight of a new answer given alone in its task's unit of work, once
@@ -162,6 +167,10 @@ class Limit:
     #: moving (L{BASELINE_DRIFT}) towards slower answers sent while it held
     #: no other.
     _baseline: dict[str, float] = field(factory=dict)
+    #: Per task, when it was last answered, and before when a request sent
+    #: may have waited for its model to load (L{MODEL_TTL}).
+    _answered_at: dict[str, float] = field(factory=dict)
+    _cold_before: dict[str, float] = field(factory=dict)
     #: Per task, the unit its work is counted in (L{_unit_of}), and how many
     #: answers it averages.
     _unit: dict[str, tuple[float, int]] = field(factory=dict)
@@ -394,7 +403,8 @@ class Limit:
         # start, ten times quicker than at its end, and its answers beside
         # others are its work all the same.
         known = self._unit.get(key)
-        if seconds >= max(baseline, known[0] if known is not None else 0.0) * OUTLIER * max(1, in_flight):
+        cold = self._cold(key, now - seconds, now)
+        if cold or seconds >= max(baseline, known[0] if known is not None else 0.0) * OUTLIER * max(1, in_flight):
             return None
         unit = self._unit_of(key, seconds if usual else None, baseline)
         if self.slots is None and self.ramp is None:
@@ -411,6 +421,23 @@ class Limit:
         if in_flight > 1 and in_flight in self._rates:
             return seconds / self.stretch(in_flight)
         return None
+
+    def _cold(self, key: str, sent: float, now: float) -> bool:
+        """
+        Whether a request of task C{key} sent at C{sent} and answered at
+        C{now} may have waited for its model to load: it was sent after the
+        task went unanswered for L{MODEL_TTL} seconds (Immich ML unloads an
+        idle model), or before the first answer since.  Such an answer may
+        be many times its usual time and still not ten times it for the
+        requests in flight (a heavy model's slow host at two in flight:
+        16 s): it tells nothing.
+        """
+        last = self._answered_at.get(key)
+        self._answered_at[key] = max(now, last) if last is not None else now
+        if last is not None and sent - last > MODEL_TTL:
+            self._cold_before[key] = now
+            return True
+        return sent < self._cold_before.get(key, float("-inf"))
 
     def _unit_of(self, key: str, seconds: Optional[float], baseline: float) -> float:
         """

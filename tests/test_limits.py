@@ -187,6 +187,22 @@ def test_a_host_quick_at_the_start_of_a_quota_period_is_measured_by_its_usual_an
     assert limit.answered("clip-visual", 2.0, 2, paced.now) is None  # the model was loading
 
 
+def test_answers_that_may_have_waited_for_a_model_to_load_teach_nothing():
+    """
+    Immich ML unloads a model idle for five minutes.  A request sent after
+    such a pause may wait for it to load: on a heavy model's host (0.8 s an
+    image) it takes 5 s, not ten times its usual time, and yet tells
+    nothing of the host.  After a shorter pause, an answer is the host's
+    own time.
+    """
+    limit = Limit()
+    limit.answered("clip-visual", 0.8, 1, 1.0)
+    assert limit.answered("clip-visual", 0.8, 1, 2.0, alone=True) == 0.8
+    assert limit.answered("clip-visual", 5.0, 1, 405.0, alone=True) is None  # sent at 400.0
+    assert limit.answered("clip-visual", 0.9, 1, 406.0, alone=True) == 0.9
+    assert limit.answered("clip-visual", 0.8, 1, 600.0, alone=True) == 0.8
+
+
 def test_slow_start_after_coming_back():
     limit = Limit(slots=4)
     limit.restart()
