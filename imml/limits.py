@@ -570,10 +570,7 @@ class Limit:
         held = (shares[level] - window.shares_start) * level  # seconds
         if window.whole >= max(WINDOW, 4 * level) and held >= MIN_SPAN:
             self._room_window = None
-            fresh, rate = self._fresh(level, now), window.work / held
-            if fresh is not None:
-                rate = fresh + SMOOTHING * (rate - fresh)
-            self._rates[level] = (rate, now)
+            self._record(level, window.work / held, now)
 
     def _only_waiting(self, level: int, stretch: float) -> bool:
         """
@@ -589,6 +586,17 @@ class Limit:
         below = self._stretches.get(level - 1)
         return below is not None and level > 1 and stretch >= below * level / (level - 1) / (1 + GAIN / 2)
 
+    def _record(self, level: int, rate: float, now: float) -> float:
+        """
+        C{level} was measured at C{rate}: its throughput from now on, the
+        measure smoothed with the last one while that is fresh.
+        """
+        fresh = self._fresh(level, now)
+        if fresh is not None:
+            rate = fresh + SMOOTHING * (rate - fresh)
+        self._rates[level] = (rate, now)
+        return rate
+
     def _fresh(self, level: int, now: float) -> Optional[float]:
         measured = self._rates.get(level)
         if measured is None or not 0 <= now - measured[1] <= STALE:
@@ -599,10 +607,7 @@ class Limit:
         """
         C{level} was measured at C{rate}: keep it, go up, or go down.
         """
-        fresh = self._fresh(level, now)
-        if fresh is not None:
-            rate = fresh + SMOOTHING * (rate - fresh)
-        self._rates[level] = (rate, now)
+        rate = self._record(level, rate, now)
         below = self._fresh(level - 1, now) if level > 1 else None
         above = self._fresh(level + 1, now)
         doubted, self._doubted = self._doubted, False
