@@ -38,6 +38,7 @@ import random
 import statistics
 import sys
 from collections import Counter
+from pathlib import Path
 from typing import Optional
 
 
@@ -62,7 +63,7 @@ ARGS = _parse(None if __name__ == "__main__" else [])
 if ARGS.imml_from:
     sys.path.insert(0, ARGS.imml_from)
 
-from attrs import evolve  # noqa: E402
+from attrs import evolve, fields  # noqa: E402
 from twisted.internet import task  # noqa: E402
 
 from imml.backends import BackendAddress  # noqa: E402
@@ -71,6 +72,11 @@ from imml.dispatch import Dispatcher  # noqa: E402
 from imml.fleet import Fleet  # noqa: E402
 from imml.strategies import strategy_named  # noqa: E402
 from imml.testing.cpu import HEAVY, LIGHT, CPUProfile, SharedCPU  # noqa: E402
+from imml.testing.fakehost import FakeMLHost  # noqa: E402
+
+# bench/fleet.py's fleets (imported after imml, so that --imml-from's stays)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fleet import HETEROGENEOUS, SLOW_CORES, SLOW_PERIOD  # noqa: E402
 
 BATCH = RequestInfo(b"POST", b"/predict", "clip-visual")
 
@@ -81,16 +87,21 @@ def _slots(count: int, seconds: float) -> CPUProfile:
 
 
 def _quota(profile: CPUProfile) -> CPUProfile:
-    """bench/fleet.py's slow real-like host: 0.4 cores by 100 ms periods."""
-    return evolve(profile, cores=0.4, period=0.1, machine=2.0)
+    """
+    bench/fleet.py's slow real-like host, as the fake host's command line
+    makes it (C{--cores}, C{--period}): a quota on the profile's machine.
+    """
+    return evolve(profile, cores=SLOW_CORES, period=SLOW_PERIOD, machine=profile.cores)
 
 
+#: The jitter of each request's work on a real-like fake host.
+JITTER = fields(FakeMLHost).jitter.default
 #: The hosts of bench/fleet.py's scenarios, and the jitter of each
-#: request's work (the real-like fake hosts' default; none on slots).
+#: request's work (none on slots).
 FLEETS = {
-    "real-light": ({"fast": LIGHT, "slow": _quota(LIGHT)}, 0.5),
-    "real-heavy": ({"fast": HEAVY, "slow": _quota(HEAVY)}, 0.5),
-    "heterogeneous": ({"fast": _slots(2, 0.04), "medium": _slots(1, 0.15), "slow": _slots(1, 0.6)}, 0.0),
+    "real-light": ({"fast": LIGHT, "slow": _quota(LIGHT)}, JITTER),
+    "real-heavy": ({"fast": HEAVY, "slow": _quota(HEAVY)}, JITTER),
+    "heterogeneous": ({name: _slots(slots, ms / 1000) for name, slots, ms, _ in HETEROGENEOUS}, 0.0),
 }
 #: What the fake host's own handling adds to an answer, at most, in seconds,
 #: before the request reaches its processor and after (a loopback hop).
