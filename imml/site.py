@@ -14,10 +14,12 @@ before it was whole.
 from __future__ import annotations
 
 import json
+import time
+from functools import lru_cache
 from typing import Any, Callable, Optional
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IAddress, IDelayedCall
 from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.http import RESPONSES, HTTPChannel, datetimeToString
@@ -54,6 +56,15 @@ HOP_BY_HOP = frozenset(
 _NOT_FORWARDED = HOP_BY_HOP | {b"host", b"content-length", b"expect"}
 #: Response headers the proxy sets itself.
 _NOT_RETURNED = HOP_BY_HOP | {b"content-length", b"date", b"server"}
+
+
+@lru_cache(maxsize=1)
+def _date(second: int) -> bytes:
+    """
+    The C{Date} of the answers given in C{second}: made once a second, not
+    for each answer.
+    """
+    return datetimeToString(second)
 
 
 def json_error(request: server.Request, code: int, detail: str) -> bytes:
@@ -97,6 +108,7 @@ class BalancerChannel(HTTPChannel):
     _chunk_limit = 0
     _over_limit: Optional[Callable[[], None]] = None
     _linger: Optional[IDelayedCall] = None
+    _host: Optional[IAddress] = None
 
     def follow_chunks(self, limit: int, over: Callable[[], None]) -> None:
         """
@@ -118,6 +130,14 @@ class BalancerChannel(HTTPChannel):
     def loseConnection(self) -> None:
         self.closing = True
         super().loseConnection()
+
+    def getHost(self) -> IAddress:
+        # twisted.web asks every request for the connection's own address,
+        # and a TCP transport asks the kernel each time (getsockname).
+        host = self._host
+        if host is None:
+            host = self._host = super().getHost()
+        return host
 
     def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Headers) -> None:
         # An answer's head in one piece: twisted.web writes it as a sequence
@@ -256,7 +276,7 @@ class BalancerRequest(server.Request):
         # one resource answers every path.
         self.site = site = self.channel.site
         self.setHeader(b"server", server.version)
-        self.setHeader(b"date", datetimeToString())
+        self.setHeader(b"date", _date(int(time.time())))
         if self.path == b"*":
             self._handleStar()  # OPTIONS *: the server's own answer
             return

@@ -5,6 +5,8 @@ before it arrives.
 """
 
 import json
+import time
+from email.utils import parsedate_to_datetime
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
@@ -199,8 +201,10 @@ def test_an_answer_head_goes_out_in_one_piece_with_the_server_and_date():
     assert seen.calls == 1
     first = transport.writes[0]
     assert isinstance(first, bytes) and first.startswith(b"HTTP/1.1 200 OK\r\n") and first.endswith(b"\r\n\r\n")
-    names = {line.partition(b":")[0].lower() for line in first.split(b"\r\n")[1:-2]}
-    assert {b"server", b"date", b"content-length"} <= names
+    headers = dict(line.split(b": ", 1) for line in first.split(b"\r\n")[1:-2])
+    assert {b"server", b"date", b"content-length"} <= {name.lower() for name in headers}
+    dated = parsedate_to_datetime(headers[b"Date"].decode()).timestamp()
+    assert abs(dated - time.time()) < 5
 
 
 def test_options_star_gets_the_servers_own_answer_not_the_resources():
