@@ -51,6 +51,14 @@ class RequestInfo:
         """
         return self.method in (b"GET", b"HEAD", b"OPTIONS") or (self.method == b"POST" and self.task is not None)
 
+    def behind(self, ahead: int) -> RequestInfo:
+        """
+        The same request with C{ahead} others waiting ahead of it (what
+        C{attrs.evolve} makes, at a third of its cost: the balancer asks
+        this for each request waiting, each time a host frees).
+        """
+        return RequestInfo(self.method, self.path, self.task, self.interactive, ahead, self.entries)
+
 
 def _boundary(content_type: bytes) -> Optional[bytes]:
     kind, _, params = content_type.partition(b";")

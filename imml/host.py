@@ -386,20 +386,27 @@ class Backend:
         the host for a slot are not first); 0 when one is overdue; None when
         none is in flight or nothing is known.
         """
+        # those waiting inside the host are not the first to end
+        served = [load for load in self.loads if load.starts is not None]
+        if not served:
+            return None
+        stretch = self.limiter.stretch(len(served))
+        # the requests of a task, most often all of them, are expected to
+        # take as long: each task's time is looked up once
+        expected: dict = {}
         soonest = None
-        if self.loads:
-            now = self._now()
-            stretch = self.limiter.stretch(sum(1 for load in self.loads if load.starts is not None))
-            for load in self.loads:
-                if load.starts is None:
-                    continue  # waiting inside the host: not the first to end
-                alone = self.service_time(load.task)
-                expected = alone * stretch if alone is not None else self.stats.slot_time
-                if expected is not None:
-                    left = load.starts + expected - now
-                    if soonest is None or left < soonest:
-                        soonest = left
-        return None if soonest is None else max(soonest, 0.0)
+        for load in served:
+            task = load.task
+            if task in expected:
+                took = expected[task]
+            else:
+                alone = self.service_time(task)
+                took = expected[task] = alone * stretch if alone is not None else self.stats.slot_time
+            if took is not None:
+                end = load.starts + took
+                if soonest is None or end < soonest:
+                    soonest = end
+        return None if soonest is None else max(soonest - self._now(), 0.0)
 
     @property
     def slot_time(self) -> Optional[float]:

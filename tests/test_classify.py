@@ -1,5 +1,7 @@
 import json
 
+import attrs
+
 from imml.classify import classify, entries_field
 
 CLIP_TEXT = '{"clip":{"textual":{"modelName":"ViT-B-32__openai","options":{"language":"en"}}}}'
@@ -57,3 +59,11 @@ def test_other_requests_have_no_task():
 def test_predict_without_multipart_is_still_forwarded():
     info = classify(b"POST", b"/predict", b"application/json", b"{}")
     assert info.task == "other"
+
+
+def test_a_request_seen_behind_others_is_the_same_request():
+    info = classify(b"POST", b"/predict", *body(CLIP_TEXT))
+    behind = info.behind(3)
+    assert behind.ahead == 3
+    # every field but ahead is carried, whatever fields the class grows
+    assert behind == attrs.evolve(info, ahead=3)
