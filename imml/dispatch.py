@@ -53,7 +53,7 @@ from bisect import bisect_left
 from collections import deque
 from typing import Any, Callable, Collection, Optional, Protocol
 
-from attrs import define, evolve, field
+from attrs import define, field
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -323,7 +323,7 @@ class Dispatcher:
 
     def _choose(self, info: RequestInfo, candidates: list[Backend], ahead: int, now: float) -> Optional[Backend]:
         if ahead:
-            info = evolve(info, ahead=ahead)
+            info = info.behind(ahead)
         views = self._views(info, candidates, now)
         if not any(v.has_free_slot() for v in views):
             return None
@@ -503,13 +503,16 @@ class Dispatcher:
                 # Binding a request changes no host's usability: the
                 # requests of one kind have the same candidates all through.
                 kinds: dict = {}
-                for waiter in list(self._waiting):
+                # since the last bind: whether all the requests alike wait
+                kept: dict = {}
+                queue = list(self._waiting)
+                for at, waiter in enumerate(queue):
                     if not any(b.has_free_slot() for b in self.fleet.backends):
                         break  # nothing to bind: the strategy need not be asked
                     if waiter.gone:
                         continue
                     candidates = self._candidates_of(waiter, kinds)
-                    if not candidates:
+                    if not candidates or self._alike_wait(queue, at, ahead, candidates, now, kept):
                         ahead += 1
                         continue
                     chosen = self._choose(waiter.info, candidates, ahead, now)
@@ -518,12 +521,43 @@ class Dispatcher:
                         continue
                     self._leave(waiter)
                     waiter.deferred.callback(self._bind(chosen, waiter.info, waiter.owner))
+                    kept.clear()
                     if self._again:
                         kinds.clear()  # the fleet changed meanwhile (a host failed at once)
                 if not self._again and self._waiting:
                     self._again = self._fill_room(now, kinds)
         finally:
             self._pumping = False
+
+    def _alike_wait(
+        self, queue: list[_Waiter], at: int, ahead: int, candidates: list[Backend], now: float, kept: dict
+    ) -> bool:
+        """
+        Whether the request C{queue[at]} (C{ahead} waiting ahead of it) and
+        those alike behind it (the same request info, no host to avoid)
+        are all kept waiting: the strategy keeps the last of them waiting,
+        and a request with fewer ahead of it waits as readily (see
+        L{IRequestInfo.ahead}).  Each time a host frees, a queue of alike
+        batch requests that wait for a fast host, a free slow one beside,
+        is then one question to the strategy, not one a request.  Asked
+        once for each kind of request since the last bind (C{kept}).
+        """
+        waiter = queue[at]
+        if waiter.avoid:
+            return False
+        info = waiter.info
+        verdict = kept.get(info)
+        if verdict is None:
+            last = None
+            between = 0
+            for later in queue[at + 1 :]:
+                if later.gone:
+                    continue
+                between += 1
+                if not later.avoid and later.info == info:
+                    last = ahead + between
+            verdict = kept[info] = last is not None and self._choose(info, candidates, last, now) is None
+        return verdict
 
     def _candidates_of(self, waiter: _Waiter, kinds: dict) -> list[Backend]:
         """

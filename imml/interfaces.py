@@ -43,7 +43,11 @@ class IRequestInfo(Interface):
     ahead = Attribute(
         "How many requests wait in the balancer's queue ahead of this one; "
         "a strategy weighs a free slow host against waiting for a fast one "
-        "with it."
+        "with it.  A request with fewer ahead of it is expected to wait as "
+        "readily: of several alike requests waiting (the same request, no "
+        "host to avoid), the balancer asks about the last one first, and "
+        "when the strategy keeps it waiting, the others wait too, unasked, "
+        "until the fleet changes."
     )
 
 

@@ -239,6 +239,63 @@ def test_a_strategy_choosing_a_full_host_leaves_the_request_waiting():
     assert got == [] and fleet.backends[0].in_flight == 1
 
 
+class Patient:
+    """
+    Takes a free host for a request of C{task} with at least C{ahead[task]}
+    requests waiting ahead of it (never, for a task not named), and notes
+    what it was asked.
+    """
+
+    name = "patient"
+
+    def __init__(self, **ahead):
+        self.ahead = ahead
+        self.asked = []
+
+    def choose(self, request, candidates):
+        self.asked.append((request.task, request.ahead))
+        if request.ahead < self.ahead.get(request.task.replace("-", "_"), float("inf")):
+            return None
+        return next((c for c in candidates if c.has_free_slot()), None)
+
+
+def waiting_behind_two(strategy, *infos):
+    """Two hosts of one slot, both busy, C{infos} waiting, in that order."""
+    clock, fleet, dispatcher = make(n=2, slots=1)
+    busy = [result(dispatcher.acquire(BATCH)) for _ in range(2)]
+    dispatcher.set_strategy(strategy)
+    waiting = [result(dispatcher.acquire(info)) for info in infos]
+    assert dispatcher.queue_depth == len(infos) and strategy.asked == []
+    return fleet, dispatcher, busy, waiting
+
+
+def test_alike_requests_kept_waiting_are_one_question_to_the_strategy():
+    strategy = Patient()
+    fleet, dispatcher, busy, waiting = waiting_behind_two(strategy, *[BATCH] * 4)
+    fleet.finish(busy[1].load, 0.1)
+    # asked about the last of them: it waits, so do those ahead of it
+    assert strategy.asked == [("clip-visual", 3)]
+    assert dispatcher.queue_depth == 4 and fleet.backends[1].in_flight == 0
+
+
+def test_the_first_alike_request_the_strategy_sends_to_a_free_host_is_sent():
+    strategy = Patient(clip_visual=2)
+    fleet, dispatcher, busy, waiting = waiting_behind_two(strategy, *[BATCH] * 4)
+    fleet.finish(busy[1].load, 0.1)
+    assert strategy.asked == [("clip-visual", 3), ("clip-visual", 0), ("clip-visual", 1), ("clip-visual", 2)]
+    assert [len(w) for w in waiting] == [0, 0, 1, 0] and waiting[2] == [fleet.backends[1]]
+
+
+def test_requests_of_other_kinds_are_asked_about_apart():
+    strategy = Patient(ocr=1)
+    fleet, dispatcher, busy, waiting = waiting_behind_two(strategy, BATCH, OCR, BATCH, OCR)
+    fleet.finish(busy[1].load, 0.1)
+    # the image requests wait; the last OCR request would take the free
+    # host, so they are asked in turn, and the first that takes it has it
+    assert strategy.asked == [("clip-visual", 2), ("ocr", 3), ("ocr", 1)]
+    assert [len(w) for w in waiting] == [0, 1, 0, 0] and waiting[1] == [fleet.backends[1]]
+
+
 def warmed(n=1, slots=2, seconds=0.04):
     """A fleet whose hosts have each answered one batch request."""
     clock, fleet, dispatcher = make(n=n, slots=slots)
