@@ -503,7 +503,8 @@ class Dispatcher:
                 # Binding a request changes no host's usability: the
                 # requests of one kind have the same candidates all through.
                 kinds: dict = {}
-                # since the last bind: whether all the requests alike wait
+                # since the last bind, by request info: whether the
+                # requests alike that wait are all kept waiting
                 kept: dict = {}
                 queue = list(self._waiting)
                 for at, waiter in enumerate(queue):
@@ -512,11 +513,14 @@ class Dispatcher:
                     if waiter.gone:
                         continue
                     candidates = self._candidates_of(waiter, kinds)
-                    if not candidates or self._alike_wait(queue, at, ahead, candidates, now, kept):
+                    alike = not waiter.avoid
+                    if not candidates or (alike and kept.get(waiter.info)):
                         ahead += 1
                         continue
                     chosen = self._choose(waiter.info, candidates, ahead, now)
                     if chosen is None:
+                        if alike and waiter.info not in kept:
+                            kept[waiter.info] = self._last_alike_waits(queue, at, ahead, candidates, now)
                         ahead += 1
                         continue
                     self._leave(waiter)
@@ -529,35 +533,28 @@ class Dispatcher:
         finally:
             self._pumping = False
 
-    def _alike_wait(
-        self, queue: list[_Waiter], at: int, ahead: int, candidates: list[Backend], now: float, kept: dict
+    def _last_alike_waits(
+        self, queue: list[_Waiter], at: int, ahead: int, candidates: list[Backend], now: float
     ) -> bool:
         """
-        Whether the request C{queue[at]} (C{ahead} waiting ahead of it) and
-        those alike behind it (the same request info, no host to avoid)
-        are all kept waiting: the strategy keeps the last of them waiting,
-        and a request with fewer ahead of it waits as readily (see
+        The request C{queue[at]} (C{ahead} waiting ahead of it) is kept
+        waiting: whether the last of those alike behind it (the same
+        request info, no host to avoid) is kept waiting too, and with it
+        all those between, who have fewer ahead of them (see
         L{IRequestInfo.ahead}).  Each time a host frees, a queue of alike
-        batch requests that wait for a fast host, a free slow one beside,
-        is then one question to the strategy, not one a request.  Asked
-        once for each kind of request since the last bind (C{kept}).
+        batch requests that wait for a fast host, a slow one free beside,
+        is then two questions to the strategy, not one a request.
         """
-        waiter = queue[at]
-        if waiter.avoid:
-            return False
-        info = waiter.info
-        verdict = kept.get(info)
-        if verdict is None:
-            last = None
-            between = 0
-            for later in queue[at + 1 :]:
-                if later.gone:
-                    continue
-                between += 1
-                if not later.avoid and later.info == info:
-                    last = ahead + between
-            verdict = kept[info] = last is not None and self._choose(info, candidates, last, now) is None
-        return verdict
+        info = queue[at].info
+        last = None
+        between = 0
+        for later in queue[at + 1 :]:
+            if later.gone:
+                continue
+            between += 1
+            if not later.avoid and later.info == info:
+                last = ahead + between
+        return last is not None and self._choose(info, candidates, last, now) is None
 
     def _candidates_of(self, waiter: _Waiter, kinds: dict) -> list[Backend]:
         """

@@ -45,8 +45,8 @@ class IRequestInfo(Interface):
         "a strategy weighs a free slow host against waiting for a fast one "
         "with it.  A request with fewer ahead of it is expected to wait as "
         "readily: of several alike requests waiting (the same request, no "
-        "host to avoid), the balancer asks about the last one first, and "
-        "when the strategy keeps it waiting, the others wait too, unasked, "
+        "host to avoid), when the strategy keeps the first and the last "
+        "waiting, the balancer keeps those between waiting too, unasked, "
         "until the fleet changes."
     )
 

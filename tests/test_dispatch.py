@@ -269,30 +269,37 @@ def waiting_behind_two(strategy, *infos):
     return fleet, dispatcher, busy, waiting
 
 
-def test_alike_requests_kept_waiting_are_one_question_to_the_strategy():
+def test_alike_requests_kept_waiting_are_two_questions_to_the_strategy():
     strategy = Patient()
     fleet, dispatcher, busy, waiting = waiting_behind_two(strategy, *[BATCH] * 4)
     fleet.finish(busy[1].load, 0.1)
-    # asked about the last of them: it waits, so do those ahead of it
-    assert strategy.asked == [("clip-visual", 3)]
+    # the first waits; so does the last, and with it those between
+    assert strategy.asked == [("clip-visual", 0), ("clip-visual", 3)]
     assert dispatcher.queue_depth == 4 and fleet.backends[1].in_flight == 0
 
 
 def test_the_first_alike_request_the_strategy_sends_to_a_free_host_is_sent():
+    # the first waits, the last would not: each is asked in turn
     strategy = Patient(clip_visual=2)
     fleet, dispatcher, busy, waiting = waiting_behind_two(strategy, *[BATCH] * 4)
     fleet.finish(busy[1].load, 0.1)
-    assert strategy.asked == [("clip-visual", 3), ("clip-visual", 0), ("clip-visual", 1), ("clip-visual", 2)]
+    assert strategy.asked == [("clip-visual", 0), ("clip-visual", 3), ("clip-visual", 1), ("clip-visual", 2)]
     assert [len(w) for w in waiting] == [0, 0, 1, 0] and waiting[2] == [fleet.backends[1]]
+
+
+def test_a_request_the_strategy_sends_at_once_costs_one_question():
+    strategy = Patient(clip_visual=0)
+    fleet, dispatcher, busy, waiting = waiting_behind_two(strategy, *[BATCH] * 4)
+    fleet.finish(busy[1].load, 0.1)
+    assert strategy.asked == [("clip-visual", 0)] and waiting[0] == [fleet.backends[1]]
 
 
 def test_requests_of_other_kinds_are_asked_about_apart():
     strategy = Patient(ocr=1)
     fleet, dispatcher, busy, waiting = waiting_behind_two(strategy, BATCH, OCR, BATCH, OCR)
     fleet.finish(busy[1].load, 0.1)
-    # the image requests wait; the last OCR request would take the free
-    # host, so they are asked in turn, and the first that takes it has it
-    assert strategy.asked == [("clip-visual", 2), ("ocr", 3), ("ocr", 1)]
+    # the image requests wait; the first OCR request takes the free host
+    assert strategy.asked == [("clip-visual", 0), ("clip-visual", 2), ("ocr", 1)]
     assert [len(w) for w in waiting] == [0, 1, 0, 0] and waiting[1] == [fleet.backends[1]]
 
 
