@@ -9,6 +9,7 @@ vary by a quarter from one round to the next.
     .venv/bin/python bench/instructions.py                 # about 1 minute
     .venv/bin/python bench/instructions.py --requests 3000 --targets imml
     .venv/bin/python bench/instructions.py --targets minimal,lean-client,lean-server,lean-both,imml
+    .venv/bin/python bench/instructions.py --upstream real-heavy --targets imml --warm-up 150 --requests 600
 
 Each proxy runs under callgrind with counting off; the script sends it
 warm-up requests (pools filled, code paths seen), turns counting on
@@ -19,6 +20,13 @@ hosts are one nginx worker (as in bench/balancer.py), or two
 python -m imml.testing fakes with --upstream fake.  The request is the
 small CLIP text search of bench/balancer.py.  imml logs to a file, as in
 production.
+
+With --upstream real-heavy the hosts are bench/fleet.py's real-like pair
+with the heavy model (a fast host, and a slow one held to a CPU quota), and
+the requests are its batch of CLIP image requests, eight at once (unless
+--connections says otherwise): slow enough that imml, even under callgrind,
+keeps requests waiting in its queue, as in front of real hosts, so that its
+learned limits and its choices of host are counted too.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import balancer as B  # noqa: E402  (the benchmark's helpers)
+import fleet as F  # noqa: E402  (its real-like hosts and batch request)
 
 from imml.testing import ENTRIES, predict_body  # noqa: E402
 
@@ -66,8 +75,13 @@ def total_instructions(outputs: list[Path]) -> int:
     return total
 
 
-def count(procs: B.Processes, target: str, backends: list[int], warm: int, requests: int, connections: int) -> int:
-    """Instructions the proxy C{target} spent on C{requests} requests."""
+def count(
+    procs: B.Processes, target: str, backends: list[int], warm: int, requests: int, connections: int, batch: bool
+) -> int:
+    """
+    Instructions the proxy C{target} spent on C{requests} requests: CLIP
+    image requests when C{batch}, else text searches.
+    """
     workdir = procs.workdir
     port = B.free_port()
     addrs = ",".join(f"127.0.0.1:{p}" for p in backends)
@@ -94,7 +108,10 @@ def count(procs: B.Processes, target: str, backends: list[int], warm: int, reque
         ready = "/"
     proc = procs.start(target, cmd)
     B.wait_http(port, ready, b"", proc, timeout=180)
-    content_type, body = predict_body(ENTRIES["clip-textual"], text="a photo of a dog on the beach")
+    if batch:
+        content_type, body = predict_body(ENTRIES["clip-visual"], image=F.FAKE_PICTURE)
+    else:
+        content_type, body = predict_body(ENTRIES["clip-textual"], text="a photo of a dog on the beach")
     headers = {"Content-Type": content_type.decode()}
 
     def one_connection(n: int, errors: list) -> None:
@@ -145,13 +162,18 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--connections",
         type=int,
-        default=1,
-        help="requests at once, each connection sending one after another (default 1)",
+        default=0,
+        help="requests at once, each connection sending one after another (default 1; 8 with --upstream real-heavy)",
     )
     parser.add_argument(
         "--targets", default="imml,minimal", help=f"comma separated, of {', '.join(TARGETS)} (default imml,minimal)"
     )
-    parser.add_argument("--upstream", choices=("nginx", "fake"), default="nginx")
+    parser.add_argument(
+        "--upstream",
+        choices=("nginx", "fake", "real-heavy"),
+        default="nginx",
+        help="the hosts: nginx answering at once, two fakes answering at once, or the real-like heavy pair",
+    )
     parser.add_argument("--no-install", action="store_true", help="never apt-get")
     parser.add_argument("--json", metavar="FILE", help="write the figures to FILE")
     parser.add_argument(
@@ -180,9 +202,17 @@ def main(argv=None) -> int:
     figures: dict[str, float] = {}
     try:
         answer = json.dumps({"clip": B._embedding(b"bench")}, separators=(",", ":"))
-        backends = B.start_upstreams(procs, args, tools, answer, None)
+        batch = args.upstream == "real-heavy"
+        if batch:
+            hosts = [F.Fake(procs, spec) for spec in F.REAL_FLEETS["heavy"]]
+            for host in hosts:
+                host.start()
+            backends = [host.port for host in hosts]
+        else:
+            backends = B.start_upstreams(procs, args, tools, answer, None)
+        connections = args.connections or (8 if batch else 1)
         for target in targets:
-            total = count(procs, target, backends, args.warm_up, args.requests, args.connections)
+            total = count(procs, target, backends, args.warm_up, args.requests, connections, batch)
             figures[target] = total / args.requests
             B.say(f"  {target:11} {figures[target]:12,.0f} instructions per request ({total:,} for {args.requests})")
     except KeyboardInterrupt:
