@@ -170,7 +170,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument(
         "--upstream",
-        choices=("nginx", "fake", "real-heavy"),
+        choices=("nginx", "fake", "real-light", "real-heavy"),
         default="nginx",
         help="the hosts: nginx answering at once, two fakes answering at once, or the real-like heavy pair",
     )
@@ -202,9 +202,9 @@ def main(argv=None) -> int:
     figures: dict[str, float] = {}
     try:
         answer = json.dumps({"clip": B._embedding(b"bench")}, separators=(",", ":"))
-        batch = args.upstream == "real-heavy"
+        batch = args.upstream.startswith("real-")
         if batch:
-            hosts = [F.Fake(procs, spec) for spec in F.REAL_FLEETS["heavy"]]
+            hosts = [F.Fake(procs, spec) for spec in F.REAL_FLEETS[args.upstream.removeprefix("real-")]]
             for host in hosts:
                 host.start()
             backends = [host.port for host in hosts]

@@ -497,12 +497,12 @@ class Dispatcher:
         try:
             self._again = True
             now = self.clock.seconds()
+            # Binding a request changes no host's usability: the requests
+            # of one kind have the same candidates all through.
+            kinds: dict = {}
             while self._again and self._waiting:
                 self._again = False
                 ahead = 0
-                # Binding a request changes no host's usability: the
-                # requests of one kind have the same candidates all through.
-                kinds: dict = {}
                 # since the last bind, by request info: whether the
                 # requests alike that wait are all kept waiting
                 kept: dict = {}
@@ -528,8 +528,10 @@ class Dispatcher:
                     kept.clear()
                     if self._again:
                         kinds.clear()  # the fleet changed meanwhile (a host failed at once)
-                if not self._again and self._waiting:
-                    self._again = self._fill_room(now, kinds)
+                if not self._again and self._waiting and self._fill_room(now, kinds):
+                    if self._again:
+                        kinds.clear()  # the fleet changed meanwhile
+                    self._again = True
         finally:
             self._pumping = False
 
