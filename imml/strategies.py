@@ -125,8 +125,9 @@ class ShortestDelay:
     sooner.  A wait is an estimate, a free slot is not; and a host left
     idle while requests wait is throughput lost.  Nor is a free host left
     idle for batch work whose cost there is no more than C{near} times what
-    a request takes on a busy host once it runs, however short the wait for
-    that host: its answer is hardly slower than the busy host's own, and
+    a request takes, once it runs, on the busy host where it runs quickest,
+    however short the wait for that host: its answer is hardly slower than
+    the busy host's own, and
     while batch work waits (a job's steady stream), a host left idle is
     throughput lost.  (A host several times slower, whose answers would
     make the fleet's tail, is kept for when the wait is long.)  A search
@@ -188,8 +189,9 @@ class ShortestDelay:
         best = None
         best_key = None
         wait_cost = float("inf")
-        # what a request takes, once it runs, on the busy host it would
-        # wait for
+        # what a request takes, once it runs, on the busy host where it
+        # runs quickest (whichever it would wait for: so that a request
+        # with more waiting ahead of it never waits more readily)
         running = float("inf")
         self._turn += 1
         count = len(candidates)
@@ -239,8 +241,8 @@ class ShortestDelay:
                 done = wait + runs
                 if interactive:
                     done += t * (max(c.search_surprise, 1.0) - 1.0)
-                if done < wait_cost:
-                    wait_cost, running = done, runs
+                wait_cost = min(wait_cost, done)
+                running = min(running, runs)
         if interactive:
             if best is None or wait_cost < best_key[0]:
                 return None

@@ -302,6 +302,29 @@ def test_batch_work_keeps_a_free_host_busy_whose_answers_are_hardly_slower():
     assert ShortestDelay(near=1.0).choose(sed_request(), [fast, timed(1, limit=1, seconds=0.080)]) is None
 
 
+def test_batch_work_waits_no_more_readily_with_more_waiting_ahead_of_it():
+    """
+    The balancer keeps alike requests between two kept waiting unasked
+    (L{imml.interfaces.IRequestInfo.ahead}): a request with more ahead of
+    it takes a free host at least as readily, even where the busy host it
+    would wait for changes with the queue (here: a quick one with little
+    throughput for a short queue, then the one with the most).
+    """
+
+    def choices(ahead):
+        busy = [
+            timed(0, limit=1, in_flight=1, seconds=0.1, answer_in=0.0, throughput=0.5),
+            timed(1, limit=1, in_flight=1, seconds=2.0, answer_in=0.2, throughput=10.0),
+            timed(2, limit=1, in_flight=1, seconds=0.1, answer_in=2.37, throughput=100.0),
+        ]
+        free = timed(3, limit=1, seconds=4.0)
+        return ShortestDelay().choose(sed_request(ahead=ahead), [*busy, free]) is free
+
+    taken = [choices(ahead) for ahead in range(60)]
+    first = taken.index(True)
+    assert first > 0 and all(taken[first:])
+
+
 def test_a_search_takes_whatever_is_sooner_without_patience():
     """
     Patience keeps a free host busy for batch work; a search, which a person
