@@ -513,7 +513,7 @@ class Dispatcher:
                     if waiter.gone:
                         continue
                     candidates = self._candidates_of(waiter, kinds)
-                    alike = not waiter.avoid
+                    alike = self._alike(waiter, now)
                     if not candidates or (alike and kept.get(waiter.info)):
                         ahead += 1
                         continue
@@ -534,6 +534,16 @@ class Dispatcher:
                     self._again = True
         finally:
             self._pumping = False
+
+    def _alike(self, waiter: _Waiter, now: float) -> bool:
+        """
+        Whether C{waiter} may be kept waiting with the requests alike (see
+        L{_last_alike_waits}): not when it has hosts to avoid, nor batch
+        work while people search (kept waiting by its pace on the host the
+        strategy chose, which says nothing of those alike, which may be
+        given another host).
+        """
+        return not waiter.avoid and (waiter.info.interactive or now - self._searched >= self.pace_while_searching)
 
     def _last_alike_waits(
         self, queue: list[_Waiter], at: int, ahead: int, candidates: list[Backend], now: float

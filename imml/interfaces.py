@@ -46,8 +46,8 @@ class IRequestInfo(Interface):
         "with it.  A request with fewer ahead of it is expected to wait as "
         "readily: of several alike requests waiting (the same request, no "
         "host to avoid), when the strategy keeps the first and the last "
-        "waiting, the balancer keeps those between waiting too, unasked, "
-        "until the fleet changes."
+        "waiting, the balancer keeps those between waiting too, without "
+        "asking about them, until it next binds a request or a host frees."
     )
 
 

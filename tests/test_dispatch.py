@@ -294,6 +294,61 @@ def test_a_request_the_strategy_sends_at_once_costs_one_question():
     assert strategy.asked == [("clip-visual", 0)] and waiting[0] == [fleet.backends[1]]
 
 
+def test_a_request_with_a_host_to_avoid_is_asked_about_on_its_own():
+    strategy = Patient()
+    clock, fleet, dispatcher = make(n=2, slots=1)
+    busy = [result(dispatcher.acquire(BATCH)) for _ in range(2)]
+    dispatcher.set_strategy(strategy)
+    first = result(dispatcher.acquire(BATCH))
+    retry = result(dispatcher.acquire(BATCH, avoid=[fleet.backends[0]]))
+    last = result(dispatcher.acquire(BATCH))
+    fleet.finish(busy[1].load, 0.1)
+    assert strategy.asked == [("clip-visual", 0), ("clip-visual", 2), ("clip-visual", 1)]
+    assert first == retry == last == []
+
+
+def test_alike_requests_are_asked_about_again_once_another_is_sent():
+    strategy = Patient()
+    clock, fleet, dispatcher = make(n=2, slots=2)
+    busy = [result(dispatcher.acquire(BATCH)) for _ in range(4)]
+    dispatcher.set_strategy(strategy)
+    waiting = [result(dispatcher.acquire(info)) for info in (BATCH, OCR, BATCH, BATCH)]
+    fleet.finish(busy[0].load, 0.1)  # a slot frees: every request waits
+    strategy.asked.clear()
+    strategy.ahead = {"ocr": 1}
+    fleet.finish(busy[1].load, 0.1)  # another: the OCR request takes one
+    assert strategy.asked == [
+        ("clip-visual", 0),
+        ("clip-visual", 3),
+        ("ocr", 1),
+        # the fleet changed: the image requests are asked about again
+        ("clip-visual", 1),
+        ("clip-visual", 2),
+    ]
+    assert [len(got) for got in waiting] == [0, 1, 0, 0]
+
+
+def test_while_people_search_paced_hosts_keep_no_batch_work_from_a_free_host():
+    # Batch work kept from the hosts it is paced on, while people search,
+    # is not kept from a host free and not paced, whichever host the
+    # strategy's turn gives each request.
+    for turn in range(3):
+        clock, fleet, dispatcher = warmed(n=3, slots=2)
+        fleet.finish(result(dispatcher.acquire(SEARCH)).load, 0.01)
+        h0, h1, h2 = fleet.backends
+        loads = {h2: [fleet.start(h2, "clip-visual") for _ in range(2)]}
+        clock.advance(1)
+        loads.update({h: [fleet.start(h, "clip-visual") for _ in range(2)] for h in (h0, h1)})
+        waiting = [result(dispatcher.acquire(BATCH)) for _ in range(3)]
+        for host in (h0, h1):
+            fleet.finish(loads[host][0], 0.04)
+        assert not any(waiting)  # each free slot is on a host just started on
+        dispatcher.strategy._turn = turn
+        fleet.finish(loads[h2][0], 0.04)
+        assert h2.in_flight == 2, turn
+        assert sum(1 for got in waiting if got == [h2]) == 1
+
+
 def test_requests_of_other_kinds_are_asked_about_apart():
     strategy = Patient(ocr=1)
     fleet, dispatcher, busy, waiting = waiting_behind_two(strategy, BATCH, OCR, BATCH, OCR)
