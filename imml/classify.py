@@ -57,7 +57,14 @@ class RequestInfo:
         C{attrs.evolve} makes, at a third of its cost: the balancer asks
         this for each request waiting, each time a host frees).
         """
-        return RequestInfo(self.method, self.path, self.task, self.interactive, ahead, self.entries)
+        return RequestInfo(
+            method=self.method,
+            path=self.path,
+            task=self.task,
+            interactive=self.interactive,
+            ahead=ahead,
+            entries=self.entries,
+        )
 
 
 def _boundary(content_type: bytes) -> Optional[bytes]:

@@ -390,6 +390,7 @@ class Backend:
         served = [load for load in self.loads if load.starts is not None]
         if not served:
             return None
+        now = self._now()
         stretch = self.limiter.stretch(len(served))
         # the requests of a task, most often all of them, are expected to
         # take as long: each task's time is looked up once
@@ -406,7 +407,7 @@ class Backend:
                 end = load.starts + took
                 if soonest is None or end < soonest:
                     soonest = end
-        return None if soonest is None else max(soonest - self._now(), 0.0)
+        return None if soonest is None else max(soonest - now, 0.0)
 
     @property
     def slot_time(self) -> Optional[float]:

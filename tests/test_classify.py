@@ -2,7 +2,7 @@ import json
 
 import attrs
 
-from imml.classify import classify, entries_field
+from imml.classify import RequestInfo, classify, entries_field
 
 CLIP_TEXT = '{"clip":{"textual":{"modelName":"ViT-B-32__openai","options":{"language":"en"}}}}'
 FACES = (
@@ -62,8 +62,10 @@ def test_predict_without_multipart_is_still_forwarded():
 
 
 def test_a_request_seen_behind_others_is_the_same_request():
-    info = classify(b"POST", b"/predict", *body(CLIP_TEXT))
+    info = RequestInfo(b"POST", b"/predict", "clip-textual", interactive=True, ahead=1, entries=CLIP_TEXT.encode())
     behind = info.behind(3)
     assert behind.ahead == 3
-    # every field but ahead is carried, whatever fields the class grows
     assert behind == attrs.evolve(info, ahead=3)
+    # a field added to the class must be carried by behind() too
+    fields = [f.name for f in attrs.fields(RequestInfo)]
+    assert fields == ["method", "path", "task", "interactive", "ahead", "entries"]

@@ -11,10 +11,11 @@ from email.utils import parsedate_to_datetime
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.web.http import datetimeToString
 from twisted.web.resource import Resource
 
 from imml.body import BodyStore
-from imml.site import LINGER, BalancerSite
+from imml.site import LINGER, BalancerSite, _date
 from imml.testing import ENTRIES, predict_body
 
 
@@ -205,6 +206,31 @@ def test_an_answer_head_goes_out_in_one_piece_with_the_server_and_date():
     assert {b"server", b"date", b"content-length"} <= {name.lower() for name in headers}
     dated = parsedate_to_datetime(headers[b"Date"].decode()).timestamp()
     assert abs(dated - time.time()) < 5
+
+
+def test_an_answers_date_is_the_seconds_own():
+    now = int(time.time())
+    assert _date(now) == datetimeToString(now)
+    assert _date(now + 1) == datetimeToString(now + 1) != _date(now)
+    assert _date(now) == datetimeToString(now)
+
+
+class _AddressCounting(StringTransport):
+    """A transport that counts how often its own address is asked for."""
+
+    asked = 0
+
+    def getHost(self):
+        self.asked += 1
+        return super().getHost()
+
+
+def test_a_connection_asks_for_its_own_address_once():
+    seen, site, channel, transport = connect(transport=_AddressCounting())
+    for _ in range(3):
+        feed(channel, head(length=0))
+    assert seen.calls == 3 and transport.value().count(b"HTTP/1.1 200 OK") == 3
+    assert transport.asked == 1
 
 
 def test_options_star_gets_the_servers_own_answer_not_the_resources():
