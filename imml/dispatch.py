@@ -538,10 +538,10 @@ class Dispatcher:
     def _alike(self, waiter: _Waiter, now: float) -> bool:
         """
         Whether C{waiter} may be kept waiting with the requests alike (see
-        L{_last_alike_waits}): not when it has hosts to avoid, nor batch
-        work while people search (kept waiting by its pace on the host the
-        strategy chose, which says nothing of those alike, which may be
-        given another host).
+        L{_last_alike_waits}): not when it has hosts to avoid; nor batch
+        work while people search, which may wait for the pace of the host
+        the strategy chose for it, while the strategy may send the requests
+        alike to another host.
         """
         return not waiter.avoid and (waiter.info.interactive or now - self._searched >= self.pace_while_searching)
 

@@ -127,9 +127,8 @@ class ShortestDelay:
     idle for batch work whose cost there is no more than C{near} times what
     a request takes, once it runs, on the busy host where it runs quickest,
     however short the wait for that host: its answer is hardly slower than
-    the busy host's own, and
-    while batch work waits (a job's steady stream), a host left idle is
-    throughput lost.  (A host several times slower, whose answers would
+    the busy host's own, and while batch work waits (a job's steady
+    stream), a host left idle is throughput lost.  (A host several times slower, whose answers would
     make the fleet's tail, is kept for when the wait is long.)  A search
     (interactive) takes whichever is expected sooner: searches are few, a
     person waits for each, and a free slow host can take several times
