@@ -328,6 +328,28 @@ def test_alike_requests_are_asked_about_again_once_another_is_sent():
     assert [len(got) for got in waiting] == [0, 1, 0, 0]
 
 
+def test_a_host_that_goes_down_while_a_request_is_bound_gets_no_more():
+    # Binding the first request brings news (its host refused the
+    # connection of another): that host is down, and the request behind
+    # is not given its free slot, though the pump had taken it for a
+    # candidate.
+    clock, fleet, dispatcher = make(n=2, slots=2)
+    h0, h1 = fleet.backends
+    busy = {h: [fleet.start(h, "clip-visual") for _ in range(2)] for h in (h0, h1)}
+    first, second = dispatcher.acquire(BATCH), result(dispatcher.acquire(BATCH))
+
+    def refused(load):
+        fleet.request_failed(h1, "connection refused")
+        fleet.finish(busy[h1][0], None, "connection refused")
+        return load
+
+    first.addCallback(refused)
+    fleet.finish(busy[h0][0], 0.04)
+    assert result(first) == [h0]
+    assert second == [] and dispatcher.queue_depth == 1
+    assert not h1.up and h1.in_flight == 1
+
+
 def test_while_people_search_paced_hosts_keep_no_batch_work_from_a_free_host():
     # Batch work kept from the hosts it is paced on, while people search,
     # is not kept from a host free and not paced, whichever host the
