@@ -408,14 +408,15 @@ class Limit:
             return None
         unit = self._unit_of(key, seconds if usual else None, baseline)
         if self.slots is None and self.ramp is None:
-            share = (
-                self._share(sent, self.learned, self._window)
-                if sent is not None
-                else (1.0 if busy and not over else 0.0)
-            )
+            if sent is None:
+                share = 1.0 if busy and not over else 0.0
+            else:
+                # the host's share it had in all, for both levels' shares
+                total = sum(self._shares) - sum(sent)
+                share = self._share(sent, total, self.learned, self._window)
             self._measure(unit, seconds / unit if unit > 0 else 1.0, now, share)
             if sent is not None:
-                self._measure_room(unit, now, sent)
+                self._measure_room(unit, now, sent, total)
         if alone or seconds <= baseline * QUEUEING + QUEUEING_SLACK:
             return seconds
         if in_flight > 1 and in_flight in self._rates:
@@ -457,12 +458,12 @@ class Limit:
 
     # -- climbing the throughput curve --------------------------------------
 
-    def _share(self, sent: tuple[float, ...], level: int, window: Optional[_Window]) -> float:
+    def _share(self, sent: tuple[float, ...], total: float, level: int, window: Optional[_Window]) -> float:
         """
         The share of its work an answer whose request was sent at C{sent}
         (L{shares}) did while the host held C{level} requests, and since
         C{window} measuring that level started: the share of the host it
-        had there over the share it had in all.  That is how far it got
+        had there over the share it had in all (C{total}).  That is how far it got
         there where the host shares its processor and does as much at each
         level; where a level does more (two slots do twice what one does)
         its share there is counted a little short, and less so the more of
@@ -472,7 +473,6 @@ class Limit:
         measure.)
         """
         shares = self._shares
-        total = sum(shares) - sum(sent)
         if total <= 0 or level >= len(shares):
             return 0.0
         before = sent[level] if level < len(sent) else 0.0
@@ -537,7 +537,7 @@ class Limit:
             self._window = None
             self._judge(level, window.work / (self.at_limit - window.at_start), now)
 
-    def _measure_room(self, work: float, now: float, sent: tuple[float, ...]) -> None:
+    def _measure_room(self, work: float, now: float, sent: tuple[float, ...], total: float) -> None:
         """
         Count an answer of C{work} seconds alone towards the level above the
         learned limit, for its share done while the host held that many
@@ -557,7 +557,7 @@ class Limit:
         window = self._room_window
         if window is None or window.level != level:
             window = self._room_window = _Window(level, skip=0)
-        share = self._share(sent, level, window)
+        share = self._share(sent, total, level, window)
         if share <= 0:
             return
         shares = self._shares
