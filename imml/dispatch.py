@@ -606,9 +606,16 @@ class Dispatcher:
         """
         if info.interactive or now - self._searched < self.pace_while_searching:
             return None
-        roomy = [
-            _Slots(b, b.limit + 1, b.proven_limit) for b in candidates if b.in_flight == b.limit and b.limiter.room(now)
-        ]
+        roomy = []
+        for b in candidates:
+            in_flight, limit = b.in_flight, b.limit
+            if in_flight < limit:
+                continue
+            room = b.limiter.room(now)
+            if room > 1 and self._long(b, info.task):
+                room = 1  # a search that comes would wait behind them all
+            if in_flight < limit + room:
+                roomy.append(_Slots(b, in_flight + 1, b.proven_limit))
         if not roomy:
             return None
         try:

@@ -180,9 +180,9 @@ class Limit:
     #: answer took there.
     _stretches: dict[int, float] = field(factory=dict)
     _window: Optional[_Window] = None
-    #: Answers being measured at the level above the learned limit while
-    #: the host holds it (the room past the limit, a search past it).
-    _room_window: Optional[_Window] = None
+    #: Per level above the learned limit, answers being measured there
+    #: while the host holds it (the room past the limit, a search past it).
+    _room_windows: dict[int, _Window] = field(factory=dict)
     #: Answers at the knee since the level above was last tried.
     _held: int = 0
     #: The level held (a probe above the ceiling, or a level climbed to)
@@ -277,34 +277,59 @@ class Limit:
         if level > self.side_by_side:
             self.side_by_side = level
 
-    def room(self, now: float) -> bool:
+    def room(self, now: float) -> int:
         """
-        Whether the host may take one request past its learned limit while
-        requests wait in the balancer: it was seen to run that many at once
-        (a real host, sharing its processor: the request runs at once), or
-        its limit when that is two or more (the request more waits inside
-        the host only for the first of them to end, as it would wait in
-        the balancer for that end, and then starts without a trip back: on
-        Immich ML it waits for a thread of its pool while its decoding
-        overlaps the others' inference); and one more in flight was
-        measured, in the last L{STALE} seconds, to do not clearly less
-        work than its limit (no less by more than L{GAIN}: the level
-        bought too little to climb to, and one window cannot tell a little
-        from nothing).  The room's own answers keep that measure fresh
-        while it is used (L{_measure_room}); once it is older, the host is
-        held at its limit until the level above is tried again.  A host
-        seen to run only one at once has no room at one (the request more
-        would wait a whole request inside it), nor one whose limit climbed
-        past what it was seen to run at once (a request may already wait
-        inside it).
+        How many requests past its learned limit the host may take while
+        requests wait in the balancer.
+
+        One, when it was seen to run that many at once (a real host,
+        sharing its processor: the request runs at once), or its limit is
+        two or more (the request more waits inside the host only for the
+        first of them to end, as it would wait in the balancer for that
+        end, and then starts without a trip back: on Immich ML it waits
+        for a thread of its pool while its decoding overlaps the others'
+        inference); and one more in flight was measured, in the last
+        L{STALE} seconds, to do not clearly less work than its limit (no
+        less by more than L{GAIN}: the level bought too little to climb
+        to, and one window cannot tell a little from nothing).  The room's
+        own answers keep that measure fresh while it is used
+        (L{_measure_room}); once it is older, the host is held at its limit
+        until the level above is tried again.  A host seen to run only one
+        at once has no room at one (the request more would wait a whole
+        request inside it), nor one whose limit climbed past what it was
+        seen to run at once (a request may already wait inside it).
+
+        One more, and so on, while the host was seen to run all of the
+        room at once (a real host: on a host with slots the request past
+        its slots waits inside it, and goes no further) and the level it
+        adds was measured, lately, to do not clearly less work than the
+        limit, or was not measured lately: then it is tried, and measured
+        while it is used.  On a real host with a light model, each request
+        more in flight buys a few per cent more throughput, less than one
+        window can tell from nothing: the knee is judged low, and the room
+        keeps the host as busy as its curve allows while requests wait
+        anyway.
         """
         if self.slots is not None or self.ramp is not None:
-            return False
+            return 0
         level = self.learned
         if self.side_by_side < max(level, 2):
-            return False
-        here, above = self.throughput(level), self._fresh(level + 1, now)
-        return here is not None and above is not None and above >= here * (1 - GAIN)
+            return 0
+        here = self.throughput(level)
+        if here is None:
+            return 0
+        least = here * (1 - GAIN)
+        depth = 0
+        while not depth or self.side_by_side >= level + depth:
+            above = self._fresh(level + depth + 1, now)
+            if above is None:
+                # the level above the limit is measured by the limit's
+                # probe first; those above it are tried
+                return depth + 1 if depth else 0
+            if above < least:
+                return depth
+            depth += 1
+        return depth
 
     def holds(self, in_flight: int, now: float) -> None:
         """
@@ -341,14 +366,14 @@ class Limit:
         self._rates.clear()
         self._stretches.clear()
         self._window = None
-        self._room_window = None
+        self._room_windows.clear()
 
     def failed(self) -> None:
         """
         A request failed on the host: what is being measured is spoilt.
         """
         self._window = None
-        self._room_window = None
+        self._room_windows.clear()
 
     def answered(
         self,
@@ -539,8 +564,8 @@ class Limit:
 
     def _measure_room(self, work: float, now: float, sent: tuple[float, ...], total: float) -> None:
         """
-        Count an answer of C{work} seconds alone towards the level above the
-        learned limit, for its share done while the host held that many
+        Count an answer of C{work} seconds alone towards each level above
+        the learned limit, for its share done while the host held that many
         (the room past the limit, a search past it; L{_share}): the room is
         measured while it is used.  A host kept in its room holds its limit
         only for moments, between an answer and the request that takes its
@@ -553,24 +578,28 @@ class Limit:
         judgement weighs it (L{_judge}: with nothing recent below the knee,
         a level above that does L{GAIN} more is climbed to).
         """
-        level = self.learned + 1
-        window = self._room_window
-        if window is None or window.level != level:
-            window = self._room_window = _Window(level, skip=0)
-        share = self._share(sent, total, level, window)
-        if share <= 0:
-            return
+        learned = self.learned
+        windows = self._room_windows
+        for level in [level for level in windows if level <= learned]:
+            del windows[level]  # measured as the limit now
         shares = self._shares
-        if window.started is None or now - window.started > STALE:
-            window.started, window.shares_start = now, shares[level]
-            window.work, window.whole = 0.0, 0.0
-            return
-        window.work += work * share
-        window.whole += share
-        held = (shares[level] - window.shares_start) * level  # seconds
-        if window.whole >= max(WINDOW, 4 * level) and held >= MIN_SPAN:
-            self._room_window = None
-            self._record(level, window.work / held, now)
+        for level in range(learned + 1, len(shares)):
+            window = windows.get(level)
+            share = self._share(sent, total, level, window)
+            if share <= 0:
+                continue
+            if window is None:
+                window = windows[level] = _Window(level, skip=0)
+            if window.started is None or now - window.started > STALE:
+                window.started, window.shares_start = now, shares[level]
+                window.work, window.whole = 0.0, 0.0
+                continue
+            window.work += work * share
+            window.whole += share
+            held = (shares[level] - window.shares_start) * level  # seconds
+            if window.whole >= max(WINDOW, 4 * level) and held >= MIN_SPAN:
+                del windows[level]
+                self._record(level, window.work / held, now)
 
     def _only_waiting(self, level: int, stretch: float) -> bool:
         """
