@@ -606,20 +606,23 @@ class Dispatcher:
         """
         if info.interactive or now - self._searched < self.pace_while_searching:
             return None
+        views: list = []
         roomy = []
         for b in candidates:
             in_flight, limit = b.in_flight, b.limit
-            if in_flight < limit:
-                continue
-            room = b.limiter.room(now)
-            if room > 1 and self._long(b, info.task):
-                room = 1  # a search that comes would wait behind them all
-            if in_flight < limit + room:
-                roomy.append(_Slots(b, in_flight + 1, b.proven_limit))
+            if in_flight >= limit:
+                room = b.limiter.room(now)
+                if room > 1 and self._long(b, info.task):
+                    room = 1  # a search that comes would wait behind them all
+                if in_flight < limit + room:
+                    roomy.append(_Slots(b, in_flight + 1, b.proven_limit))
+                    views.append(roomy[-1])
+                    continue
+            views.append(b)
         if not roomy:
             return None
         try:
-            chosen = self.strategy.choose(info, roomy)
+            chosen = self.strategy.choose(info, views)
         except Exception:
             self.log.failure("strategy {strategy} failed; taking the first free host", strategy=self.strategy.name)
             chosen = roomy[0]
