@@ -28,15 +28,17 @@ its learned limit grew past that: the request more would wait inside the
 host, and a search behind it.  Configured slots are kept as they are.
 
 While batch work waits in the queue and nobody searches, the request at
-its head may go past a learned limit, by one request, on a host with room
-there (L{imml.limits.Limit.room}: a host seen to run one more than its
-limit at once, or its limit of two or more, where one request more did
-not clearly less work): it
-would only wait in the balancer, and in the host it starts as soon as the
-host can take it, keeping the host a little busier.  (A search that comes
-then may find it there, ahead of the search: one answer's wait more, once,
-before the room is left to searches.)  The strategy chooses among the hosts
-with room.
+its head may go past a learned limit on a host with room there
+(L{imml.limits.Limit.room}: a host seen to run one more than its limit at
+once, or its limit of two or more, where one request more did not clearly
+less work; more than one on a real host seen to run all of them at once):
+it would only wait in the balancer, and in the host it starts as soon as
+the host can take it, keeping the host busier.  (A search that comes then
+may find the room's requests there, ahead of it, once, before the room is
+left to searches: so where a host's batch requests are long, over
+L{LONG_BATCH}, its room is one request.)  The strategy weighs each host's
+room against waiting for the others: a slow host's room is not taken
+where a fast host's answer is sooner.
 
 A search may also go past a learned limit, by one request: on a real host
 it then runs beside the batch requests there, sharing the processor, rather
@@ -601,8 +603,10 @@ class Dispatcher:
     def _room(self, info: RequestInfo, candidates: list[Backend], now: float) -> Optional[Backend]:
         """
         A host for a batch request that would wait, while nobody searches,
-        among those at their learned limit with room for one more
-        (L{imml.limits.Limit.room}), as the strategy chooses; or None.
+        among those at their learned limit or past it with room for one
+        more (L{imml.limits.Limit.room}; one request past the limit where
+        its batch requests are long), as the strategy chooses, weighing
+        the hosts without room as it would waiting for them; or None.
         """
         if info.interactive or now - self._searched < self.pace_while_searching:
             return None

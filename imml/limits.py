@@ -44,9 +44,14 @@ to climb to: on a real host each request more in flight still buys a
 little, which one window cannot tell from nothing), the request more runs
 at once or waits inside the host for the first answer rather than in the
 balancer, starts as soon as the host can take it, and the host does a
-little more.  What the host does while it holds one more than its limit
-(the room, a search past it) does not count for the knee: it measures the
-level above (L{Limit._measure_room}).  A host kept in its room (a job's
+little more.  A real host seen to run all of its room at once may take
+one request more, and so on, while each level it adds does not clearly
+less work than the knee: on Immich ML with a light model each request more
+in flight buys a few per cent, too little for the knee to climb on, and
+the host then runs as many as its curve allows while requests wait.  What
+the host does while it holds more than its limit (the room, a search past
+it) does not count for the knee: it measures the levels above
+(L{Limit._measure_room}).  A host kept in its room (a job's
 steady stream) holds its knee only for moments, so the room measures
 itself while it is used, stays open while it does not clearly less work
 than the knee, and closes once it does; the host then holds its knee
@@ -304,11 +309,13 @@ class Limit:
         its slots waits inside it, and goes no further) and the level it
         adds was measured, lately, to do not clearly less work than the
         limit, or was not measured lately: then it is tried, and measured
-        while it is used.  On a real host with a light model, each request
-        more in flight buys a few per cent more throughput, less than one
-        window can tell from nothing: the knee is judged low, and the room
-        keeps the host as busy as its curve allows while requests wait
-        anyway.
+        while it is used.  A level of the room the host only passes
+        through (a deeper one is used) is not measured again: it is taken
+        to do no less where a level above it does no less.  On a real host
+        with a light model, each request more in flight buys a few per
+        cent more throughput, less than one window can tell from nothing:
+        the knee is judged low, and the room keeps the host as busy as its
+        curve allows while requests wait anyway.
         """
         if self.slots is not None or self.ramp is not None:
             return 0
@@ -319,17 +326,21 @@ class Limit:
         if here is None:
             return 0
         least = here * (1 - GAIN)
-        depth = 0
-        while not depth or self.side_by_side >= level + depth:
-            above = self._fresh(level + depth + 1, now)
-            if above is None:
-                # the level above the limit is measured by the limit's
-                # probe first; those above it are tried
-                return depth + 1 if depth else 0
-            if above < least:
-                return depth
-            depth += 1
-        return depth
+        at_once = self.side_by_side
+        # the deepest level above the limit lately measured to do no less,
+        # up to the first lately measured to do clearly less (the levels
+        # between, which the host passes through for moments, age)
+        reach = 0
+        for above in range(level + 1, at_once + 2):
+            rate = self._fresh(above, now)
+            if rate is None:
+                continue
+            if rate < least:
+                return reach
+            reach = above - level
+        if reach and level + reach <= at_once:
+            return reach + 1  # tried, and measured while it is used
+        return reach
 
     def holds(self, in_flight: int, now: float) -> None:
         """

@@ -625,10 +625,16 @@ def test_an_idle_host_once_found_slow_is_tried_again_by_batch_work_not_searches(
 
 
 class _Roomy(Limit):
-    """A learned limit with room for one request past it (L{Limit.room})."""
+    """A learned limit with room for C{depth} requests past it (L{Limit.room})."""
 
-    def room(self, now: float) -> bool:
-        return self.ramp is None
+    depth = 1
+
+    def room(self, now: float) -> int:
+        return self.depth if self.ramp is None else 0
+
+
+class _Deep(_Roomy):
+    depth = 3
 
 
 def test_batch_work_that_would_wait_goes_past_a_limit_with_room():
@@ -693,6 +699,52 @@ def test_batch_work_that_would_wait_goes_past_a_limit_with_room():
     fleet.finish(batch[0].load, 0.05)
     assert batch[2] == [host] and host.in_flight == 2
     assert result(dispatcher.acquire(BATCH)) == [host] and host.in_flight == 3
+
+
+def test_a_deeper_room_is_taken_by_short_batch_work_only():
+    """
+    A real host with room for three requests past its learned limit of two:
+    batch work that would wait takes all of it while its requests are short
+    (a light model); the sixth waits.  Where they are long (a heavy model:
+    a search that comes would wait behind all of them), it takes one.
+    """
+    for seconds, room in ((0.02, 3), (0.3, 1)):
+        clock = task.Clock()
+        fleet = Fleet.from_addresses([BackendAddress("cpu")], clock)
+        [host] = fleet.backends
+        fleet.check_passed(host)
+        host.limiter = _Deep(learned=2)
+        fleet.finish(fleet.start(host, "clip-visual"), seconds)
+        dispatcher = Dispatcher(fleet, ShortestDelay(), clock, 60.0, 100)
+        batch = [result(dispatcher.acquire(BATCH)) for _ in range(6)]
+        assert host.in_flight == 2 + room
+        assert batch[: 2 + room] == [[host]] * (2 + room) and batch[2 + room :] == [[]] * (4 - room)
+
+
+def test_a_slow_host_s_room_is_weighed_against_waiting_for_a_fast_one():
+    """
+    Both hosts at their learned limit of one, with room for one more: the
+    fast host's room is taken; once it is full, the slow host's room
+    (half a second a request) is not, when the fast host answers in ten
+    milliseconds: the request waits for it.
+    """
+    clock = task.Clock()
+    fleet = Fleet.from_addresses([BackendAddress("fast"), BackendAddress("slow")], clock)
+    fast, slow = fleet.backends
+    for host, seconds in ((fast, 0.01), (slow, 0.5)):
+        fleet.check_passed(host)
+        host.limiter = _Roomy(learned=1)
+        fleet.finish(fleet.start(host, "clip-visual"), seconds)
+    dispatcher = Dispatcher(fleet, ShortestDelay(), clock, 60.0, 100)
+    fleet.start(slow, "clip-visual")  # the slow host at its limit
+    first = result(dispatcher.acquire(BATCH))
+    second = result(dispatcher.acquire(BATCH))
+    assert first == second == [fast] and fast.in_flight == 2
+    third = result(dispatcher.acquire(BATCH))
+    assert third == [] and slow.in_flight == 1 and dispatcher.queue_depth == 1
+    clock.advance(0.01)
+    fleet.finish(first.load, 0.01)
+    assert third == [fast] and fast.in_flight == 2 and slow.in_flight == 1
 
 
 def test_while_people_search_batch_work_keeps_to_what_a_host_was_seen_to_run_at_once():

@@ -538,14 +538,15 @@ def test_an_answer_beside_others_tells_the_unloaded_time_over_the_stretch_there(
     assert limit.answered("clip-visual", 0.012, 2, paced.now) == 0.012  # hardly slower than the quickest
 
 
-def _over(paced: Paced, rate: float, seconds: float) -> None:
+def _over(paced: Paced, rate: float, seconds: float, depth: int = 1) -> None:
     """
-    Answers at C{rate} for C{seconds} while the host holds one request more
-    than its limit (the room past it), each answer's request sent again at
-    once, each answer given with the host's clock of shares at its sending.
+    Answers at C{rate} for C{seconds} while the host holds C{depth} requests
+    more than its limit (the room past it), each answer's request sent
+    again at once, each answer given with the host's clock of shares at its
+    sending.
     """
     limit = paced.limit
-    level = limit.value + 1
+    level = limit.value + depth
     limit.holds(level, paced.now)
     sent = deque([limit.shares()] * level)
     end = paced.now + seconds
@@ -585,6 +586,32 @@ def test_a_level_above_the_knee_that_does_no_less_is_room_while_requests_wait():
     assert not one.limit.room(one.now)
     two = _knee_at_one(side_by_side=2)
     assert two.limit.room(two.now)
+
+
+def test_the_room_grows_while_the_host_runs_all_of_it_at_once_and_it_does_no_less():
+    """
+    A real host with a light model: each request more in flight buys a few
+    per cent, too little to climb to.  Seen to run all of its room at once,
+    it may take one request more, and that level is measured while it is
+    used: kept while it does not clearly less work than the knee, given up
+    once it does, and tried again once that measure is old.  A host seen
+    to run only its limit at once (Immich ML with two threads: the request
+    more waits inside it for one of them) gets a room of one, and no more.
+    """
+    paced = _knee_at_two()  # seen to run three at once
+    limit = paced.limit
+    assert limit.room(paced.now) == 2  # the fourth is tried
+    _over(paced, 1.25, STALE / 2, depth=2)
+    assert limit.throughput(4) == pytest.approx(1.25, abs=0.03)
+    assert limit.value == 2 and limit.room(paced.now) == 2  # not seen to run four at once
+    limit.ran_at_once(4)
+    assert limit.room(paced.now) == 3
+    _over(paced, 1.0, STALE / 2, depth=3)  # five do clearly less than two
+    assert limit.value == 2 and limit.room(paced.now) == 2
+    _over(paced, 1.25, STALE + 1, depth=2)
+    assert limit.room(paced.now) == 3  # five measured long ago: tried again
+    two = _knee_at_two(side_by_side=2)
+    assert two.limit.room(two.now) == 1
 
 
 def _knee_at_one(side_by_side: int) -> Paced:
