@@ -265,8 +265,9 @@ class Dispatcher:
         A search sees room for one request past the proven limit of each
         host with a learned limit that was seen to run that many requests
         at once (L{imml.limits.Limit.ran_at_once}: a real host, sharing its
-        processor) and is not starting slow; the strategy weighs running
-        beside the host's requests against waiting for one of them to end.
+        processor) and is not starting slow, or past the requests it runs
+        when batch work is in its room; the strategy weighs running beside
+        the host's requests against waiting for one of them to end.
 
         While people search, batch work sees less of the host searches
         are quickest on, when its limit is learned and measured (a limit
@@ -283,13 +284,18 @@ class Dispatcher:
         """
         if info.interactive:
             return [
-                _Slots(b, b.proven_limit + 1, b.proven_limit)
+                _Slots(b, max(b.proven_limit, b.in_flight) + 1, b.proven_limit)
                 if b.limiter.slots is None and b.limiter.ramp is None and b.limiter.side_by_side > b.proven_limit
                 else b
                 for b in candidates
             ]
         views = [_Untried(b) if b.untried() else b for b in candidates]
         if now - self._searched >= self.pace_while_searching:
+            for at, b in enumerate(candidates):
+                if b.in_flight >= b.limit:
+                    room = self._room(b, info.task, now)
+                    if room:
+                        views[at] = _Slots(b, b.limit + room, b.proven_limit)
             return views
         quickest = self._quickest_for_searches()
         if quickest is None or quickest not in candidates:
@@ -412,11 +418,13 @@ class Dispatcher:
         chosen = None
         # Only a host with a free slot can be chosen: when there is none
         # (the usual case when the fleet is saturated), the strategy need
-        # not be asked, but for a search (which may have room past a limit).
+        # not be asked, but for a search, or batch work at the head of the
+        # queue while nobody searches (either may have room past a limit).
         if candidates and (info.interactive or any(c.has_free_slot() for c in candidates)):
             chosen = self._choose(info, candidates, ahead, now)
-        if chosen is None and candidates and not ahead:
-            chosen = self._room(info, candidates, now)
+        elif candidates and not ahead and now - self._searched >= self.pace_while_searching:
+            # no free slot within a limit: the room past one, if any
+            chosen = self._choose(info, candidates, 0, now)
         if chosen is not None:
             d = Deferred()
             d.callback(self._bind(chosen, info, owner))
@@ -530,7 +538,12 @@ class Dispatcher:
                     kept.clear()
                     if self._again:
                         kinds.clear()  # the fleet changed meanwhile (a host failed at once)
-                if not self._again and self._waiting and self._fill_room(now, kinds):
+                if (
+                    not self._again
+                    and self._waiting
+                    and not any(b.has_free_slot() for b in self.fleet.backends)
+                    and self._fill_room(now, kinds)
+                ):
                     if self._again:
                         kinds.clear()  # the fleet changed meanwhile
                     self._again = True
@@ -586,48 +599,32 @@ class Dispatcher:
 
     def _fill_room(self, now: float, kinds: dict) -> bool:
         """
-        Send the request at the head of the queue past a learned limit, on
-        a host with room there (see L{_room}).
+        Send the batch request at the head of the queue past a learned
+        limit, on a host with room there (see L{_views}), when the strategy
+        chooses it: no host has a free slot within its limit, so the queue
+        was not asked about.
 
         @return: whether it was sent.
         """
         waiter = self._waiting[0]
+        if waiter.info.interactive or now - self._searched < self.pace_while_searching:
+            return False
         candidates = self._candidates_of(waiter, kinds)
-        chosen = self._room(waiter.info, candidates, now) if candidates else None
+        chosen = self._choose(waiter.info, candidates, 0, now) if candidates else None
         if chosen is None:
             return False
         self._leave(waiter)
         waiter.deferred.callback(self._bind(chosen, waiter.info, waiter.owner))
         return True
 
-    def _room(self, info: RequestInfo, candidates: list[Backend], now: float) -> Optional[Backend]:
+    def _room(self, backend: Backend, task: Optional[str], now: float) -> int:
         """
-        A host for a batch request that would wait, while nobody searches,
-        among those at their learned limit or past it with room for one
-        more (L{imml.limits.Limit.room}; one request past the limit where
-        its batch requests are long), as the strategy chooses, weighing
-        the hosts without room as it would waiting for them; or None.
+        The requests past its learned limit C{backend} may take for batch
+        work of C{task} while nobody searches (L{imml.limits.Limit.room}):
+        one at most where such requests are long there (a search that
+        comes would wait behind them all).
         """
-        if info.interactive or now - self._searched < self.pace_while_searching:
-            return None
-        views: list = []
-        roomy = []
-        for b in candidates:
-            in_flight, limit = b.in_flight, b.limit
-            if in_flight >= limit:
-                room = b.limiter.room(now)
-                if room > 1 and self._long(b, info.task):
-                    room = 1  # a search that comes would wait behind them all
-                if in_flight < limit + room:
-                    roomy.append(_Slots(b, in_flight + 1, b.proven_limit))
-                    views.append(roomy[-1])
-                    continue
-            views.append(b)
-        if not roomy:
-            return None
-        try:
-            chosen = self.strategy.choose(info, views)
-        except Exception:
-            self.log.failure("strategy {strategy} failed; taking the first free host", strategy=self.strategy.name)
-            chosen = roomy[0]
-        return chosen.backend if chosen in roomy else None
+        room = backend.limiter.room(now)
+        if room > 1 and self._long(backend, task):
+            return 1
+        return room

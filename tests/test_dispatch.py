@@ -721,6 +721,30 @@ def test_a_deeper_room_is_taken_by_short_batch_work_only():
         assert batch[: 2 + room] == [[host]] * (2 + room) and batch[2 + room :] == [[]] * (4 - room)
 
 
+def test_a_search_runs_at_once_beside_batch_work_in_a_deep_room():
+    """
+    Batch work fills a real host's room of three past its learned limit of
+    two: a search that comes runs at once beside those five, sharing the
+    processor, rather than waiting for three answers.  On a host seen to
+    run only its two at once, it waits.
+    """
+    for at_once, joins in ((6, True), (2, False)):
+        clock = task.Clock()
+        fleet = Fleet.from_addresses([BackendAddress("cpu")], clock)
+        [host] = fleet.backends
+        fleet.check_passed(host)
+        host.limiter = _Deep(learned=2)
+        host.limiter.ran_at_once(at_once)
+        fleet.finish(fleet.start(host, "clip-visual"), 0.02)
+        fleet.finish(fleet.start(host, "clip-textual"), 0.005)
+        dispatcher = Dispatcher(fleet, ShortestDelay(), clock, 60.0, 100)
+        for _ in range(5):
+            dispatcher.acquire(BATCH)
+        assert host.in_flight == 5
+        search = result(dispatcher.acquire(SEARCH))
+        assert (search == [host]) is joins and host.in_flight == (6 if joins else 5)
+
+
 def test_a_slow_host_s_room_is_weighed_against_waiting_for_a_fast_one():
     """
     Both hosts at their learned limit of one, with room for one more: the
