@@ -9,6 +9,8 @@ their own slots and service times.
     .venv/bin/python bench/fleet.py --quick          # about 4 minutes
     .venv/bin/python bench/fleet.py --json fleet.json --strategies shortest-delay,least-connections,round-robin
     .venv/bin/python bench/fleet.py --scenarios real --rounds 3   # medians of 3 interleaved rounds
+    .venv/bin/python bench/fleet.py --scenarios real-light-8 --rounds 5 --imml-from /tmp/old-checkout
+        # this imml and another checkout's, interleaved in one run
 
 Scenarios (each target gets fresh fake hosts and a fresh proxy):
 
@@ -172,6 +174,8 @@ def searching(scenario: str) -> bool:
 
 
 IMML_HEALTH = ["--health-interval", "1", "--fall", "2"]
+#: The other checkout imml runs from for the "+from" targets (--imml-from).
+IMML_FROM: list[Path] = []
 
 
 def say(*args) -> None:
@@ -407,11 +411,17 @@ def start_proxy(
     elif target.startswith("imml:"):
         strategy = target[5:]
         env = None
+        path = [str(ROOT)]
+        if strategy.endswith("+from"):
+            # imml from another checkout (--imml-from), run beside this one
+            strategy = strategy[: -len("+from")]
+            path.insert(0, str(IMML_FROM[0]))
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
         base, plus, suffix = strategy.partition("+")
         if probe and base in PROBES:
             # The same strategy, recording limits and estimates (bench/fleet_probe.py).
             strategy = PROBES[base] + plus + suffix
-            env = dict(os.environ, PYTHONPATH=str(ROOT), IMML_PROBE_OUT=str(workdir / "probe.json"))
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(path), IMML_PROBE_OUT=str(workdir / "probe.json"))
         proc = procs.start("imml", imml_command(workdir, port, fakes, strategy, imml_extra, profile), env=env)
     else:
         raise ValueError(target)
@@ -867,7 +877,7 @@ def brief(scenario: str, r: dict) -> str:
 
 
 def label(target: str) -> str:
-    return target.replace("imml:", "imml ").replace("+slots", " +slots")
+    return target.replace("imml:", "imml ").replace("+slots", " +slots").replace("+from", " (from)")
 
 
 def fmt(value, spec: str = ".0f") -> str:
@@ -1247,6 +1257,12 @@ def main(argv=None) -> int:
         help="run every scenario and target N times, interleaved; the tables and verdicts take each figure's "
         "median over the rounds, and errors summed",
     )
+    parser.add_argument(
+        "--imml-from",
+        metavar="DIR",
+        help="also run imml from another checkout (its root directory), as a target of its own beside "
+        "this one's, interleaved: two versions compared in one run ('imml STRATEGY (from)' in the tables)",
+    )
     parser.add_argument("--quick", action="store_true", help="shorter runs (about 4 minutes instead of 10)")
     parser.add_argument(
         "--new-connections",
@@ -1259,6 +1275,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.timings = timings(args.quick)
     args.imml_extra = args.imml_args.split()
+    if args.imml_from:
+        other = Path(args.imml_from).resolve()
+        if not (other / "imml" / "__init__.py").exists():
+            parser.error(f"--imml-from {args.imml_from}: no imml package there")
+        IMML_FROM.append(other)
     groups = {"real": list(REAL), "all": list(ALL_SCENARIOS)}
     scenarios = [x for s in args.scenarios.split(",") if s.strip() for x in groups.get(s.strip(), [s.strip()])]
     if set(scenarios) - set(ALL_SCENARIOS):
@@ -1288,6 +1309,8 @@ def main(argv=None) -> int:
             targets += [f"imml:{s}" for s in strategies]
             if args.slots_diagnostic:
                 targets += [f"imml:{s}+slots" for s in strategies[:1]]
+            if args.imml_from:
+                targets += [f"imml:{s}+from" for s in strategies]
         elif tools.get(t):
             targets.append(t)
         else:
