@@ -179,8 +179,14 @@ class Limit:
     #: Per task, the unit its work is counted in (L{_unit_of}), and how many
     #: answers it averages.
     _unit: dict[str, tuple[float, int]] = field(factory=dict)
-    #: Per level, the work per second measured there, and when.
+    #: Per level, the work per second measured there, and when; how many
+    #: times that changed.
     _rates: dict[int, tuple[float, float]] = field(factory=dict)
+    _rates_changed: int = 0
+    #: The last L{room}: what it was worked out from (the learned limit,
+    #: the most seen at once, the rates' changes), from when, until when
+    #: (a measure it used gets stale), and the room.
+    _room_known: Optional[tuple[int, int, int, float, float, int]] = None
     #: Per level, a moving average of how many times its usual time alone an
     #: answer took there.
     _stretches: dict[int, float] = field(factory=dict)
@@ -319,28 +325,42 @@ class Limit:
         """
         if self.slots is not None or self.ramp is not None:
             return 0
-        level = self.learned
-        if self.side_by_side < max(level, 2):
-            return 0
+        level, at_once = self.learned, self.side_by_side
+        known = self._room_known
+        if known is not None and known[:3] == (level, at_once, self._rates_changed) and known[3] <= now < known[4]:
+            return known[5]  # (asked at every choice of a host for batch work)
+        room, until = self._room(level, at_once, now)
+        self._room_known = (level, at_once, self._rates_changed, now, until, room)
+        return room
+
+    def _room(self, level: int, at_once: int, now: float) -> tuple[int, float]:
+        """
+        L{room}, and until when it holds (the first of the measures it
+        used to get stale).
+        """
+        until = float("inf")
         here = self.throughput(level)
-        if here is None:
-            return 0
+        if at_once < max(level, 2) or here is None:
+            return 0, until
         least = here * (1 - GAIN)
-        at_once = self.side_by_side
         # the deepest level above the limit lately measured to do no less,
         # up to the first lately measured to do clearly less (the levels
         # between, which the host passes through for moments, age)
         reach = 0
         for above in range(level + 1, at_once + 2):
-            rate = self._fresh(above, now)
-            if rate is None:
+            measured = self._rates.get(above)
+            if measured is None:
                 continue
+            rate, when = measured
+            if not 0 <= now - when <= STALE:
+                continue
+            until = min(until, when + STALE)
             if rate < least:
-                return reach
+                return reach, until
             reach = above - level
         if reach and level + reach <= at_once:
-            return reach + 1  # tried, and measured while it is used
-        return reach
+            return reach + 1, until  # tried, and measured while it is used
+        return reach, until
 
     def holds(self, in_flight: int, now: float) -> None:
         """
@@ -375,6 +395,7 @@ class Limit:
         # (it may be other hardware now); until then, they stay.
         self._unit = {key: (value, 0) for key, (value, _) in self._unit.items()}
         self._rates.clear()
+        self._rates_changed += 1
         self._stretches.clear()
         self._window = None
         self._room_windows.clear()
@@ -568,6 +589,7 @@ class Limit:
             below = self._rates.get(level - 1)
             if below is not None:
                 self._rates[level] = (below[0], now)  # as much work done as below
+                self._rates_changed += 1
             self._reject(level)
         elif window.whole >= max(WINDOW, 4 * level) and self.at_limit - window.at_start >= MIN_SPAN:
             self._window = None
@@ -636,6 +658,7 @@ class Limit:
         if fresh is not None:
             rate = fresh + SMOOTHING * (rate - fresh)
         self._rates[level] = (rate, now)
+        self._rates_changed += 1
         return rate
 
     def _fresh(self, level: int, now: float) -> Optional[float]:

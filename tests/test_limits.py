@@ -633,6 +633,7 @@ def test_the_room_grows_while_the_host_runs_all_of_it_at_once_and_it_does_no_les
     assert limit.value == 2 and limit.room(paced.now) == 2
     _over(paced, 1.25, STALE + 1, depth=2)
     assert limit.room(paced.now) == 3  # five measured long ago: tried again
+    assert limit.room(paced.now + STALE + 1) == 0  # nothing above the limit measured lately
     two = _knee_at_two(side_by_side=2)
     assert two.limit.room(two.now) == 1
 
