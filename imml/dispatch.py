@@ -27,25 +27,25 @@ does batch work there go past what the host was seen to run at once, where
 its learned limit grew past that: the request more would wait inside the
 host, and a search behind it.  Configured slots are kept as they are.
 
-While batch work waits in the queue and nobody searches, the request at
-its head may go past a learned limit on a host with room there
-(L{imml.limits.Limit.room}: a host seen to run one more than its limit at
-once, or its limit of two or more, where one request more did not clearly
-less work; more than one on a real host seen to run all of them at once):
-it would only wait in the balancer, and in the host it starts as soon as
-the host can take it, keeping the host busier.  (A search that comes then
-may find the room's requests there, ahead of it, once, before the room is
-left to searches: so where a host's batch requests are long, over
-L{LONG_BATCH}, its room is one request.)  The strategy weighs each host's
-room against waiting for the others: a slow host's room is not taken
-where a fast host's answer is sooner.
+While nobody searches, batch work sees a host's room past its learned
+limit as part of the limit (L{imml.limits.Limit.room}: a host seen to run
+one more than its limit at once, or its limit of two or more, where one
+request more did not clearly less work; more than one on a real host seen
+to run all of them at once).  A request there would otherwise wait in the
+balancer, or go to a slower host: in the host it starts as soon as the
+host can take it, keeping the host busier; and waiting for a host in its
+room is waiting for its next answer.  The strategy weighs the room as it
+weighs any slot.  (A search that comes then may find the room's requests
+there, ahead of it, once, before the room is left to searches: so where a
+host's batch requests are long, over L{LONG_BATCH}, its room is one
+request.)
 
-A search may also go past a learned limit, by one request: on a real host
-it then runs beside the batch requests there, sharing the processor, rather
-than waiting for one of them to end.  The strategy sees that room (a view
-of the host with one slot more than its proven limit) and weighs it: on a
-host that queues inside, the search would wait there as long as in the
-balancer's queue.
+A search may also go past a learned limit, by one request, or past the
+requests the host runs in its room: on a real host it then runs beside the
+batch requests there, sharing the processor, rather than waiting for one
+of them to end.  The strategy sees that room (a view of the host with one
+slot more) and weighs it: on a host that queues inside, the search would
+wait there as long as in the balancer's queue.
 """
 
 from __future__ import annotations
