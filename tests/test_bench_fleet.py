@@ -167,3 +167,13 @@ def test_each_scenario_and_each_round_starts_one_target_later(figures):
         (1, "a", "y"), (1, "a", "z"), (1, "a", "x"),
         (1, "b", "z"), (1, "b", "x"), (1, "b", "y"),
     ]  # fmt: skip
+
+
+def test_another_checkout_without_imml_is_refused(tmp_path):
+    line = refused(fleet("--scenarios", "real-light", "--imml-from", str(tmp_path)))
+    assert line == f"fleet.py: error: --imml-from {tmp_path}: no imml package there"
+
+
+def test_another_checkout_s_imml_is_named_apart_in_the_tables(figures):
+    assert figures.label("imml:shortest-delay+from") == "imml shortest-delay (from)"
+    assert figures.label("imml:shortest-delay") == "imml shortest-delay"
