@@ -290,8 +290,9 @@ class Limit:
 
     def room(self, now: float) -> int:
         """
-        How many requests past its learned limit the host may take while
-        requests wait in the balancer.
+        How many requests past its learned limit the host may take for
+        batch work while nobody searches: work that would otherwise wait in
+        the balancer, or go to a slower host.
 
         One, when it was seen to run that many at once (a real host,
         sharing its processor: the request runs at once), or its limit is
