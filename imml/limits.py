@@ -649,13 +649,12 @@ class Limit:
         below = self._stretches.get(level - 1)
         return below is not None and level > 1 and stretch >= below * level / (level - 1) / (1 + GAIN / 2)
 
-    def _record(self, level: int, rate: float, now: float, smoothed: bool = True) -> float:
+    def _record(self, level: int, rate: float, now: float) -> float:
         """
         C{level} was measured at C{rate}: its throughput from now on, the
-        measure smoothed with the last one while that is fresh (unless not
-        C{smoothed}).
+        measure smoothed with the last one while that is fresh.
         """
-        fresh = self._fresh(level, now) if smoothed else None
+        fresh = self._fresh(level, now)
         if fresh is not None:
             rate = fresh + SMOOTHING * (rate - fresh)
         self._rates[level] = (rate, now)
@@ -672,10 +671,7 @@ class Limit:
         """
         C{level} was measured at C{rate}: keep it, go up, or go down.
         """
-        # A probe's first window is a fresh look: the measure that set the
-        # ceiling (an unlucky window, maybe) is not smoothed into it.
-        first_look = self.ceiling is not None and level >= self.ceiling and not self._confirmed
-        rate = self._record(level, rate, now, smoothed=not first_look)
+        rate = self._record(level, rate, now)
         below = self._fresh(level - 1, now) if level > 1 else None
         above = self._fresh(level + 1, now)
         doubted, self._doubted = self._doubted, False
@@ -688,11 +684,8 @@ class Limit:
                 # window on a busy machine can be unlucky, so measure again
                 # (the two smoothed together) before coming down.
                 self._doubted = True
-        elif above is not None and below is None and above >= rate * (1 - GAIN):
-            # Measured again from above (a host long in its room, which
-            # keeps the level above measured): is it still worth it?  (One
-            # measured to do clearly less is not: a knee is held below it,
-            # and tried again in time, as any knee is.)
+        elif above is not None and below is None:
+            # Measured again from above: is the level above still worth it?
             if above >= rate * (1 + GAIN):
                 self._move(level + 1)
             else:

@@ -356,29 +356,6 @@ def test_one_lucky_measurement_does_not_raise_the_limit():
     assert paced.limit.value == 1 and paced.limit.ceiling == 2
 
 
-def test_a_knee_of_one_below_an_unlucky_window_tries_two_again_soon():
-    """
-    A host's first window at two measured far less than one (the machine
-    was busy with something else then): the knee is one, and two is tried
-    again after a few windows at one, as any knee's level above is, not
-    once that unlucky measure is old, half a minute later; two measured
-    again to pay is climbed to.
-    """
-    paced = Paced(Limit())
-    paced.limit.ran_at_once(2)
-    paced.until_judged(1.0)
-    assert paced.limit.value == 2
-    paced.until_judged(0.6)
-    assert paced.limit.value == 1 and paced.limit.ceiling == 2
-    started = paced.now
-    while paced.limit.value == 1 and paced.now - started < STALE:
-        paced.until_judged(1.0)
-    assert paced.limit.value == 2 and paced.now - started < STALE / 5
-    paced.until_judged(1.2)
-    paced.until_judged(1.2)
-    assert paced.limit.value == 3 and paced.limit.ceiling is None
-
-
 def test_a_level_measured_twice_without_gain_is_left():
     paced = Paced(Limit())
     paced.until_judged(1.0)
