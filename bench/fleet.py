@@ -1279,7 +1279,7 @@ def main(argv=None) -> int:
         other = Path(args.imml_from).resolve()
         if not (other / "imml" / "__init__.py").exists():
             parser.error(f"--imml-from {args.imml_from}: no imml package there")
-        IMML_FROM.append(other)
+        IMML_FROM[:] = [other]
     groups = {"real": list(REAL), "all": list(ALL_SCENARIOS)}
     scenarios = [x for s in args.scenarios.split(",") if s.strip() for x in groups.get(s.strip(), [s.strip()])]
     if set(scenarios) - set(ALL_SCENARIOS):

@@ -40,12 +40,13 @@ there, ahead of it, once, before the room is left to searches: so where a
 host's batch requests are long, over L{LONG_BATCH}, its room is one
 request.)
 
-A search may also go past a learned limit, by one request, or past the
-requests the host runs in its room: on a real host it then runs beside the
-batch requests there, sharing the processor, rather than waiting for one
-of them to end.  The strategy sees that room (a view of the host with one
-slot more) and weighs it: on a host that queues inside, the search would
-wait there as long as in the balancer's queue.
+A search may also go past a learned limit, by one request, or by one past
+the batch requests the host runs in its room, up to the most it was seen
+to run at once: on a real host it then runs beside the batch requests
+there, sharing the processor, rather than waiting for one of them to end.
+The strategy sees that room (a view of the host with one slot more) and
+weighs it: on a host that queues inside, the search would wait there as
+long as in the balancer's queue.
 """
 
 from __future__ import annotations
@@ -265,9 +266,10 @@ class Dispatcher:
         A search sees room for one request past the proven limit of each
         host with a learned limit that was seen to run that many requests
         at once (L{imml.limits.Limit.ran_at_once}: a real host, sharing its
-        processor) and is not starting slow, or past the requests it runs
-        when batch work is in its room; the strategy weighs running beside
-        the host's requests against waiting for one of them to end.
+        processor) and is not starting slow, or one past the requests it
+        runs when batch work is in its room, up to the most it was seen to
+        run at once; the strategy weighs running beside the host's requests
+        against waiting for one of them to end.
 
         While people search, batch work sees less of the host searches
         are quickest on, when its limit is learned and measured (a limit
@@ -284,7 +286,7 @@ class Dispatcher:
         """
         if info.interactive:
             return [
-                _Slots(b, max(b.proven_limit, b.in_flight) + 1, b.proven_limit)
+                _Slots(b, self._search_room(b), b.proven_limit)
                 if b.limiter.slots is None and b.limiter.ramp is None and b.limiter.side_by_side > b.proven_limit
                 else b
                 for b in candidates
@@ -311,6 +313,19 @@ class Dispatcher:
         at = candidates.index(quickest)
         views[at] = _Slots(quickest, kept, max(1, quickest.proven_limit - (limit - kept)))
         return views
+
+    @staticmethod
+    def _search_room(backend: Backend) -> int:
+        """
+        The limit a search sees on a real host: one past its proven limit,
+        or one past the batch requests it runs in its room, and no more
+        than it was seen to run at once.
+        """
+        proven, in_flight = backend.proven_limit, backend.in_flight
+        if in_flight > proven:
+            batch = in_flight - sum(1 for load in backend.loads if load.task == INTERACTIVE)
+            proven = max(proven, batch)
+        return min(proven + 1, backend.limiter.side_by_side)
 
     def _quickest_for_searches(self) -> Optional[Backend]:
         """

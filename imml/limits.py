@@ -317,8 +317,9 @@ class Limit:
         adds was measured, lately, to do not clearly less work than the
         limit, or was not measured lately: then it is tried, and measured
         while it is used.  A level of the room the host only passes
-        through (a deeper one is used) is not measured again: it is taken
-        to do no less where a level above it does no less.  On a real host
+        through (a deeper one is used) is seldom measured again: once its
+        measure is old, it is taken to do no less where a level above it
+        does no less.  On a real host
         with a light model, each request more in flight buys a few per
         cent more throughput, less than one window can tell from nothing:
         the knee is judged low, and the room keeps the host as busy as its
@@ -353,7 +354,10 @@ class Limit:
             if measured is None:
                 continue
             rate, when = measured
-            if not 0 <= now - when <= STALE:
+            if now < when:
+                until = min(until, when)  # (a clock set back)
+                continue
+            if now - when > STALE:
                 continue
             until = min(until, when + STALE)
             if rate < least:

@@ -725,10 +725,11 @@ def test_a_search_runs_at_once_beside_batch_work_in_a_deep_room():
     """
     Batch work fills a real host's room of three past its learned limit of
     two: a search that comes runs at once beside those five, sharing the
-    processor, rather than waiting for three answers.  On a host seen to
-    run only its two at once, it waits.
+    processor, rather than waiting for three answers; a second search at
+    once waits (one past the room's requests, as one past a limit).  On a
+    host seen to run only its two at once, the first waits.
     """
-    for at_once, joins in ((6, True), (2, False)):
+    for at_once, joins in ((8, True), (2, False)):
         clock = task.Clock()
         fleet = Fleet.from_addresses([BackendAddress("cpu")], clock)
         [host] = fleet.backends
@@ -743,12 +744,15 @@ def test_a_search_runs_at_once_beside_batch_work_in_a_deep_room():
         assert host.in_flight == 5
         search = result(dispatcher.acquire(SEARCH))
         assert (search == [host]) is joins and host.in_flight == (6 if joins else 5)
+        second = result(dispatcher.acquire(SEARCH))
+        assert second == [] and host.in_flight == (6 if joins else 5)
 
 
 def test_a_slow_host_s_room_is_weighed_against_waiting_for_a_fast_one():
     """
-    Both hosts at their learned limit of one, with room for one more: the
-    fast host's room is taken; once it is full, the slow host's room
+    Both hosts with a learned limit of one and room for one more, the slow
+    host at its limit: the fast host's limit and room are taken; once they
+    are full, the slow host's room
     (half a second a request) is not, when the fast host answers in ten
     milliseconds: the request waits for it.
     """
