@@ -292,7 +292,7 @@ class Dispatcher:
                 for b in candidates
             ]
         views = [_Untried(b) if b.untried() else b for b in candidates]
-        if now - self._searched >= self.pace_while_searching:
+        if not self._searching(now):
             for at, b in enumerate(candidates):
                 if b.in_flight >= b.limit:
                     room = self._room(b, info.task, now)
@@ -364,7 +364,7 @@ class Dispatcher:
             return None
         if isinstance(chosen, (_Slots, _Untried)):
             chosen = chosen.backend
-        if chosen is not None and not info.interactive and now - self._searched < self.pace_while_searching:
+        if chosen is not None and not info.interactive and self._searching(now):
             ready = self._paced_until(chosen, now)
             if ready > now:
                 self._pump_at(ready, now)
@@ -435,11 +435,10 @@ class Dispatcher:
         # (the usual case when the fleet is saturated), the strategy need
         # not be asked, but for a search, or batch work at the head of the
         # queue while nobody searches (either may have room past a limit).
-        if candidates and (info.interactive or any(c.has_free_slot() for c in candidates)):
+        if candidates and (
+            info.interactive or any(c.has_free_slot() for c in candidates) or (not ahead and not self._searching(now))
+        ):
             chosen = self._choose(info, candidates, ahead, now)
-        elif candidates and not ahead and now - self._searched >= self.pace_while_searching:
-            # no free slot within a limit: the room past one, if any
-            chosen = self._choose(info, candidates, 0, now)
         if chosen is not None:
             d = Deferred()
             d.callback(self._bind(chosen, info, owner))
@@ -565,6 +564,14 @@ class Dispatcher:
         finally:
             self._pumping = False
 
+    def _searching(self, now: float) -> bool:
+        """
+        Whether people search: a search came in the last
+        L{pace_while_searching} seconds (batch work is paced, and the room
+        past a limit is left to searches).
+        """
+        return now - self._searched < self.pace_while_searching
+
     def _alike(self, waiter: _Waiter, now: float) -> bool:
         """
         Whether C{waiter} may be kept waiting with the requests alike (see
@@ -573,7 +580,7 @@ class Dispatcher:
         the strategy chose for it, while the strategy may send the requests
         alike to another host.
         """
-        return not waiter.avoid and (waiter.info.interactive or now - self._searched >= self.pace_while_searching)
+        return not waiter.avoid and (waiter.info.interactive or not self._searching(now))
 
     def _last_alike_waits(
         self, queue: list[_Waiter], at: int, ahead: int, candidates: list[Backend], now: float
@@ -622,7 +629,7 @@ class Dispatcher:
         @return: whether it was sent.
         """
         waiter = self._waiting[0]
-        if waiter.info.interactive or now - self._searched < self.pace_while_searching:
+        if waiter.info.interactive or self._searching(now):
             return False
         candidates = self._candidates_of(waiter, kinds)
         chosen = self._choose(waiter.info, candidates, 0, now) if candidates else None

@@ -618,8 +618,6 @@ class Limit:
         """
         learned = self.learned
         windows = self._room_windows
-        for level in [level for level in windows if level <= learned]:
-            del windows[level]  # measured as the limit now
         shares = self._shares
         for level in range(learned + 1, len(shares)):
             window = windows.get(level)
@@ -734,6 +732,8 @@ class Limit:
 
     def _move(self, level: int) -> None:
         self.learned = max(1, min(level, MAX_LEARNED))
+        for above in [above for above in self._room_windows if above <= self.learned]:
+            del self._room_windows[above]  # measured as the limit now
         self._held = 0
         self._confirmed = False
         self._doubted = False
