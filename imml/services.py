@@ -9,6 +9,9 @@ Event: C{cannot-listen}.
 
 from __future__ import annotations
 
+import atexit
+import os
+import sys
 from typing import Any, Callable, Optional
 
 from twisted.application import service
@@ -184,6 +187,25 @@ class CannotStart(SystemExit, Exception):
         return self.message
 
 
+def exit_when_done(status: int) -> None:
+    """
+    End the process with C{status} once twistd is done with it: its
+    reactor stopped, its PID file removed, its log closed (the last thing
+    Python does at exit; what is written to the standard streams is
+    flushed first).
+    """
+
+    def end() -> None:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass  # closed, or its reader gone: nothing more to say
+        os._exit(status)
+
+    atexit.register(end)
+
+
 class ListensOrExits:
     """
     A mixin for the service tree twistd runs: the L{Listener}s among its
@@ -196,12 +218,15 @@ class ListensOrExits:
     the failure is known then, and L{CannotStart} ends twistd.  Once the
     reactor runs, nothing public sets twistd's exit status: a port that
     fails to open later (an endpoint plugin that opens asynchronously)
-    stops the reactor, after the same line.
+    stops the reactor, after the same line, and the process ends with
+    status 1 once twistd is done (L{exit_when_done}).
 
     @ivar reactor: stopped in that case.
+    @ivar exit_when_done: called with the status the process ends with.
     """
 
     reactor: Any
+    exit_when_done: Callable[[int], None] = staticmethod(exit_when_done)
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()  # type: ignore[misc]
@@ -234,4 +259,5 @@ class ListensOrExits:
         if failure.check(CancelledError):
             return
         self._say(listener, failure, "stopping")
+        self.exit_when_done(1)
         self.reactor.stop()

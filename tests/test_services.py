@@ -162,6 +162,8 @@ class Tree(ListensOrExits, MultiService):
         super().__init__()
         self.reactor = self
         self.stopped = 0
+        self.ends: list[int] = []
+        self.exit_when_done = self.ends.append
         for listener in listeners:
             listener.setServiceParent(self)
 
@@ -192,7 +194,7 @@ def test_a_tree_whose_listener_cannot_listen_exits_with_one_line_and_closes_the_
     [event] = [e for e in events if e.get("imml_event") == "cannot-listen"]
     assert event["log_level"] == LogLevel.critical and event["line"] == str(error)
     assert admin.port is None  # the admin port that did open is closed again
-    assert tree.stopped == 0
+    assert tree.stopped == 0 and tree.ends == []
 
 
 def test_a_port_that_fails_to_open_after_the_start_stops_the_reactor():
@@ -207,7 +209,7 @@ def test_a_port_that_fails_to_open_after_the_start_stops_the_reactor():
         endpoint.pending[0].errback(in_use())
     finally:
         globalLogPublisher.removeObserver(events.append)
-    assert tree.stopped == 1
+    assert tree.stopped == 1 and tree.ends == [1]
     [event] = [e for e in events if e.get("imml_event") == "cannot-listen"]
     assert event["line"] == "cannot listen on tcp:3003 (--listen): address already in use"
     tree.stopService()

@@ -5,6 +5,7 @@ usage error naming the option and the forms, and a port it cannot open
 ends twistd with one line and status 1, never a traceback.
 """
 
+import os
 import re
 import socket
 
@@ -51,6 +52,61 @@ def test_a_port_in_use_ends_the_start_with_one_line_and_status_1(held_port, opti
     assert "Traceback" not in output
     # Nothing claims it runs.
     assert "listening on" not in output
+
+
+#: An endpoint plugin whose port fails to open a moment after it is asked
+#: for, once twistd's reactor runs (as one that opens asynchronously may).
+LATE_ENDPOINT = """
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IStreamServerEndpoint, IStreamServerEndpointStringParser
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+
+@implementer(IStreamServerEndpoint)
+class Late:
+    def listen(self, factory):
+        opening = Deferred()
+        error = CannotListenError("", 0, OSError(98, "Address already in use"))
+        reactor.callLater(0.2, opening.errback, error)
+        return opening
+
+
+@implementer(IPlugin, IStreamServerEndpointStringParser)
+class Parser:
+    prefix = "late"
+
+    def parseStreamServer(self, reactor, *args, **kwargs):
+        return Late()
+
+
+parser = Parser()
+"""
+
+
+def test_a_port_that_fails_to_open_once_running_ends_twistd_with_one_line_and_status_1(tmp_path):
+    plugins = tmp_path / "twisted" / "plugins"
+    plugins.mkdir(parents=True)
+    (plugins / "late_endpoint.py").write_text(LATE_ENDPOINT)
+    path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    result = twistd(
+        "-n",
+        "--pidfile=",
+        "imml-balancer",
+        "--backends",
+        "127.0.0.1:9",
+        "--listen",
+        "late:here",
+        env={"PYTHONPATH": path},
+        timeout=60,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    [line] = [line for line in output.splitlines() if "cannot listen" in line]
+    assert line.endswith("cannot listen on late:here (--listen): address already in use; stopping")
+    assert "Traceback" not in output
 
 
 def test_a_bad_place_to_listen_ends_the_start_with_one_line_and_status_2():
