@@ -8,6 +8,7 @@ seconds, the same on every run.
     .venv/bin/python bench/simulate.py --seconds 120         # the steady state
     .venv/bin/python bench/simulate.py --fleet heterogeneous --clients 8
     .venv/bin/python bench/simulate.py --imml-from /tmp/other-checkout   # another imml package
+    .venv/bin/python bench/simulate.py --caps 4,4 --caps 5,3             # splits fixed in advance
 
 Nothing goes over a socket: imml's own L{Fleet}, L{Dispatcher} and
 strategy (C{--strategy}) bind each request to a host, as the balancer does,
@@ -16,7 +17,11 @@ real-like fake hosts of bench/fleet.py run on, driven by a
 L{twisted.internet.task.Clock}.  Closed-loop clients send Immich's CLIP
 visual request again as soon as one is answered.  Beside imml it runs what
 nginx's C{least_conn} does with no limits (every request sent at once to
-the host with the fewest in flight), on the same hosts.
+the host with the fewest in flight), on the same hosts; and with C{--caps}
+a split fixed in advance (at most so many in flight on each host, the rest
+waiting in turn for the first host below its cap): which split of the
+clients over the hosts makes the most, the best a balancer could do with a
+steady load.
 
 bench/fleet.py measures the real processes over 25 s; the limits are
 learned from scratch at each start, so its runs show the first half
@@ -35,9 +40,10 @@ from __future__ import annotations
 
 import argparse
 import random
+import re
 import statistics
 import sys
-from collections import Counter
+from collections import Counter, deque
 from pathlib import Path
 from typing import Optional
 
@@ -52,9 +58,20 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--strategy", default="shortest-delay", help="imml's strategy (default shortest-delay)")
     parser.add_argument("--imml-from", metavar="PATH", help="simulate the imml package of another checkout")
     parser.add_argument("--verbose", action="store_true", help="each run's learned curves")
+    parser.add_argument(
+        "--caps",
+        action="append",
+        default=[],
+        metavar="N,N,...",
+        help="also a balancer that keeps at most N in flight on each host, in the fleet's order (the rest wait"
+        " for the first host with fewer): what a split fixed in advance makes; may be given several times",
+    )
     args = parser.parse_args(argv)
     if args.clients < 1 or args.seconds <= args.warm or args.seeds < 1:
         parser.error("needs --clients >= 1, --seconds > --warm and --seeds >= 1")
+    for caps in args.caps:
+        if not re.fullmatch(r"[1-9]\d*(,[0-9]\d*)*", caps):
+            parser.error(f"--caps {caps!r}: expected numbers of requests, one a host, such as 5,3")
     return args
 
 
@@ -110,7 +127,7 @@ HANDLING = (0.002, 0.002)
 
 def run(target: str, seed: int) -> dict:
     """
-    One run of C{target} ("imml" or "least_conn"): its throughput, p99, and
+    One run of C{target} ("imml", "least_conn" or "caps N,N"): its throughput, p99, and
     each host's time at each number in flight and at each limit.
     """
     profiles, jitter = FLEETS[ARGS.fleet]
@@ -125,6 +142,13 @@ def run(target: str, seed: int) -> dict:
     #: requests the dispatcher refused (none, unless a host never answers)
     lost: list = []
     seen = {backend: Counter() for backend in fleet.backends}
+    #: with a split fixed in advance ("caps N,N"): each host's cap, and the
+    #: requests waiting for one
+    caps = []
+    if target.startswith("caps"):
+        caps = [int(n) for n in target.split()[1].split(",")]
+        caps += [0] * (len(fleet.backends) - len(caps))
+    waiting: deque = deque()
 
     def send() -> None:
         asked = clock.seconds()
@@ -136,6 +160,8 @@ def run(target: str, seed: int) -> dict:
             def done() -> None:
                 def answered() -> None:
                     fleet.finish(load, clock.seconds() - sent)
+                    if caps:
+                        fill()
                     if clock.seconds() >= ARGS.warm:
                         latencies.append(clock.seconds() - asked)
                     send()
@@ -148,9 +174,20 @@ def run(target: str, seed: int) -> dict:
 
         if target == "imml":
             dispatcher.acquire(BATCH).addCallbacks(bound, lost.append)
+        elif caps:
+            waiting.append(bound)
+            fill()
         else:
             fewest = min(fleet.backends, key=lambda b: (b.in_flight, draw.random()))
             bound(fleet.start(fewest, BATCH.task))
+
+    def fill() -> None:
+        """The requests waiting, in turn, to the first host under its cap."""
+        while waiting:
+            free = [b for b, cap in zip(fleet.backends, caps) if b.in_flight < cap]
+            if not free:
+                return
+            waiting.popleft()(fleet.start(free[0], BATCH.task))
 
     def sample() -> None:
         if clock.seconds() >= ARGS.warm:
@@ -192,7 +229,7 @@ def main() -> None:
         f"# {ARGS.fleet}, {ARGS.clients} clients, {ARGS.seconds:g} simulated s ({ARGS.warm:g} not measured),"
         f" {ARGS.seeds} seeds; imml {ARGS.strategy}" + (f" from {ARGS.imml_from}" if ARGS.imml_from else "")
     )
-    for target in ("imml", "least_conn"):
+    for target in ("imml", "least_conn", *(f"caps {caps}" for caps in ARGS.caps)):
         runs = [run(target, seed) for seed in range(ARGS.seeds)]
         rates = [r["rate"] for r in runs]
         p99s = [1000 * r["p99"] for r in runs]

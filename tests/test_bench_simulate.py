@@ -41,3 +41,22 @@ def test_a_run_shorter_than_its_warm_up_is_refused():
     done = simulate("--seconds", "2", "--warm", "5")
     assert done.returncode == 2 and done.stdout == ""
     assert "needs --clients >= 1, --seconds > --warm and --seeds >= 1" in done.stderr.splitlines()[-1]
+
+
+def test_a_split_fixed_in_advance_keeps_each_host_at_its_cap():
+    done = simulate("--seconds", "4", "--warm", "1", "--seeds", "1", "--caps", "5,3", "--caps", "8")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    at = lines.index(next(line for line in lines if line.startswith("caps 5,3 ")))
+    assert float(re.search(r"([\d.]+) req/s", lines[at]).group(1)) > 50
+    # eight clients: five on the fast host, three on the slow one, always
+    assert lines[at + 1 : at + 3] == ["    fast    in flight {5: '100%'}", "    slow    in flight {3: '100%'}"]
+    # a host left out of the caps takes nothing
+    at = lines.index(next(line for line in lines if line.startswith("caps 8 ")))
+    assert lines[at + 2] == "    slow    in flight {0: '100%'}"
+
+
+def test_caps_that_are_not_numbers_are_refused():
+    done = simulate("--caps", "5,x")
+    assert done.returncode == 2 and done.stdout == ""
+    assert "--caps '5,x': expected numbers of requests, one a host, such as 5,3" in done.stderr.splitlines()[-1]
