@@ -135,21 +135,14 @@ class ShortestDelay:
     longer than a short wait for a fast one.  When waiting wins, the
     request waits: late binding sends it to the first slot that frees up.
 
-    Of the free hosts, batch work takes the one where it costs the batch
-    least: its own time plus the time it adds to the requests already on
-    the host, which it slows down (on a real host, one more request on a
-    fast host already busy can cost the batch more than an idle slower host
-    does).  Whether it takes that host or waits goes by its own answer
-    there, as above: the time it adds to the others is not weighed against
-    waiting, for a request that waits in the balancer adds nothing to what
-    the fleet does, while one more on a real host still adds to its
-    throughput (a slow host with one request on it, say, whose second
-    answers a little later than waiting for the fast host would).  A
-    search counts its own time only: a person waits for it, plus the time
-    searches on that host have lately taken beyond the expected
-    (L{IBackendView.search_surprise}: a host held to a CPU quota by periods
-    may make a search wait for the next period), on a free slot and after
-    a wait alike.
+    A batch request's cost on a free slot is its own time plus the time it
+    adds to the requests already on the host, which it slows down: on a
+    real host, one more request on a fast host already busy can cost the
+    batch more than an idle slower host does.  A search counts its own
+    time only: a person waits for it, plus the time searches on that host
+    have lately taken beyond the expected (L{IBackendView.search_surprise}:
+    a host held to a CPU quota by periods may make a search wait for the
+    next period), on a free slot and after a wait alike.
 
     For an interactive request (a search), a free slot above a host's
     L{IBackendView.proven_limit} (a learned limit probing for more, or the
@@ -208,7 +201,7 @@ class ShortestDelay:
             in_flight = c.in_flight
             if c.has_free_slot():
                 # on a real host, the requests on it slow each other down
-                own = cost = t * c.stretch(in_flight + 1)
+                cost = t * c.stretch(in_flight + 1)
                 if not interactive:
                     # batch work counts the time it adds to those too: the
                     # time of all the requests on the host grows from
@@ -235,7 +228,7 @@ class ShortestDelay:
                         cost = max(cost, queued)
                 key = (cost, in_flight / limit, (i - self._turn) % count)
                 if best_key is None or key < best_key:
-                    best, best_key, best_own = c, key, own
+                    best, best_key = c, key
             else:
                 # it needs this many slots to free: those of the requests
                 # ahead of it, and its own
@@ -252,7 +245,9 @@ class ShortestDelay:
         if interactive:
             if best is None or wait_cost < best_key[0]:
                 return None
-        elif best is None or (wait_cost * self.patience + self.slack < best_own and best_own > running * self.near):
+        elif best is None or (
+            wait_cost * self.patience + self.slack < best_key[0] and best_key[0] > running * self.near
+        ):
             return None
         return best
 

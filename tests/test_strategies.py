@@ -476,25 +476,6 @@ def test_batch_work_counts_the_time_it_adds_to_the_requests_on_a_real_host():
     assert ShortestDelay().choose(sed_request(), [slots, slow]) is slots
 
 
-def test_batch_work_weighs_its_own_answer_on_a_free_host_against_waiting():
-    """
-    A real fast host at its limit of three (14 ms an image alone, 2.5
-    times that at three), one answer every 11 ms, the next in 6 ms: with
-    one request ahead, waiting and running there takes 52 ms.  A slow host
-    runs one image; a second there answers in 77 ms (45 ms alone, 1.7
-    times that beside the first), not clearly later than waiting (1.5 x
-    52 + 5 ms): it goes there, though it slows the image already there
-    (108 ms of the batch's time in all).  Waiting in the balancer adds
-    nothing to what the fleet does; the slow host's second image does.
-    Where the second would take far longer, the request waits.
-    """
-    fast = timed(0, limit=3, in_flight=3, seconds=0.014, answer_in=0.006, stretches={3: 2.5}, throughput=87.0)
-    slow = timed(1, limit=3, in_flight=1, seconds=0.045, stretches={2: 1.7})
-    assert ShortestDelay().choose(sed_request(ahead=1), [fast, slow]) is slow
-    slow.seconds = 0.070  # 119 ms
-    assert ShortestDelay().choose(sed_request(ahead=1), [fast, slow]) is None
-
-
 def test_a_search_shuns_a_host_where_searches_took_far_longer_than_expected():
     """
     An idle slow host held to a CPU quota: searches there are expected to
