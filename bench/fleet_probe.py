@@ -84,11 +84,14 @@ class _Probe:
         state["chosen"][f"{request.task}->{key}"] += 1
         for c in candidates:
             address = str(c)
-            state["limit"].setdefault(address, Counter())[c.limit] += 1
+            # the host's own limit, not the view's (which may add the room
+            # past it, or keep a slot for searches)
+            limit = getattr(c, "backend", c).limit
+            state["limit"].setdefault(address, Counter())[limit] += 1
             state.setdefault("in_flight", {}).setdefault(address, Counter())[c.in_flight] += 1
-            if state["last_limit"].get(address) not in (None, c.limit):
+            if state["last_limit"].get(address) not in (None, limit):
                 state["limit_changes"][address] += 1
-            state["last_limit"][address] = c.limit
+            state["last_limit"][address] = limit
             t = c.service_time(request.task)
             if t is not None:
                 state["estimate_ms"].setdefault(f"{request.task}@{address}", []).append(round(1000 * t, 1))
