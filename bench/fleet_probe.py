@@ -119,7 +119,7 @@ def _limit_state(view):
     the level seen to buy nothing, and the most requests seen to run at
     once.
     """
-    state = [view.limit, view.in_flight]
+    state = [getattr(view, "backend", view).limit, view.in_flight]
     limiter = getattr(getattr(view, "backend", view), "limiter", None)
     if limiter is not None:
         rates = {level: round(rate, 3) for level, (rate, _) in sorted(limiter._rates.items())}

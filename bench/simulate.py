@@ -19,9 +19,8 @@ visual request again as soon as one is answered.  Beside imml it runs what
 nginx's C{least_conn} does with no limits (every request sent at once to
 the host with the fewest in flight), on the same hosts; and with C{--caps}
 a split fixed in advance (at most so many in flight on each host, the rest
-waiting in turn for the first host below its cap): which split of the
-clients over the hosts makes the most, the best a balancer could do with a
-steady load.
+waiting in turn for the first host below its cap): what a split fixed in
+advance makes of the fleet, a yardstick for a balancer's decisions.
 
 bench/fleet.py measures the real processes over 25 s; the limits are
 learned from scratch at each start, so its runs show the first half
@@ -47,10 +46,13 @@ from collections import Counter, deque
 from pathlib import Path
 from typing import Optional
 
+#: How many hosts each fleet has (L{FLEETS}, made once imml is imported).
+HOSTS = {"real-light": 2, "real-heavy": 2, "heterogeneous": 3}
+
 
 def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--fleet", choices=("real-light", "real-heavy", "heterogeneous"), default="real-light")
+    parser.add_argument("--fleet", choices=tuple(HOSTS), default="real-light")
     parser.add_argument("--clients", type=int, default=8, help="closed-loop clients (default 8)")
     parser.add_argument("--seconds", type=float, default=30.0, help="simulated seconds a run (default 30)")
     parser.add_argument("--warm", type=float, default=5.0, help="simulated seconds not measured (default 5)")
@@ -64,14 +66,18 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
         default=[],
         metavar="N,N,...",
         help="also a balancer that keeps at most N in flight on each host, in the fleet's order (the rest wait"
-        " for the first host with fewer): what a split fixed in advance makes; may be given several times",
+        " in turn for the first host below its cap): what a split fixed in advance makes; may be given several times",
     )
     args = parser.parse_args(argv)
     if args.clients < 1 or args.seconds <= args.warm or args.seeds < 1:
         parser.error("needs --clients >= 1, --seconds > --warm and --seeds >= 1")
+    hosts = HOSTS[args.fleet]
     for caps in args.caps:
-        if not re.fullmatch(r"[1-9]\d*(,[0-9]\d*)*", caps):
+        if not re.fullmatch(r"\d+(,\d+)*", caps):
             parser.error(f"--caps {caps!r}: expected numbers of requests, one a host, such as 5,3")
+        numbers = [int(n) for n in caps.split(",")]
+        if len(numbers) > hosts or not any(numbers):
+            parser.error(f"--caps {caps!r}: expected at most {hosts} numbers for {args.fleet}'s hosts, not all 0")
     return args
 
 
@@ -144,7 +150,7 @@ def run(target: str, seed: int) -> dict:
     seen = {backend: Counter() for backend in fleet.backends}
     #: with a split fixed in advance ("caps N,N"): each host's cap, and the
     #: requests waiting for one
-    caps = []
+    caps: list[int] = []
     if target.startswith("caps"):
         caps = [int(n) for n in target.split()[1].split(",")]
         caps += [0] * (len(fleet.backends) - len(caps))
@@ -182,7 +188,7 @@ def run(target: str, seed: int) -> dict:
             bound(fleet.start(fewest, BATCH.task))
 
     def fill() -> None:
-        """The requests waiting, in turn, to the first host under its cap."""
+        """Send the requests waiting, in turn, each to the first host below its cap."""
         while waiting:
             free = [b for b, cap in zip(fleet.backends, caps) if b.in_flight < cap]
             if not free:

@@ -189,14 +189,18 @@ class CannotStart(SystemExit, Exception):
 
 def exit_when_done(status: int) -> None:
     """
-    End the process with C{status} once twistd is done with it: its
-    reactor stopped, its PID file removed, its log closed (the last thing
-    Python does at exit; what is written to the standard streams is
-    flushed first).
+    End the process with C{status} once twistd is done with it: after
+    twistd has stopped its reactor, removed its PID file and logged its
+    last line, when Python runs its exit hooks.  It runs first of them
+    (the last one registered), and ends the process there, after flushing
+    the standard streams: the hooks registered before it and Python's own
+    clean-up do not run.
     """
 
     def end() -> None:
-        for stream in (sys.stdout, sys.stderr):
+        for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+            if stream is None:
+                continue
             try:
                 stream.flush()
             except (OSError, ValueError):
@@ -219,7 +223,9 @@ class ListensOrExits:
     reactor runs, nothing public sets twistd's exit status: a port that
     fails to open later (an endpoint plugin that opens asynchronously)
     stops the reactor, after the same line, and the process ends with
-    status 1 once twistd is done (L{exit_when_done}).
+    status 1 once twistd is done (L{exit_when_done}).  (Under twistd as a
+    daemon, that is the process it left running: the command that started
+    it has ended already, with status 0, once the tree started.)
 
     @ivar reactor: stopped in that case.
     @ivar exit_when_done: called with the status the process ends with.
@@ -227,6 +233,8 @@ class ListensOrExits:
 
     reactor: Any
     exit_when_done: Callable[[int], None] = staticmethod(exit_when_done)
+    #: Whether a port failed to open once the reactor ran: the process ends.
+    _ending: bool = False
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()  # type: ignore[misc]
@@ -259,5 +267,7 @@ class ListensOrExits:
         if failure.check(CancelledError):
             return
         self._say(listener, failure, "stopping")
-        self.exit_when_done(1)
-        self.reactor.stop()
+        if not self._ending:  # (another port may fail too)
+            self._ending = True
+            self.exit_when_done(1)
+            self.reactor.stop()

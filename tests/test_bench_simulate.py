@@ -60,3 +60,12 @@ def test_caps_that_are_not_numbers_are_refused():
     done = simulate("--caps", "5,x")
     assert done.returncode == 2 and done.stdout == ""
     assert "--caps '5,x': expected numbers of requests, one a host, such as 5,3" in done.stderr.splitlines()[-1]
+
+
+def test_caps_for_more_hosts_than_the_fleet_has_or_none_are_refused():
+    for caps in ("5,3,2", "0,0"):
+        done = simulate("--caps", caps)
+        assert done.returncode == 2 and done.stdout == ""
+        assert done.stderr.splitlines()[-1].endswith(
+            f"--caps '{caps}': expected at most 2 numbers for real-light's hosts, not all 0"
+        )

@@ -197,21 +197,26 @@ def test_a_tree_whose_listener_cannot_listen_exits_with_one_line_and_closes_the_
     assert tree.stopped == 0 and tree.ends == []
 
 
-def test_a_port_that_fails_to_open_after_the_start_stops_the_reactor():
+def test_ports_that_fail_to_open_after_the_start_stop_the_reactor_once_and_end_with_status_1():
     events: list = []
     globalLogPublisher.addObserver(events.append)
-    endpoint = Endpoint("wait")
-    tree = Tree(named("listen", endpoint, "tcp:3003"))
+    endpoint, admin = Endpoint("wait"), Endpoint("wait")
+    tree = Tree(named("listen", endpoint, "tcp:3003"), named("admin", admin, "tcp:8080"))
     try:
         tree.privilegedStartService()
         tree.startService()
         assert tree.stopped == 0
         endpoint.pending[0].errback(in_use())
+        admin.pending[0].errback(in_use())
     finally:
         globalLogPublisher.removeObserver(events.append)
+    # each says so; the reactor is stopped once (a second stop would fail)
     assert tree.stopped == 1 and tree.ends == [1]
-    [event] = [e for e in events if e.get("imml_event") == "cannot-listen"]
-    assert event["line"] == "cannot listen on tcp:3003 (--listen): address already in use"
+    lines = [e["line"] for e in events if e.get("imml_event") == "cannot-listen"]
+    assert lines == [
+        "cannot listen on tcp:3003 (--listen): address already in use",
+        "cannot listen on tcp:8080 (--admin): address already in use",
+    ]
     tree.stopService()
 
 

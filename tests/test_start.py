@@ -8,6 +8,7 @@ ends twistd with one line and status 1, never a traceback.
 import os
 import re
 import socket
+from typing import Optional
 
 import pytest
 import treq
@@ -35,11 +36,11 @@ def held_port():
         yield held.getsockname()[1]
 
 
-def start(*args: str):
+def start(*args: str, twistd_options: tuple = ("--pidfile=",), env: Optional[dict] = None):
     """
     C{twistd -n imml-balancer} with C{args}, run to its end.
     """
-    return twistd("-n", "--pidfile=", "imml-balancer", "--backends", "127.0.0.1:9", *args, timeout=60)
+    return twistd("-n", *twistd_options, "imml-balancer", "--backends", "127.0.0.1:9", *args, env=env, timeout=60)
 
 
 @pytest.mark.parametrize("option, other", [("--listen", "--admin"), ("--admin", "--listen")])
@@ -57,7 +58,9 @@ def test_a_port_in_use_ends_the_start_with_one_line_and_status_1(held_port, opti
 #: An endpoint plugin whose port fails to open a moment after it is asked
 #: for, once twistd's reactor runs (as one that opens asynchronously may).
 LATE_ENDPOINT = """
-from twisted.internet import reactor
+import errno
+import os
+
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IStreamServerEndpoint, IStreamServerEndpointStringParser
@@ -67,10 +70,13 @@ from zope.interface import implementer
 
 @implementer(IStreamServerEndpoint)
 class Late:
+    def __init__(self, reactor):
+        self.reactor = reactor
+
     def listen(self, factory):
         opening = Deferred()
-        error = CannotListenError("", 0, OSError(98, "Address already in use"))
-        reactor.callLater(0.2, opening.errback, error)
+        error = CannotListenError("", 0, OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE)))
+        self.reactor.callLater(0.2, opening.errback, error)
         return opening
 
 
@@ -79,7 +85,7 @@ class Parser:
     prefix = "late"
 
     def parseStreamServer(self, reactor, *args, **kwargs):
-        return Late()
+        return Late(reactor)
 
 
 parser = Parser()
@@ -91,22 +97,21 @@ def test_a_port_that_fails_to_open_once_running_ends_twistd_with_one_line_and_st
     plugins.mkdir(parents=True)
     (plugins / "late_endpoint.py").write_text(LATE_ENDPOINT)
     path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
-    result = twistd(
-        "-n",
-        "--pidfile=",
-        "imml-balancer",
-        "--backends",
-        "127.0.0.1:9",
+    pidfile, logfile = tmp_path / "twistd.pid", tmp_path / "twistd.log"
+    result = start(
         "--listen",
         "late:here",
+        twistd_options=(f"--pidfile={pidfile}", f"--logfile={logfile}"),
         env={"PYTHONPATH": path},
-        timeout=60,
     )
-    output = result.stdout + result.stderr
-    assert result.returncode == 1, output
-    [line] = [line for line in output.splitlines() if "cannot listen" in line]
+    log = logfile.read_text()
+    assert result.returncode == 1, log
+    [line] = [line for line in log.splitlines() if "cannot listen" in line]
     assert line.endswith("cannot listen on late:here (--listen): address already in use; stopping")
-    assert "Traceback" not in output
+    assert "Traceback" not in log + result.stdout + result.stderr
+    # twistd did its part first: its PID file removed, its last line logged
+    assert not pidfile.exists()
+    assert log.splitlines()[-1].endswith("Server Shut Down.")
 
 
 def test_a_bad_place_to_listen_ends_the_start_with_one_line_and_status_2():
