@@ -372,6 +372,28 @@ def test_a_level_clearly_worse_than_the_one_below_is_left_at_once():
     assert paced.limit.value == 1 and paced.limit.ceiling == 2
 
 
+def test_a_knee_of_one_left_by_an_unlucky_first_window_is_tried_again_once_that_measure_is_stale():
+    """
+    A host that measured clearly worse at two than at one while its
+    service warmed up is held at one, the level above known to do less.
+    Once that measure is older than L{STALE}, two is tried again after a
+    few windows at one, and climbed past when it pays: the host is held
+    down for about half a minute, not for good.
+    """
+    paced = Paced(Limit())
+    paced.until_judged(1.0)
+    assert paced.limit.value == 2
+    paced.until_judged(0.65)
+    assert paced.limit.value == 1 and paced.limit.ceiling == 2
+    left = paced.now
+    while paced.limit.value == 1 and paced.now - left < 120:
+        paced.answers(1.0, 1)
+    assert paced.limit.value == 2 and STALE <= paced.now - left < STALE + 5
+    paced.until_judged(1.2)
+    paced.until_judged(1.2)
+    assert paced.limit.value == 3 and paced.limit.ceiling is None
+
+
 def test_the_time_a_host_had_no_request_is_not_counted():
     """
     A host at one request in flight that the balancer leaves idle between
