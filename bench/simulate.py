@@ -126,6 +126,8 @@ FLEETS = {
     "real-heavy": ({"fast": HEAVY, "slow": _quota(HEAVY)}, JITTER),
     "heterogeneous": ({name: _slots(slots, ms / 1000) for name, slots, ms, _ in HETEROGENEOUS}, 0.0),
 }
+# (--caps was checked against HOSTS, before imml was imported)
+assert {fleet: len(hosts) for fleet, (hosts, _) in FLEETS.items()} == HOSTS
 #: What the fake host's own handling adds to an answer, at most, in seconds,
 #: before the request reaches its processor and after (a loopback hop).
 HANDLING = (0.002, 0.002)
