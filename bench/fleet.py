@@ -119,27 +119,27 @@ PAIR = [("a", 2, 100.0, 25.0), ("b", 2, 100.0, 25.0)]
 #: as over the real service).
 SLOW_CORES = 0.4
 SLOW_PERIOD = 0.1
-#: What --slots-diagnostic gives a real-like host as its slots: the most
-#: requests in flight that still bought throughput on the host alone
-#: (bench/realhost.py: the light fast host 71.7, 79.4, 82.7, 84.2 req/s at
-#: 1-4, the slow one 14.6, 17.3, 17.9, 17.1; the heavy host does most with
-#: one).
+#: What --slots-diagnostic gives a real-like host as its slots, unless it
+#: names others: the most requests in flight that still bought throughput
+#: on the host alone (bench/realhost.py: the light fast host 71.7, 79.4,
+#: 82.7, 84.2 req/s at 1-4, the slow one 14.6, 17.3, 17.9, 17.1; the heavy
+#: host does most with one).
 DIAGNOSTIC_SLOTS = {"light": (4, 3), "heavy": (1, 1)}
-# real-like hosts: name, the diagnostic's slots, then the fake host's
-# processor options
-REAL_FLEETS = {
-    model: [
-        ("fast", DIAGNOSTIC_SLOTS[model][0], None, None, ["--cpu", model]),
-        (
-            "slow",
-            DIAGNOSTIC_SLOTS[model][1],
-            None,
-            None,
-            ["--cpu", model, "--cores", f"{SLOW_CORES:g}", "--period", f"{SLOW_PERIOD:g}"],
-        ),
+
+
+def real_fleet(model: str, slots: tuple[int, int]) -> list:
+    """
+    The real-like hosts of C{model}: name, the slots --slots-diagnostic
+    gives them (fast, slow), then the fake host's processor options.
+    """
+    fast, slow = slots
+    return [
+        ("fast", fast, None, None, ["--cpu", model]),
+        ("slow", slow, None, None, ["--cpu", model, "--cores", f"{SLOW_CORES:g}", "--period", f"{SLOW_PERIOD:g}"]),
     ]
-    for model in ("light", "heavy")
-}
+
+
+REAL_FLEETS = {model: real_fleet(model, DIAGNOSTIC_SLOTS[model]) for model in ("light", "heavy")}
 # scenario: (fleet, clients, with searches)
 REAL = {
     "real-light": ("light", 4, False),
@@ -535,7 +535,7 @@ def real_hosts(procs: Processes, args, model: str, quota: CPUQuota) -> tuple[lis
     slow = Real(procs, args.immich, args.immich_python, cache, "slow", quota)
     fast = Real(procs, args.immich, args.immich_python, cache, "fast", None)
     # --slots-diagnostic gives them the fake hosts' slots
-    fast.slots, slow.slots = DIAGNOSTIC_SLOTS[model]
+    fast.slots, slow.slots = args.diagnostic_slots[model]
     hosts = [fast, slow]
     for host in hosts:
         host.ready()
@@ -573,7 +573,8 @@ def run_case(scenario: str, target: str, tools, args, root: Path, live: list, ro
             picture, client_extra = picture_file.read_bytes(), ["--image", str(picture_file)]
         else:
             if scenario in REAL:
-                specs = REAL_FLEETS[REAL[scenario][0]]
+                model = REAL[scenario][0]
+                specs = real_fleet(model, args.diagnostic_slots[model])
             else:
                 specs = HETEROGENEOUS if scenario in ("heterogeneous", "mixed") else PAIR
             hosts = [Fake(procs, spec) for spec in specs]
@@ -1147,6 +1148,21 @@ def report(data: dict) -> None:
 # --------------------------------------------------------------------------
 
 
+def diagnostic_slots(parser: argparse.ArgumentParser, given: str | None) -> dict[str, tuple[int, int]]:
+    """
+    The slots --slots-diagnostic gives the real-like hosts of each model
+    (fast, slow): L{DIAGNOSTIC_SLOTS}, or both models the FAST,SLOW it
+    names (a usage error unless two whole numbers of at least 1).
+    """
+    if not given:
+        return dict(DIAGNOSTIC_SLOTS)
+    parts = given.split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) >= 1 for p in parts):
+        parser.error(f"--slots-diagnostic {given}: give the fast and the slow host's slots, e.g. 5,3")
+    fast, slow = (int(p) for p in parts)
+    return {model: (fast, slow) for model in DIAGNOSTIC_SLOTS}
+
+
 def immich_models(parser: argparse.ArgumentParser, args, scenarios: list[str]) -> list[str]:
     """
     Check --immich and --immich-python (a usage error otherwise): the
@@ -1229,9 +1245,12 @@ def main(argv=None) -> int:
     )
     parser.add_argument(
         "--slots-diagnostic",
-        action="store_true",
-        help="also run imml with each host's true slots in a --config file (no learned "
-        "limits): a diagnostic, not one of the issue's targets",
+        nargs="?",
+        const="",
+        metavar="FAST,SLOW",
+        help="also run imml with each host's slots in a --config file (no learned limits): a diagnostic, not "
+        "one of the issue's targets.  The real-like hosts' slots are those that bought throughput alone "
+        "(light 4,3; heavy 1,1), or FAST,SLOW: a split fixed in advance, a yardstick for imml's decisions",
     )
     parser.add_argument(
         "--profile",
@@ -1291,6 +1310,7 @@ def main(argv=None) -> int:
         parser.error("--rounds 1-20")
     if not 1 <= args.request_timeout <= 300:
         parser.error("--request-timeout 1-300")
+    args.diagnostic_slots = diagnostic_slots(parser, args.slots_diagnostic)
     needed_models = immich_models(parser, args, scenarios)
 
     def interrupted(signum, frame):
@@ -1307,7 +1327,7 @@ def main(argv=None) -> int:
         elif t == "imml":
             strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
             targets += [f"imml:{s}" for s in strategies]
-            if args.slots_diagnostic:
+            if args.slots_diagnostic is not None:
                 targets += [f"imml:{s}+slots" for s in strategies[:1]]
             if args.imml_from:
                 targets += [f"imml:{s}+from" for s in strategies]
@@ -1369,7 +1389,7 @@ def main(argv=None) -> int:
             "fleets": {
                 "heterogeneous": HETEROGENEOUS,
                 "pair": PAIR,
-                **{f"real-{m}": f for m, f in REAL_FLEETS.items()},
+                **{f"real-{m}": real_fleet(m, args.diagnostic_slots[m]) for m in REAL_FLEETS},
             },
             "immich": args.immich
             and {

@@ -177,3 +177,22 @@ def test_another_checkout_without_imml_is_refused(tmp_path):
 def test_another_checkout_s_imml_is_named_apart_in_the_tables(figures):
     assert figures.label("imml:shortest-delay+from") == "imml shortest-delay (from)"
     assert figures.label("imml:shortest-delay") == "imml shortest-delay"
+
+
+@pytest.mark.parametrize("given", ["5", "5,0", "five,3", "5,3,1", "-1,3"])
+def test_slots_for_the_diagnostic_that_are_not_two_counts_are_refused(given):
+    line = refused(fleet("--scenarios", "real-light-8", f"--slots-diagnostic={given}"))
+    assert line == f"fleet.py: error: --slots-diagnostic {given}: give the fast and the slow host's slots, e.g. 5,3"
+
+
+def test_the_diagnostic_gives_the_real_like_hosts_the_split_it_names(figures):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    assert figures.diagnostic_slots(parser, "") == figures.DIAGNOSTIC_SLOTS
+    split = figures.diagnostic_slots(parser, "5,3")
+    assert split == {"light": (5, 3), "heavy": (5, 3)}
+    hosts = figures.real_fleet("light", split["light"])
+    assert [(name, slots) for name, slots, *_ in hosts] == [("fast", 5), ("slow", 3)]
+    # the same processors as the fleet the scenarios run by default
+    assert [h[4] for h in hosts] == [h[4] for h in figures.REAL_FLEETS["light"]]
