@@ -353,7 +353,7 @@ def imml_command(
     ]
     if strategy.endswith("+slots"):
         # Diagnostic only (the issue's targets must hold without it): each
-        # host's true slots in a --config file, so no limit is learned.
+        # host's slots in a --config file, so no limit is learned.
         strategy = strategy[: -len("+slots")]
         conf = workdir / "imml.toml"
         conf.write_text("".join(f'[[hosts]]\naddress = "127.0.0.1:{f.port}"\nslots = {f.slots}\n\n' for f in fakes))
@@ -1126,9 +1126,15 @@ def report(data: dict) -> None:
             "host cores: the CPU each real host used in the window, in cores"
         )
     if any(t.endswith("+slots") for t in targets):
+        fleets = data.get("settings", {}).get("fleets", {})
+        split = ", ".join(
+            f"{name} {'/'.join(str(host[1]) for host in hosts)}"
+            for name, hosts in fleets.items()
+            if name.startswith("real-")
+        )
         say(
-            "+slots: diagnostic, imml told each host's true slots in a --config file (no learned limit); "
-            "not a target of the issue, which demands a plain --backends list"
+            f"+slots: diagnostic, imml told each host's slots in a --config file (no learned limit; real-like "
+            f"fast/slow: {split}); not a target of the issue, which demands a plain --backends list"
         )
     say("")
     peers = [p for p in ("nginx", "haproxy") if p in targets]
@@ -1157,7 +1163,7 @@ def diagnostic_slots(parser: argparse.ArgumentParser, given: str | None) -> dict
     if not given:
         return dict(DIAGNOSTIC_SLOTS)
     parts = given.split(",")
-    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) >= 1 for p in parts):
+    if len(parts) != 2 or not all(p.strip().isdecimal() and int(p) >= 1 for p in parts):
         parser.error(f"--slots-diagnostic {given}: give the fast and the slow host's slots, e.g. 5,3")
     fast, slow = (int(p) for p in parts)
     return {model: (fast, slow) for model in DIAGNOSTIC_SLOTS}
