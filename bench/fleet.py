@@ -1126,7 +1126,7 @@ def report(data: dict) -> None:
             "host cores: the CPU each real host used in the window, in cores"
         )
     if any(t.endswith("+slots") for t in targets):
-        fleets = data.get("settings", {}).get("fleets", {})
+        fleets = data["settings"]["fleets"]
         split = ", ".join(
             f"{name} {'/'.join(str(host[1]) for host in hosts)}"
             for name, hosts in fleets.items()

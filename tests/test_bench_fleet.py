@@ -5,6 +5,7 @@ anything starts; and the figures of several rounds put together.  The runs
 themselves need nginx, HAProxy or Immich and are not tested here.
 """
 
+import argparse
 import subprocess
 import sys
 
@@ -186,8 +187,6 @@ def test_slots_for_the_diagnostic_that_are_not_two_counts_are_refused(given):
 
 
 def test_the_diagnostic_gives_the_real_like_hosts_the_split_it_names(figures):
-    import argparse
-
     parser = argparse.ArgumentParser()
     assert figures.diagnostic_slots(parser, "") == figures.DIAGNOSTIC_SLOTS
     split = figures.diagnostic_slots(parser, "5,3")
