@@ -44,11 +44,14 @@ to climb to: on a real host each request more in flight still buys a
 little, which one window cannot tell from nothing), the request more runs
 at once or waits inside the host for the first answer rather than in the
 balancer, starts as soon as the host can take it, and the host does a
-little more.  A real host seen to run all of its room at once may take
-one request more, and so on, while each level it adds does not clearly
-less work than the knee: on Immich ML with a light model each request more
-in flight buys a few per cent, too little for the knee to climb on, and
-the host then runs as many as its curve allows while requests wait.  What
+little more.  A host seen to run all of its room at once, or all of it
+but one, may take one request more, and so on, while each level it adds
+does not clearly less work than the knee (a deeper level, held only for
+moments, may read up to L{ROOM_SLACK} less): on Immich ML with
+a light model each request more in flight buys a few per cent, too little
+for the knee to climb on, and one waiting there for a thread of its pool
+has its decoding done meanwhile; the host then runs as many as its curve
+allows while requests wait.  What
 the host does while it holds more than its limit (the room, a search past
 it) does not count for the knee: it measures the levels above
 (L{Limit._measure_room}).  A host kept in its room (a job's
@@ -111,6 +114,15 @@ STALE = 30.0
 #: gives a host more and less of its CPU from one tenth of a second to the
 #: next.
 MIN_SPAN = 0.5
+#: A level of the room two or more past a learned limit is kept while it
+#: does no more than this much less work than the limit (the first, as
+#: any level, within L{GAIN}): a level the host holds only for moments,
+#: measured by its answers' shares there, reads a few per cent low (on
+#: Immich ML with a light model, the fifth request in flight reads 5 %
+#: below the fourth, and held for good makes 0.5 % more).  The first
+#: level is a heavy host's whole room, where a request more costs a sixth
+#: of the throughput: it must not read as no less.
+ROOM_SLACK = 0.10
 #: Weight of a new measurement of a level in its running throughput.
 SMOOTHING = 0.5
 #: Answers at a probed level after which it is left at once if they took,
@@ -312,11 +324,17 @@ class Limit:
         seen to run at once (a request may already wait inside it).
 
         One more, and so on, while the host was seen to run all of the
-        room at once (a real host: on a host with slots the request past
-        its slots waits inside it, and goes no further) and the level it
-        adds was measured, lately, to do not clearly less work than the
-        limit, or was not measured lately: then it is tried, and measured
-        while it is used.  A level of the room the host only passes
+        room at once, or all of it but its last request (a real host; on
+        Immich ML, whose pool of threads runs as many inferences as it has
+        threads, the requests past them wait inside it for one with their
+        decoding done, and keep the pool busy), and the level it adds was
+        measured, lately, to do not clearly less work than the limit (no
+        less by more than L{ROOM_SLACK}: a level held only for moments
+        reads a few per cent low), or was not measured lately: then it is
+        tried, and measured while it is used.  (A host with slots, not told to the balancer, may then
+        hold two requests past its slots while batch work waits: its
+        throughput is the same, and the strategy weighs each one's wait
+        inside it.)  A level of the room the host only passes
         through (a deeper one is used) is seldom measured again: once its
         measure is old, it is taken to do no less where a level above it
         does no less.  On a real host
@@ -344,12 +362,12 @@ class Limit:
         here = self.throughput(level)
         if at_once < max(level, 2) or here is None:
             return 0, until
-        least = here * (1 - GAIN)
         # the deepest level above the limit lately measured to do no less,
         # up to the first lately measured to do clearly less (the levels
         # between, which the host passes through for moments, age)
         reach = 0
-        for above in range(level + 1, at_once + 2):
+        for above in range(level + 1, at_once + 3):
+            least = here * (1 - (GAIN if above == level + 1 else ROOM_SLACK))
             measured = self._rates.get(above)
             if measured is None:
                 continue
@@ -363,7 +381,7 @@ class Limit:
             if rate < least:
                 return reach, until
             reach = above - level
-        if reach and level + reach <= at_once:
+        if reach and level + reach <= at_once + 1:
             return reach + 1, until  # tried, and measured while it is used
         return reach, until
 

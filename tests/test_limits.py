@@ -598,6 +598,7 @@ def test_a_level_above_the_knee_that_does_no_less_is_room_while_requests_wait():
     paced = _knee_at_two()
     assert paced.limit.room(paced.now)
     assert _knee_at_two(third=1.16).limit.room(paced.now)
+    assert not _knee_at_two(third=1.1).limit.room(paced.now)
     assert _knee_at_two(side_by_side=2).limit.room(paced.now)
     assert not _knee_at_two(side_by_side=1).limit.room(paced.now)
     assert not _knee_at_two(third=1.0).limit.room(paced.now)
@@ -610,31 +611,41 @@ def test_a_level_above_the_knee_that_does_no_less_is_room_while_requests_wait():
     assert two.limit.room(two.now)
 
 
-def test_the_room_grows_while_the_host_runs_all_of_it_at_once_and_it_does_no_less():
+def test_the_room_grows_while_the_host_runs_all_of_it_but_one_at_once_and_it_does_no_less():
     """
     A real host with a light model: each request more in flight buys a few
     per cent, too little to climb to.  Seen to run all of its room at once,
-    it may take one request more, and that level is measured while it is
-    used: kept while it does not clearly less work than the knee, given up
-    once it does, and tried again once that measure is old.  A host seen
-    to run only its limit at once (Immich ML with two threads: the request
-    more waits inside it for one of them) gets a room of one, and no more.
+    or all of it but the last request, it may take one request more, and
+    that level is measured while it is used: kept while it does not clearly
+    less work than the knee, given up once it does, and tried again once
+    that measure is old.  On Immich ML with two threads the requests past
+    them wait inside it for one with their decoding done, and keep both
+    busy: a host seen to run only its limit of two at once gets a room of
+    two, and no more.
     """
     paced = _knee_at_two()  # seen to run three at once
     limit = paced.limit
     assert limit.room(paced.now) == 2  # the fourth is tried
     _over(paced, 1.25, STALE / 2, depth=2)
     assert limit.throughput(4) == pytest.approx(1.25, abs=0.03)
-    assert limit.value == 2 and limit.room(paced.now) == 2  # not seen to run four at once
-    limit.ran_at_once(4)
-    assert limit.room(paced.now) == 3
+    assert limit.value == 2 and limit.room(paced.now) == 3  # the fifth is tried
     _over(paced, 1.0, STALE / 2, depth=3)  # five do clearly less than two
     assert limit.value == 2 and limit.room(paced.now) == 2
     _over(paced, 1.25, STALE + 1, depth=2)
     assert limit.room(paced.now) == 3  # five measured long ago: tried again
+    # a deeper level of the room, which the host holds only for moments,
+    # reads a few per cent low: 5-10 % less than the limit is not clearly
+    # less there
+    _over(paced, 1.14, STALE / 2, depth=3)
+    assert 1.2 * 0.9 < limit.throughput(5) < 1.2 * 0.95
+    assert limit.room(paced.now) == 3  # not seen to run four at once: no sixth
+    limit.ran_at_once(4)
+    assert limit.room(paced.now) == 4
     assert limit.room(paced.now + STALE + 1) == 0  # nothing above the limit measured lately
     two = _knee_at_two(side_by_side=2)
-    assert two.limit.room(two.now) == 1
+    assert two.limit.room(two.now) == 2
+    _over(two, 1.25, STALE / 2, depth=2)
+    assert two.limit.room(two.now) == 2
 
 
 def _knee_at_one(side_by_side: int) -> Paced:
@@ -745,15 +756,16 @@ def test_a_first_answer_that_loaded_the_model_is_not_the_unit():
 def test_batch_work_that_would_wait_takes_the_room_and_waits_inside_for_the_first_answer():
     """
     A host whose learned limit of two was measured as above (three did no
-    less), seen to run its two at once: while nobody searches, a third
-    batch request goes to it rather than waiting in the balancer, counted
-    as waiting inside the host, and starts at the first answer, when the
-    request at the head of the queue takes the room again.  A search then
-    is not sent in past the limit (the host does not run three at once):
-    it waits in the balancer, ahead of the batch, for the answer after the
-    request inside has started (one answer more than without the room,
-    once: the room is left to searches from then on).  On a host seen to
-    run only one at once, the third batch request waits in the balancer.
+    less), seen to run its two at once: while nobody searches, a third and
+    a fourth batch request go to it rather than waiting in the balancer,
+    counted as waiting inside the host, and start at the first answers,
+    when the request at the head of the queue takes the room again.  A
+    search then is not sent in past the limit (the host does not run three
+    at once): it waits in the balancer, ahead of the batch, for the answer
+    after the requests inside have started (two answers more than without
+    the room, once: the room is left to searches from then on).  On a host
+    seen to run only one at once, the third batch request waits in the
+    balancer.
     """
     batch = RequestInfo(b"POST", b"/predict", "clip-visual")
     search = RequestInfo(b"POST", b"/predict", "clip-textual", interactive=True)
@@ -774,25 +786,29 @@ def test_batch_work_that_would_wait_takes_the_room_and_waits_inside_for_the_firs
 
     clock, fleet, host, dispatcher = host_with(_knee_at_two(side_by_side=2))
     first, second, third = (bound(dispatcher.acquire(batch)) for _ in range(3))
-    assert first and second and third and host.in_flight == 3
-    assert third.starts is None and host.queued_inside == 1
-    fourth = dispatcher.acquire(batch)
-    fourth_bound = []
-    fourth.addCallback(fourth_bound.append)
-    assert not fourth_bound and dispatcher.queue_depth == 1
+    clock.advance(0.001)
+    fourth = bound(dispatcher.acquire(batch))
+    assert first and second and third and fourth and host.in_flight == 4
+    assert third.starts is None and fourth.starts is None and host.queued_inside == 2
+    fifth = dispatcher.acquire(batch)
+    fifth_bound = []
+    fifth.addCallback(fifth_bound.append)
+    assert not fifth_bound and dispatcher.queue_depth == 1
     clock.advance(0.02)
     fleet.finish(first, 0.02)
     assert third.starts == clock.seconds()
-    [fourth] = fourth_bound
-    assert host.in_flight == 3 and fourth.starts is None and host.queued_inside == 1
+    [fifth] = fifth_bound
+    assert host.in_flight == 4 and fifth.starts is None and host.queued_inside == 2
     searched = []
     dispatcher.acquire(search).addCallback(searched.append)
-    assert not searched and dispatcher.queue_depth == 1 and host.in_flight == 3
+    assert not searched and dispatcher.queue_depth == 1 and host.in_flight == 4
+    for ended, starts in ((second, fourth), (third, fifth)):
+        clock.advance(0.02)
+        fleet.finish(ended, 0.04)
+        assert starts.starts == clock.seconds() and not searched
+    assert host.in_flight == 2
     clock.advance(0.02)
-    fleet.finish(second, 0.02)
-    assert fourth.starts == clock.seconds() and not searched and host.in_flight == 2
-    clock.advance(0.02)
-    fleet.finish(third, 0.04)
+    fleet.finish(fourth, 0.04)
     assert searched and host.in_flight == 2 and dispatcher.queue_depth == 0
     batch_again = []
     dispatcher.acquire(batch).addCallback(batch_again.append)
