@@ -42,6 +42,7 @@ class RequestInfo:
     interactive: bool = False
     ahead: int = 0
     entries: Optional[bytes] = None
+    searching: bool = False
 
     @property
     def retryable(self) -> bool:
@@ -51,11 +52,12 @@ class RequestInfo:
         """
         return self.method in (b"GET", b"HEAD", b"OPTIONS") or (self.method == b"POST" and self.task is not None)
 
-    def behind(self, ahead: int) -> RequestInfo:
+    def behind(self, ahead: int, searching: bool = False) -> RequestInfo:
         """
-        The same request with C{ahead} others waiting ahead of it (what
-        C{attrs.evolve} makes, at a third of its cost: the balancer asks
-        this for each request waiting, each time a host frees).
+        The same request with C{ahead} others waiting ahead of it, and
+        people searching or not (what C{attrs.evolve} makes, at a third of
+        its cost: the balancer asks this for each request waiting, each
+        time a host frees).
         """
         return RequestInfo(
             method=self.method,
@@ -64,6 +66,7 @@ class RequestInfo:
             interactive=self.interactive,
             ahead=ahead,
             entries=self.entries,
+            searching=searching,
         )
 
 

@@ -345,8 +345,9 @@ class Dispatcher:
         return alone is not None and alone * backend.stretch(backend.limit) > LONG_BATCH
 
     def _choose(self, info: RequestInfo, candidates: list[Backend], ahead: int, now: float) -> Optional[Backend]:
-        if ahead:
-            info = info.behind(ahead)
+        searching = not info.interactive and self._searching(now)
+        if ahead or searching:
+            info = info.behind(ahead, searching)
         views = self._views(info, candidates, now)
         if not any(v.has_free_slot() for v in views):
             return None

@@ -49,6 +49,12 @@ class IRequestInfo(Interface):
         "waiting, the balancer keeps those between waiting too, without "
         "asking about them, until it next binds a request or a host frees."
     )
+    searching = Attribute(
+        "True for batch work while people search (a search came in the last "
+        "ten seconds): the balancer then paces batch work and keeps it from "
+        "a host's room, and a strategy may keep batch work from filling "
+        "hosts, so that searches find them less loaded."
+    )
 
 
 class IBackendView(Interface):

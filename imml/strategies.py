@@ -128,8 +128,17 @@ class ShortestDelay:
     a request takes, once it runs, on the busy host where it runs quickest,
     however short the wait for that host: its answer is hardly slower than
     the busy host's own, and while batch work waits (a job's steady
-    stream), a host left idle is throughput lost.  (A host several times slower, whose answers would
-    make the fleet's tail, is kept for when the wait is long.)  A search
+    stream), a host left idle is throughput lost.  (A host several times
+    slower, whose answers would make the fleet's tail, is kept for when
+    the wait is long.)  And while nobody searches
+    (L{IRequestInfo.searching}: searches find hosts less loaded), batch
+    work that would wait takes the free host it weighs best when that host already runs requests and answers it
+    there within C{fill_near} times what a request takes on the busy host
+    once it runs (L{_fills}): a request waiting in the balancer does no
+    work, while on a real host one more in flight runs beside the others,
+    or waits inside it for a thread with its decoding done, and adds a
+    little; the host's limit, its room past a learned limit included,
+    says it may take one more.  A search
     (interactive) takes whichever is expected sooner: searches are few, a
     person waits for each, and a free slow host can take several times
     longer than a short wait for a fast one.  When waiting wins, the
@@ -167,6 +176,10 @@ class ShortestDelay:
     #: ... and the free host costs more than this many times what a request
     #: takes on the busy host once it runs.
     near: float = 2.5
+    #: Batch work that would wait takes a free slot on a host already
+    #: running requests where its own answer takes no more than this many
+    #: times what a request takes on the busy host once it runs.
+    fill_near: float = 3.5
     _turn: int = 0
 
     def choose(self, request: IRequestInfo, candidates: Sequence[IBackendView]) -> Optional[IBackendView]:
@@ -201,7 +214,7 @@ class ShortestDelay:
             in_flight = c.in_flight
             if c.has_free_slot():
                 # on a real host, the requests on it slow each other down
-                cost = t * c.stretch(in_flight + 1)
+                own = cost = t * c.stretch(in_flight + 1)
                 if not interactive:
                     # batch work counts the time it adds to those too: the
                     # time of all the requests on the host grows from
@@ -228,7 +241,7 @@ class ShortestDelay:
                         cost = max(cost, queued)
                 key = (cost, in_flight / limit, (i - self._turn) % count)
                 if best_key is None or key < best_key:
-                    best, best_key = c, key
+                    best, best_key, best_own = c, key, own
             else:
                 # it needs this many slots to free: those of the requests
                 # ahead of it, and its own
@@ -246,10 +259,28 @@ class ShortestDelay:
             if best is None or wait_cost < best_key[0]:
                 return None
         elif best is None or (
-            wait_cost * self.patience + self.slack < best_key[0] and best_key[0] > running * self.near
+            wait_cost * self.patience + self.slack < best_key[0]
+            and best_key[0] > running * self.near
+            and (request.searching or not self._fills(best, best_own, running))
         ):
             return None
         return best
+
+    def _fills(self, c: IBackendView, own: float, running: float) -> bool:
+        """
+        Whether batch work that would wait takes C{c}'s free slot instead:
+        C{c} already runs requests (whether to start an idle host is the
+        rule before), has a free slot below its limit as the request sees
+        it (its room past a learned limit included), and the request's own
+        answer there (C{own}, stretched by those on it) takes no more than
+        C{fill_near} times C{running}, what a request takes on the busy host
+        once it runs: a host several times slower stays out, its answers
+        would make the fleet's tail.  No gain by the host's curve is asked
+        for: a level a host passes through only for moments, as a slower
+        host's second request, measures a few per cent low, and a request
+        waiting in the balancer does no work at all.
+        """
+        return 0 < c.in_flight < c.limit and own <= running * self.fill_near
 
     @staticmethod
     def _rate(c: IBackendView, limit: int, t: float) -> Optional[float]:

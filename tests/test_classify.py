@@ -66,6 +66,7 @@ def test_a_request_seen_behind_others_is_the_same_request():
     behind = info.behind(3)
     assert behind.ahead == 3
     assert behind == attrs.evolve(info, ahead=3)
+    assert info.behind(2, searching=True) == attrs.evolve(info, ahead=2, searching=True)
     # a field added to the class must be carried by behind() too
     fields = [f.name for f in attrs.fields(RequestInfo)]
-    assert fields == ["method", "path", "task", "interactive", "ahead", "entries"]
+    assert fields == ["method", "path", "task", "interactive", "ahead", "entries", "searching"]

@@ -775,6 +775,65 @@ def test_a_slow_host_s_room_is_weighed_against_waiting_for_a_fast_one():
     assert third == [fast] and fast.in_flight == 2 and slow.in_flight == 1
 
 
+class _Curve(Limit):
+    """A learned limit whose levels were measured: each stretches requests as C{curve} says."""
+
+    curve: dict = {2: 1.6, 3: 1.8}
+
+    def knows(self, level: int) -> bool:
+        return True
+
+    def stretch(self, in_flight: int) -> float:
+        return self.curve.get(in_flight, 1.0)
+
+
+def _fast_and_slower(fill_near: float) -> tuple:
+    """
+    A fast real host (10 ms an image alone) with a limit of two, and a
+    slower one (30 ms) with a limit of three, running one image; a
+    dispatcher over them.
+    """
+    clock = task.Clock()
+    fleet = Fleet.from_addresses([BackendAddress("fast"), BackendAddress("slow")], clock)
+    fast, slow = fleet.backends
+    for host, seconds, learned in ((fast, 0.01, 2), (slow, 0.03, 3)):
+        fleet.check_passed(host)
+        host.limiter = _Curve(learned=learned)
+        fleet.finish(fleet.start(host, "clip-visual"), seconds)
+    fleet.start(slow, "clip-visual")
+    return clock, fleet, Dispatcher(fleet, ShortestDelay(fill_near=fill_near), clock, 60.0, 100)
+
+
+def test_batch_work_that_would_wait_fills_a_slower_host_up_to_its_limit():
+    """
+    The fast host full, a second image on the slower host answers in 48 ms
+    and slows the first, against about 32 ms waiting for the fast host: the
+    rule before waits.  A request waiting does no work, and 48 ms is within
+    three and a half times the fast host's 16 ms: the slower host takes
+    it, and the next (54 ms); then its limit is reached, and the request
+    after waits for the first slot that frees.
+    """
+    clock, fleet, dispatcher = _fast_and_slower(fill_near=0.0)
+    fast, slow = fleet.backends
+    assert [result(dispatcher.acquire(BATCH)) for _ in range(3)] == [[fast], [fast], []]
+
+    clock, fleet, dispatcher = _fast_and_slower(fill_near=3.5)
+    fast, slow = fleet.backends
+    first, second, third, fourth, fifth = (result(dispatcher.acquire(BATCH)) for _ in range(5))
+    assert first == second == [fast] and third == fourth == [slow] and slow.in_flight == 3
+    assert fifth == [] and dispatcher.queue_depth == 1
+    clock.advance(0.016)
+    fleet.finish(first.load, 0.016)
+    assert fifth == [fast] and dispatcher.queue_depth == 0
+
+    # while people search (a search came lately), batch work waits instead
+    clock, fleet, dispatcher = _fast_and_slower(fill_near=3.5)
+    fast, slow = fleet.backends
+    search = RequestInfo(b"POST", b"/predict", "clip-textual", interactive=True)
+    assert result(dispatcher.acquire(search)) == [fast]
+    assert all(result(dispatcher.acquire(BATCH)) != [slow] for _ in range(3)) and slow.in_flight == 1
+
+
 def test_while_people_search_batch_work_keeps_to_what_a_host_was_seen_to_run_at_once():
     """
     A host that runs two requests at a time, whose learned limit grew to

@@ -325,6 +325,60 @@ def test_batch_work_waits_no_more_readily_with_more_waiting_ahead_of_it():
     assert first > 0 and all(taken[first:])
 
 
+def lasting_queue(slow_seconds=0.070, slow_in_flight=1, limit=3, second=1.6):
+    """
+    A real fast host at its limit of four (14 ms an image alone, 49 ms at
+    four), and a slower real host running C{slow_in_flight} images within a
+    limit of C{limit} (its room included), a second image stretching each
+    C{second} times and a third 2.4 times.
+    """
+    fast = timed(0, limit=4, in_flight=4, seconds=0.014, answer_in=0.005, stretches={4: 3.5}, throughput=85.0)
+    slow = timed(1, limit=limit, in_flight=slow_in_flight, seconds=slow_seconds, stretches={2: second, 3: 2.4})
+    return fast, slow
+
+
+def test_batch_work_that_would_wait_fills_a_slower_host_already_running():
+    """
+    A second image on the slower host answers in 112 ms and slows the one
+    there: 154 ms of the batch's time, against about 55-70 ms waiting for
+    the fast host, which the rule before takes.  But a request waiting in
+    the balancer does no work: the slower host, already running, takes it
+    (the head of the queue as every request behind it), as its 112 ms are
+    within three and a half times the fast host's 49 ms.
+    """
+    fast, slow = lasting_queue()
+    assert ShortestDelay(fill_near=0.0).choose(sed_request(ahead=0), [fast, slow]) is None
+    assert all(ShortestDelay().choose(sed_request(ahead=ahead), [fast, slow]) is slow for ahead in range(60))
+    # while people search, hosts are left less loaded for their searches
+    searching = RequestInfo(b"POST", b"/predict", "clip-visual", searching=True)
+    assert ShortestDelay().choose(searching, [fast, slow]) is None
+
+
+def test_batch_work_that_would_wait_fills_a_host_up_to_its_limit_and_no_idle_one():
+    # the third slot, room past a learned limit or not: 168 ms, within 171
+    fast, slow = lasting_queue(slow_in_flight=2)
+    assert ShortestDelay().choose(sed_request(), [fast, slow]) is slow
+    # no slot past the limit
+    fast, full = lasting_queue(slow_in_flight=2, limit=2)
+    assert ShortestDelay().choose(sed_request(ahead=3), [fast, full]) is None
+    # nor is an idle host filled: whether to start it is the rule before
+    fast, idle = lasting_queue(slow_in_flight=0)
+    idle.seconds = 0.16
+    assert ShortestDelay().choose(sed_request(ahead=3), [fast, idle]) is None
+
+
+def test_batch_work_that_would_wait_leaves_a_host_several_times_slower_alone():
+    """
+    A second image on a host of 150 ms alone answers in 240 ms, more than
+    three and a half times the fast host's 49 ms: its answers would make
+    the tail.
+    """
+    fast, slower = lasting_queue(slow_seconds=0.150)
+    assert ShortestDelay().choose(sed_request(ahead=3), [fast, slower]) is None
+    fast, slower = lasting_queue(slow_seconds=0.150)
+    assert ShortestDelay(fill_near=5.0).choose(sed_request(ahead=3), [fast, slower]) is slower
+
+
 def test_a_search_takes_whatever_is_sooner_without_patience():
     """
     Patience keeps a free host busy for batch work; a search, which a person
