@@ -115,8 +115,8 @@ STALE = 30.0
 #: next.
 MIN_SPAN = 0.5
 #: A level of the room two or more past a learned limit is kept while it
-#: does no more than this much less work than the limit (the first, as
-#: any level, within L{GAIN}): a level the host holds only for moments,
+#: does no more than this much less work than the limit (the first one
+#: past it, as the levels of the knee's climb, within L{GAIN}): a level the host holds only for moments,
 #: measured by its answers' shares there, reads a few per cent low (on
 #: Immich ML with a light model, the fifth request in flight reads 5 %
 #: below the fourth, and held for good makes 0.5 % more).  The first

@@ -130,15 +130,15 @@ class ShortestDelay:
     the busy host's own, and while batch work waits (a job's steady
     stream), a host left idle is throughput lost.  (A host several times
     slower, whose answers would make the fleet's tail, is kept for when
-    the wait is long.)  And while nobody searches
-    (L{IRequestInfo.searching}: searches find hosts less loaded), batch
-    work that would wait takes the free host it weighs best when that host already runs requests and answers it
-    there within C{fill_near} times what a request takes on the busy host
-    once it runs (L{_fills}): a request waiting in the balancer does no
-    work, while on a real host one more in flight runs beside the others,
-    or waits inside it for a thread with its decoding done, and adds a
-    little; the host's limit, its room past a learned limit included,
-    says it may take one more.  A search
+    the wait is long.)  And while nobody searches (L{IRequestInfo.searching}:
+    searches find hosts less loaded), batch work that would wait takes the
+    free host it weighs best when that host already runs requests and
+    answers it there within C{fill_near} times what a request takes on the
+    busy host once it runs (L{_fills}): a request waiting in the balancer
+    does no work, while on a real host one more in flight runs beside the
+    others, or waits inside it for a thread with its decoding done, and adds
+    a little; the host's limit, its room past a learned limit included, says
+    it may take one more.  A search
     (interactive) takes whichever is expected sooner: searches are few, a
     person waits for each, and a free slow host can take several times
     longer than a short wait for a fast one.  When waiting wins, the
@@ -200,6 +200,7 @@ class ShortestDelay:
         interactive = request.interactive
         best = None
         best_key = None
+        best_own = 0.0
         wait_cost = float("inf")
         # what a request takes, once it runs, on the busy host where it
         # runs quickest (whichever it would wait for: so that a request
@@ -269,9 +270,9 @@ class ShortestDelay:
     def _fills(self, c: IBackendView, own: float, running: float) -> bool:
         """
         Whether batch work that would wait takes C{c}'s free slot instead:
-        C{c} already runs requests (whether to start an idle host is the
-        rule before), has a free slot below its limit as the request sees
-        it (its room past a learned limit included), and the request's own
+        C{c}, the free host it weighs best (its slot may be room past a
+        learned limit), already runs requests (whether to start an idle
+        host is the rule before), and the request's own
         answer there (C{own}, stretched by those on it) takes no more than
         C{fill_near} times C{running}, what a request takes on the busy host
         once it runs: a host several times slower stays out, its answers
@@ -280,7 +281,7 @@ class ShortestDelay:
         host's second request, measures a few per cent low, and a request
         waiting in the balancer does no work at all.
         """
-        return 0 < c.in_flight < c.limit and own <= running * self.fill_near
+        return c.in_flight > 0 and own <= running * self.fill_near
 
     @staticmethod
     def _rate(c: IBackendView, limit: int, t: float) -> Optional[float]:

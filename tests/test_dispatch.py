@@ -826,12 +826,25 @@ def test_batch_work_that_would_wait_fills_a_slower_host_up_to_its_limit():
     fleet.finish(first.load, 0.016)
     assert fifth == [fast] and dispatcher.queue_depth == 0
 
-    # while people search (a search came lately), batch work waits instead
+    # while people search (a search came lately), batch work is told so,
+    # and waits for the fast host instead
     clock, fleet, dispatcher = _fast_and_slower(fill_near=3.5)
     fast, slow = fleet.backends
+    seen = []
+
+    class Seeing(ShortestDelay):
+        def choose(self, request, candidates):
+            seen.append((request.interactive, request.searching))
+            return super().choose(request, candidates)
+
+    dispatcher.strategy = Seeing(fill_near=3.5)
     search = RequestInfo(b"POST", b"/predict", "clip-textual", interactive=True)
     assert result(dispatcher.acquire(search)) == [fast]
-    assert all(result(dispatcher.acquire(BATCH)) != [slow] for _ in range(3)) and slow.in_flight == 1
+    for _ in range(3):
+        clock.advance(0.05)  # past the pace of batch work while people search
+        dispatcher.acquire(BATCH)
+    assert fast.in_flight == 2 and slow.in_flight == 1 and dispatcher.queue_depth == 2
+    assert seen[0] == (True, False) and seen[1:] and all(s == (False, True) for s in seen[1:])
 
 
 def test_while_people_search_batch_work_keeps_to_what_a_host_was_seen_to_run_at_once():

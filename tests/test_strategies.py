@@ -358,7 +358,7 @@ def test_batch_work_that_would_wait_fills_a_host_up_to_its_limit_and_no_idle_one
     # the third slot, room past a learned limit or not: 168 ms, within 171
     fast, slow = lasting_queue(slow_in_flight=2)
     assert ShortestDelay().choose(sed_request(), [fast, slow]) is slow
-    # no slot past the limit
+    # no free slot: nothing to fill
     fast, full = lasting_queue(slow_in_flight=2, limit=2)
     assert ShortestDelay().choose(sed_request(ahead=3), [fast, full]) is None
     # nor is an idle host filled: whether to start it is the rule before
