@@ -47,12 +47,12 @@ balancer, starts as soon as the host can take it, and the host does a
 little more.  A host seen to run all of its room at once, or all of it
 but one, may take one request more, and so on, while each level it adds
 does not clearly less work than the knee (a deeper level, held only for
-moments, may read up to L{ROOM_SLACK} less): on Immich ML with
-a light model each request more in flight buys a few per cent, too little
-for the knee to climb on, and one waiting there for a thread of its pool
-has its decoding done meanwhile; the host then runs as many as its curve
-allows while requests wait.  What
-the host does while it holds more than its limit (the room, a search past
+moments, may read up to L{ROOM_SLACK} less): on Immich ML with a light
+model each request more in flight buys a few per cent, too little for the
+knee to climb on, and one waiting there for a thread of its pool has its
+decoding done meanwhile; the host then runs as many as its curve allows
+while requests wait.  What the host does while it holds more than its
+limit (the room, a search past
 it) does not count for the knee: it measures the levels above
 (L{Limit._measure_room}).  A host kept in its room (a job's
 steady stream) holds its knee only for moments, so the room measures
@@ -116,10 +116,11 @@ STALE = 30.0
 MIN_SPAN = 0.5
 #: A level of the room two or more past a learned limit is kept while it
 #: does no more than this much less work than the limit (the first one
-#: past it, as the levels of the knee's climb, within L{GAIN}): a level the host holds only for moments,
-#: measured by its answers' shares there, reads a few per cent low (on
-#: Immich ML with a light model, the fifth request in flight reads 5 %
-#: below the fourth, and held for good makes 0.5 % more).  The first
+#: past it, as the levels of the knee's climb, within L{GAIN}): a level
+#: the host holds only for moments, measured by its answers' shares there,
+#: reads a few per cent low (on Immich ML with a light model, the fifth
+#: request in flight reads 5 % below the fourth, and held for good makes
+#: 0.5 % more).  The first
 #: level is a heavy host's whole room, where a request more costs a sixth
 #: of the throughput: it must not read as no less.
 ROOM_SLACK = 0.10
@@ -331,14 +332,14 @@ class Limit:
         measured, lately, to do not clearly less work than the limit (no
         less by more than L{ROOM_SLACK}: a level held only for moments
         reads a few per cent low), or was not measured lately: then it is
-        tried, and measured while it is used.  (A host with slots, not told to the balancer, may then
-        hold two requests past its slots while batch work waits: its
-        throughput is the same, and the strategy weighs each one's wait
-        inside it.)  A level of the room the host only passes
-        through (a deeper one is used) is seldom measured again: once its
-        measure is old, it is taken to do no less where a level above it
-        does no less.  On a real host
-        with a light model, each request more in flight buys a few per
+        tried, and measured while it is used.  (A host with slots, not told
+        to the balancer, may then hold two requests past its slots while
+        batch work waits: its throughput is the same, and the strategy
+        weighs each one's wait inside it.)  A level of the room the host
+        only passes through (a deeper one is used) is seldom measured again:
+        once its measure is old, it is taken to do no less where a level
+        above it does no less.  On a real host with a light model, each
+        request more in flight buys a few per
         cent more throughput, less than one window can tell from nothing:
         the knee is judged low, and the room keeps the host as busy as its
         curve allows while requests wait anyway.

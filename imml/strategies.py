@@ -138,10 +138,10 @@ class ShortestDelay:
     does no work, while on a real host one more in flight runs beside the
     others, or waits inside it for a thread with its decoding done, and adds
     a little; the host's limit, its room past a learned limit included, says
-    it may take one more.  A search
-    (interactive) takes whichever is expected sooner: searches are few, a
-    person waits for each, and a free slow host can take several times
-    longer than a short wait for a fast one.  When waiting wins, the
+    it may take one more.  A search (interactive) takes whichever is
+    expected sooner: searches are few, a person waits for each, and a free
+    slow host can take several times longer than a short wait for a fast
+    one.  When waiting wins, the
     request waits: late binding sends it to the first slot that frees up.
 
     A batch request's cost on a free slot is its own time plus the time it
@@ -272,8 +272,8 @@ class ShortestDelay:
         Whether batch work that would wait takes C{c}'s free slot instead:
         C{c}, the free host it weighs best (its slot may be room past a
         learned limit), already runs requests (whether to start an idle
-        host is the rule before), and the request's own
-        answer there (C{own}, stretched by those on it) takes no more than
+        host is the rule before), and the request's own answer there
+        (C{own}, stretched by those on it) takes no more than
         C{fill_near} times C{running}, what a request takes on the busy host
         once it runs: a host several times slower stays out, its answers
         would make the fleet's tail.  No gain by the host's curve is asked
