@@ -35,7 +35,8 @@ to run all of them at once, or all but the last).  A request there would
 otherwise wait in the balancer, or go to a slower host: in the host it
 starts as soon as the host can take it, keeping the host busier; and
 waiting for a host in its room is waiting for its next answer.  The
-strategy weighs the room as it weighs any slot.  (A search that comes then may find the room's requests
+strategy weighs the room as it weighs any slot.  (A search that comes
+then may find the room's requests
 there, ahead of it, once, before the room is left to searches: so where a
 host's batch requests are long, over L{LONG_BATCH}, its room is one
 request.)
