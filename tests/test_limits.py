@@ -648,6 +648,47 @@ def test_the_room_grows_while_the_host_runs_all_of_it_but_one_at_once_and_it_doe
     assert two.limit.room(two.now) == 2
 
 
+def _climbed_to(knee: int, side_by_side: int) -> Paced:
+    """
+    A host seen to run C{side_by_side} requests at once, whose limit climbed
+    to C{knee} because each level up to it paid (each did 0.2 more work a
+    second than the one below), and whose level above the knee did about
+    as much as the knee: too little to climb to.
+    """
+    paced = Paced(Limit())
+    paced.limit.ran_at_once(side_by_side)
+    for level in range(1, knee + 1):
+        while paced.limit.value == level:
+            paced.until_judged(1.0 + 0.2 * (level - 1))
+    assert paced.limit.value == knee + 1
+    while paced.limit.value == knee + 1:
+        paced.until_judged(1.0 + 0.2 * (knee - 1) + 0.01)
+    assert paced.limit.value == knee and paced.limit.ceiling == knee + 1
+    return paced
+
+
+def test_a_limit_that_paid_one_past_what_was_seen_at_once_has_room():
+    """
+    Immich ML with two threads: a third request in flight waits for a
+    thread while its decoding overlaps the others' inference, and pays a
+    little, but seldom ends before both it joined: the host is seen to run
+    only two at once.  A limit climbed to three on measured gains counts as
+    run at once: while requests wait, the host has room past it as a host
+    seen to run three at once has (two: the fourth did no less than three).
+    Seen to run only one at once, a host at three has none (requests may
+    already wait inside it), nor one at four seen to run two.
+    """
+    for side_by_side in (2, 3):
+        paced = _climbed_to(3, side_by_side)
+        assert paced.limit.room(paced.now) == 2
+    paced = _climbed_to(3, side_by_side=1)
+    assert paced.limit.room(paced.now) == 0
+    paced = _climbed_to(4, side_by_side=2)
+    assert paced.limit.room(paced.now) == 0
+    paced = _climbed_to(4, side_by_side=3)
+    assert paced.limit.room(paced.now) == 2
+
+
 def _knee_at_one(side_by_side: int) -> Paced:
     """
     A host whose second request in flight did about as much as one: too
