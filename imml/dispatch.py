@@ -646,9 +646,12 @@ class Dispatcher:
         The requests past its learned limit C{backend} may take for batch
         work of C{task} while nobody searches (L{imml.limits.Limit.room}):
         one at most where such requests are long there (a search that
-        comes would wait behind them all).
+        comes would wait behind them all), and none where one may already
+        wait inside at the limit (a limit past what the host was seen to
+        run at once).
         """
-        room = backend.limiter.room(now)
-        if room > 1 and self._long(backend, task):
-            return 1
+        limiter = backend.limiter
+        room = limiter.room(now)
+        if room and self._long(backend, task):
+            return 0 if limiter.side_by_side < limiter.learned else 1
         return room

@@ -51,9 +51,10 @@ moments, may read up to L{ROOM_SLACK} less): on Immich ML with a light
 model each request more in flight buys a few per cent, too little for the
 knee to climb on, and one waiting there for a thread of its pool has its
 decoding done meanwhile; the host then runs as many as its curve allows
-while requests wait.  (A limit the host climbed to on measured gains
-counts as run at once, when it is one past what was seen: a request past
-a pool's threads pays a little, but seldom ends before all it joined.)
+while requests wait.  (For its room, a knee one past what the host was
+seen to run at once, two or more, counts as run at once: the knee paid,
+and a request past a pool's threads pays a little but seldom ends before
+all it joined.)
 What the host does while it holds more than its limit (the room, a
 search past it) does not count for the knee: it measures the levels above
 (L{Limit._measure_room}).  A host kept in its room (a job's
@@ -323,16 +324,17 @@ class Limit:
         (L{_measure_room}); once it is older, the host is held at its limit
         until the level above is tried again.  A host seen to run only one
         at once has no room at one (the request more would wait a whole
-        request inside it), nor one whose limit climbed more than one past
-        what it was seen to run at once (requests may already wait inside
-        it).  A limit one past it counts as run at once: the limit climbed
-        there because the request more paid, twice, which a host that
-        queues requests past its slots does only by luck.  On Immich ML
-        with two threads, a third request waits for one while its decoding
-        overlaps the others' inference, and pays a little; that it ends
-        before both it joined, and so is seen to run at once, is luck, and
-        a room that waited for that luck left the host at its limit for
-        whole runs.
+        request inside it), nor one whose limit is past what it was seen to
+        run at once (requests may already wait inside it), except at a
+        knee one past it, where that is two or more: for its room, the knee
+        counts as run at once.  The limit climbed past the knee, so the
+        knee paid, which a host that queues requests past its slots does
+        only by luck.  On Immich ML with two threads, a third request waits
+        for a thread while its decoding overlaps the others' inference, and
+        pays a little; that it ends before both it joined, and so is seen
+        to run at once, is luck, and a room that waited for that luck could
+        leave the host at its limit for minutes.  (A probe of the level
+        above the knee, or a level just climbed to, is not a knee.)
 
         One more, and so on, while the host was seen to run all of the
         room at once, or all of it but its last request (a real host; on
@@ -371,9 +373,12 @@ class Limit:
         """
         until = float("inf")
         here = self.throughput(level)
-        if at_once < max(level - 1, 2) or here is None:
+        # a knee (below a level that bought nothing) one past what the host
+        # was seen to run at once counts as run at once (see room)
+        knee = self.ceiling is not None and level < self.ceiling
+        if at_once < max(level - 1 if knee else level, 2) or here is None:
             return 0, until
-        at_once = max(at_once, level)  # a limit that paid runs at once (see room)
+        at_once = max(at_once, level)
         # the deepest level above the limit lately measured to do no less,
         # up to the first lately measured to do clearly less (the levels
         # between, which the host passes through for moments, age)

@@ -706,19 +706,22 @@ def test_a_deeper_room_is_taken_by_short_batch_work_only():
     A real host with room for three requests past its learned limit of two:
     batch work that would wait takes all of it while its requests are short
     (a light model); the sixth waits.  Where they are long (a heavy model:
-    a search that comes would wait behind all of them), it takes one.
+    a search that comes would wait behind all of them), it takes one; and
+    none where one may already wait inside at the limit: a limit of three
+    on a host seen to run two at once.
     """
-    for seconds, room in ((0.02, 3), (0.3, 1)):
+    for seconds, learned, room in ((0.02, 2, 3), (0.3, 2, 1), (0.3, 3, 0)):
         clock = task.Clock()
         fleet = Fleet.from_addresses([BackendAddress("cpu")], clock)
         [host] = fleet.backends
         fleet.check_passed(host)
-        host.limiter = _Deep(learned=2)
+        host.limiter = _Deep(learned=learned, side_by_side=2)
         fleet.finish(fleet.start(host, "clip-visual"), seconds)
         dispatcher = Dispatcher(fleet, ShortestDelay(), clock, 60.0, 100)
         batch = [result(dispatcher.acquire(BATCH)) for _ in range(6)]
-        assert host.in_flight == 2 + room
-        assert batch[: 2 + room] == [[host]] * (2 + room) and batch[2 + room :] == [[]] * (4 - room)
+        bound = learned + room
+        assert host.in_flight == bound
+        assert batch[:bound] == [[host]] * bound and batch[bound:] == [[]] * (6 - bound)
 
 
 def test_a_search_runs_at_once_beside_batch_work_in_a_deep_room():

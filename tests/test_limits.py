@@ -658,35 +658,44 @@ def _climbed_to(knee: int, side_by_side: int) -> Paced:
     paced = Paced(Limit())
     paced.limit.ran_at_once(side_by_side)
     for level in range(1, knee + 1):
-        while paced.limit.value == level:
-            paced.until_judged(1.0 + 0.2 * (level - 1))
+        for _ in range(2):  # each level is judged twice before the climb
+            if paced.limit.value == level:
+                paced.until_judged(1.0 + 0.2 * (level - 1))
     assert paced.limit.value == knee + 1
-    while paced.limit.value == knee + 1:
-        paced.until_judged(1.0 + 0.2 * (knee - 1) + 0.01)
+    for _ in range(2):  # doubted, then left
+        if paced.limit.value == knee + 1:
+            paced.until_judged(1.0 + 0.2 * (knee - 1) + 0.01)
     assert paced.limit.value == knee and paced.limit.ceiling == knee + 1
     return paced
 
 
-def test_a_limit_that_paid_one_past_what_was_seen_at_once_has_room():
+def test_a_knee_one_past_what_was_seen_at_once_has_room():
     """
     Immich ML with two threads: a third request in flight waits for a
     thread while its decoding overlaps the others' inference, and pays a
     little, but seldom ends before both it joined: the host is seen to run
-    only two at once.  A limit climbed to three on measured gains counts as
-    run at once: while requests wait, the host has room past it as a host
-    seen to run three at once has (two: the fourth did no less than three).
-    Seen to run only one at once, a host at three has none (requests may
-    already wait inside it), nor one at four seen to run two.
+    only two at once.  A knee of three, which the limit climbed past, counts
+    as run at once: while requests wait, the host has room past it as a
+    host seen to run three at once has (two: the fourth did no less than
+    three).  Seen to run only one at once, a host at three has none
+    (requests may already wait inside it), nor one at four seen to run
+    two, nor one at two seen to run one.  Nor has a probe of three on a
+    host seen to run two, whose knee is two: three has not paid there.
     """
     for side_by_side in (2, 3):
         paced = _climbed_to(3, side_by_side)
         assert paced.limit.room(paced.now) == 2
-    paced = _climbed_to(3, side_by_side=1)
+    for knee, side_by_side, room in ((3, 1, 0), (4, 2, 0), (4, 3, 2), (2, 1, 0)):
+        paced = _climbed_to(knee, side_by_side)
+        assert paced.limit.room(paced.now) == room
+    paced = _knee_at_two(side_by_side=2)
+    _over(paced, 1.25, STALE / 2, depth=2)  # four measured, in the room
+    for _ in range(5000):
+        if paced.limit.value != 2:
+            break
+        paced.answers(1.22, 1)  # held at the knee until the probe
+    assert paced.limit.value == 3 and paced.limit.throughput(4) is not None
     assert paced.limit.room(paced.now) == 0
-    paced = _climbed_to(4, side_by_side=2)
-    assert paced.limit.room(paced.now) == 0
-    paced = _climbed_to(4, side_by_side=3)
-    assert paced.limit.room(paced.now) == 2
 
 
 def _knee_at_one(side_by_side: int) -> Paced:
