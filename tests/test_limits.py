@@ -658,7 +658,7 @@ def _climbed_to(knee: int, side_by_side: int) -> Paced:
     paced = Paced(Limit())
     paced.limit.ran_at_once(side_by_side)
     for level in range(1, knee + 1):
-        for _ in range(2):  # each level is judged twice before the climb
+        for _ in range(2):  # a level is judged at most twice before the climb
             if paced.limit.value == level:
                 paced.until_judged(1.0 + 0.2 * (level - 1))
     assert paced.limit.value == knee + 1
