@@ -262,7 +262,8 @@ class Dispatcher:
 
     def _views(self, info: RequestInfo, candidates: list[Backend], now: float) -> list:
         """
-        The candidates as C{info} sees them.
+        The candidates as C{info} sees them (batch work: as
+        C{info.searching} says, set by L{_choose}).
 
         A search sees room for one request past the proven limit of each
         host with a learned limit that was seen to run that many requests
@@ -293,7 +294,7 @@ class Dispatcher:
                 for b in candidates
             ]
         views = [_Untried(b) if b.untried() else b for b in candidates]
-        if not self._searching(now):
+        if not info.searching:
             for at, b in enumerate(candidates):
                 if b.in_flight >= b.limit:
                     room = self._room(b, info.task, now)
@@ -366,7 +367,7 @@ class Dispatcher:
             return None
         if isinstance(chosen, (_Slots, _Untried)):
             chosen = chosen.backend
-        if chosen is not None and not info.interactive and self._searching(now):
+        if chosen is not None and searching:
             ready = self._paced_until(chosen, now)
             if ready > now:
                 self._pump_at(ready, now)
